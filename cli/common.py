@@ -1,0 +1,62 @@
+"""Shared CLI plumbing: the store from ``--root``, user errors, and output files."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+
+from imagestore.store import Store
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, exit status ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def store_of(args: argparse.Namespace) -> Store:
+    return Store(args.root)
+
+
+@contextlib.contextmanager
+def output_sink(path: str | None, what: str) -> Iterator[Callable[[bytes], object]]:
+    """Where an archive goes: ``path`` (written to a temp file, renamed on success, so a failure
+    never leaves a partial file) or stdout when ``path`` is None or ``-``."""
+    if path in (None, "-"):
+        if sys.stdout.isatty():
+            raise UserError(f"cowardly refusing to save {what} to a terminal. "
+                            "Use the -o flag or redirect")
+        out = sys.stdout.buffer
+        yield out.write
+        out.flush()
+        return
+    assert path is not None
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".strata-")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f.write
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; a closed or non-terminal stdin answers no (as docker does on EOF)."""
+    print(f"{question} [y/N] ", end="", flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")

@@ -1,0 +1,255 @@
+"""Image commands: images, tag, rmi, history, inspect, image prune."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from typing import Any
+
+from imagestore import reference, timefmt
+from imagestore.errors import InvalidReference, StoreError
+from imagestore.store import Image, Removed
+
+from .common import UserError, confirm, store_of
+from .output import human_size, print_formatted, since, table
+
+
+def register(sub: Any, image_sub: Any) -> None:
+    for parent, name, aliases in ((sub, "images", []), (image_sub, "ls", ["list"])):
+        p = parent.add_parser(name, aliases=aliases, help="list images")
+        p.add_argument("repository", nargs="?", help="only REPOSITORY[:TAG]")
+        p.add_argument("-a", "--all", action="store_true", help="show all images")
+        p.add_argument("-q", "--quiet", action="store_true", help="only show image IDs")
+        p.add_argument("--no-trunc", action="store_true", help="don't truncate output")
+        p.add_argument("--digests", action="store_true", help="show digests")
+        p.add_argument("-f", "--filter", action="append", default=[],
+                       help="dangling=true|false, label=KEY[=VALUE], reference=PATTERN")
+        p.add_argument("--format", help="json, table or a Go-style template")
+        p.set_defaults(func=cmd_images)
+    for parent, name in ((sub, "tag"), (image_sub, "tag")):
+        p = parent.add_parser(name, help="create a tag TARGET that refers to SOURCE")
+        p.add_argument("source")
+        p.add_argument("target")
+        p.set_defaults(func=cmd_tag)
+    for parent, name, aliases in ((sub, "rmi", []), (image_sub, "rm", ["remove"])):
+        p = parent.add_parser(name, aliases=aliases, help="remove images")
+        p.add_argument("images", nargs="+", metavar="IMAGE")
+        p.add_argument("-f", "--force", action="store_true", help="force removal")
+        p.set_defaults(func=cmd_rmi)
+    for parent in (sub, image_sub):
+        p = parent.add_parser("history", help="show the history of an image")
+        p.add_argument("image")
+        p.add_argument("--no-trunc", action="store_true", help="don't truncate output")
+        p.add_argument("-q", "--quiet", action="store_true", help="only show image IDs")
+        p.add_argument("-H", "--human", type=_bool, default=True, metavar="BOOL",
+                       help="human readable sizes and dates (default true)")
+        p.add_argument("--format", help="json or a Go-style template")
+        p.set_defaults(func=cmd_history)
+    for parent in (sub, image_sub):
+        p = parent.add_parser("inspect", help="show low-level information on images")
+        p.add_argument("names", nargs="+", metavar="NAME")
+        p.add_argument("-f", "--format", help="Go-style template")
+        p.set_defaults(func=cmd_inspect)
+    p = image_sub.add_parser("prune", help="remove unused images")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="remove all unused images, not just dangling ones")
+    p.add_argument("-f", "--force", action="store_true", help="do not prompt for confirmation")
+    p.set_defaults(func=cmd_prune)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes"):
+        return True
+    if value in ("0", "f", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
+def _short(image_id: str, no_trunc: bool) -> str:
+    return image_id if no_trunc else image_id.partition(":")[2][:12]
+
+
+def _matches_filters(image: Image, tag: reference.Reference | None,
+                     filters: list[tuple[str, str]]) -> bool:
+    for key, value in filters:
+        if key == "dangling":
+            if (value == "true") != (not image.tags):
+                return False
+        elif key == "label":
+            k, eq, v = value.partition("=")
+            labels = image.config.labels
+            if k not in labels or (eq and labels[k] != v):
+                return False
+        elif key == "reference":
+            if tag is None:
+                return False
+            names = (tag.familiar, f"{tag.familiar_name}:{tag.tag}", tag.familiar_name)
+            if not any(fnmatch.fnmatchcase(n, value) for n in names):
+                return False
+    return True
+
+
+def _parse_filters(raw: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for f in raw:
+        key, eq, value = f.partition("=")
+        if not eq or key not in ("dangling", "label", "reference"):
+            raise UserError(f"invalid filter {f!r} (use dangling=, label= or reference=)")
+        if key == "dangling" and value not in ("true", "false"):
+            raise UserError(f"invalid filter 'dangling={value}': use true or false")
+        out.append((key, value))
+    return out
+
+
+def _image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    store = store_of(args)
+    filters = _parse_filters(args.filter)
+    only: reference.Reference | None = None
+    if args.repository:
+        try:
+            only = reference.parse(args.repository, default_tag=False)
+        except InvalidReference as exc:
+            raise UserError(str(exc)) from None
+    rows = []
+    for image in sorted(store.images(), key=lambda i: timefmt.parse(i.created) or 0,
+                        reverse=True):
+        for tag in image.tags or (None,):
+            if only is not None and (tag is None or tag.name != only.name
+                                     or (only.tag and tag.tag != only.tag)):
+                continue
+            if not _matches_filters(image, tag, filters):
+                continue
+            digest = "<none>"
+            for rd in image.repo_digests:
+                ref = reference.parse(rd)
+                if tag is not None and ref.name == tag.name and ref.digest:
+                    digest = ref.digest
+            rows.append({
+                "Repository": tag.familiar_name if tag else "<none>",
+                "Tag": tag.tag if tag and tag.tag else "<none>",
+                "Digest": digest,
+                "ID": _short(image.id, args.no_trunc),
+                "CreatedAt": image.created,
+                "CreatedSince": since(image.created),
+                "Size": human_size(image.size),
+                "VirtualSize": human_size(image.size),
+                "SharedSize": "N/A",
+                "UniqueSize": "N/A",
+                "Containers": "N/A",
+            })
+    return rows
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    rows = _image_rows(args)
+    if args.quiet:
+        seen = []
+        for r in rows:
+            if r["ID"] not in seen:
+                seen.append(r["ID"])
+        for i in seen:
+            print(i if args.no_trunc else i)
+        return 0
+    if args.format:
+        print_formatted(args.format, rows, {"Repository": "REPOSITORY", "Tag": "TAG",
+                                            "ID": "IMAGE ID", "CreatedSince": "CREATED",
+                                            "Size": "SIZE", "Digest": "DIGEST"})
+        return 0
+    cols = ["Repository", "Tag"] + (["Digest"] if args.digests else []) + [
+        "ID", "CreatedSince", "Size"]
+    head = {"Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST", "ID": "IMAGE ID",
+            "CreatedSince": "CREATED", "Size": "SIZE"}
+    table([[head[c] for c in cols]] + [[r[c] for c in cols] for r in rows])
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store_of(args).tag(args.source, args.target)
+    return 0
+
+
+def _print_removed(r: Removed, lower: bool = False) -> None:
+    for u in r.untagged:
+        print(f"{'untagged' if lower else 'Untagged'}: {u}")
+    for d in r.deleted:
+        print(f"{'deleted' if lower else 'Deleted'}: {d}")
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    status = 0
+    for name in args.images:
+        try:
+            _print_removed(store.remove(name, force=args.force))
+        except StoreError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    image = store.resolve(args.image)
+    rows = store.history(image)
+    out = []
+    for i, r in enumerate(rows):
+        created_by = r["created_by"].replace("\t", " ")
+        if not args.no_trunc and len(created_by) > 45:
+            created_by = created_by[:44] + "…"
+        created = r["created"]
+        out.append({
+            "ID": _short(image.id, args.no_trunc) if i == 0 else "<missing>",
+            "CreatedSince": since(created) if args.human else created,
+            "CreatedAt": created,
+            "CreatedBy": created_by,
+            "Size": human_size(r["size"]) if args.human else str(r["size"]),
+            "Comment": r["comment"],
+        })
+    if args.quiet:
+        for r in out:
+            if r["ID"] != "<missing>":
+                print(r["ID"])
+        return 0
+    if args.format:
+        print_formatted(args.format, out, {"ID": "IMAGE", "CreatedSince": "CREATED",
+                                           "CreatedBy": "CREATED BY", "Size": "SIZE",
+                                           "Comment": "COMMENT"})
+        return 0
+    table([["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]] + [
+        [r["ID"], r["CreatedSince"], r["CreatedBy"], r["Size"], r["Comment"]] for r in out])
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    found = []
+    status = 0
+    for name in args.names:
+        try:
+            found.append(store.inspect(store.resolve(name)))
+        except StoreError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            status = 1
+    if args.format:
+        print_formatted(args.format, found)
+    else:
+        print(json.dumps(found, indent=4))
+    return status
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    what = ("all images without at least one container associated to them" if args.all
+            else "all dangling images")
+    if not args.force and not confirm(f"WARNING! This will remove {what}.\n"
+                                      "Are you sure you want to continue?"):
+        return 0
+    r = store_of(args).prune(all_images=args.all)
+    if r.untagged or r.deleted:
+        print("Deleted Images:")
+        _print_removed(r, lower=True)
+        print()
+    print(f"Total reclaimed space: {human_size(r.reclaimed)}")
+    return 0

@@ -1,0 +1,127 @@
+"""Commands that move images in and out of the store as files: import, export, save, load."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from imagestore import archive, oci, reference
+from imagestore.errors import InvalidReference, StoreError
+from imagestore.reference import Reference
+from imagestore.store import Image, Store, open_input
+from unionfs.resolve import UnionView
+
+from .common import UserError, output_sink, store_of
+
+
+def register(sub: Any, image_sub: Any) -> None:
+    for parent in (sub, image_sub):
+        p = parent.add_parser("import", help="import a rootfs tarball as an image")
+        p.add_argument("file", metavar="FILE|-")
+        p.add_argument("repository", nargs="?", metavar="REPOSITORY[:TAG]")
+        p.add_argument("-c", "--change", action="append", default=[],
+                       help="apply a Dockerfile instruction (CMD, ENV, ...) to the image")
+        p.add_argument("-m", "--message", help="commit message for the imported image")
+        p.add_argument("--platform", help="OS/ARCH[/VARIANT] of the image (default: host)")
+        p.set_defaults(func=cmd_import)
+    p = sub.add_parser("export", help="export an image's (or container's) rootfs as a tar")
+    p.add_argument("name", metavar="IMAGE")
+    p.add_argument("-o", "--output", help="write to a file instead of stdout")
+    p.set_defaults(func=cmd_export)
+    for parent in (sub, image_sub):
+        p = parent.add_parser("save", help="save images to a tar archive")
+        p.add_argument("images", nargs="+", metavar="IMAGE")
+        p.add_argument("-o", "--output", help="write to a file instead of stdout")
+        p.add_argument("--format", choices=["docker", "oci"], default="docker",
+                       help="docker-archive (default) or an OCI image layout archive")
+        p.set_defaults(func=cmd_save)
+    for parent in (sub, image_sub):
+        p = parent.add_parser("load", help="load images from a tar archive or OCI layout")
+        p.add_argument("-i", "--input", default="-", help="read from a file instead of stdin")
+        p.add_argument("-q", "--quiet", action="store_true", help="suppress progress output")
+        p.add_argument("--platform", help="platform to load from a multi-platform archive")
+        p.set_defaults(func=cmd_load)
+
+
+def _platform(text: str | None) -> oci.Platform | None:
+    if text is None:
+        return None
+    try:
+        return oci.Platform.parse(text)
+    except InvalidReference as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    tag = reference.parse_repo_tag(args.repository) if args.repository else None
+    src = open_input(args.file)
+    try:
+        image = store.import_tar(src, source=args.file, tag=tag, changes=args.change,
+                                 message=args.message, platform=_platform(args.platform))
+    finally:
+        if args.file != "-":
+            src.close()
+    print(image.id)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    image = store.resolve(args.name)
+    with output_sink(args.output, "the export") as sink, store.layers_of(image) as layers:
+        archive.export_rootfs(UnionView(layers), sink)
+    return 0
+
+
+def _save_targets(store: Store, names: list[str]) -> list[tuple[Image, list[Reference]]]:
+    """docker save's naming: a tag saves that tag, a bare repository every tag of it, an ID
+    the image without tags."""
+    out: dict[str, tuple[Image, list[Reference]]] = {}
+    for name in names:
+        image = store.resolve(name)
+        refs: list[Reference] = []
+        try:
+            ref = reference.parse(name, default_tag=False)
+        except InvalidReference:
+            ref = None
+        if ref is not None and ref.digest is None and any(t.name == ref.name for t in image.tags):
+            if ref.tag:
+                refs = [ref]
+            else:
+                refs = [t for i in store.images() for t in i.tags if t.name == ref.name]
+                for t in refs:
+                    other = store.resolve(str(t))
+                    out.setdefault(other.id, (other, []))[1].append(t)
+                continue
+        entry = out.setdefault(image.id, (image, []))
+        entry[1].extend(r for r in refs if r not in entry[1])
+    return list(out.values())
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    targets = _save_targets(store, args.images)
+    write = archive.save_oci if args.format == "oci" else archive.save_docker
+    with output_sink(args.output, "the archive") as sink:
+        write(store, targets, sink)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    store = store_of(args)
+    try:
+        loaded = archive.load(store, args.input, platform=_platform(args.platform))
+    except FileNotFoundError as exc:
+        raise UserError(f"open {args.input}: no such file or directory") from exc
+    except StoreError:
+        raise
+    if not loaded:
+        raise UserError("the archive holds no images")
+    for item in loaded:
+        if item.tags:
+            for t in item.tags:
+                print(f"Loaded image: {t.familiar}")
+        else:
+            print(f"Loaded image ID: {item.image.id}")
+    return 0

@@ -1,0 +1,170 @@
+"""Compression: detection by magic bytes, streaming decompression and compression.
+
+``sniff`` recognises gzip, zstd, bzip2 and xz by their magic bytes (anything else is taken as
+an uncompressed tar).  ``DecompressReader`` turns any of them into a readable stream of the tar,
+following multi-member gzip/bzip2 and multi-frame zstd.  ``Compressor`` writes gzip, zstd or
+nothing with fixed headers, so the same tar always compresses to the same bytes.
+
+Caveats:
+* ``limit`` bounds the decompressed size (a decompression bomb stops with ``InvalidImage``).
+* gzip output uses zlib's header with mtime 0, so it is deterministic but not byte-identical to
+  Go's gzip writer; digests of committed layers are stable run to run, not across tools.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import zlib
+from typing import BinaryIO, Protocol
+
+import zstandard
+
+from .errors import InvalidImage, Unsupported
+
+NONE, GZIP, ZSTD, BZIP2, XZ = "none", "gzip", "zstd", "bzip2", "xz"
+LAYER_COMPRESSIONS = (GZIP, ZSTD, NONE)
+
+_MAGIC = (
+    (b"\x1f\x8b", GZIP),
+    (b"\x28\xb5\x2f\xfd", ZSTD),
+    (b"BZh", BZIP2),
+    (b"\xfd7zXZ\x00", XZ),
+)
+
+
+def sniff(head: bytes) -> str:
+    """The compression of a stream starting with ``head`` (at least 6 bytes when available)."""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    return NONE
+
+
+class _Decoder(Protocol):
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+def _decoder(kind: str) -> _Decoder:
+    if kind == GZIP:
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    if kind == BZIP2:
+        return bz2.BZ2Decompressor()
+    if kind == XZ:
+        return lzma.LZMADecompressor()
+    if kind == ZSTD:
+        return zstandard.ZstdDecompressor().decompressobj()
+    raise Unsupported(f"unsupported compression {kind!r}")
+
+
+class DecompressReader(io.RawIOBase):
+    """A readable stream of the decompressed content of ``src``."""
+
+    def __init__(self, src: BinaryIO, kind: str | None = None, limit: int | None = None,
+                 head: bytes = b"") -> None:
+        self._src = src
+        self._head = head
+        if kind is None:
+            self._head += src.read(max(0, 8 - len(head)))
+            kind = sniff(self._head)
+        self.kind = kind
+        self._dec: _Decoder | None = None if kind == NONE else _decoder(kind)
+        self._buf = b""
+        self._eof = False
+        self._limit = limit
+        self.total = 0
+        self.compressed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _raw(self, n: int) -> bytes:
+        if self._head:
+            data, self._head = self._head, b""
+            return data
+        data = self._src.read(n)
+        self.compressed += len(data)
+        return data
+
+    def _fill(self) -> None:
+        while not self._buf and not self._eof:
+            raw = self._raw(1 << 20)
+            if self._dec is None:
+                self._buf, self._eof = raw, not raw
+                continue
+            if not raw:
+                if not getattr(self._dec, "eof", True):
+                    raise InvalidImage(f"truncated {self.kind} stream")
+                self._eof = True
+                break
+            try:
+                self._buf = self._feed(raw)
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
+                raise InvalidImage(f"corrupt {self.kind} stream: {exc}") from None
+
+    def _feed(self, raw: bytes) -> bytes:
+        out = []
+        data = raw
+        while data:
+            if getattr(self._dec, "eof", False):
+                # multi-member gzip/bzip2/xz and multi-frame zstd: a new decoder per member
+                if self.kind == GZIP and not data.strip(b"\0"):
+                    break  # zero padding after the last gzip member
+                self._dec = _decoder(self.kind)
+            assert self._dec is not None
+            out.append(self._dec.decompress(data))
+            data = self._dec.unused_data if getattr(self._dec, "eof", False) else b""  # type: ignore[attr-defined]
+        return b"".join(out)
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        self._fill()
+        if not self._buf:
+            return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        self.total += n
+        if self._limit is not None and self.total > self._limit:
+            raise InvalidImage(f"decompressed data exceeds the limit of {self._limit} bytes")
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            chunks = []
+            while chunk := self.read(1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
+
+class Compressor:
+    """Deterministic streaming compression to ``kind`` (gzip, zstd or none)."""
+
+    def __init__(self, kind: str, level: int | None = None) -> None:
+        if kind not in LAYER_COMPRESSIONS:
+            raise Unsupported(f"cannot write {kind!r} layers (use gzip, zstd or none)")
+        self.kind = kind
+        self._z: zlib._Compress | None = None
+        self._zs: zstandard.ZstdCompressionObj | None = None
+        if kind == GZIP:
+            self._z = zlib.compressobj(6 if level is None else level, zlib.DEFLATED,
+                                       zlib.MAX_WBITS | 16)
+        elif kind == ZSTD:
+            self._zs = zstandard.ZstdCompressor(level=3 if level is None else level).compressobj()
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        if self._z is not None:
+            return self._z.compress(data)
+        if self._zs is not None:
+            return self._zs.compress(bytes(data))
+        return bytes(data)
+
+    def flush(self) -> bytes:
+        if self._z is not None:
+            return self._z.flush()
+        if self._zs is not None:
+            return self._zs.flush()
+        return b""

@@ -1,0 +1,52 @@
+"""The store's error hierarchy.  Every error a user can cause is a ``StoreError`` whose message is
+one line naming the problem; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class: a request the store refuses or cannot complete."""
+
+
+class InvalidReference(StoreError):
+    """A string that is not a valid image reference, digest or ID."""
+
+
+class ImageNotFound(StoreError):
+    """No image, tag or digest matches the name given."""
+
+
+class ContainerNotFound(StoreError):
+    """No container matches the name or ID given."""
+
+
+class Ambiguous(StoreError):
+    """A short ID prefix matches more than one image or container."""
+
+
+class Conflict(StoreError):
+    """The operation would break something still in use (a tag, a container, a mount)."""
+
+
+class DigestMismatch(StoreError):
+    """Content whose digest or size differs from what its descriptor or config promised.
+
+    Always fatal: the content never becomes visible in the store."""
+
+
+class InvalidImage(StoreError):
+    """A manifest, index, config or archive that is malformed or inconsistent (layer count vs
+    diff_ids, unknown media type, missing blob, unsafe path)."""
+
+
+class InvalidLayer(InvalidImage):
+    """A layer tar that cannot be indexed safely (see ``unionfs.tarlayer.LayerError``)."""
+
+
+class Unsupported(StoreError):
+    """A valid but unsupported input: schema 1 manifests, unknown compression, a platform the
+    image does not have."""
+
+
+class StoreFull(StoreError):
+    """The file system holding the store ran out of space; nothing partial was kept."""

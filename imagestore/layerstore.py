@@ -1,0 +1,232 @@
+"""LayerStore: every layer as its uncompressed tar plus entry index, keyed by diff_id.
+
+``layers/sha256/<hex>/`` holds ``layer.tar`` (whose sha256 is the diff_id), ``index`` (built
+once by ``unionfs.tarlayer``) and ``meta.json`` (sizes).  The directory is assembled under
+``tmp/`` and renamed into place, so a visible layer is always complete and verified.
+
+``ingest`` takes a layer stream as received (compressed or not), and in one pass keeps the
+compressed blob (verified against its digest and size), decompresses, hashes the diff_id and
+writes the tar.  An uncompressed layer is stored once: its blob is a hardlink of the tar.
+
+Caveats:
+* Concurrent ingests of the same layer both do the work; the first rename wins and the loser
+  discards its copy (content is identical by construction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from unionfs.tarlayer import LayerError, LayerIndex, TarLayer, build_index
+
+from .cas import BlobStore, BlobWriter
+from .compress import NONE, DecompressReader
+from .digest import Digest, Hasher, sha256_hex
+from .errors import DigestMismatch, ImageNotFound, InvalidLayer
+from .fsutil import disk_full_guard, fsync_dir
+
+CHUNK = 1 << 20
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    diff_id: Digest
+    size: int  # bytes of the uncompressed tar
+    content: int  # bytes of file data (hardlinks counted once)
+    entries: int
+
+
+@dataclass(frozen=True)
+class Ingested:
+    digest: Digest  # of the blob as received
+    size: int  # of the blob as received
+    compression: str
+    layer: LayerInfo
+
+
+class _Tee:
+    """A reader that hands every chunk it reads to ``on_data`` (the blob writer, a progress
+    callback)."""
+
+    def __init__(self, src: BinaryIO, on_data: Callable[[bytes], None]) -> None:
+        self._src = src
+        self._on = on_data
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        if data:
+            self._on(data)
+        return data
+
+
+class LayerStore:
+    def __init__(self, root: str) -> None:
+        self.dir = os.path.join(root, "layers", "sha256")
+        self.tmp_dir = os.path.join(root, "tmp")
+        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+
+    def path(self, diff_id: Digest) -> str:
+        return os.path.join(self.dir, sha256_hex(diff_id))
+
+    def tar_path(self, diff_id: Digest) -> str:
+        return os.path.join(self.path(diff_id), "layer.tar")
+
+    def has(self, diff_id: Digest) -> bool:
+        return os.path.exists(os.path.join(self.path(diff_id), "meta.json"))
+
+    def info(self, diff_id: Digest) -> LayerInfo:
+        try:
+            with open(os.path.join(self.path(diff_id), "meta.json")) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
+        return LayerInfo(diff_id, int(d["size"]), int(d["content"]), int(d["entries"]))
+
+    def open(self, diff_id: Digest) -> TarLayer:
+        """The layer as a ``LowerLayer`` (keeps its tar open until ``close``)."""
+        d = self.path(diff_id)
+        try:
+            return TarLayer.open(os.path.join(d, "layer.tar"), os.path.join(d, "index"),
+                                 name=diff_id)
+        except FileNotFoundError:
+            raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
+        except LayerError as exc:
+            raise InvalidLayer(f"layer {diff_id}: {exc}") from None
+
+    def diff_ids(self) -> list[Digest]:
+        return [Digest("sha256:" + n) for n in sorted(os.listdir(self.dir)) if len(n) == 64]
+
+    def delete(self, diff_id: Digest) -> None:
+        path = self.path(diff_id)
+        if not os.path.exists(path):
+            return
+        trash = tempfile.mkdtemp(dir=self.tmp_dir, prefix="gc-")
+        os.rename(path, os.path.join(trash, "layer"))
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def ingest(
+        self,
+        blobs: BlobStore,
+        src: BinaryIO,
+        *,
+        digest: Digest | None = None,
+        size: int | None = None,
+        diff_id: Digest | None = None,
+        keep_blob: bool = True,
+        progress: Progress | None = None,
+        limit: int | None = None,
+    ) -> Ingested:
+        """Store one layer from ``src`` as received.  ``digest``/``size`` check the blob,
+        ``diff_id`` the uncompressed tar; any mismatch raises and leaves nothing behind."""
+        work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
+        writer: BlobWriter | None = None
+        try:
+            writer = blobs.writer(digest, size) if keep_blob else None
+            blob_hash = Hasher()
+
+            def on_data(data: bytes) -> None:
+                blob_hash.update(data)
+                if writer is not None:
+                    writer.write(data)
+                if progress is not None:
+                    progress(len(data))
+
+            reader = DecompressReader(_Tee(src, on_data), limit=limit)  # type: ignore[arg-type]
+            tar_path = os.path.join(work, "layer.tar")
+            diff_hash = Hasher()
+            with disk_full_guard("a layer"), open(tar_path, "wb") as out:
+                while chunk := reader.read(CHUNK):
+                    diff_hash.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if size is not None and blob_hash.size != size:
+                raise DigestMismatch(f"layer {digest} has {blob_hash.size} bytes, expected {size}")
+            if digest is not None and blob_hash.digest != digest:
+                raise DigestMismatch(
+                    f"layer digest mismatch: expected {digest}, got {blob_hash.digest}")
+            diff_hash.verify(diff_id, None, what="layer diff_id")
+            got_diff = diff_hash.digest
+            info = self._install(work, got_diff)
+            blob_digest = blob_hash.digest
+            if writer is not None:
+                if reader.kind == NONE:
+                    writer.abort()
+                    blobs.link(self.tar_path(got_diff), blob_digest)
+                else:
+                    writer.commit()
+            return Ingested(blob_digest, blob_hash.size, reader.kind, info)
+        finally:
+            if writer is not None and writer.digest is None:
+                writer.abort()
+            shutil.rmtree(work, ignore_errors=True)
+
+    def install_tar(self, tar_path: str, diff_id: Digest) -> LayerInfo:
+        """Adopt an uncompressed tar already hashed to ``diff_id`` (moved, not copied)."""
+        work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
+        try:
+            os.rename(tar_path, os.path.join(work, "layer.tar"))
+            return self._install(work, diff_id)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _install(self, work: str, diff_id: Digest) -> LayerInfo:
+        if self.has(diff_id):
+            return self.info(diff_id)
+        tar_path = os.path.join(work, "layer.tar")
+        try:
+            index = build_index(tar_path)
+        except LayerError as exc:
+            raise InvalidLayer(f"layer {diff_id}: {exc}") from None
+        info = LayerInfo(diff_id, os.path.getsize(tar_path), index.content_size(), len(index))
+        with disk_full_guard("a layer index"):
+            index.dump(os.path.join(work, "index"))
+            meta = {"size": info.size, "content": info.content, "entries": info.entries}
+            with open(os.path.join(work, "meta.json"), "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(work, 0o755)
+            fsync_dir(work)
+            dst = self.path(diff_id)
+            try:
+                os.rename(work, dst)
+            except OSError:
+                if self.has(diff_id):  # a concurrent ingest won
+                    return self.info(diff_id)
+                raise
+            fsync_dir(self.dir)
+        return info
+
+    def check(self, diff_id: Digest) -> list[str]:
+        """Problems with one stored layer: diff_id, index and meta (empty when sound)."""
+        problems = []
+        h = Hasher()
+        try:
+            with open(self.tar_path(diff_id), "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return [f"layer {diff_id}: layer.tar is missing"]
+        if h.digest != diff_id:
+            problems.append(f"layer {diff_id}: tar hashes to {h.digest}")
+        try:
+            stored = LayerIndex.load(os.path.join(self.path(diff_id), "index"))
+            fresh = build_index(self.tar_path(diff_id))
+            if not stored.same_as(fresh):
+                problems.append(f"layer {diff_id}: index does not match the tar")
+        except (LayerError, OSError) as exc:
+            problems.append(f"layer {diff_id}: {exc}")
+        try:
+            self.info(diff_id)
+        except (ImageNotFound, ValueError, KeyError) as exc:
+            problems.append(f"layer {diff_id}: bad meta.json ({exc})")
+        return problems

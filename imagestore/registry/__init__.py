@@ -1,0 +1,1 @@
+"""Registry client (distribution API v2): auth, pull and push."""

@@ -1,0 +1,446 @@
+"""Store: the facade over blobs, layers and refs — images, tags, removal and garbage collection.
+
+Layout under the root (``--root``, ``STRATA_ROOT``, ``/var/lib/strata`` for root, else
+``$XDG_DATA_HOME/strata``)::
+
+    blobs/sha256/<hex>          manifests, configs, layer blobs as received
+    layers/sha256/<hex>/        per diff_id: layer.tar, index, meta.json
+    state.json                  tags, images (manifest, repo digests), containers
+    lock, gc.lock               flock files (see state.py)
+    containers/<id>/            upper/ and work/ of a container
+    tmp/                        in-progress writes (same file system, so renames are atomic)
+
+An image is named by its ID, the digest of its config.  Everything that adds an image goes
+through ``add_image``, which checks that the manifest, config, every layer and every blob are
+present and consistent before a ref can name it.
+
+Caveats:
+* Removal never blocks on an in-flight pull: when content is being added, ``rmi`` drops refs
+  and leaves blob collection to the next ``prune``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from unionfs.layers import LowerLayer
+from unionfs.tarlayer import TarLayer
+
+from . import oci, reference, timefmt
+from .cas import BlobStore
+from .digest import Digest, is_digest, parse_digest, sha256_bytes
+from .errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
+from .fsutil import remove_tree
+from .instructions import apply_changes
+from .layerstore import LayerStore, Progress
+from .reference import Reference
+from .state import State, StateFile
+
+_HEX_PREFIX = re.compile(r"^(?:sha256:)?([a-f0-9]{1,64})$")
+
+
+def default_root() -> str:
+    env = os.environ.get("STRATA_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/strata"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return os.path.join(data, "strata")
+
+
+@dataclass(frozen=True)
+class Image:
+    id: Digest
+    manifest_desc: oci.Descriptor
+    manifest: oci.Manifest
+    config: oci.ImageConfig
+    tags: tuple[Reference, ...]
+    repo_digests: tuple[str, ...]
+    size: int
+    added: str
+
+    @property
+    def short_id(self) -> str:
+        return self.id.partition(":")[2][:12]
+
+    @property
+    def created(self) -> str:
+        return self.config.field("created")
+
+    @property
+    def diff_ids(self) -> list[Digest]:
+        return self.config.diff_ids
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``remove``/``prune`` did, in docker's words."""
+
+    untagged: tuple[str, ...]
+    deleted: tuple[str, ...]
+    reclaimed: int
+
+
+class Store:
+    """One image store.  Safe to use from several processes at once."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+        os.makedirs(self.root, exist_ok=True)
+        self.blobs = BlobStore(self.root)
+        self.layers = LayerStore(self.root)
+        self.state = StateFile(self.root)
+        self.containers_dir = os.path.join(self.root, "containers")
+        os.makedirs(self.containers_dir, exist_ok=True)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _image(self, st: State, image_id: str) -> Image:
+        rec = st.images[image_id]
+        desc = oci.Descriptor.from_json(rec["manifest"])
+        manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
+        config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
+                                       manifest.config.digest)
+        tags = tuple(sorted((reference.parse(t) for t, i in st.tags.items() if i == image_id),
+                            key=str))
+        return Image(Digest(image_id), desc, manifest, config, tags,
+                     tuple(rec.get("repoDigests", [])), int(rec.get("size", 0)),
+                     str(rec.get("added", "")))
+
+    def images(self) -> list[Image]:
+        st = self.state.read()
+        return [self._image(st, i) for i in sorted(st.images)]
+
+    def image(self, image_id: Digest) -> Image:
+        st = self.state.read()
+        if image_id not in st.images:
+            raise ImageNotFound(f"No such image: {image_id}")
+        return self._image(st, image_id)
+
+    def resolve(self, name: str) -> Image:
+        """The image ``name`` means: a tag, ``repo@digest``, an ID or a unique ID prefix."""
+        st = self.state.read()
+        return self._image(st, self._resolve_id(st, name))
+
+    def _resolve_id(self, st: State, name: str) -> str:
+        full = name if name.startswith("sha256:") else "sha256:" + name
+        if is_digest(full) and full in st.images:
+            return full
+        ref: Reference | None = None
+        try:
+            ref = reference.parse(name)
+        except InvalidReference:
+            if not _HEX_PREFIX.match(name):
+                raise
+        if ref is not None:
+            if ref.digest is not None:
+                for image_id, rec in st.images.items():
+                    for rd in rec.get("repoDigests", []):
+                        if rd == f"{ref.name}@{ref.digest}":
+                            return image_id
+                for image_id, rec in st.images.items():
+                    if rec["manifest"]["digest"] == ref.digest:
+                        return image_id
+            elif str(ref) in st.tags:
+                return st.tags[str(ref)]
+        m = _HEX_PREFIX.match(name)
+        if m:
+            matches = [i for i in st.images if i.partition(":")[2].startswith(m.group(1))]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise Ambiguous(f"short ID {name} is ambiguous: it matches {len(matches)} images")
+        shown = ref.familiar if ref is not None else name
+        raise ImageNotFound(f"No such image: {shown}")
+
+    def open_layers(self, image: Image) -> list[LowerLayer]:
+        """The image's layers as lower layers, top first (the caller closes them)."""
+        opened: list[TarLayer] = []
+        try:
+            for diff_id in reversed(image.diff_ids):
+                opened.append(self.layers.open(diff_id))
+        except BaseException:
+            for layer in opened:
+                layer.close()
+            raise
+        return list(opened)
+
+    @contextlib.contextmanager
+    def layers_of(self, image: Image) -> Iterator[list[LowerLayer]]:
+        layers = self.open_layers(image)
+        try:
+            yield layers
+        finally:
+            for layer in layers:
+                layer.close()
+
+    # -- adding --------------------------------------------------------------------------------
+
+    def ingesting(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while adding content that no ref names yet (keeps GC away)."""
+        return self.state.ingesting()
+
+    def add_image(
+        self,
+        manifest_raw: bytes,
+        media_type: str | None = None,
+        *,
+        tags: Sequence[Reference] = (),
+        repo_digest: str | None = None,
+    ) -> Image:
+        """Record an image whose blobs and layers are already stored; tag it.  Verifies
+        everything the manifest names before any ref can see it."""
+        manifest = oci.parse_manifest(manifest_raw, media_type)
+        config_raw = self.blobs.read(manifest.config.digest)
+        config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
+        if sha256_bytes(config_raw) != manifest.config.digest:
+            raise InvalidImage(f"config blob {manifest.config.digest} is corrupt")
+        if len(config.diff_ids) != len(manifest.layers):
+            raise InvalidImage(
+                f"manifest has {len(manifest.layers)} layers but the config lists "
+                f"{len(config.diff_ids)} diff_ids")
+        size = 0
+        for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+            if not self.layers.has(diff_id):
+                raise InvalidImage(f"layer {diff_id} is missing from the store")
+            if not self.blobs.has(desc.digest):
+                raise InvalidImage(f"layer blob {desc.digest} is missing from the store")
+            size += self.layers.info(diff_id).content
+        mdigest = self.blobs.put(manifest_raw)
+        desc = oci.Descriptor(manifest.media_type, mdigest, len(manifest_raw))
+        image_id = manifest.config.digest
+        with self.state.transaction() as st:
+            rec = st.images.get(image_id)
+            if rec is None or not self.blobs.has(parse_digest(rec["manifest"]["digest"])):
+                rec = {"manifest": desc.to_json(), "repoDigests": [], "size": size,
+                       "added": timefmt.now()}
+                st.images[image_id] = rec
+            if repo_digest and repo_digest not in rec["repoDigests"]:
+                rec["repoDigests"] = [*rec["repoDigests"], repo_digest]
+            for t in tags:
+                st.tags[str(t)] = image_id
+            return self._image(st, image_id)
+
+    def put_config(self, config: dict[str, Any]) -> tuple[bytes, Digest]:
+        raw = oci.canonical_config(config)
+        return raw, self.blobs.put(raw)
+
+    def import_tar(
+        self,
+        src: BinaryIO,
+        *,
+        source: str = "-",
+        tag: Reference | None = None,
+        changes: Sequence[str] = (),
+        message: str | None = None,
+        platform: oci.Platform | None = None,
+        progress: Progress | None = None,
+    ) -> Image:
+        """``docker import``: a one-layer image from a rootfs tar (raw or compressed)."""
+        container_config = apply_changes({}, changes)
+        plat = platform or oci.host_platform()
+        with self.ingesting():
+            got = self.layers.ingest(self.blobs, src, keep_blob=False, progress=progress)
+            diff_id = got.layer.diff_id
+            self.blobs.link(self.layers.tar_path(diff_id), diff_id)
+            created = timefmt.now()
+            comment = message if message is not None else f"Imported from {source}"
+            config: dict[str, Any] = {"architecture": plat.architecture, "os": plat.os}
+            if plat.variant:
+                config["variant"] = plat.variant
+            config.update({
+                "created": created,
+                "config": container_config,
+                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                "history": [{"created": created, "comment": comment}],
+            })
+            raw, cdigest = self.put_config(config)
+            manifest = oci.manifest_bytes(
+                oci.Descriptor(oci.OCI_CONFIG, cdigest, len(raw)),
+                [oci.Descriptor(oci.OCI_LAYER, diff_id, got.layer.size)],
+            )
+            return self.add_image(manifest, oci.OCI_MANIFEST, tags=[tag] if tag else [])
+
+    # -- tags and removal ------------------------------------------------------------------------
+
+    def tag(self, src: str, dst: str) -> Reference:
+        ref = reference.parse_repo_tag(dst)
+        with self.state.transaction() as st:
+            image_id = self._resolve_id(st, src)
+            st.tags[str(ref)] = image_id
+        return ref
+
+    def _users(self, st: State, image_id: str) -> list[str]:
+        return [cid for cid, c in st.containers.items() if c.get("image") == image_id]
+
+    def remove(self, name: str, force: bool = False) -> Removed:
+        """``docker rmi``: untag, and delete the image once nothing names it."""
+        untagged: list[str] = []
+        deleted: list[str] = []
+        with self.state.transaction() as st:
+            image_id = self._resolve_id(st, name)
+            tags = [t for t, i in st.tags.items() if i == image_id]
+            by_tag = self._named_by_tag(name, tags)
+            users = self._users(st, image_id)
+            short = image_id.partition(":")[2][:12]
+            if by_tag is not None and len(tags) > 1:
+                del st.tags[by_tag]
+                return Removed((reference.parse(by_tag).familiar,), (), 0)
+            if by_tag is None and len({reference.parse(t).name for t in tags}) > 1 and not force:
+                raise Conflict(f"conflict: unable to delete {short} (must be forced) - image is "
+                               f"referenced in multiple repositories")
+            if users and not force:
+                what = (f'remove repository reference "{name}"' if by_tag else f"delete {short}")
+                raise Conflict(f"conflict: unable to {what} (must be forced) - container "
+                               f"{users[0][:12]} is using its referenced image {short}")
+            for t in sorted(tags):
+                del st.tags[t]
+                untagged.append(reference.parse(t).familiar)
+            if users:
+                return Removed(tuple(untagged), (), 0)
+            rec = st.images.pop(image_id)
+            for rd in rec.get("repoDigests", []):
+                untagged.append(reference.parse(rd).familiar)
+            deleted.append(image_id)
+        freed = self.collect(wait=False)
+        return Removed(tuple(untagged), tuple(deleted) + freed[0], freed[1])
+
+    @staticmethod
+    def _named_by_tag(name: str, tags: Iterable[str]) -> str | None:
+        try:
+            ref = reference.parse(name)
+        except InvalidReference:
+            return None
+        return str(ref) if ref.digest is None and str(ref) in tags else None
+
+    def prune(self, all_images: bool = False) -> Removed:
+        """``docker image prune``: delete dangling images (every unused one with ``all``)."""
+        deleted: list[str] = []
+        untagged: list[str] = []
+        with self.state.transaction() as st:
+            tagged = set(st.tags.values())
+            used = {c.get("image") for c in st.containers.values()}
+            for image_id in sorted(st.images):
+                if image_id in used or (image_id in tagged and not all_images):
+                    continue
+                for t in [t for t, i in st.tags.items() if i == image_id]:
+                    del st.tags[t]
+                    untagged.append(reference.parse(t).familiar)
+                st.images.pop(image_id)
+                deleted.append(image_id)
+        freed = self.collect(wait=True)
+        return Removed(tuple(untagged), tuple(deleted) + freed[0], freed[1])
+
+    def referenced(self, st: State) -> tuple[set[Digest], set[Digest]]:
+        """Blobs and layers some image still needs (containers keep their image)."""
+        blobs: set[Digest] = set()
+        layers: set[Digest] = set()
+        for image_id in st.images:
+            try:
+                img = self._image(st, image_id)
+            except (ImageNotFound, InvalidImage):
+                rec = st.images[image_id]
+                blobs.add(parse_digest(rec["manifest"]["digest"]))
+                blobs.add(parse_digest(image_id))
+                continue
+            blobs.add(img.manifest_desc.digest)
+            blobs.add(img.manifest.config.digest)
+            blobs.update(d.digest for d in img.manifest.layers)
+            layers.update(img.diff_ids)
+        return blobs, layers
+
+    def collect(self, wait: bool) -> tuple[tuple[str, ...], int]:
+        """Delete blobs and layers no image needs.  Returns (deleted layer diff_ids, bytes)."""
+        with self.state.collecting(wait) as ok:
+            if not ok:
+                return (), 0
+            st = self.state.read()
+            keep_blobs, keep_layers = self.referenced(st)
+            freed = 0
+            deleted: list[str] = []
+            for diff_id in self.layers.diff_ids():
+                if diff_id not in keep_layers:
+                    with contextlib.suppress(ImageNotFound):
+                        freed += self.layers.info(diff_id).size
+                    self.layers.delete(diff_id)
+                    deleted.append(diff_id)
+            for digest in self.blobs.digests():
+                if digest not in keep_blobs:
+                    with contextlib.suppress(OSError):
+                        st_ = os.stat(self.blobs.path(digest))
+                        if st_.st_nlink == 1:
+                            freed += st_.st_size
+                    self.blobs.delete(digest)
+            for name in os.listdir(self.blobs.tmp_dir):
+                if not name.startswith("partial-"):
+                    remove_tree(os.path.join(self.blobs.tmp_dir, name))
+            return tuple(deleted), freed
+
+    # -- history and inspect ---------------------------------------------------------------------
+
+    def history(self, image: Image) -> list[dict[str, Any]]:
+        """Rows newest first: created, created_by, size, comment, empty_layer, and the layer."""
+        ids = image.diff_ids
+        entries = image.config.history or [{} for _ in ids]
+        rows = []
+        li = 0
+        for h in entries:
+            empty = bool(h.get("empty_layer"))
+            size = 0
+            layer = None
+            if not empty and li < len(ids):
+                layer = ids[li]
+                size = self.layers.info(layer).content if self.layers.has(layer) else 0
+                li += 1
+            rows.append({"created": h.get("created", ""), "created_by": h.get("created_by", ""),
+                         "comment": h.get("comment", ""), "author": h.get("author", ""),
+                         "empty_layer": empty, "size": size, "layer": layer})
+        rows.reverse()
+        return rows
+
+    def inspect(self, image: Image) -> dict[str, Any]:
+        cfg = image.config
+        out: dict[str, Any] = {
+            "Id": image.id,
+            "RepoTags": [t.familiar for t in image.tags],
+            "RepoDigests": [reference.parse(rd).familiar for rd in image.repo_digests],
+            "Parent": "",
+            "Comment": cfg.field("comment"),
+            "Created": cfg.field("created"),
+            "DockerVersion": cfg.field("docker_version"),
+            "Author": cfg.field("author"),
+            "Config": cfg.container_config,
+            "Architecture": cfg.field("architecture"),
+            "Os": cfg.field("os"),
+            "Size": image.size,
+            "RootFS": {"Type": "layers", "Layers": list(image.diff_ids)},
+            "Metadata": {"LastTagTime": image.added},
+            "Descriptor": image.manifest_desc.to_json(),
+        }
+        if cfg.field("variant"):
+            out["Variant"] = cfg.field("variant")
+        return out
+
+
+def open_input(path: str) -> BinaryIO:
+    """A file argument or ``-`` for standard input, as a binary stream."""
+    import sys
+
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InvalidImage(f"open {path}: no such file or directory") from None
+    except IsADirectoryError:
+        raise InvalidImage(f"{path} is a directory") from None
+
+
+ProgressFactory = Callable[[str, int | None], Progress | None]

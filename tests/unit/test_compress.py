@@ -1,0 +1,60 @@
+"""Compression detection and streaming decompression."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+
+import pytest
+import zstandard
+
+from imagestore.compress import Compressor, DecompressReader, sniff
+from imagestore.errors import InvalidImage
+
+DATA = os.urandom(200_000) + b"\0" * 300_000
+
+
+@pytest.mark.parametrize("kind, pack", [
+    ("gzip", lambda b: gzip.compress(b)),
+    ("zstd", lambda b: zstandard.ZstdCompressor().compress(b)),
+    ("bzip2", bz2.compress),
+    ("xz", lzma.compress),
+    ("none", lambda b: b),
+])
+def test_sniff_and_decompress(kind: str, pack: object) -> None:
+    packed = pack(DATA)  # type: ignore[operator]
+    assert sniff(packed[:8]) == kind
+    r = DecompressReader(io.BytesIO(packed))
+    assert r.kind == kind and r.read() == DATA
+
+
+def test_multi_member_gzip_and_multi_frame_zstd() -> None:
+    two = gzip.compress(b"first ") + gzip.compress(b"second")
+    assert DecompressReader(io.BytesIO(two)).read() == b"first second"
+    z = zstandard.ZstdCompressor()
+    assert DecompressReader(io.BytesIO(z.compress(b"a") + z.compress(b"b"))).read() == b"ab"
+
+
+def test_truncated_stream_is_an_error() -> None:
+    packed = gzip.compress(DATA)
+    with pytest.raises(InvalidImage, match="truncated|corrupt"):
+        DecompressReader(io.BytesIO(packed[: len(packed) // 2])).read()
+
+
+def test_bomb_limit() -> None:
+    bomb = gzip.compress(b"\0" * 10_000_000)
+    with pytest.raises(InvalidImage, match="exceeds"):
+        DecompressReader(io.BytesIO(bomb), limit=1_000_000).read()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "none"])
+def test_compressor_round_trip_and_determinism(kind: str) -> None:
+    outs = []
+    for _ in range(2):
+        c = Compressor(kind)
+        outs.append(c.compress(DATA) + c.flush())
+    assert outs[0] == outs[1]
+    assert DecompressReader(io.BytesIO(outs[0])).read() == DATA

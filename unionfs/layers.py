@@ -1,0 +1,254 @@
+"""Read-only layers: the ``LowerLayer`` protocol, the ``Entry`` record, and ``DirLayer``.
+
+A lower layer answers a handful of questions about relative POSIX paths (``""`` is the root):
+what is at a path (``entry``), what a directory holds (``children``), the bytes of a file
+(``read``/``copy_data``) and its xattrs.  Whiteouts and opaque directories are reported in the
+entry's ``flags`` whatever the layer's own encoding, so ``UnionView`` never sees an encoding.
+
+Two implementations: ``TarLayer`` (an indexed layer tar, tarlayer.py) and ``DirLayer`` (a plain
+directory in overlayfs format).  Anything else implementing the protocol (an in-memory layer in
+tests, a lazily fetched blob) plugs into the union unchanged.
+
+Caveats:
+* ``DirLayer`` assumes its directory does not change while mounted (as overlayfs does for lower
+  layers) and caches nothing but hardlink groups.
+* Entry attributes are a snapshot: the ``mode`` includes the file type bits (``S_IFMT``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import whiteout as wh
+
+WHITEOUT = 1  # the name is hidden from the layers below
+OPAQUE = 2  # a directory that hides every lower child
+IMPLICIT = 4  # a directory that exists only because a layer entry lives below it
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What one layer holds at one path.
+
+    ``ref`` locates the data inside the layer (an index for tars, a path for directories);
+    ``obj`` identifies the object within the layer: names of one hardlink group share it.
+    """
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    nlink: int = 1
+    target: str = ""
+    flags: int = 0
+    ref: int | str = 0
+    obj: int = 0
+
+    @property
+    def is_whiteout(self) -> bool:
+        return bool(self.flags & WHITEOUT)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode) and not self.flags & WHITEOUT
+
+    @property
+    def opaque(self) -> bool:
+        return bool(self.flags & OPAQUE)
+
+    @property
+    def implicit(self) -> bool:
+        return bool(self.flags & IMPLICIT)
+
+
+WHITEOUT_ENTRY = Entry(mode=0, flags=WHITEOUT)
+
+
+class LowerLayer(Protocol):
+    """A read-only layer.  Every method is side-effect free and safe to call concurrently."""
+
+    def entry(self, path: str) -> Entry | None:
+        """The entry at ``path`` in this layer (a whiteout entry for a hidden name), or None."""
+        ...
+
+    def children(self, path: str) -> Iterator[tuple[str, Entry]]:
+        """Names directly under the directory ``path`` in this layer, whiteouts included."""
+        ...
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a regular file's data from ``offset``."""
+        ...
+
+    def copy_data(self, entry: Entry, dst_fd: int) -> None:
+        """Write the whole data of a regular file to ``dst_fd`` (at its current position 0)."""
+        ...
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        """Extended attributes of the entry, overlay-private ones excluded."""
+        ...
+
+    def hardlinks(self, entry: Entry) -> list[str]:
+        """Every path in this layer naming the object of ``entry`` (itself included)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def split(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
+    """Copy ``size`` bytes at ``offset`` of ``src_fd`` to the current position of ``dst_fd``."""
+    done = 0
+    while done < size:
+        want = min(size - done, 1 << 30)
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, want, offset + done)
+        except OSError:
+            n = 0
+        if n == 0:
+            data = os.pread(src_fd, min(want, CHUNK), offset + done)
+            if not data:
+                raise OSError(5, "short read from layer data")
+            n = os.write(dst_fd, data)
+        done += n
+
+
+@dataclass
+class DirLayer:
+    """A plain directory in overlayfs format used as a read-only layer."""
+
+    root: str
+    _links: dict[int, list[str]] | None = field(default=None, init=False, repr=False)
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def entry(self, path: str) -> Entry | None:
+        full = self._abs(path)
+        try:
+            st = os.lstat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            if path:
+                parent, name = split(path)
+                if not wh.is_reserved_name(name) and os.path.lexists(
+                    os.path.join(self._abs(parent), wh.WH_PREFIX + name)
+                ):
+                    return WHITEOUT_ENTRY
+            return None
+        if path and wh.is_reserved_name(split(path)[1]):
+            return None
+        return self._from_stat(path, full, st)
+
+    def _from_stat(self, path: str, full: str, st: os.stat_result) -> Entry:
+        if wh.is_whiteout_stat(st):
+            return WHITEOUT_ENTRY
+        flags = 0
+        if stat.S_ISDIR(st.st_mode):
+            if wh.path_is_opaque(full):
+                flags |= OPAQUE
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            try:
+                if wh.whiteout_from_xattrs(os.listxattr(full, follow_symlinks=False)):
+                    return WHITEOUT_ENTRY
+            except OSError:
+                pass
+        target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else ""
+        return Entry(
+            mode=st.st_mode,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            rdev=st.st_rdev,
+            nlink=st.st_nlink,
+            target=target,
+            flags=flags,
+            ref=path,
+            obj=st.st_ino,
+        )
+
+    def children(self, path: str) -> Iterator[tuple[str, Entry]]:
+        full = self._abs(path)
+        try:
+            names = sorted(os.listdir(full))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        present = set(names)
+        for name in names:
+            if wh.is_reserved_name(name):
+                try:
+                    kind, target = wh.classify_tar_name(name)
+                except wh.WhiteoutError:
+                    continue
+                if kind is wh.TarName.WHITEOUT and target not in present:
+                    yield target, WHITEOUT_ENTRY
+                continue
+            child = join(path, name)
+            try:
+                st = os.lstat(os.path.join(full, name))
+            except FileNotFoundError:
+                continue
+            yield name, self._from_stat(child, os.path.join(full, name), st)
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        fd = os.open(self._abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def copy_data(self, entry: Entry, dst_fd: int) -> None:
+        fd = os.open(self._abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            copy_range(fd, dst_fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        full = self._abs(str(entry.ref))
+        out: dict[str, bytes] = {}
+        try:
+            names = os.listxattr(full, follow_symlinks=False)
+        except OSError:
+            return out
+        for name in names:
+            if wh.is_private_xattr(name):
+                continue
+            try:
+                out[name] = os.getxattr(full, name, follow_symlinks=False)
+            except OSError:
+                continue
+        return out
+
+    def hardlinks(self, entry: Entry) -> list[str]:
+        if entry.nlink < 2 or stat.S_ISDIR(entry.mode):
+            return [str(entry.ref)]
+        if self._links is None:
+            links: dict[int, list[str]] = {}
+            for dirpath, _dirs, files in os.walk(self.root):
+                rel = os.path.relpath(dirpath, self.root)
+                rel = "" if rel == "." else rel
+                for name in files:
+                    st = os.lstat(os.path.join(dirpath, name))
+                    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                        links.setdefault(st.st_ino, []).append(join(rel, name))
+            self._links = links
+        return sorted(self._links.get(entry.obj, [str(entry.ref)]))
+
+    def close(self) -> None:
+        pass

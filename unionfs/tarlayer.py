@@ -1,0 +1,494 @@
+"""TarLayer: an uncompressed layer tar served in place through an index of its entries.
+
+``build_index`` reads a layer tar once and records, for every path, its type, mode, owner,
+mtime, size, the offset of its data in the tar, symlink target, device number, xattrs (PAX
+``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``), hardlink groups and the OCI whiteout/opaque
+markers.  ``TarLayer`` answers the ``LowerLayer`` protocol from that index and reads file data
+with ``os.pread`` on the tar: mounting a layer costs no unpacking.
+
+The indexer is also the layer's safety check.  It refuses names that are absolute or contain
+``..``, entries below a non-directory (a symlink planted then written through), hardlinks to
+anything but an earlier non-directory entry of the same layer, invalid whiteouts, truncated
+data and trailing garbage.  Overlay-private xattrs are dropped, never applied.
+
+Layer rules (FORMATS.md b): missing parents become IMPLICIT root-owned 0755 directories; a
+duplicate path replaces the earlier entry (two directories merge); a whiteout never hides an entry
+of its own layer (a directory with a same-layer whiteout becomes opaque instead); an opaque marker
+applies wherever it appears in the archive.
+
+Caveats:
+* The index is a private, versioned format (``INDEX_VERSION``); ``load`` refuses other versions,
+  so a store rebuilds indexes rather than misreading them.
+* A hardlink takes the attributes of its target: extraction shares one inode.
+"""
+
+from __future__ import annotations
+
+import base64
+import marshal
+import os
+import stat
+import tarfile
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import unquote
+
+from . import whiteout as wh
+from .layers import IMPLICIT, OPAQUE, WHITEOUT, Entry, copy_range, join, split
+
+INDEX_VERSION = 1
+_INT64 = (1 << 63) - 1
+_IDS = (1 << 32) - 1
+_TAIL_LIMIT = 1 << 20
+
+
+class LayerError(ValueError):
+    """A layer tar that cannot be served safely or correctly (see the module docstring)."""
+
+
+def normalize_name(name: str) -> str:
+    """A tar entry name as a relative POSIX path (``""`` for the root); raises LayerError."""
+    if name.startswith("/"):
+        raise LayerError(f"entry {name!r} has an absolute name")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LayerError(f"entry {name!r} climbs out of the layer with '..'")
+    if any("\0" in p for p in parts):
+        raise LayerError(f"entry {name!r} has a NUL byte in its name")
+    return "/".join(parts)
+
+
+@dataclass
+class _Rec:
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    target: str = ""
+    flags: int = 0
+    offset: int = 0
+    stored: int = 0
+    group: int = -1  # records of one hardlink group share it (set by the builder)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    sparse: list[tuple[int, int]] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def _implicit_dir() -> _Rec:
+    return _Rec(mode=stat.S_IFDIR | 0o755, flags=IMPLICIT)
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    raw = ti.pax_headers.get("mtime")
+    try:
+        ns = int(Decimal(raw) * 1_000_000_000) if raw is not None else int(ti.mtime) * 10**9
+    except (InvalidOperation, ValueError, OverflowError):
+        ns = 0
+    return max(-_INT64, min(_INT64, ns))
+
+
+def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for key, value in ti.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr.") :]
+            data = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = unquote(key[len("LIBARCHIVE.xattr.") :])
+            try:
+                data = base64.b64decode(value + "=" * (-len(value) % 4))
+            except ValueError as exc:
+                raise LayerError(f"entry {ti.name!r}: bad xattr encoding") from exc
+        else:
+            continue
+        if name and not wh.is_private_xattr(name):
+            out[name] = data
+    return out
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.recs: dict[str, _Rec] = {"": _implicit_dir()}
+        self.kids: dict[str, dict[str, None]] = {"": {}}
+        self.whiteouts: list[str] = []
+        self.opaques: list[str] = []
+        self.serial = 0
+
+    def ensure_dir(self, path: str, for_name: str) -> None:
+        missing: list[str] = []
+        rec = self.recs.get(path)
+        while rec is None:
+            missing.append(path)
+            path = split(path)[0]
+            rec = self.recs.get(path)
+        if not rec.is_dir:
+            raise LayerError(f"entry {for_name!r} lies below {path!r}, which is not a directory")
+        for p in reversed(missing):
+            self._put(p, _implicit_dir())
+
+    def _put(self, path: str, rec: _Rec) -> None:
+        if rec.group < 0:
+            self.serial += 1
+            rec.group = self.serial
+        self.recs[path] = rec
+        if rec.is_dir:
+            self.kids.setdefault(path, {})
+        if path:
+            parent, name = split(path)
+            self.kids[parent][name] = None
+
+    def _remove_tree(self, path: str) -> None:
+        todo = [path]
+        while todo:
+            p = todo.pop()
+            todo.extend(join(p, name) for name in self.kids.pop(p, {}))
+            del self.recs[p]
+
+    def add(self, path: str, rec: _Rec) -> None:
+        old = self.recs.get(path)
+        if old is not None:
+            if old.is_dir and rec.is_dir:
+                rec.group = old.group
+                self.recs[path] = rec  # attributes change, children merge
+                return
+            if old.is_dir:
+                self._remove_tree(path)
+        self._put(path, rec)
+
+    def finish(self) -> LayerIndex:
+        for target in self.whiteouts:
+            parent, name = split(target)
+            prec = self.recs.get(parent)
+            if prec is None or not prec.is_dir:
+                continue  # its directory was replaced later in the archive
+            existing = self.recs.get(target)
+            if existing is None:
+                self._put(target, _Rec(mode=0, flags=WHITEOUT))
+            elif existing.is_dir:
+                existing.flags |= OPAQUE
+        for path in self.opaques:
+            rec = self.recs.get(path)
+            if rec is not None and rec.is_dir:
+                rec.flags |= OPAQUE
+        return _pack(self.recs, self.kids)
+
+
+def _pack(recs: dict[str, _Rec], kids: dict[str, dict[str, None]]) -> LayerIndex:
+    paths = list(recs)
+    pos = {p: i for i, p in enumerate(paths)}
+    cols = {k: array("q") for k in ("mode", "uid", "gid", "size", "mtime", "rdev", "nlink",
+                                        "offset", "obj", "flags")}
+    targets: dict[int, str] = {}
+    xattrs: dict[int, dict[str, bytes]] = {}
+    sparse: dict[int, list[tuple[int, int]]] = {}
+    first: dict[int, int] = {}
+    objs: list[int] = []
+    for i, p in enumerate(paths):
+        objs.append(first.setdefault(recs[p].group, i))
+    group: dict[int, int] = {}
+    for obj in objs:
+        group[obj] = group.get(obj, 0) + 1
+    for i, p in enumerate(paths):
+        r = recs[p]
+        cols["mode"].append(r.mode)
+        cols["uid"].append(r.uid)
+        cols["gid"].append(r.gid)
+        cols["size"].append(r.size)
+        cols["mtime"].append(r.mtime_ns)
+        cols["rdev"].append(r.rdev)
+        if r.is_dir:
+            nl = 2 + sum(1 for n in kids.get(p, ()) if recs[join(p, n)].is_dir)
+        else:
+            nl = group[objs[i]]
+        cols["nlink"].append(nl)
+        cols["offset"].append(r.offset)
+        cols["obj"].append(objs[i])
+        cols["flags"].append(r.flags)
+        if r.target:
+            targets[i] = r.target
+        if r.xattrs:
+            xattrs[i] = r.xattrs
+        if r.sparse is not None:
+            sparse[i] = r.sparse
+    children = {
+        pos[d]: [pos[join(d, n)] for n in sorted(names)] for d, names in kids.items() if d in pos
+    }
+    return LayerIndex(paths, cols, targets, xattrs, sparse, children)
+
+
+def build_index(tar_path: str) -> LayerIndex:
+    """Index the uncompressed layer tar at ``tar_path``; raises LayerError for unsafe input."""
+    b = _Builder()
+    file_size = os.path.getsize(tar_path)
+    try:
+        with open(tar_path, "rb") as f, tarfile.open(
+            fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape"
+        ) as tf:
+            for ti in tf:
+                _add_member(b, ti, file_size)
+            end = tf.offset
+    except tarfile.TarError as exc:
+        raise LayerError(f"not a valid tar archive: {exc}") from None
+    except UnicodeError as exc:
+        raise LayerError(f"undecodable tar header: {exc}") from None
+    _check_tail(tar_path, end, file_size)
+    return b.finish()
+
+
+def _check_tail(tar_path: str, end: int, file_size: int) -> None:
+    if end > file_size:
+        raise LayerError("tar archive is truncated")
+    with open(tar_path, "rb") as f:
+        f.seek(end)
+        tail = f.read(_TAIL_LIMIT + 1)
+    if tail.strip(b"\0") or len(tail) > _TAIL_LIMIT:
+        raise LayerError(f"invalid tar header or trailing data at offset {end}")
+
+
+def _add_member(b: _Builder, ti: tarfile.TarInfo, file_size: int) -> None:
+    path = normalize_name(ti.name)
+    if ti.uid > _IDS or ti.gid > _IDS or ti.uid < 0 or ti.gid < 0:
+        raise LayerError(f"entry {ti.name!r} has an out-of-range owner {ti.uid}:{ti.gid}")
+    if not path:
+        if not ti.isdir():
+            raise LayerError("the layer root entry is not a directory")
+        b.recs[""] = _Rec(mode=stat.S_IFDIR | (ti.mode & 0o7777), uid=ti.uid, gid=ti.gid,
+                          mtime_ns=_mtime_ns(ti), xattrs=_xattrs(ti))
+        return
+    parent, base = split(path)
+    try:
+        kind, target = wh.classify_tar_name(base)
+        above = [wh.classify_tar_name(p)[0] for p in parent.split("/")] if parent else []
+    except wh.WhiteoutError as exc:
+        raise LayerError(f"entry {ti.name!r}: {exc}") from None
+    if wh.TarName.META in above:
+        return  # inside AUFS metadata (.wh..wh.plnk/...): ignored
+    if any(k is not wh.TarName.NORMAL for k in above):
+        raise LayerError(f"entry {ti.name!r} lies below a whiteout or opaque marker")
+    b.ensure_dir(parent, ti.name)
+    if kind is wh.TarName.META:
+        return
+    if kind is wh.TarName.OPAQUE:
+        b.opaques.append(parent)
+        return
+    if kind is wh.TarName.WHITEOUT:
+        b.whiteouts.append(join(parent, target))
+        return
+    rec = _Rec(mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti),
+               xattrs=_xattrs(ti))
+    if ti.islnk():
+        _link(b, ti, rec)
+    elif ti.isreg():
+        rec.mode |= stat.S_IFREG
+        rec.size, rec.offset = ti.size, ti.offset_data
+        rec.stored = ti.size
+        if ti.sparse is not None:
+            pairs: Any = ti.sparse  # typeshed says list[int]; it is (offset, size) pairs
+            rec.sparse = [(int(o), int(n)) for o, n in pairs]
+            rec.stored = sum(n for _, n in rec.sparse)
+        if rec.offset + rec.stored > file_size or rec.size > _INT64:
+            raise LayerError(f"entry {ti.name!r}: data runs past the end of the archive")
+    elif ti.issym():
+        rec.mode |= stat.S_IFLNK
+        rec.target = ti.linkname
+        rec.size = len(os.fsencode(ti.linkname))
+    elif ti.isdir():
+        rec.mode |= stat.S_IFDIR
+    elif ti.ischr() or ti.isblk():
+        rec.mode |= stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
+        rec.rdev = os.makedev(ti.devmajor, ti.devminor)
+    elif ti.isfifo():
+        rec.mode |= stat.S_IFIFO
+    else:
+        raise LayerError(f"entry {ti.name!r} has unsupported type {ti.type!r}")
+    b.add(path, rec)
+
+
+def _link(b: _Builder, ti: tarfile.TarInfo, rec: _Rec) -> None:
+    target = normalize_name(ti.linkname)
+    src = b.recs.get(target)
+    if src is None or not target or src.flags & (WHITEOUT | IMPLICIT):
+        raise LayerError(
+            f"hardlink {ti.name!r} -> {ti.linkname!r} does not name an earlier entry of the layer"
+        )
+    if src.is_dir:
+        raise LayerError(f"hardlink {ti.name!r} -> {ti.linkname!r} names a directory")
+    rec.mode, rec.uid, rec.gid, rec.mtime_ns = src.mode, src.uid, src.gid, src.mtime_ns
+    rec.size, rec.offset, rec.stored, rec.sparse = src.size, src.offset, src.stored, src.sparse
+    rec.target, rec.rdev, rec.xattrs = src.target, src.rdev, src.xattrs
+    rec.group = src.group
+
+
+@dataclass
+class LayerIndex:
+    """The entry index of one layer tar, in columns (``array('q')``) for fast loading."""
+
+    paths: list[str]
+    cols: dict[str, array[int]]
+    targets: dict[int, str]
+    xattrs: dict[int, dict[str, bytes]]
+    sparse: dict[int, list[tuple[int, int]]]
+    children: dict[int, list[int]]
+
+    def dump(self, path: str) -> None:
+        """Write the index to ``path`` (the caller makes it atomic)."""
+        payload = (
+            INDEX_VERSION,
+            self.paths,
+            {k: v.tobytes() for k, v in self.cols.items()},
+            self.targets,
+            self.xattrs,
+            self.sparse,
+            self.children,
+        )
+        with open(path, "wb") as f:
+            f.write(marshal.dumps(payload, 4))
+            f.flush()
+            os.fsync(f.fileno())
+
+    @classmethod
+    def load(cls, path: str) -> LayerIndex:
+        with open(path, "rb") as f:
+            try:
+                payload = marshal.loads(f.read())
+            except (ValueError, EOFError, TypeError) as exc:
+                raise LayerError(f"corrupt layer index {path}: {exc}") from None
+        if not isinstance(payload, tuple) or len(payload) != 7 or payload[0] != INDEX_VERSION:
+            raise LayerError(f"layer index {path} has an unknown format")
+        _, paths, raw, targets, xattrs, sparse, children = payload
+        cols = {}
+        for k, v in raw.items():
+            a = array("q")
+            a.frombytes(v)
+            cols[k] = a
+        return cls(paths, cols, targets, xattrs, sparse, children)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def same_as(self, other: LayerIndex) -> bool:
+        return (
+            self.paths == other.paths
+            and self.cols == other.cols
+            and self.targets == other.targets
+            and self.xattrs == other.xattrs
+            and self.sparse == other.sparse
+            and self.children == other.children
+        )
+
+    def content_size(self) -> int:
+        """Bytes of regular-file data, each hardlink group counted once."""
+        mode, size, obj = self.cols["mode"], self.cols["size"], self.cols["obj"]
+        return sum(
+            size[i] for i in range(len(self.paths)) if stat.S_ISREG(mode[i]) and obj[i] == i
+        )
+
+
+class TarLayer:
+    """A ``LowerLayer`` over an uncompressed layer tar and its ``LayerIndex``."""
+
+    def __init__(self, tar_path: str, index: LayerIndex, name: str = "") -> None:
+        self.name = name or tar_path
+        self.index = index
+        self._fd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pos = dict(zip(index.paths, range(len(index.paths)), strict=True))
+        self._groups: dict[int, list[str]] | None = None
+        c = index.cols
+        self._mode, self._uid, self._gid = c["mode"], c["uid"], c["gid"]
+        self._size, self._mtime, self._rdev = c["size"], c["mtime"], c["rdev"]
+        self._nlink, self._offset, self._obj, self._flags = (
+            c["nlink"], c["offset"], c["obj"], c["flags"])
+
+    @classmethod
+    def open(cls, tar_path: str, index_path: str, name: str = "") -> TarLayer:
+        return cls(tar_path, LayerIndex.load(index_path), name)
+
+    def _entry(self, i: int) -> Entry:
+        return Entry(
+            mode=self._mode[i],
+            uid=self._uid[i],
+            gid=self._gid[i],
+            size=self._size[i],
+            mtime_ns=self._mtime[i],
+            rdev=self._rdev[i],
+            nlink=self._nlink[i],
+            target=self.index.targets.get(i, ""),
+            flags=self._flags[i],
+            ref=i,
+            obj=self._obj[i],
+        )
+
+    def entry(self, path: str) -> Entry | None:
+        i = self._pos.get(path)
+        return None if i is None else self._entry(i)
+
+    def children(self, path: str) -> Iterator[tuple[str, Entry]]:
+        i = self._pos.get(path)
+        if i is None:
+            return
+        paths = self.index.paths
+        for c in self.index.children.get(i, ()):
+            yield paths[c].rpartition("/")[2], self._entry(c)
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        i = int(entry.ref)
+        size = max(0, min(size, entry.size - offset))
+        if size == 0:
+            return b""
+        sp = self.index.sparse.get(i)
+        if sp is None:
+            return os.pread(self._fd, size, self._offset[i] + offset)
+        return self._read_sparse(i, sp, offset, size)
+
+    def _read_sparse(self, i: int, sp: list[tuple[int, int]], offset: int, size: int) -> bytes:
+        out = bytearray(size)
+        stored = self._offset[i]
+        for start, length in sp:
+            lo, hi = max(start, offset), min(start + length, offset + size)
+            if lo < hi:
+                out[lo - offset : hi - offset] = os.pread(self._fd, hi - lo, stored + lo - start)
+            stored += length
+        return bytes(out)
+
+    def copy_data(self, entry: Entry, dst_fd: int) -> None:
+        i = int(entry.ref)
+        sp = self.index.sparse.get(i)
+        if sp is None:
+            copy_range(self._fd, dst_fd, self._offset[i], entry.size)
+            return
+        stored = self._offset[i]
+        for start, length in sp:
+            os.lseek(dst_fd, start, os.SEEK_SET)
+            copy_range(self._fd, dst_fd, stored, length)
+            stored += length
+        os.ftruncate(dst_fd, entry.size)
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        return dict(self.index.xattrs.get(int(entry.ref), {}))
+
+    def hardlinks(self, entry: Entry) -> list[str]:
+        if entry.nlink < 2 or entry.is_dir:
+            return [self.index.paths[int(entry.ref)]]
+        if self._groups is None:
+            groups: dict[int, list[str]] = {}
+            for i, obj in enumerate(self._obj):
+                if self._nlink[i] > 1 and not stat.S_ISDIR(self._mode[i]):
+                    groups.setdefault(obj, []).append(self.index.paths[i])
+            self._groups = groups
+        return self._groups.get(entry.obj, [self.index.paths[int(entry.ref)]])
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

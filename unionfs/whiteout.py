@@ -1,0 +1,188 @@
+"""Whiteout and opaque-directory encodings: the only module that knows them.
+
+Three encodings meet here:
+
+* **OCI layer tars**: ``.wh.NAME`` hides NAME of lower layers, ``DIR/.wh..wh..opq`` makes DIR
+  opaque.  Other ``.wh..wh.*`` names are AUFS metadata and are ignored.
+* **overlayfs directories** (an upper, or a lower given as a plain directory): a whiteout is a
+  character device 0/0, or (Linux 6.7+) a zero-size file carrying ``trusted.overlay.whiteout``;
+  an opaque directory carries ``trusted.overlay.opaque=y`` (``user.overlay.opaque`` with the
+  ``userxattr`` option, ``user.fuseoverlayfs.opaque`` from fuse-overlayfs).
+* **AUFS-style files in directories**: fuse-overlayfs falls back to an empty ``.wh.NAME`` file
+  when mknod is refused, and writes ``.wh..wh..opq`` files; both are read here as well.
+
+Seams: ``classify_tar_name`` for the tar indexer, ``is_whiteout_stat``/``opaque_from_xattrs`` for
+directory layers, ``make_whiteout``/``make_opaque`` for the upper (the only writer), and
+``is_private_xattr`` for every place that must hide or drop overlay-private attributes.
+
+Caveats:
+* ``trusted.*`` xattrs need CAP_SYS_ADMIN; without it the ``user.overlay.*`` forms are written.
+* A name that merely starts with ``.wh.`` can never be stored in a layer: it would read as a
+  whiteout.  The union refuses to create such names (``is_reserved_name``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable
+from enum import Enum
+
+WH_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_AUFS_META_PREFIX = ".wh..wh."
+
+OVERLAY_OPAQUE_XATTRS = (
+    "trusted.overlay.opaque",
+    "user.overlay.opaque",
+    "user.fuseoverlayfs.opaque",
+)
+OVERLAY_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+
+# Ownership/mode recorded for copy-ups a non-root mount cannot chown (containers/storage).
+OVERRIDE_STAT_XATTR = "user.containers.override_stat"
+
+_PRIVATE_PREFIXES = (
+    "trusted.overlay.",
+    "user.overlay.",
+    "user.fuseoverlayfs.",
+    "security.fuseoverlayfs.",
+    "user.containers.override_",
+)
+
+
+class TarName(Enum):
+    NORMAL = "normal"
+    WHITEOUT = "whiteout"
+    OPAQUE = "opaque"
+    META = "meta"  # AUFS metadata such as .wh..wh.plnk: ignored
+
+
+class WhiteoutError(ValueError):
+    """A whiteout name that cannot be honoured (``.wh.`` alone, ``.wh..``, ``.wh..wh..opq``
+    used as a target)."""
+
+
+def classify_tar_name(basename: str) -> tuple[TarName, str]:
+    """Classify the basename of a layer-tar entry.
+
+    Returns ``(kind, target)`` where ``target`` is the hidden name for a whiteout and ``""``
+    otherwise.  Raises ``WhiteoutError`` for whiteouts that name nothing or climb out.
+    """
+    if not basename.startswith(WH_PREFIX):
+        return TarName.NORMAL, ""
+    if basename == OPAQUE_MARKER:
+        return TarName.OPAQUE, ""
+    if basename.startswith(_AUFS_META_PREFIX):
+        return TarName.META, ""
+    target = basename[len(WH_PREFIX) :]
+    if target in ("", ".", ".."):
+        raise WhiteoutError(f"invalid whiteout {basename!r}")
+    return TarName.WHITEOUT, target
+
+
+def tar_whiteout_name(name: str) -> str:
+    """The OCI tar basename that hides ``name``."""
+    return WH_PREFIX + name
+
+
+def is_reserved_name(name: str) -> bool:
+    """True for names that would read as a whiteout or marker in some layer format."""
+    return name.startswith(WH_PREFIX)
+
+
+def is_private_xattr(name: str) -> bool:
+    """True for overlay-private and strata-internal xattrs: never shown, never applied."""
+    return name.startswith(_PRIVATE_PREFIXES)
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    """A character device 0/0: the kernel overlayfs whiteout."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def opaque_from_xattrs(names: list[str], get: Callable[[str], bytes]) -> bool:
+    """Whether a directory with xattr ``names`` is opaque; ``get(name)`` reads one value."""
+    for key in OVERLAY_OPAQUE_XATTRS:
+        if key in names:
+            with contextlib.suppress(OSError):
+                if get(key) == b"y":
+                    return True
+    return False
+
+
+def whiteout_from_xattrs(names: list[str]) -> bool:
+    """A zero-size regular file with an overlay whiteout xattr (Linux 6.7+ format)."""
+    return any(key in names for key in OVERLAY_WHITEOUT_XATTRS)
+
+
+def path_is_opaque(path: str) -> bool:
+    """Read the opaque state of the directory at ``path`` (no symlinks followed)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        names = []
+    if opaque_from_xattrs(names, lambda k: os.getxattr(path, k, follow_symlinks=False)):
+        return True
+    return os.path.lexists(os.path.join(path, OPAQUE_MARKER))
+
+
+def _overlay_xattr_prefix() -> str:
+    return "trusted.overlay." if os.geteuid() == 0 else "user.overlay."
+
+
+def make_whiteout(dir_fd: int, name: str) -> None:
+    """Create a whiteout for ``name`` in the directory ``dir_fd``.
+
+    A character device 0/0 where mknod is allowed, else an empty ``.wh.NAME`` file (the
+    fuse-overlayfs fallback).  Not idempotent: the name must not exist.
+    """
+    try:
+        os.mknod(name, 0o600 | stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+    except PermissionError:
+        fd = os.open(WH_PREFIX + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=dir_fd)
+        os.close(fd)
+
+
+def remove_whiteout(dir_fd: int, name: str) -> bool:
+    """Remove a whiteout of ``name`` in any directory form; True if one was there."""
+    removed = False
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if is_whiteout_stat(st) or (stat.S_ISREG(st.st_mode) and st.st_size == 0
+                                    and _fd_whiteout_xattr(dir_fd, name)):
+            os.unlink(name, dir_fd=dir_fd)
+            removed = True
+    try:
+        os.unlink(WH_PREFIX + name, dir_fd=dir_fd)
+        removed = True
+    except FileNotFoundError:
+        pass
+    return removed
+
+
+def _fd_whiteout_xattr(dir_fd: int, name: str) -> bool:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return whiteout_from_xattrs(os.listxattr(fd))
+    finally:
+        os.close(fd)
+
+
+def make_opaque(path: str) -> None:
+    """Mark the directory at ``path`` opaque (overlay xattr; marker file if xattrs fail)."""
+    try:
+        os.setxattr(path, _overlay_xattr_prefix() + "opaque", b"y", follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+            raise
+        fd = os.open(os.path.join(path, OPAQUE_MARKER), os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
