@@ -11,12 +11,13 @@ import sys
 from collections.abc import Sequence
 
 from imagestore.errors import StoreError
+from unionfs.mount import MountError
 from unionfs.tarlayer import LayerError
 
-from . import images, transfer
+from . import containers, images, mount, transfer
 from .common import UserError
 
-GROUPS = (images, transfer)
+GROUPS = (images, transfer, containers, mount)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (StoreError, LayerError) as exc:
+    except (StoreError, LayerError, MountError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

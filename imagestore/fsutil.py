@@ -54,26 +54,3 @@ def atomic_write(path: str, data: bytes, tmp_dir: str | None = None, mode: int =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def remove_tree(path: str) -> None:
-    """Remove a file or directory tree; missing is fine (idempotent)."""
-    import shutil
-
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=False, onerror=_rm_retry)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _rm_retry(func: object, path: str, exc_info: object) -> None:
-    # make read-only directories writable (an upper may hold 0555 dirs), then retry once
-    parent = os.path.dirname(path)
-    with contextlib.suppress(OSError):
-        os.chmod(parent, 0o700)
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.rmdir(path)
-        else:
-            os.unlink(path)

@@ -30,12 +30,12 @@ from typing import Any, BinaryIO
 
 from unionfs.layers import LowerLayer
 from unionfs.tarlayer import TarLayer
+from unionfs.upper import remove_tree
 
 from . import oci, reference, timefmt
 from .cas import BlobStore
 from .digest import Digest, is_digest, parse_digest, sha256_bytes
 from .errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
-from .fsutil import remove_tree
 from .instructions import apply_changes
 from .layerstore import LayerStore, Progress
 from .reference import Reference

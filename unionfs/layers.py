@@ -51,6 +51,8 @@ class Entry:
     flags: int = 0
     ref: int | str = 0
     obj: int = 0
+    atime_ns: int = -1  # -1: same as mtime (layer tars carry no atime/ctime)
+    ctime_ns: int = -1
 
     @property
     def is_whiteout(self) -> bool:

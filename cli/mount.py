@@ -1,0 +1,265 @@
+"""Mount commands: mount, umount, mounts.
+
+Without ``-f`` the command starts the mount daemon (this same command with ``-f``) in its own
+session, logging to ``<root>/mounts/<key>.log``, and returns only once the mount answers — or
+exits non-zero with the daemon's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from imagestore import timefmt
+from imagestore.containers import Containers, MountRecord
+from imagestore.store import Store
+from unionfs.layers import DirLayer, LowerLayer
+from unionfs.mount import MountError, MountOptions, check_mountpoint, serve, unmount
+from unionfs.mutate import Union
+from unionfs.upper import UpperLayer
+
+from .common import UserError, store_of
+from .output import since, table
+
+READY_TIMEOUT = 60.0
+_KNOWN_OPTS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
+
+
+def register(sub: Any, image_sub: Any) -> None:
+    p = sub.add_parser("mount", help="mount an image (read-only), a container, or directories",
+                       description="strata mount IMAGE|CONTAINER MOUNTPOINT, or "
+                                   "strata mount --lower DIR[:DIR...] [--upper DIR --work DIR] "
+                                   "MOUNTPOINT")
+    p.add_argument("args", nargs="+", metavar="[IMAGE|CONTAINER] MOUNTPOINT")
+    p.add_argument("--lower", help="lower directories, leftmost on top (as mount -t overlay)")
+    p.add_argument("--upper", help="upper directory (writable layer) for --lower")
+    p.add_argument("--work", help="work directory for --upper (same file system)")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    p.add_argument("--debug", action="store_true", help="log every FUSE request")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="allow_other, ro, suid, dev (comma-separated)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+    for name in ("umount", "unmount"):
+        p = sub.add_parser(name, help="unmount a strata mount")
+        p.add_argument("mountpoints", nargs="+", metavar="MOUNTPOINT")
+        p.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
+        p.set_defaults(func=cmd_umount)
+    p = sub.add_parser("mounts", help="list active strata mounts")
+    p.add_argument("-q", "--quiet", action="store_true", help="only print mountpoints")
+    p.set_defaults(func=cmd_mounts)
+
+
+def _options(args: argparse.Namespace) -> MountOptions:
+    opts: set[str] = set()
+    for raw in args.options:
+        for o in raw.split(","):
+            if o and o not in _KNOWN_OPTS:
+                raise UserError(f"unknown mount option {o!r} (known: {', '.join(_KNOWN_OPTS)})")
+            opts.add(o)
+    return MountOptions(allow_other="allow_other" in opts, read_only="ro" in opts,
+                        suid="suid" in opts, dev="dev" in opts, debug=args.debug)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if len(args.args) > 2 or (args.lower and len(args.args) != 1) or (
+            not args.lower and len(args.args) != 2):
+        raise UserError("usage: strata mount IMAGE|CONTAINER MOUNTPOINT, or "
+                        "strata mount --lower DIRS [--upper DIR --work DIR] MOUNTPOINT")
+    if bool(args.upper) != bool(args.work):
+        raise UserError("--upper and --work go together")
+    if args.upper and not args.lower:
+        raise UserError("--upper needs --lower")
+    options = _options(args)
+    store = store_of(args)
+    try:
+        mountpoint = check_mountpoint(args.args[-1])
+    except MountError as exc:
+        raise UserError(str(exc)) from None
+    if not args.foreground:
+        return _spawn(args, store, mountpoint)
+    return _serve(args, store, mountpoint, options)
+
+
+def _spawn(args: argparse.Namespace, store: Store, mountpoint: str) -> int:
+    cs = Containers(store)
+    log_path = cs.log_path(mountpoint)
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "cli.main", "--root", store.root,
+           "--log-level", "debug" if args.debug else "info", "mount", "-f",
+           "--ready-fd", str(write_end)]
+    for name in ("lower", "upper", "work"):
+        value = getattr(args, name)
+        if value:
+            cmd += [f"--{name}", _abs_dirs(value) if name == "lower" else os.path.abspath(value)]
+    for o in args.options:
+        cmd += ["-o", o]
+    if args.debug:
+        cmd.append("--debug")
+    cmd += [*args.args[:-1], mountpoint]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True,
+                                env=_child_env())
+    os.close(write_end)
+    message = _wait_ready(read_end, proc)
+    if message != "ready":
+        raise UserError(message or f"the mount daemon exited with status {proc.returncode}; "
+                                   f"see {log_path}")
+    return 0
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _abs_dirs(value: str) -> str:
+    return ":".join(os.path.abspath(d) for d in value.split(":"))
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                if buf.endswith(b"\n"):
+                    break
+            elif proc.poll() is not None:
+                break
+        else:
+            proc.kill()
+            return f"the mount did not become ready within {READY_TIMEOUT:.0f}s"
+    finally:
+        os.close(fd)
+    return buf.decode(errors="replace").strip()
+
+
+@contextlib.contextmanager
+def _closing(layers: list[LowerLayer]) -> Iterator[list[LowerLayer]]:
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.close()
+
+
+def _serve(args: argparse.Namespace, store: Store, mountpoint: str,
+           options: MountOptions) -> int:
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+    cs = Containers(store)
+    try:
+        with contextlib.ExitStack() as stack:
+            union, kind, target, name, options = _build(args, store, cs, options, stack)
+
+            def ready() -> None:
+                cs.record(MountRecord(mountpoint, os.getpid(), kind, target, name,
+                                      cs.log_path(mountpoint), timefmt.now(), options.read_only))
+                _tell(args.ready_fd, "ready")
+
+            stack.callback(cs.unrecord, mountpoint)
+            errors = serve(union, mountpoint, options, on_ready=ready)
+            if errors:
+                logging.getLogger("strata").warning("%d handler errors (see above)", errors)
+    except Exception as exc:
+        _tell(args.ready_fd, f"{exc}")
+        raise
+    return 0
+
+
+def _tell(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+
+
+def _build(args: argparse.Namespace, store: Store, cs: Containers, options: MountOptions,
+           stack: contextlib.ExitStack) -> tuple[Union, str, str, str, MountOptions]:
+    if args.lower:
+        lowers: list[LowerLayer] = []
+        for d in args.lower.split(":"):
+            if not os.path.isdir(d):
+                raise UserError(f"lower directory {d} does not exist")
+            lowers.append(DirLayer(os.path.abspath(d)))
+        upper = None
+        if args.upper and not options.read_only:
+            upper = UpperLayer(args.upper, args.work)
+        ro = options.read_only or upper is None
+        return (Union(lowers, upper), "dirs", args.lower, args.lower,
+                _with_ro(options, ro))
+    target = args.args[0]
+    container = cs.find(target)
+    if container is not None:
+        stack.enter_context(cs.mount_lock(container))
+        layers = stack.enter_context(_closing(cs.open_layers(container)))
+        upper = None if options.read_only else UpperLayer(container.upper, container.work)
+        return (Union(layers, upper), "container", container.id, container.name,
+                _with_ro(options, options.read_only))
+    image = store.resolve(target)
+    layers = stack.enter_context(_closing(store.open_layers(image)))
+    name = image.tags[0].familiar if image.tags else image.short_id
+    return Union(layers), "image", image.id, name, _with_ro(options, True)
+
+
+def _with_ro(options: MountOptions, ro: bool) -> MountOptions:
+    return MountOptions(options.allow_other, ro, options.suid, options.dev, options.debug)
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        time.sleep(0.05)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    cs = Containers(store_of(args))
+    status = 0
+    for mp in args.mountpoints:
+        rec = cs.record_for(mp)
+        try:
+            unmount(mp, lazy=args.lazy)
+        except MountError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        if rec is not None:
+            wait_gone(rec.pid)
+        cs.unrecord(mp)
+    return status
+
+
+def cmd_mounts(args: argparse.Namespace) -> int:
+    recs = Containers(store_of(args)).mounts()
+    if args.quiet:
+        for r in recs:
+            print(r.mountpoint)
+        return 0
+    table([["MOUNTPOINT", "TYPE", "NAME", "PID", "MODE", "MOUNTED"]] + [
+        [r.mountpoint, r.kind, r.name, str(r.pid), "ro" if r.read_only else "rw",
+         since(r.started)] for r in recs])
+    return 0

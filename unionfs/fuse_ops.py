@@ -1,0 +1,479 @@
+"""The pyfuse3 adapter: bytes <-> names, inodes and handles <-> union paths, errors <-> errno.
+
+Every handler is thin: it finds the union path of its inode, calls the ``Union`` core, and turns
+the result into ``EntryAttributes``.  Mutations take one ``trio.Lock`` (the core is not
+thread-safe and no invariant may span an ``await``); reads do not.  Copying up a large lower
+file runs in a worker thread while the lock is held, so reads of other files go on.
+
+A mount must never die of a bug: pyfuse3 ends its main loop on any exception that is not
+``FUSEError``, so ``@handler`` answers ``UnionError``/``OSError`` with their errno and anything
+else with EIO after logging the traceback (``self.errors`` counts them for the tests).
+
+Caveats:
+* Kernel caches are trusted (long entry/attr timeouts, ``keep_cache``): lower layers never
+  change and the upper changes only through this mount.
+* Writes use ``pwrite`` at the offset the kernel gives; O_APPEND is the kernel's business.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from .errors import UnionError
+from .inodes import ROOT_INO, Inode, InodeTable
+from .mutate import Union
+from .resolve import Node
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+BIG_COPY = 8 << 20  # copy-ups of larger files run in a worker thread
+
+
+def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:  # UnionError included
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            ops = args[0]
+            assert isinstance(ops, Operations)
+            ops.errors += 1
+            log.exception("unexpected error in %s%r", fn.__name__, args[1:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class Handle:
+    inode: Inode
+    fd: int | None  # an upper file; None reads the lower node
+    node: Node | None
+    writable: bool
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, union: Union, timeout: float = 86400.0) -> None:
+        super().__init__()
+        self.union = union
+        self.timeout = timeout
+        self.inodes = InodeTable(union.resolve(""))
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, list[tuple[str, Node]]] = {}
+        self._fh = 0
+        self.lock = trio.Lock()
+        self.limiter = trio.CapacityLimiter(2)
+        self.errors = 0
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise UnionError(errno.ESTALE)
+        return inode
+
+    def _node(self, inode: Inode) -> Node:
+        """What ``inode`` is now (fresh attributes for upper objects)."""
+        if inode.generation == self.union.generation and inode.node is not None and not (
+                self.union.writable and self.union.in_upper(inode.node)):
+            return inode.node
+        path = inode.path
+        if path is None:
+            return self._nameless(inode)
+        node = self.union.resolve(path)
+        if self.union.upper is not None and self.union.in_upper(node):
+            # data writes change size and times without a new generation: stat afresh
+            fresh = self.union.upper.entry(path)
+            if fresh is not None and not fresh.is_whiteout:
+                node = Node(path, fresh, 0, node.stack)
+        self.inodes.refresh(inode, node, self.union.generation)
+        return node
+
+    def _nameless(self, inode: Inode) -> Node:
+        """An unlinked file kept alive by open handles: fstat one of them."""
+        assert inode.node is not None
+        for h in self.handles.values():
+            if h.inode is inode and h.fd is not None:
+                st = os.fstat(h.fd)
+                e = inode.node.entry
+                from .layers import Entry
+
+                fresh = Entry(mode=st.st_mode, uid=e.uid, gid=e.gid, size=st.st_size,
+                              mtime_ns=st.st_mtime_ns, nlink=st.st_nlink, obj=e.obj,
+                              atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns)
+                return Node(inode.node.path, fresh, inode.node.layer, inode.node.stack)
+        return inode.node
+
+    def _path(self, ino: int) -> str:
+        path = self._inode(ino).path
+        if path is None:
+            raise UnionError(errno.ENOENT)
+        return path
+
+    def _attr(self, inode: Inode, node: Node) -> pyfuse3.EntryAttributes:
+        e = node.entry
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.ino
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = e.mode
+        a.st_nlink = 0 if inode.path is None else node.nlink
+        a.st_uid, a.st_gid, a.st_rdev = e.uid, e.gid, e.rdev
+        a.st_size = e.size
+        a.st_blksize = 4096
+        a.st_blocks = (e.size + 511) // 512
+        a.st_mtime_ns = e.mtime_ns
+        a.st_atime_ns = e.atime_ns if e.atime_ns >= 0 else e.mtime_ns
+        a.st_ctime_ns = e.ctime_ns if e.ctime_ns >= 0 else e.mtime_ns
+        return a
+
+    def _entry(self, node: Node, count: int = 1) -> pyfuse3.EntryAttributes:
+        inode = self.inodes.ref(node, count)
+        inode.generation = self.union.generation
+        return self._attr(inode, node)
+
+    def _new_fh(self) -> int:
+        self._fh += 1
+        return self._fh
+
+    async def _copy_up(self, path: str, size: int | None = None) -> None:
+        """Copy up under the lock; big regular files in a worker thread."""
+        node = self.union.resolve(path)
+        if self.union.in_upper(node):
+            return
+        if stat.S_ISREG(node.entry.mode) and node.entry.size > BIG_COPY and size != 0:
+            await trio.to_thread.run_sync(self.union.copy_up, path, size,
+                                          limiter=self.limiter)
+        else:
+            self.union.copy_up(path, size)
+        self._reopen_readers(path)
+
+    def _reopen_readers(self, path: str) -> None:
+        """Read-only handles opened on the lower file now read the upper copy."""
+        inode = self.inodes.at(path)
+        if inode is None or self.union.upper is None:
+            return
+        for h in self.handles.values():
+            if h.inode is inode and h.fd is None:
+                h.fd = os.open(self.union.upper.abs(path), os.O_RDONLY | os.O_CLOEXEC)
+
+    # -- lookups and attributes ----------------------------------------------------------------
+
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._path(parent_inode)
+        if name == b".":
+            return self._entry(self.union.resolve(parent))
+        if name == b"..":
+            return self._entry(self.union.resolve(parent.rpartition("/")[0]))
+        path = f"{parent}/{_name(name)}" if parent else _name(name)
+        return self._entry(self.union.resolve(path))
+
+    @handler
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        i = self._inode(inode)
+        return self._attr(i, self._node(i))
+
+    @handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        i = self._inode(inode)
+        if i.path is None and fh is not None and self.handles[fh].fd is not None:
+            return await self._setattr_nameless(i, attr, fields, self.handles[fh])
+        path = self._path(inode)
+        async with self.lock:
+            await self._copy_up(path, attr.st_size if fields.update_size else None)
+            self.union.setattr(
+                path,
+                mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+        return self._attr(i, self._node(i))
+
+    async def _setattr_nameless(self, i: Inode, attr: pyfuse3.EntryAttributes,
+                                fields: pyfuse3.SetattrFields,
+                                h: Handle) -> pyfuse3.EntryAttributes:
+        assert h.fd is not None
+        if fields.update_size:
+            os.ftruncate(h.fd, attr.st_size)
+        if fields.update_mode:
+            os.fchmod(h.fd, stat.S_IMODE(attr.st_mode))
+        return self._attr(i, self._node(i))
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(self._inode(inode))
+        if not stat.S_ISLNK(node.entry.mode):
+            raise UnionError(errno.EINVAL)
+        return os.fsencode(node.entry.target)
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        upper = self.union.upper
+        st = os.statvfs(upper.root if upper is not None else "/")
+        out = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail"):
+            setattr(out, name, getattr(st, name) if upper is not None else 0)
+        out.f_bsize = out.f_bsize or 4096
+        out.f_frsize = out.f_frsize or 4096
+        out.f_namemax = 255
+        return out
+
+    # -- directories ---------------------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(self._inode(inode))
+        if not node.is_dir:
+            raise UnionError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self.dirs[fh] = self.union.listdir(node)
+        return fh
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self.dirs[fh]
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            inode = self.inodes.ref(node, 0)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(inode, node),
+                                         i + 1):
+                self.inodes.forget(inode.ino, 0)
+                return
+            inode.lookups += 1
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        async with self.lock:
+            node = self.union.mkdir(self._path(parent_inode), _name(name), stat.S_IMODE(mode),
+                                    ctx.uid, ctx.gid)
+        return self._entry(node)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        async with self.lock:
+            node = self.union.rmdir(self._path(parent_inode), _name(name))
+        self.inodes.unlinked(node.path)
+
+    # -- names ---------------------------------------------------------------------------------
+
+    @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        async with self.lock:
+            node = self.union.mknod(self._path(parent_inode), _name(name), mode, rdev,
+                                    ctx.uid, ctx.gid)
+        return self._entry(node)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        async with self.lock:
+            node = self.union.symlink(self._path(parent_inode), _name(name),
+                                      os.fsdecode(target), ctx.uid, ctx.gid)
+        return self._entry(node)
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        async with self.lock:
+            src = self._path(inode)
+            await self._copy_up(src)
+            node = self.union.link(src, self._path(new_parent_inode), _name(new_name))
+            self._node(self._inode(inode))  # re-key the source: it may have been copied up
+        return self._entry(node)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        async with self.lock:
+            node = self.union.unlink(self._path(parent_inode), _name(name))
+        self.inodes.unlinked(node.path)
+
+    @handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        src_parent, dst_parent = self._path(parent_inode_old), self._path(parent_inode_new)
+        src = f"{src_parent}/{_name(name_old)}" if src_parent else _name(name_old)
+        dst = f"{dst_parent}/{_name(name_new)}" if dst_parent else _name(name_new)
+        async with self.lock:
+            node = self.union.resolve(src)
+            if not node.is_dir and not self.union.in_upper(node):
+                await self._copy_up(src)
+            moved, replaced = self.union.rename(src_parent, _name(name_old), dst_parent,
+                                                _name(name_new), flags)
+        if not moved:
+            return
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            self.inodes.exchanged(src, dst)
+            return
+        if replaced is not None:
+            self.inodes.unlinked(dst)
+        self.inodes.moved(src, dst)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _open_fd(self, path: str, writable: bool) -> int:
+        assert self.union.upper is not None
+        full = self.union.upper.abs(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(full, flags)
+        except PermissionError:
+            if not writable:
+                raise
+            return os.open(full, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        i = self._inode(inode)
+        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        if writable and not self.union.writable:
+            raise UnionError(errno.EROFS)
+        node = self._node(i)
+        if writable and i.path is not None:
+            async with self.lock:
+                await self._copy_up(i.path)
+                node = self._node(i)
+        fd = None
+        if self.union.upper is not None and self.union.in_upper(node) and i.path is not None:
+            fd = self._open_fd(i.path, writable)
+        elif i.path is None:
+            fd = self._borrow_fd(i)
+        fh = self._new_fh()
+        self.handles[fh] = Handle(i, fd, node, writable)
+        self.inodes.opened(i)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _borrow_fd(self, i: Inode) -> int | None:
+        for h in self.handles.values():
+            if h.inode is i and h.fd is not None:
+                return os.dup(h.fd)
+        return None
+
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        async with self.lock:
+            node = self.union.create(self._path(parent_inode), _name(name), stat.S_IMODE(mode),
+                                     ctx.uid, ctx.gid)
+        attr = self._entry(node)
+        i = self._inode(attr.st_ino)
+        fh = self._new_fh()
+        self.handles[fh] = Handle(i, self._open_fd(node.path, True), node, True)
+        self.inodes.opened(i)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attr
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles[fh]
+        if h.fd is not None:
+            return os.pread(h.fd, size, off)
+        assert h.node is not None
+        return self.union.read(h.node, off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        if h.fd is None or not h.writable:
+            raise UnionError(errno.EBADF)
+        return os.pwrite(h.fd, buf, off)
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh)
+        if h.fd is not None:
+            os.close(h.fd)
+        self.inodes.released(h.inode)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles[fh]
+        if h.fd is not None:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+
+    # -- xattrs --------------------------------------------------------------------------------
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        values = self.union.xattrs(self._node(self._inode(inode)))
+        try:
+            return values[os.fsdecode(name)]
+        except KeyError:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in self.union.xattrs(self._node(self._inode(inode)))]
+
+    @handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        async with self.lock:
+            path = self._path(inode)
+            await self._copy_up(path)
+            self.union.setxattr(path, os.fsdecode(name), value)
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        async with self.lock:
+            self.union.removexattr(self._path(inode), os.fsdecode(name))
+
+    def close_all(self) -> None:
+        """Close every handle (after the main loop ended)."""
+        for fh in list(self.handles):
+            h = self.handles.pop(fh)
+            if h.fd is not None:
+                os.close(h.fd)
+
+
+__all__ = ["ROOT_INO", "Operations"]

@@ -1,0 +1,144 @@
+"""Mount lifecycle: init, serve under one nursery, signals, readiness, clean unmount.
+
+``serve`` mounts a ``Union`` at a mountpoint and serves it until the file system is unmounted
+(``fusermount3 -u``, ``umount``) or the process gets SIGTERM/SIGINT/SIGHUP, which unmount
+cleanly.  ``on_ready`` is called once the mount answers a request (a ``stat`` of the mountpoint
+from a worker thread), so a parent process can return only when the mount is usable.
+
+``unmount`` is the other side: a clean unmount, and the lazy unmount that clears a mount whose
+daemon died (ENOTCONN).
+
+Caveats:
+* Mount options: ``default_permissions`` always (the kernel checks modes against the image's
+  owners), ``nosuid``/``nodev`` unless asked for, ``ro`` for image mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .fuse_ops import Operations
+from .mutate import Union
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    allow_other: bool = False
+    read_only: bool = False
+    suid: bool = False
+    dev: bool = False
+    debug: bool = False
+    fsname: str = "strata"
+    timeout: float = 86400.0
+
+    def fuse_options(self) -> set[str]:
+        opts = {f"fsname={self.fsname}", "subtype=strata", "default_permissions"}
+        opts.add("suid" if self.suid else "nosuid")
+        opts.add("dev" if self.dev else "nodev")
+        if self.allow_other:
+            opts.add("allow_other")
+        if self.read_only:
+            opts.add("ro")
+        if self.debug:
+            opts.add("debug")
+        return opts
+
+
+class MountError(Exception):
+    """The file system could not be mounted or unmounted (one-line message)."""
+
+
+def check_mountpoint(path: str) -> str:
+    full = os.path.abspath(path)
+    if not os.path.isdir(full):
+        raise MountError(f"mountpoint {path} is not a directory")
+    if is_mounted(full):
+        raise MountError(f"{path} is already a mount point")
+    return full
+
+
+def is_mounted(path: str) -> bool:
+    full = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            if _unescape(line.split()[4]) == full:
+                return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
+        "\\134", "\\")
+
+
+def serve(union: Union, mountpoint: str, options: MountOptions,
+          on_ready: Callable[[], None] | None = None) -> int:
+    """Mount and serve until unmounted or signalled; returns the number of handler errors."""
+    ops = Operations(union, timeout=options.timeout)
+    try:
+        pyfuse3.init(ops, mountpoint, options.fuse_options())
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+    try:
+        trio.run(_run, ops, mountpoint, on_ready)
+    finally:
+        ops.close_all()
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+    return ops.errors
+
+
+async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def main() -> None:
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("signal %d: unmounting", signum)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(main)
+        nursery.start_soon(signals)
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        log.info("mounted %s", mountpoint)
+        if on_ready is not None:
+            on_ready()
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount a strata mount; ``lazy`` (or a dead daemon) detaches it even when busy."""
+    full = os.path.abspath(mountpoint)
+    dead = False
+    try:
+        os.stat(full)
+    except OSError as exc:
+        dead = exc.errno == errno.ENOTCONN
+    if not is_mounted(full):
+        raise MountError(f"{mountpoint} is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is not None:
+        cmd = [tool, "-u"] + (["-z"] if lazy or dead else []) + [full]
+    else:
+        cmd = ["umount"] + (["-l"] if lazy or dead else []) + [full]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        raise MountError(f"unmount {mountpoint}: {msg}")

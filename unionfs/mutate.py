@@ -1,0 +1,394 @@
+"""Union: a ``UnionView`` plus the upper layer, and every mutation with overlayfs's copy-up rules.
+
+Reads resolve union paths (cached until the next mutation).  Mutations follow the kernel:
+
+* the first change to a lower object copies it up (data, owner, mode, times, xattrs) through the
+  work directory; parents are copied up first; a hardlinked lower file is copied up with every
+  visible name of its group, linked in the upper, so the names stay one file (overlayfs with
+  ``index=on``);
+* deleting a name that a lower layer also has leaves a whiteout; a directory created where lower
+  directories would merge in is opaque;
+* renaming a directory that has lower content copies the whole subtree up and makes it opaque at
+  the new place (no ``redirect_dir``), so it always works — never EXDEV — and the upper stays a
+  plain overlayfs upper that any tool reads the same way.
+
+Caveats:
+* Not thread-safe: the caller serialises mutations (``fuse_ops`` holds one lock); reads may run
+  between mutations.
+* Ownership of new objects is the caller's ``uid``/``gid`` (the FUSE request context).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import Sequence
+
+from . import whiteout as wh
+from .errors import UnionError
+from .layers import Entry, LowerLayer, join, split
+from .resolve import Node, UnionView, merge
+from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Attrs, UpperLayer
+
+NAME_MAX = 255
+
+
+def check_name(name: str) -> None:
+    if wh.is_reserved_name(name):
+        raise UnionError(errno.EINVAL, f"{name!r} would read as a whiteout")
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise UnionError(errno.ENAMETOOLONG, name)
+    if not name or name in (".", "..") or "/" in name:
+        raise UnionError(errno.EINVAL, name)
+
+
+class Union:
+    """The merged tree of ``lowers`` (top first) under an optional writable ``upper``."""
+
+    def __init__(self, lowers: Sequence[LowerLayer], upper: UpperLayer | None = None) -> None:
+        self.upper = upper
+        self.view = UnionView(([upper] if upper is not None else []) + list(lowers))
+        self._cache: dict[str, Node | None] = {}
+        self.generation = 0
+
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def resolve(self, path: str) -> Node:
+        """The node at ``path``; raises ENOENT (or ENOTDIR for a non-directory parent)."""
+        if path in self._cache:
+            node = self._cache[path]
+        elif not path:
+            node = self.view.root()
+        else:
+            parent, name = split(path)
+            pnode = self.resolve(parent)
+            if not pnode.is_dir:
+                raise UnionError(errno.ENOTDIR, parent)
+            node = self.view.lookup(pnode, name)
+        self._cache[path] = node
+        if node is None:
+            raise UnionError(errno.ENOENT, path)
+        return node
+
+    def find(self, path: str) -> Node | None:
+        try:
+            return self.resolve(path)
+        except UnionError as exc:
+            if exc.code in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
+    def listdir(self, node: Node) -> list[tuple[str, Node]]:
+        children = self.view.listdir(node)
+        for _, child in children:
+            self._cache.setdefault(child.path, child)
+        return children
+
+    def read(self, node: Node, offset: int, size: int) -> bytes:
+        return self.view.read(node, offset, size)
+
+    def xattrs(self, node: Node) -> dict[str, bytes]:
+        return self.view.xattrs(node)
+
+    def layer_of(self, node: Node) -> LowerLayer:
+        return self.view.layers[node.layer]
+
+    def in_upper(self, node: Node) -> bool:
+        return self.upper is not None and node.stack[0][0] == 0
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _up(self) -> UpperLayer:
+        if self.upper is None:
+            raise UnionError(errno.EROFS)
+        return self.upper
+
+    def _changed(self) -> None:
+        self._cache.clear()
+        self.generation += 1
+
+    def _lower_candidates(self, parent: Node, path: str) -> list[tuple[int, Entry]]:
+        out = []
+        for li, _ in parent.stack:
+            if li == 0 and self.upper is not None:
+                continue
+            e = self.view.layers[li].entry(path)
+            if e is not None:
+                out.append((li, e))
+        return out
+
+    def _lower_visible(self, parent: Node, path: str) -> bool:
+        """Would a lower layer show something at ``path`` if the upper had nothing there?"""
+        return merge(path, self._lower_candidates(parent, path)) is not None
+
+    def _lower_dirs_join(self, parent: Node, path: str) -> bool:
+        """Would lower directories merge into an upper directory at ``path``?"""
+        for _, e in self._lower_candidates(parent, path):
+            return e.is_dir
+        return False
+
+    def _whiteout_in_upper(self, path: str) -> bool:
+        e = self._up().entry(path)
+        return e is not None and e.is_whiteout
+
+    def attrs_of(self, node: Node) -> Attrs:
+        e = node.entry
+        return Attrs(stat.S_IMODE(e.mode), e.uid, e.gid, e.mtime_ns,
+                     e.atime_ns if e.atime_ns >= 0 else None, self.xattrs(node))
+
+    # -- copy-up -------------------------------------------------------------------------------
+
+    def copy_up(self, path: str, size: int | None = None) -> Node:
+        """Make ``path`` an upper object (idempotent); ``size`` truncates a regular file's data
+        as it is copied.  Returns the node as it is now."""
+        upper = self._up()
+        node = self.resolve(path)
+        if self.in_upper(node):
+            return node
+        if path:
+            self.copy_up(split(path)[0])
+        e = node.entry
+        attrs = self.attrs_of(node)
+        if node.is_dir:
+            upper.make_dir(path, attrs, over=self._whiteout_in_upper(path))
+        elif stat.S_ISREG(e.mode):
+            upper.make_file(path, attrs, (self.layer_of(node), e), size=size)
+            self._changed()
+            self._link_group(node)
+        else:
+            upper.make_special(path, attrs, stat.S_IFMT(e.mode), e.rdev, e.target)
+        self._changed()
+        return self.resolve(path)
+
+    def _link_group(self, node: Node) -> None:
+        """Copy up the other visible names of a hardlinked lower file as links to the copy."""
+        if node.entry.nlink < 2:
+            return
+        upper = self._up()
+        for other in self.layer_of(node).hardlinks(node.entry):
+            if other == node.path:
+                continue
+            n = self.find(other)
+            if n is None or n.key != node.key:
+                continue
+            self.copy_up(split(other)[0])
+            upper.link(node.path, other, over=self._whiteout_in_upper(other))
+            self._changed()
+
+    def copy_up_tree(self, path: str) -> None:
+        """Copy up ``path`` and everything visible below it."""
+        node = self.copy_up(path)
+        if node.is_dir:
+            for name, child in self.listdir(self.resolve(path)):
+                if child.is_dir or not self.in_upper(child):
+                    self.copy_up_tree(join(path, name))
+
+    def _needs_tree_copy(self, node: Node) -> bool:
+        return node.is_dir and (len(node.stack) > 1 or not self.in_upper(node))
+
+    # -- creating --------------------------------------------------------------------------------
+
+    def _prepare_new(self, parent_path: str, name: str) -> tuple[Node, str, bool]:
+        check_name(name)
+        parent = self.resolve(parent_path)
+        if not parent.is_dir:
+            raise UnionError(errno.ENOTDIR, parent_path)
+        path = join(parent_path, name)
+        if self.view.lookup(parent, name) is not None:
+            raise UnionError(errno.EEXIST, path)
+        self.copy_up(parent_path)
+        return parent, path, self._whiteout_in_upper(path)
+
+    def mkdir(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
+        parent, path, over = self._prepare_new(parent_path, name)
+        opaque = self._lower_dirs_join(parent, path)
+        self._up().make_dir(path, Attrs(mode, uid, gid), opaque=opaque, over=over)
+        self._changed()
+        return self.resolve(path)
+
+    def create(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
+        _, path, over = self._prepare_new(parent_path, name)
+        self._up().make_file(path, Attrs(mode, uid, gid), over=over)
+        self._changed()
+        return self.resolve(path)
+
+    def mknod(self, parent_path: str, name: str, mode: int, rdev: int, uid: int,
+              gid: int) -> Node:
+        kind = stat.S_IFMT(mode)
+        if kind == stat.S_IFREG or kind == 0:
+            return self.create(parent_path, name, stat.S_IMODE(mode), uid, gid)
+        if kind not in (stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
+            raise UnionError(errno.EINVAL, f"mknod of type {oct(kind)}")
+        if kind == stat.S_IFCHR and rdev == 0:
+            raise UnionError(errno.EPERM, "a 0/0 character device is a whiteout")
+        _, path, over = self._prepare_new(parent_path, name)
+        self._up().make_special(path, Attrs(stat.S_IMODE(mode), uid, gid), kind, rdev,
+                                over=over)
+        self._changed()
+        return self.resolve(path)
+
+    def symlink(self, parent_path: str, name: str, target: str, uid: int, gid: int) -> Node:
+        _, path, over = self._prepare_new(parent_path, name)
+        self._up().make_special(path, Attrs(0o777, uid, gid), stat.S_IFLNK, target=target,
+                                over=over)
+        self._changed()
+        return self.resolve(path)
+
+    def link(self, src_path: str, parent_path: str, name: str) -> Node:
+        node = self.resolve(src_path)
+        if node.is_dir:
+            raise UnionError(errno.EPERM, "hardlink to a directory")
+        _, path, over = self._prepare_new(parent_path, name)
+        self.copy_up(src_path)
+        self._up().link(src_path, path, over=over)
+        self._changed()
+        return self.resolve(path)
+
+    # -- removing --------------------------------------------------------------------------------
+
+    def _remove(self, parent: Node, path: str) -> None:
+        self.copy_up(parent.path)
+        if self._lower_visible(parent, path):
+            self._up().whiteout(path)
+        else:
+            self._up().remove(path)
+        self._changed()
+
+    def unlink(self, parent_path: str, name: str) -> Node:
+        """Remove a non-directory; returns the node that was there."""
+        self._up()
+        parent = self.resolve(parent_path)
+        path = join(parent_path, name)
+        node = self.resolve(path)
+        if node.is_dir:
+            raise UnionError(errno.EISDIR, path)
+        self._remove(parent, path)
+        return node
+
+    def rmdir(self, parent_path: str, name: str) -> Node:
+        self._up()
+        parent = self.resolve(parent_path)
+        path = join(parent_path, name)
+        node = self.resolve(path)
+        if not node.is_dir:
+            raise UnionError(errno.ENOTDIR, path)
+        if self.listdir(node):
+            raise UnionError(errno.ENOTEMPTY, path)
+        self._remove(parent, path)
+        return node
+
+    # -- rename ----------------------------------------------------------------------------------
+
+    def rename(self, src_parent: str, src_name: str, dst_parent: str, dst_name: str,
+               flags: int = 0) -> tuple[bool, Node | None]:
+        """rename(2) with RENAME_NOREPLACE/RENAME_EXCHANGE.  Returns whether anything moved and
+        the node that was at the destination (None when nothing was)."""
+        upper = self._up()
+        check_name(dst_name)
+        sp = self.resolve(src_parent)
+        src = join(src_parent, src_name)
+        node = self.resolve(src)
+        dp = self.resolve(dst_parent)
+        if not dp.is_dir:
+            raise UnionError(errno.ENOTDIR, dst_parent)
+        dst = join(dst_parent, dst_name)
+        if src == dst:
+            return False, None
+        target = self.view.lookup(dp, dst_name)
+        if node.is_dir and (dst + "/").startswith(src + "/"):
+            raise UnionError(errno.EINVAL, "a directory cannot move below itself")
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise UnionError(errno.ENOENT, dst)
+            if target.is_dir and (src + "/").startswith(dst + "/"):
+                raise UnionError(errno.EINVAL, "a directory cannot move below itself")
+            return True, self._exchange(sp, src, node, dp, dst, target)
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise UnionError(errno.EEXIST, dst)
+            if node.is_dir and not target.is_dir:
+                raise UnionError(errno.ENOTDIR, dst)
+            if not node.is_dir and target.is_dir:
+                raise UnionError(errno.EISDIR, dst)
+            if target.is_dir and self.listdir(target):
+                raise UnionError(errno.ENOTEMPTY, dst)
+            if not node.is_dir and target.key == node.key:
+                return False, None  # two names of one file: rename does nothing
+        if self._needs_tree_copy(node):
+            self.copy_up_tree(src)
+        else:
+            self.copy_up(src)
+        self.copy_up(dst_parent)
+        src_lower = self._lower_visible(sp, src)
+        dst_join = node.is_dir and self._lower_dirs_join(dp, dst)
+        dst_entry = upper.entry(dst)
+        if dst_entry is not None and (dst_entry.is_dir or (node.is_dir and dst_entry.is_whiteout)):
+            upper.remove(dst)  # an empty (in the union) directory or a whiteout a dir can't replace
+        if src_lower:
+            try:
+                upper.rename(src, dst, RENAME_WHITEOUT)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
+                    raise
+                upper.rename(src, dst)
+                self._changed()
+                upper.whiteout(src)
+        else:
+            upper.rename(src, dst)
+        if dst_join:
+            upper.set_opaque(dst)
+        self._changed()
+        return True, target
+
+    def _exchange(self, sp: Node, src: str, a: Node, dp: Node, dst: str, b: Node) -> Node:
+        upper = self._up()
+        for path, node in ((src, a), (dst, b)):
+            if self._needs_tree_copy(node):
+                self.copy_up_tree(path)
+            else:
+                self.copy_up(path)
+        upper.rename(src, dst, RENAME_EXCHANGE)
+        if a.is_dir and self._lower_dirs_join(dp, dst):
+            upper.set_opaque(dst)
+        if b.is_dir and self._lower_dirs_join(sp, src):
+            upper.set_opaque(src)
+        self._changed()
+        return b
+
+    # -- attributes ------------------------------------------------------------------------------
+
+    def setattr(self, path: str, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None,
+                atime_ns: int | None = None, mtime_ns: int | None = None) -> Node:
+        node = self.resolve(path)
+        if size is not None:
+            if node.is_dir:
+                raise UnionError(errno.EISDIR, path)
+            if not stat.S_ISREG(node.entry.mode):
+                raise UnionError(errno.EINVAL, path)
+        self.copy_up(path, size=size)
+        times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
+        self._up().set_attrs(path, mode=mode, uid=uid, gid=gid, size=size, times=times)
+        self._changed()
+        return self.resolve(path)
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        if wh.is_private_xattr(name):
+            raise UnionError(errno.EOPNOTSUPP, name)
+        self.copy_up(path)
+        self._up().setxattr(path, name, value)
+        self._changed()
+
+    def removexattr(self, path: str, name: str) -> None:
+        if wh.is_private_xattr(name):
+            raise UnionError(errno.EOPNOTSUPP, name)
+        node = self.resolve(path)
+        if name not in self.xattrs(node):
+            raise UnionError(errno.ENODATA, name)
+        self.copy_up(path)
+        self._up().removexattr(path, name)
+        self._changed()

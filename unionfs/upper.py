@@ -1,0 +1,401 @@
+"""UpperLayer: the writable container layer, a plain directory in overlayfs format.
+
+It reads like a ``DirLayer`` (whiteouts in any of their forms, opaque directories) and it is the
+only writer in the union.  Every new object is built in the work directory (``work/work``, the
+name kernel overlayfs uses and empties at mount) — a temp file is written, given its owner,
+mode, xattrs and times, fsynced — and renamed into the upper only when complete, so a crash
+never leaves a half-copied file in the upper.  The upper stays readable by kernel overlayfs and
+fuse-overlayfs, and the other way round.
+
+Ownership: as root, objects are chowned to their owner.  Without root, an owner strata cannot
+set is recorded in ``user.containers.override_stat`` (``uid:gid:mode``, as containers/storage
+and fuse-overlayfs write it) and read back from there.
+
+Caveats:
+* Paths are union paths; the caller (``mutate``) has checked that every parent is a directory
+  in the upper, so no symlink is ever followed on the host side (O_NOFOLLOW where it matters).
+* Not thread-safe on its own: ``mutate`` serialises writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import itertools
+import os
+import shutil
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from . import whiteout as wh
+from .layers import OPAQUE, WHITEOUT_ENTRY, Entry, LowerLayer, copy_range, join, split
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    """rename(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT)."""
+    if flags == 0:
+        os.rename(src, dst)
+        return
+    res = _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                          ctypes.c_uint(flags))
+    if res != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src)
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """What a new upper object gets: owner, permission bits, times, xattrs."""
+
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int | None = None
+    atime_ns: int | None = None
+    xattrs: Mapping[str, bytes] | None = None
+
+
+class UpperLayer:
+    """The writable layer (index 0 of the union)."""
+
+    def __init__(self, upper: str, work: str) -> None:
+        self.root = os.path.abspath(upper)
+        self.work = os.path.join(os.path.abspath(work), "work")
+        self.is_root = os.geteuid() == 0
+        self._tmp = itertools.count()
+        os.makedirs(self.root, exist_ok=True)
+        if os.path.isdir(self.work):
+            shutil.rmtree(self.work)  # leftovers of a crash: never part of the upper
+        os.makedirs(self.work, exist_ok=True)
+        self.dev = os.lstat(self.root).st_dev
+
+    # -- reading (the LowerLayer protocol) -------------------------------------------------------
+
+    def abs(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def entry(self, path: str) -> Entry | None:
+        full = self.abs(path)
+        try:
+            st = os.lstat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            if path:
+                parent, name = split(path)
+                if os.path.lexists(os.path.join(self.abs(parent), wh.WH_PREFIX + name)):
+                    return WHITEOUT_ENTRY
+            return None
+        return self._from_stat(path, full, st)
+
+    def _from_stat(self, path: str, full: str, st: os.stat_result) -> Entry:
+        if wh.is_whiteout_stat(st):
+            return WHITEOUT_ENTRY
+        names: list[str] = []
+        if not stat.S_ISLNK(st.st_mode):
+            with contextlib.suppress(OSError):
+                names = os.listxattr(full, follow_symlinks=False)
+        flags = 0
+        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+        if stat.S_ISDIR(st.st_mode):
+            if wh.opaque_from_xattrs(names, lambda k: os.getxattr(full, k)) or os.path.lexists(
+                    os.path.join(full, wh.OPAQUE_MARKER)):
+                flags |= OPAQUE
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and wh.whiteout_from_xattrs(names):
+            return WHITEOUT_ENTRY
+        if wh.OVERRIDE_STAT_XATTR in names:
+            override = _parse_override(os.getxattr(full, wh.OVERRIDE_STAT_XATTR))
+            if override is not None:
+                uid, gid, perm = override
+                mode = stat.S_IFMT(mode) | perm
+        return Entry(
+            mode=mode, uid=uid, gid=gid, size=st.st_size, mtime_ns=st.st_mtime_ns,
+            rdev=st.st_rdev, nlink=st.st_nlink,
+            target=os.readlink(full) if stat.S_ISLNK(st.st_mode) else "",
+            flags=flags, ref=path, obj=st.st_ino, atime_ns=st.st_atime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+    def children(self, path: str) -> Iterator[tuple[str, Entry]]:
+        full = self.abs(path)
+        try:
+            names = sorted(os.listdir(full))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        present = set(names)
+        for name in names:
+            if wh.is_reserved_name(name):
+                try:
+                    kind, target = wh.classify_tar_name(name)
+                except wh.WhiteoutError:
+                    continue
+                if kind is wh.TarName.WHITEOUT and target not in present:
+                    yield target, WHITEOUT_ENTRY
+                continue
+            try:
+                st = os.lstat(os.path.join(full, name))
+            except FileNotFoundError:
+                continue
+            yield name, self._from_stat(join(path, name), os.path.join(full, name), st)
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        fd = os.open(self.abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def copy_data(self, entry: Entry, dst_fd: int) -> None:
+        fd = os.open(self.abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            copy_range(fd, dst_fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        return self.xattrs_at(str(entry.ref))
+
+    def xattrs_at(self, path: str) -> dict[str, bytes]:
+        full = self.abs(path)
+        out: dict[str, bytes] = {}
+        try:
+            names = os.listxattr(full, follow_symlinks=False)
+        except OSError:
+            return out
+        for name in names:
+            if not wh.is_private_xattr(name):
+                with contextlib.suppress(OSError):
+                    out[name] = os.getxattr(full, name, follow_symlinks=False)
+        return out
+
+    def hardlinks(self, entry: Entry) -> list[str]:
+        return [str(entry.ref)]
+
+    def close(self) -> None:
+        pass
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _temp(self) -> str:
+        return os.path.join(self.work, f"#{os.getpid()}-{next(self._tmp)}")
+
+    def _apply(self, full: str, attrs: Attrs, kind: int, fd: int | None = None) -> None:
+        """Owner, then mode (chown clears setuid), then xattrs, then times."""
+        is_link = stat.S_ISLNK(kind)
+        if self.is_root:
+            if fd is not None:
+                os.fchown(fd, attrs.uid, attrs.gid)
+            else:
+                os.lchown(full, attrs.uid, attrs.gid)
+        elif (attrs.uid, attrs.gid) != (os.geteuid(), os.getegid()) and not is_link:
+            value = f"{attrs.uid}:{attrs.gid}:0{attrs.mode & 0o7777:o}".encode()
+            with contextlib.suppress(OSError):
+                os.setxattr(full, wh.OVERRIDE_STAT_XATTR, value, follow_symlinks=False)
+        if not is_link and fd is None:
+            os.chmod(full, attrs.mode & 0o7777)
+        elif fd is not None:
+            os.fchmod(fd, attrs.mode & 0o7777)
+        for name, value in (attrs.xattrs or {}).items():
+            if wh.is_private_xattr(name):
+                continue
+            try:
+                os.setxattr(full, name, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                    raise
+        if attrs.mtime_ns is not None:
+            atime = attrs.atime_ns if attrs.atime_ns is not None else attrs.mtime_ns
+            os.utime(full, ns=(atime, attrs.mtime_ns), follow_symlinks=False)
+
+    def _install(self, tmp: str, path: str, flags: int = 0) -> None:
+        try:
+            renameat2(tmp, self.abs(path), flags)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+
+    def make_dir(self, path: str, attrs: Attrs, opaque: bool = False, over: bool = False) -> None:
+        """A new directory at ``path`` (``over``: replacing a whiteout there)."""
+        tmp = self._temp()
+        os.mkdir(tmp, 0o700)
+        try:
+            if opaque:
+                wh.make_opaque(tmp)
+            self._apply(tmp, attrs, stat.S_IFDIR)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        self._install(tmp, path, 0 if over else RENAME_NOREPLACE)
+        if over:
+            self._drop_aufs_whiteout(path)
+
+    def make_file(self, path: str, attrs: Attrs, src: tuple[LowerLayer, Entry] | None = None,
+                  over: bool = False, size: int | None = None) -> None:
+        """A regular file at ``path``: empty, or a copy of ``src``'s data (copy-up).  ``size``
+        truncates the copy (copy-up for a truncate skips data it would drop)."""
+        tmp = self._temp()
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            if src is not None and size != 0:
+                src[0].copy_data(src[1], fd)
+            if size is not None:
+                os.ftruncate(fd, size)
+            self._apply(tmp, attrs, stat.S_IFREG, fd)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            remove_tree(tmp)
+            raise
+        os.close(fd)
+        self._install(tmp, path, 0 if over else RENAME_NOREPLACE)
+        if over:
+            self._drop_aufs_whiteout(path)
+
+    def make_special(self, path: str, attrs: Attrs, kind: int, rdev: int = 0, target: str = "",
+                     over: bool = False) -> None:
+        """A symlink, FIFO, socket or device node at ``path``."""
+        tmp = self._temp()
+        if stat.S_ISLNK(kind):
+            os.symlink(target, tmp)
+        else:
+            os.mknod(tmp, kind | 0o600, rdev)
+        try:
+            self._apply(tmp, attrs, kind)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        self._install(tmp, path, 0 if over else RENAME_NOREPLACE)
+        if over:
+            self._drop_aufs_whiteout(path)
+
+    def link(self, existing: str, path: str, over: bool = False) -> None:
+        if over:
+            tmp = self._temp()
+            os.link(self.abs(existing), tmp)
+            self._install(tmp, path)
+            self._drop_aufs_whiteout(path)
+        else:
+            os.link(self.abs(existing), self.abs(path))
+
+    def _drop_aufs_whiteout(self, path: str) -> None:
+        parent, name = split(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.abs(parent), wh.WH_PREFIX + name))
+
+    def whiteout(self, path: str) -> None:
+        """Hide ``path`` of the lower layers; whatever the upper had there goes (atomically: the
+        whiteout is built in the work dir and renamed over it)."""
+        tmp = self._temp()
+        try:
+            os.mknod(tmp, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        except PermissionError:
+            self.remove(path)
+            parent, name = split(path)
+            fd = os.open(self.abs(parent), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                wh.make_whiteout(fd, name)
+            finally:
+                os.close(fd)
+            return
+        full = self.abs(path)
+        if os.path.isdir(full) and not os.path.islink(full):
+            renameat2(tmp, full, RENAME_EXCHANGE)
+            remove_tree(tmp)
+        else:
+            os.rename(tmp, full)
+
+    def remove(self, path: str) -> None:
+        """Remove whatever the upper has at ``path`` (a directory recursively, with its
+        whiteouts and markers), and an AUFS-style whiteout of it; idempotent."""
+        full = self.abs(path)
+        if os.path.isdir(full) and not os.path.islink(full):
+            tmp = self._temp()
+            os.rename(full, tmp)
+            remove_tree(tmp)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(full)
+        self._drop_aufs_whiteout(path)
+
+    def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        renameat2(self.abs(src), self.abs(dst), flags)
+        if not flags & RENAME_EXCHANGE:
+            self._drop_aufs_whiteout(dst)
+
+    def set_opaque(self, path: str) -> None:
+        wh.make_opaque(self.abs(path))
+
+    def set_attrs(self, path: str, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None, size: int | None = None,
+                  times: tuple[int | None, int | None] | None = None) -> None:
+        """chmod/chown/truncate/utimens on an upper object (``times``: atime, mtime in ns;
+        None keeps that one)."""
+        full = self.abs(path)
+        st = os.lstat(full)
+        is_link = stat.S_ISLNK(st.st_mode)
+        if uid is not None or gid is not None:
+            cur = self.entry(path)
+            assert cur is not None
+            new_uid = cur.uid if uid is None else uid
+            new_gid = cur.gid if gid is None else gid
+            perm = stat.S_IMODE(cur.mode)
+            if self.is_root:
+                os.lchown(full, new_uid, new_gid)  # clears setuid/setgid as for the union
+            else:
+                self._apply(full, Attrs(perm if mode is None else mode, new_uid, new_gid),
+                            stat.S_IFMT(st.st_mode))
+        if mode is not None and not is_link:
+            os.chmod(full, mode & 0o7777)
+            if not self.is_root:
+                cur = self.entry(path)
+                assert cur is not None
+                if (cur.uid, cur.gid) != (os.geteuid(), os.getegid()):
+                    self._apply(full, Attrs(mode, cur.uid, cur.gid), stat.S_IFMT(st.st_mode))
+        if size is not None:
+            os.truncate(full, size)
+        if times is not None:
+            st = os.lstat(full)
+            atime = st.st_atime_ns if times[0] is None else times[0]
+            mtime = st.st_mtime_ns if times[1] is None else times[1]
+            os.utime(full, ns=(atime, mtime), follow_symlinks=False)
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        os.setxattr(self.abs(path), name, value, follow_symlinks=False)
+
+    def removexattr(self, path: str, name: str) -> None:
+        os.removexattr(self.abs(path), name, follow_symlinks=False)
+
+
+def _parse_override(raw: bytes) -> tuple[int, int, int] | None:
+    try:
+        uid, gid, mode = raw.decode().split(":")[:3]
+        return int(uid), int(gid), int(mode, 8) & 0o7777
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def remove_tree(path: str) -> None:
+    """Remove a file or a directory tree, making read-only directories writable on the way."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+
+    def onerror(func: object, p: str, exc: object) -> None:
+        os.chmod(os.path.dirname(p), 0o700)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, onerror=onerror)
+        else:
+            os.unlink(p)
+
+    shutil.rmtree(path, onerror=onerror)
