@@ -199,20 +199,22 @@ def _build(args: argparse.Namespace, store: Store, cs: Containers, options: Moun
             if not os.path.isdir(d):
                 raise UserError(f"lower directory {d} does not exist")
             lowers.append(DirLayer(os.path.abspath(d)))
-        upper = None
-        if args.upper and not options.read_only:
-            upper = UpperLayer(args.upper, args.work)
-        ro = options.read_only or upper is None
+        if args.upper and options.read_only:  # the upper, read-only: just the top layer
+            return (Union([DirLayer(args.upper), *lowers]), "dirs", args.lower, args.lower,
+                    options)
+        upper = UpperLayer(args.upper, args.work) if args.upper else None
         return (Union(lowers, upper), "dirs", args.lower, args.lower,
-                _with_ro(options, ro))
+                _with_ro(options, upper is None))
     target = args.args[0]
     container = cs.find(target)
     if container is not None:
         stack.enter_context(cs.mount_lock(container))
         layers = stack.enter_context(_closing(cs.open_layers(container)))
-        upper = None if options.read_only else UpperLayer(container.upper, container.work)
-        return (Union(layers, upper), "container", container.id, container.name,
-                _with_ro(options, options.read_only))
+        if options.read_only:
+            union = Union([DirLayer(container.upper), *layers])
+        else:
+            union = Union(layers, UpperLayer(container.upper, container.work))
+        return union, "container", container.id, container.name, options
     image = store.resolve(target)
     layers = stack.enter_context(_closing(store.open_layers(image)))
     name = image.tags[0].familiar if image.tags else image.short_id

@@ -95,3 +95,113 @@ def run() -> Callable[..., subprocess.CompletedProcess[bytes]]:
         return proc  # type: ignore[no-any-return]
 
     return _run
+
+
+# -- mounts ---------------------------------------------------------------------------------------
+
+
+def require_fuse() -> None:
+    """Real mounts need /dev/fuse and fusermount3; skipped with the exact reason otherwise
+    (a failure under CI)."""
+    problems = []
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse is missing")
+    if shutil.which("fusermount3") is None:
+        problems.append("fusermount3 is not installed (Debian package fuse3)")
+    if problems:
+        msg = "; ".join(problems)
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def is_mounted(path: str | Path) -> bool:
+    full = os.path.realpath(str(path))
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == full for line in f)
+
+
+def force_unmount(path: str | Path) -> None:
+    """Last-resort cleanup: lazy unmount whatever is mounted at ``path``."""
+    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(cmd, capture_output=True)
+
+
+class Mounter:
+    """Mounts made by a test (strata and kernel overlayfs), always unmounted at teardown."""
+
+    def __init__(self, strata: Strata, tmp: Path) -> None:
+        self.strata = strata
+        self.tmp = tmp
+        self.active: list[Path] = []
+
+    def mountpoint(self, name: str) -> Path:
+        mp = self.tmp / name
+        mp.mkdir(parents=True, exist_ok=True)
+        return mp
+
+    def mount(self, *args: str, at: Path) -> Path:
+        self.strata("mount", *args, str(at))
+        self.active.append(at)
+        return at
+
+    def overlay(self, lowers: list[Path], at: Path, upper: Path | None = None,
+                work: Path | None = None, extra: str = "") -> Path:
+        opts = "lowerdir=" + ":".join(str(x) for x in lowers)
+        if upper is not None and work is not None:
+            opts += f",upperdir={upper},workdir={work}"
+        if extra:
+            opts += "," + extra
+        proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(at)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"mount -t overlay failed: {proc.stderr}")
+        self.active.append(at)
+        return at
+
+    def umount(self, at: Path) -> None:
+        if at in self.active:
+            self.active.remove(at)
+        proc = subprocess.run(["umount", str(at)], capture_output=True, text=True)
+        if proc.returncode != 0 and is_mounted(at):
+            force_unmount(at)
+        self._wait_daemons(at)
+
+    def _wait_daemons(self, at: Path) -> None:
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            recs = self.strata.out("mounts", "-q").split()
+            if str(at) not in recs:
+                return
+            time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        for at in reversed(self.active):
+            force_unmount(at)
+        self.active.clear()
+        # kill any daemon of this store that outlived its mount
+        mounts = self.strata.root / "mounts"
+        if mounts.is_dir():
+            import json
+            import signal
+
+            for rec in mounts.glob("*.json"):
+                try:
+                    pid = json.loads(rec.read_text())["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                except (OSError, ValueError, KeyError):
+                    pass
+
+
+@pytest.fixture
+def mounter(strata: Strata, tmp_path: Path) -> Iterator[Mounter]:
+    require_fuse()
+    m = Mounter(strata, tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()

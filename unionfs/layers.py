@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import whiteout as wh
@@ -130,26 +130,28 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
         done += n
 
 
-@dataclass
 class DirLayer:
-    """A plain directory in overlayfs format used as a read-only layer."""
+    """A plain directory in overlayfs format used as a read-only layer (and the read side of
+    ``UpperLayer``): whiteouts as char 0/0, ``.wh.NAME`` files or overlay whiteout xattrs;
+    opaque directories by xattr or ``.wh..wh..opq``; ownership overridden by
+    ``user.containers.override_stat`` where a non-root writer recorded it."""
 
-    root: str
-    _links: dict[int, list[str]] | None = field(default=None, init=False, repr=False)
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self._links: dict[int, list[str]] | None = None
 
-    def _abs(self, path: str) -> str:
+    def abs(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
     def entry(self, path: str) -> Entry | None:
-        full = self._abs(path)
+        full = self.abs(path)
         try:
             st = os.lstat(full)
         except (FileNotFoundError, NotADirectoryError):
             if path:
                 parent, name = split(path)
                 if not wh.is_reserved_name(name) and os.path.lexists(
-                    os.path.join(self._abs(parent), wh.WH_PREFIX + name)
-                ):
+                        os.path.join(self.abs(parent), wh.WH_PREFIX + name)):
                     return WHITEOUT_ENTRY
             return None
         if path and wh.is_reserved_name(split(path)[1]):
@@ -159,33 +161,35 @@ class DirLayer:
     def _from_stat(self, path: str, full: str, st: os.stat_result) -> Entry:
         if wh.is_whiteout_stat(st):
             return WHITEOUT_ENTRY
-        flags = 0
-        if stat.S_ISDIR(st.st_mode):
-            if wh.path_is_opaque(full):
-                flags |= OPAQUE
-        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        names: list[str] = []
+        if not stat.S_ISLNK(st.st_mode):
             try:
-                if wh.whiteout_from_xattrs(os.listxattr(full, follow_symlinks=False)):
-                    return WHITEOUT_ENTRY
+                names = os.listxattr(full, follow_symlinks=False)
             except OSError:
-                pass
-        target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else ""
+                names = []
+        flags = 0
+        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+        if stat.S_ISDIR(st.st_mode):
+            if wh.opaque_from_xattrs(names, lambda k: os.getxattr(full, k)) or os.path.lexists(
+                    os.path.join(full, wh.OPAQUE_MARKER)):
+                flags |= OPAQUE
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and wh.whiteout_from_xattrs(names):
+            return WHITEOUT_ENTRY
+        if wh.OVERRIDE_STAT_XATTR in names:
+            override = wh.parse_override(os.getxattr(full, wh.OVERRIDE_STAT_XATTR))
+            if override is not None:
+                uid, gid, perm = override
+                mode = stat.S_IFMT(mode) | perm
         return Entry(
-            mode=st.st_mode,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            rdev=st.st_rdev,
-            nlink=st.st_nlink,
-            target=target,
-            flags=flags,
-            ref=path,
-            obj=st.st_ino,
+            mode=mode, uid=uid, gid=gid, size=st.st_size, mtime_ns=st.st_mtime_ns,
+            rdev=st.st_rdev, nlink=st.st_nlink,
+            target=os.readlink(full) if stat.S_ISLNK(st.st_mode) else "",
+            flags=flags, ref=path, obj=st.st_ino, atime_ns=st.st_atime_ns,
+            ctime_ns=st.st_ctime_ns,
         )
 
     def children(self, path: str) -> Iterator[tuple[str, Entry]]:
-        full = self._abs(path)
+        full = self.abs(path)
         try:
             names = sorted(os.listdir(full))
         except (FileNotFoundError, NotADirectoryError):
@@ -200,29 +204,34 @@ class DirLayer:
                 if kind is wh.TarName.WHITEOUT and target not in present:
                     yield target, WHITEOUT_ENTRY
                 continue
-            child = join(path, name)
             try:
                 st = os.lstat(os.path.join(full, name))
             except FileNotFoundError:
                 continue
-            yield name, self._from_stat(child, os.path.join(full, name), st)
+            yield name, self._from_stat(join(path, name), os.path.join(full, name), st)
+
+    def _open(self, entry: Entry) -> int:
+        return os.open(self.abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        fd = os.open(self._abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = self._open(entry)
         try:
             return os.pread(fd, size, offset)
         finally:
             os.close(fd)
 
     def copy_data(self, entry: Entry, dst_fd: int) -> None:
-        fd = os.open(self._abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = self._open(entry)
         try:
             copy_range(fd, dst_fd, 0, os.fstat(fd).st_size)
         finally:
             os.close(fd)
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
-        full = self._abs(str(entry.ref))
+        return self.xattrs_at(str(entry.ref))
+
+    def xattrs_at(self, path: str) -> dict[str, bytes]:
+        full = self.abs(path)
         out: dict[str, bytes] = {}
         try:
             names = os.listxattr(full, follow_symlinks=False)

@@ -26,11 +26,11 @@ import itertools
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import whiteout as wh
-from .layers import OPAQUE, WHITEOUT_ENTRY, Entry, LowerLayer, copy_range, join, split
+from .layers import DirLayer, Entry, LowerLayer, split
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -64,11 +64,11 @@ class Attrs:
     xattrs: Mapping[str, bytes] | None = None
 
 
-class UpperLayer:
+class UpperLayer(DirLayer):
     """The writable layer (index 0 of the union)."""
 
     def __init__(self, upper: str, work: str) -> None:
-        self.root = os.path.abspath(upper)
+        super().__init__(upper)
         self.work = os.path.join(os.path.abspath(work), "work")
         self.is_root = os.geteuid() == 0
         self._tmp = itertools.count()
@@ -78,108 +78,8 @@ class UpperLayer:
         os.makedirs(self.work, exist_ok=True)
         self.dev = os.lstat(self.root).st_dev
 
-    # -- reading (the LowerLayer protocol) -------------------------------------------------------
-
-    def abs(self, path: str) -> str:
-        return os.path.join(self.root, path) if path else self.root
-
-    def entry(self, path: str) -> Entry | None:
-        full = self.abs(path)
-        try:
-            st = os.lstat(full)
-        except (FileNotFoundError, NotADirectoryError):
-            if path:
-                parent, name = split(path)
-                if os.path.lexists(os.path.join(self.abs(parent), wh.WH_PREFIX + name)):
-                    return WHITEOUT_ENTRY
-            return None
-        return self._from_stat(path, full, st)
-
-    def _from_stat(self, path: str, full: str, st: os.stat_result) -> Entry:
-        if wh.is_whiteout_stat(st):
-            return WHITEOUT_ENTRY
-        names: list[str] = []
-        if not stat.S_ISLNK(st.st_mode):
-            with contextlib.suppress(OSError):
-                names = os.listxattr(full, follow_symlinks=False)
-        flags = 0
-        mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
-        if stat.S_ISDIR(st.st_mode):
-            if wh.opaque_from_xattrs(names, lambda k: os.getxattr(full, k)) or os.path.lexists(
-                    os.path.join(full, wh.OPAQUE_MARKER)):
-                flags |= OPAQUE
-        elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and wh.whiteout_from_xattrs(names):
-            return WHITEOUT_ENTRY
-        if wh.OVERRIDE_STAT_XATTR in names:
-            override = _parse_override(os.getxattr(full, wh.OVERRIDE_STAT_XATTR))
-            if override is not None:
-                uid, gid, perm = override
-                mode = stat.S_IFMT(mode) | perm
-        return Entry(
-            mode=mode, uid=uid, gid=gid, size=st.st_size, mtime_ns=st.st_mtime_ns,
-            rdev=st.st_rdev, nlink=st.st_nlink,
-            target=os.readlink(full) if stat.S_ISLNK(st.st_mode) else "",
-            flags=flags, ref=path, obj=st.st_ino, atime_ns=st.st_atime_ns,
-            ctime_ns=st.st_ctime_ns,
-        )
-
-    def children(self, path: str) -> Iterator[tuple[str, Entry]]:
-        full = self.abs(path)
-        try:
-            names = sorted(os.listdir(full))
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        present = set(names)
-        for name in names:
-            if wh.is_reserved_name(name):
-                try:
-                    kind, target = wh.classify_tar_name(name)
-                except wh.WhiteoutError:
-                    continue
-                if kind is wh.TarName.WHITEOUT and target not in present:
-                    yield target, WHITEOUT_ENTRY
-                continue
-            try:
-                st = os.lstat(os.path.join(full, name))
-            except FileNotFoundError:
-                continue
-            yield name, self._from_stat(join(path, name), os.path.join(full, name), st)
-
-    def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        fd = os.open(self.abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-
-    def copy_data(self, entry: Entry, dst_fd: int) -> None:
-        fd = os.open(self.abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            copy_range(fd, dst_fd, 0, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-
-    def xattrs(self, entry: Entry) -> dict[str, bytes]:
-        return self.xattrs_at(str(entry.ref))
-
-    def xattrs_at(self, path: str) -> dict[str, bytes]:
-        full = self.abs(path)
-        out: dict[str, bytes] = {}
-        try:
-            names = os.listxattr(full, follow_symlinks=False)
-        except OSError:
-            return out
-        for name in names:
-            if not wh.is_private_xattr(name):
-                with contextlib.suppress(OSError):
-                    out[name] = os.getxattr(full, name, follow_symlinks=False)
-        return out
-
     def hardlinks(self, entry: Entry) -> list[str]:
-        return [str(entry.ref)]
-
-    def close(self) -> None:
-        pass
+        return [str(entry.ref)]  # upper hardlinks are real links: nothing to copy up
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -214,12 +114,25 @@ class UpperLayer:
             atime = attrs.atime_ns if attrs.atime_ns is not None else attrs.mtime_ns
             os.utime(full, ns=(atime, attrs.mtime_ns), follow_symlinks=False)
 
-    def _install(self, tmp: str, path: str, flags: int = 0) -> None:
+    def _install(self, tmp: str, path: str, over: bool = False) -> None:
+        """Move a finished object from the work dir to ``path``; ``over``: a whiteout of the
+        name may be there and is replaced (exchanged away for a directory, as the kernel
+        does, since rename cannot put a directory over a device node)."""
+        full = self.abs(path)
         try:
-            renameat2(tmp, self.abs(path), flags)
+            if over and os.path.lexists(full):
+                if os.path.isdir(tmp) and not os.path.islink(tmp):
+                    renameat2(tmp, full, RENAME_EXCHANGE)
+                    remove_tree(tmp)
+                else:
+                    os.rename(tmp, full)
+            else:
+                renameat2(tmp, full, RENAME_NOREPLACE)
         except BaseException:
             remove_tree(tmp)
             raise
+        if over:
+            self._drop_aufs_whiteout(path)
 
     def make_dir(self, path: str, attrs: Attrs, opaque: bool = False, over: bool = False) -> None:
         """A new directory at ``path`` (``over``: replacing a whiteout there)."""
@@ -232,9 +145,7 @@ class UpperLayer:
         except BaseException:
             remove_tree(tmp)
             raise
-        self._install(tmp, path, 0 if over else RENAME_NOREPLACE)
-        if over:
-            self._drop_aufs_whiteout(path)
+        self._install(tmp, path, over)
 
     def make_file(self, path: str, attrs: Attrs, src: tuple[LowerLayer, Entry] | None = None,
                   over: bool = False, size: int | None = None) -> None:
@@ -254,9 +165,7 @@ class UpperLayer:
             remove_tree(tmp)
             raise
         os.close(fd)
-        self._install(tmp, path, 0 if over else RENAME_NOREPLACE)
-        if over:
-            self._drop_aufs_whiteout(path)
+        self._install(tmp, path, over)
 
     def make_special(self, path: str, attrs: Attrs, kind: int, rdev: int = 0, target: str = "",
                      over: bool = False) -> None:
@@ -271,16 +180,13 @@ class UpperLayer:
         except BaseException:
             remove_tree(tmp)
             raise
-        self._install(tmp, path, 0 if over else RENAME_NOREPLACE)
-        if over:
-            self._drop_aufs_whiteout(path)
+        self._install(tmp, path, over)
 
     def link(self, existing: str, path: str, over: bool = False) -> None:
         if over:
             tmp = self._temp()
             os.link(self.abs(existing), tmp)
-            self._install(tmp, path)
-            self._drop_aufs_whiteout(path)
+            self._install(tmp, path, over=True)
         else:
             os.link(self.abs(existing), self.abs(path))
 
@@ -371,14 +277,6 @@ class UpperLayer:
 
     def removexattr(self, path: str, name: str) -> None:
         os.removexattr(self.abs(path), name, follow_symlinks=False)
-
-
-def _parse_override(raw: bytes) -> tuple[int, int, int] | None:
-    try:
-        uid, gid, mode = raw.decode().split(":")[:3]
-        return int(uid), int(gid), int(mode, 8) & 0o7777
-    except (ValueError, UnicodeDecodeError):
-        return None
 
 
 def remove_tree(path: str) -> None:

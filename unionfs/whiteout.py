@@ -186,3 +186,12 @@ def make_opaque(path: str) -> None:
             raise
         fd = os.open(os.path.join(path, OPAQUE_MARKER), os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)
+
+
+def parse_override(raw: bytes) -> tuple[int, int, int] | None:
+    """``uid:gid:mode`` from ``user.containers.override_stat`` (mode in octal)."""
+    try:
+        uid, gid, mode = raw.decode().split(":")[:3]
+        return int(uid), int(gid), int(mode, 8) & 0o7777
+    except (ValueError, UnicodeDecodeError):
+        return None
