@@ -128,7 +128,7 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     full = os.path.abspath(mountpoint)
     dead = False
     try:
-        os.stat(full)
+        os.statvfs(full)  # statfs always reaches the daemon; stat may be answered from cache
     except OSError as exc:
         dead = exc.errno == errno.ENOTCONN
     if not is_mounted(full):

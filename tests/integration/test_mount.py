@@ -1,0 +1,233 @@
+"""Real mounts of images and containers through the CLI: contents, lifecycle, crash recovery,
+POSIX corners (unlinked-but-open files, mmap, big files, inode numbers)."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.builders import (
+    busybox_entries,
+    chardev,
+    d,
+    diff_trees,
+    fifo,
+    file,
+    link,
+    oci_layout,
+    opaque,
+    sym,
+    tar_bytes,
+    tree_of_dir,
+    tree_of_tar,
+    whiteout,
+)
+from tests.conftest import Mounter, Strata, is_mounted, require_root
+
+pytestmark = pytest.mark.fuse
+
+LAYERS = [
+    busybox_entries() + [
+        d("etc/app"), file("etc/app/conf", b"v1"), file("etc/app/old", b"old"),
+        d("var/lib/data"), file("var/lib/data/a", b"a"), file("var/lib/data/b", b"b"),
+        file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o4755),
+        file("shared", b"shared data"), link("shared-link", "shared"),
+    ],
+    [
+        file("etc/app/conf", b"v2"), whiteout("etc/app/old"),
+        opaque("var/lib/data"), file("var/lib/data/c", b"c"),
+        sym("bin/abs", "/bin/busybox"), sym("bin/dangling", "../nowhere"),
+        sym("loop1", "loop2"), sym("loop2", "loop1"),
+        fifo("run/fifo"), file("xattrs", b"x", xattrs={"user.k": b"v"}),
+    ],
+    [
+        whiteout("usr"), d("usr/local"), file("usr/local/new", b"new"),
+        file("etc/app/conf", b"v3", mode=0o600, uid=1000, gid=1000),
+        d("tmp", mode=0o1777),
+    ],
+]
+
+
+@pytest.fixture
+def image(strata: Strata, tmp_path: Path) -> str:
+    layers = [tar_bytes(entries) for entries in LAYERS]
+    require_root()  # device nodes and ownership in the layers
+    layers.append(tar_bytes([chardev("dev/null", 1, 3, mode=0o666)]))
+    oci_layout(str(tmp_path / "layout"), layers, tag="v1", compression="gzip",
+               config={"config": {"Cmd": ["/bin/sh"]}})
+    out = strata.out("load", "-i", str(tmp_path / "layout"))
+    assert "Loaded image ID" in out
+    image_id = out.split()[-1]
+    strata("tag", image_id, "test/image:v1")
+    return "test/image:v1"
+
+
+def test_image_mount_equals_export(strata: Strata, mounter: Mounter, image: str,
+                                   tmp_path: Path) -> None:
+    mp = mounter.mount(image, at=mounter.mountpoint("m"))
+    exported = strata("export", image).stdout
+    assert not diff_trees(tree_of_dir(str(mp)), tree_of_tar(exported))
+    assert (mp / "etc/app/conf").read_bytes() == b"v3"
+    assert not (mp / "etc/app/old").exists()
+    assert sorted(os.listdir(mp / "var/lib/data")) == ["c"]
+    assert sorted(os.listdir(mp / "usr")) == ["local"]
+    assert os.readlink(mp / "bin/abs") == "/bin/busybox"
+    assert os.stat(mp / "shared").st_ino == os.stat(mp / "shared-link").st_ino
+    assert os.stat(mp / "shared").st_nlink == 2
+    st = os.stat(mp / "etc/app/conf")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 1000, 0o600)
+    with pytest.raises(OSError) as exc:
+        (mp / "newfile").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    proc = subprocess.run(["chroot", str(mp), "/bin/sh", "-c", "echo hello from the image"],
+                          capture_output=True, text=True)
+    assert proc.stdout == "hello from the image\n"
+
+
+def test_image_mount_equals_umoci_unpack(strata: Strata, mounter: Mounter, image: str,
+                                         tmp_path: Path, umoci: str) -> None:
+    mp = mounter.mount(image, at=mounter.mountpoint("m"))
+    bundle = tmp_path / "bundle"
+    subprocess.run([umoci, "unpack", "--image", f"{tmp_path / 'layout'}:v1", str(bundle)],
+                   check=True, capture_output=True)
+    problems = diff_trees(tree_of_dir(str(bundle / "rootfs")), tree_of_dir(str(mp)))
+    assert not problems, "\n".join(problems)
+
+
+def test_container_changes_survive_remount(strata: Strata, mounter: Mounter,
+                                           image: str) -> None:
+    cid = strata.out("create", "--name", "web", image).strip()
+    assert len(cid) == 64
+    assert "web" in strata.out("ps")
+    mp = mounter.mount("web", at=mounter.mountpoint("c"))
+    (mp / "etc/app/conf").write_bytes(b"changed")
+    (mp / "new").mkdir()
+    (mp / "new/file").write_bytes(b"n")
+    os.unlink(mp / "shared")
+    ps = strata("rm", "web", check=False)
+    assert ps.returncode != 0 and b"mounted" in ps.stderr
+    again = strata("mount", "web", str(mounter.mountpoint("c2")), check=False)
+    assert again.returncode != 0 and b"already mounted" in again.stderr
+    mounter.umount(mp)
+    mp2 = mounter.mount("web", at=mounter.mountpoint("c3"))
+    assert (mp2 / "etc/app/conf").read_bytes() == b"changed"
+    assert (mp2 / "new/file").read_bytes() == b"n"
+    assert not (mp2 / "shared").exists()
+    assert (mp2 / "shared-link").read_bytes() == b"shared data"
+    strata("rm", "-f", "web")
+    assert not is_mounted(mp2)
+    assert strata.out("ps", "-q") == ""
+    mounter.active.remove(mp2)
+
+
+def test_rmi_refuses_an_image_a_container_uses(strata: Strata, image: str) -> None:
+    strata("create", "--name", "keep", image)
+    proc = strata("rmi", image, check=False)
+    assert proc.returncode != 0 and b"container" in proc.stderr
+
+
+def test_posix_corners(strata: Strata, mounter: Mounter, image: str) -> None:
+    strata("create", "--name", "p", image)
+    mp = mounter.mount("p", at=mounter.mountpoint("p"))
+    ino = os.stat(mp / "etc/passwd").st_ino
+    with open(mp / "etc/passwd", "ab") as f:  # copy-up keeps the inode number
+        f.write(b"extra\n")
+    assert os.stat(mp / "etc/passwd").st_ino == ino
+    # an unlinked file stays readable and writable through its descriptor
+    fd = os.open(mp / "etc/group", os.O_RDWR)
+    os.unlink(mp / "etc/group")
+    assert not (mp / "etc/group").exists()
+    os.pwrite(fd, b"ROOT", 0)
+    assert os.pread(fd, 4, 0) == b"ROOT"
+    assert os.fstat(fd).st_nlink == 0
+    os.close(fd)
+    # shared writable mmap
+    (mp / "mm").write_bytes(b"\0" * 8192)
+    with open(mp / "mm", "r+b") as f, mmap.mmap(f.fileno(), 8192) as m:
+        m[100:105] = b"hello"
+        m.flush()
+    assert (mp / "mm").read_bytes()[100:105] == b"hello"
+    # files over 4 GiB
+    with open(mp / "big", "wb") as f:
+        f.seek(5 << 30)
+        f.write(b"tail")
+    with open(mp / "big", "rb") as f:
+        f.seek(5 << 30)
+        assert f.read() == b"tail"
+    assert os.stat(mp / "big").st_size == (5 << 30) + 4
+    # directory link counts
+    (mp / "dd/sub1").mkdir(parents=True)
+    (mp / "dd/sub2").mkdir()
+    assert os.stat(mp / "dd").st_nlink == 4
+
+
+def test_mount_umount_many_times_leaks_nothing(strata: Strata, mounter: Mounter,
+                                               image: str) -> None:
+    mp = mounter.mountpoint("loop")
+    before = _strata_daemons()
+    for _ in range(50):
+        mounter.mount(image, at=mp)
+        assert (mp / "etc/app/conf").read_bytes() == b"v3"
+        mounter.umount(mp)
+        assert not is_mounted(mp)
+    time.sleep(0.2)
+    assert _strata_daemons() == before
+    assert strata.out("mounts", "-q") == ""
+
+
+def _strata_daemons() -> set[int]:
+    out = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"cli.main" in cmd and b"--ready-fd" in cmd:
+                out.add(int(pid))
+    return out
+
+
+def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, image: str) -> None:
+    mp = mounter.mount(image, at=mounter.mountpoint("t"))
+    pid = int(strata.out("mounts").splitlines()[1].split()[3])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while is_mounted(mp) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(mp)
+    mounter.active.remove(mp)
+
+
+def test_kill_9_mid_write_then_umount_recovers(strata: Strata, mounter: Mounter,
+                                               image: str) -> None:
+    cid = strata.out("create", "--name", "k", image).strip()
+    mp = mounter.mount("k", at=mounter.mountpoint("k"))
+    pid = int(strata.out("mounts").splitlines()[1].split()[3])
+    writer = subprocess.Popen(["sh", "-c", f"while cat {mp}/bin/busybox >> {mp}/grow; do :; "
+                                           f"done"], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        writer.wait(timeout=10)
+    finally:
+        writer.kill()
+    with pytest.raises(OSError) as exc:
+        os.statvfs(mp)
+    assert exc.value.errno == errno.ENOTCONN
+    strata("umount", str(mp))
+    assert not is_mounted(mp)
+    mounter.active.remove(mp)
+    upper = strata.root / "containers" / cid / "upper"
+    assert sorted(os.listdir(upper)) == ["grow"]
+    # nothing half-copied is ever in the upper; the next mount starts from a clean work dir
+    mp2 = mounter.mount("k", at=mounter.mountpoint("k2"))
+    assert (mp2 / "etc/passwd").read_bytes().startswith(b"root:")
+    assert os.listdir(strata.root / "containers" / cid / "work/work") == []

@@ -1,0 +1,111 @@
+"""The pyfuse3 adapter called directly (no mount): names, inodes, handles, error mapping, and
+the rule that a handler bug answers EIO instead of killing the mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from unionfs.fuse_ops import Operations
+from unionfs.inodes import ROOT_INO
+from unionfs.layers import DirLayer
+from unionfs.mutate import Union
+from unionfs.upper import UpperLayer
+
+CTX = pyfuse3.RequestContext()
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Operations:
+    lower = tmp_path / "lower"
+    (lower / "dir").mkdir(parents=True)
+    (lower / "dir/file").write_bytes(b"lower data")
+    (lower / "a").write_bytes(b"A")
+    union = Union([DirLayer(str(lower))], UpperLayer(str(tmp_path / "up"), str(tmp_path / "wk")))
+    return Operations(union)
+
+
+async def test_lookup_getattr_read(ops: Operations) -> None:
+    d = await ops.lookup(ROOT_INO, b"dir", CTX)
+    f = await ops.lookup(d.st_ino, b"file", CTX)
+    assert f.st_size == len(b"lower data")
+    fi = await ops.open(f.st_ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 6, 100) == b"data"
+    await ops.release(fi.fh)
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.lookup(ROOT_INO, b"missing", CTX)
+    assert exc.value.errno == errno.ENOENT
+
+
+async def test_copy_up_on_open_for_write_keeps_the_inode(ops: Operations, tmp_path: Path) -> None:
+    a = await ops.lookup(ROOT_INO, b"a", CTX)
+    reader = await ops.open(a.st_ino, os.O_RDONLY, CTX)
+    writer = await ops.open(a.st_ino, os.O_RDWR, CTX)
+    assert await ops.write(writer.fh, 1, b"BC") == 2
+    assert await ops.read(reader.fh, 0, 10) == b"ABC"  # the reader follows the copy-up
+    attr = await ops.getattr(a.st_ino, CTX)
+    assert attr.st_ino == a.st_ino and attr.st_size == 3
+    assert (tmp_path / "up/a").read_bytes() == b"ABC"
+    for fh in (reader.fh, writer.fh):
+        await ops.release(fh)
+
+
+async def test_create_unlink_then_release(ops: Operations) -> None:
+    fi, attr = await ops.create(ROOT_INO, b"new", 0o100644, os.O_RDWR, CTX)
+    await ops.write(fi.fh, 0, b"hello")
+    await ops.unlink(ROOT_INO, b"new", CTX)
+    assert await ops.read(fi.fh, 0, 5) == b"hello"
+    assert (await ops.getattr(attr.st_ino, CTX)).st_nlink == 0
+    await ops.release(fi.fh)
+    await ops.forget([(attr.st_ino, 1)])
+    assert ops.inodes.get(attr.st_ino) is None
+
+
+async def test_hardlinks_share_an_inode(ops: Operations) -> None:
+    a = await ops.lookup(ROOT_INO, b"a", CTX)
+    b = await ops.link(a.st_ino, ROOT_INO, b"b", CTX)
+    assert b.st_ino == a.st_ino and b.st_nlink == 2
+
+
+async def test_rename_moves_inodes_with_their_names(ops: Operations) -> None:
+    d = await ops.lookup(ROOT_INO, b"dir", CTX)
+    f = await ops.lookup(d.st_ino, b"file", CTX)
+    await ops.rename(ROOT_INO, b"dir", ROOT_INO, b"moved", 0, CTX)
+    m = await ops.lookup(ROOT_INO, b"moved", CTX)
+    g = await ops.lookup(m.st_ino, b"file", CTX)
+    assert (m.st_ino, g.st_ino) == (d.st_ino, f.st_ino)
+    fi = await ops.open(g.st_ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 5) == b"lower"
+    await ops.release(fi.fh)
+
+
+async def test_a_bug_answers_eio_and_the_mount_goes_on(ops: Operations,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    def broken(path: str) -> None:
+        raise RuntimeError("a bug")
+
+    real = ops.union.resolve
+    ops.union.resolve = broken  # type: ignore[method-assign,assignment]
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.lookup(ROOT_INO, b"a", CTX)
+    assert exc.value.errno == errno.EIO
+    assert ops.errors == 1
+    assert "a bug" in caplog.text
+    ops.union.resolve = real  # type: ignore[method-assign]
+    assert (await ops.lookup(ROOT_INO, b"a", CTX)).st_size == 1
+
+
+async def test_readonly_union_answers_erofs(tmp_path: Path) -> None:
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l/f").write_bytes(b"x")
+    ops = Operations(Union([DirLayer(str(tmp_path / "l"))]))
+    f = await ops.lookup(ROOT_INO, b"f", CTX)
+    for call in (ops.open(f.st_ino, os.O_WRONLY, CTX), ops.mkdir(ROOT_INO, b"d", 0o755, CTX),
+                 ops.unlink(ROOT_INO, b"f", CTX)):
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await call
+        assert exc.value.errno == errno.EROFS
