@@ -168,13 +168,16 @@ def _serve(args: argparse.Namespace, store: Store, mountpoint: str,
         with contextlib.ExitStack() as stack:
             union, kind, target, name, options = _build(args, store, cs, options, stack)
 
+            control = cs.control_path(mountpoint) if union.writable else None
+
             def ready() -> None:
                 cs.record(MountRecord(mountpoint, os.getpid(), kind, target, name,
-                                      cs.log_path(mountpoint), timefmt.now(), options.read_only))
+                                      cs.log_path(mountpoint), timefmt.now(), options.read_only,
+                                      control or ""))
                 _tell(args.ready_fd, "ready")
 
             stack.callback(cs.unrecord, mountpoint)
-            errors = serve(union, mountpoint, options, on_ready=ready)
+            errors = serve(union, mountpoint, options, on_ready=ready, control=control)
             if errors:
                 logging.getLogger("strata").warning("%d handler errors (see above)", errors)
     except Exception as exc:

@@ -6,9 +6,11 @@ import argparse
 from typing import Any
 
 from imagestore import archive, oci, reference
+from imagestore.containers import Containers
 from imagestore.errors import InvalidReference, StoreError
 from imagestore.reference import Reference
 from imagestore.store import Image, Store, open_input
+from unionfs.layers import DirLayer
 from unionfs.resolve import UnionView
 
 from .common import UserError, output_sink, store_of
@@ -24,8 +26,8 @@ def register(sub: Any, image_sub: Any) -> None:
         p.add_argument("-m", "--message", help="commit message for the imported image")
         p.add_argument("--platform", help="OS/ARCH[/VARIANT] of the image (default: host)")
         p.set_defaults(func=cmd_import)
-    p = sub.add_parser("export", help="export an image's (or container's) rootfs as a tar")
-    p.add_argument("name", metavar="IMAGE")
+    p = sub.add_parser("export", help="export a container's (or an image's) rootfs as a tar")
+    p.add_argument("name", metavar="CONTAINER|IMAGE")
     p.add_argument("-o", "--output", help="write to a file instead of stdout")
     p.set_defaults(func=cmd_export)
     for parent in (sub, image_sub):
@@ -67,10 +69,20 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """A container's merged rootfs (held still while it is read), or an image's."""
+    from .commit import paused
+
     store = store_of(args)
-    image = store.resolve(args.name)
-    with output_sink(args.output, "the export") as sink, store.layers_of(image) as layers:
-        archive.export_rootfs(UnionView(layers), sink)
+    cs = Containers(store)
+    container = cs.find(args.name)
+    if container is None:
+        image = store.resolve(args.name)
+        with output_sink(args.output, "the export") as sink, store.layers_of(image) as layers:
+            archive.export_rootfs(UnionView(layers), sink)
+        return 0
+    with output_sink(args.output, "the export") as sink, paused(cs, container, True), \
+            store.layers_of(store.image(container.image)) as layers:  # type: ignore[arg-type]
+        archive.export_rootfs(UnionView([DirLayer(container.upper), *layers]), sink)
     return 0
 
 

@@ -528,10 +528,16 @@ def save_oci(store: Store, images: Sequence[tuple[Image, Sequence[Reference]]],
 # -- export --------------------------------------------------------------------------------------
 
 
-def export_rootfs(view: UnionView, sink: Sink) -> None:
+def export_rootfs(view: UnionView, sink: Sink, epoch: int | None = None) -> None:
     """The merged tree of ``view`` as one flat tar: no whiteouts, hardlinks kept, symlink
-    targets verbatim, xattrs (overlay-private ones excluded) as PAX records."""
+    targets verbatim, xattrs (overlay-private ones excluded) as PAX records; ``epoch`` clamps
+    mtimes (reproducible squashed commits)."""
     w = TarWriter(sink)
+
+    def mtime(ns: int) -> int:
+        sec = ns // 10**9
+        return min(sec, epoch) if epoch is not None else sec
+
     first_name: dict[tuple[int, int], str] = {}
     for node in view.walk():
         if not node.path:
@@ -541,13 +547,13 @@ def export_rootfs(view: UnionView, sink: Sink) -> None:
             prior = first_name.get(node.key)
             if prior is not None:
                 w.add(TarEntry(name=node.path, typeflag=LINK, mode=e.mode & 0o7777, uid=e.uid,
-                               gid=e.gid, mtime=e.mtime_ns // 10**9, linkname=prior))
+                               gid=e.gid, mtime=mtime(e.mtime_ns), linkname=prior))
                 continue
             first_name[node.key] = node.path
         entry = TarEntry(
             name=node.path, typeflag=typeflag_for(e.mode), mode=e.mode & 0o7777, uid=e.uid,
             gid=e.gid, size=e.size if typeflag_for(e.mode) == REG else 0,
-            mtime=e.mtime_ns // 10**9, linkname=e.target, devmajor=os.major(e.rdev),
+            mtime=mtime(e.mtime_ns), linkname=e.target, devmajor=os.major(e.rdev),
             devminor=os.minor(e.rdev), xattrs=view.xattrs(node))
         w.add(entry, _chunks(view, node) if entry.typeflag == REG else ())
     w.close()

@@ -76,6 +76,7 @@ class MountRecord:
     log: str
     started: str
     read_only: bool
+    control: str = ""  # the daemon's control socket (freeze for commit)
 
 
 class Containers:
@@ -194,6 +195,15 @@ class Containers:
 
     def log_path(self, mountpoint: str) -> str:
         return self._record_path(mountpoint)[: -len(".json")] + ".log"
+
+    def control_path(self, mountpoint: str) -> str:
+        return self._record_path(mountpoint)[: -len(".json")] + ".sock"
+
+    def mount_of(self, container: Container) -> MountRecord | None:
+        for rec in self.mounts():
+            if rec.kind == "container" and rec.target == container.id:
+                return rec
+        return None
 
     def record(self, rec: MountRecord) -> None:
         atomic_write(self._record_path(rec.mountpoint),

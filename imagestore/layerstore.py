@@ -26,13 +26,14 @@ from typing import BinaryIO
 from unionfs.tarlayer import LayerError, LayerIndex, TarLayer, build_index
 
 from .cas import BlobStore, BlobWriter
-from .compress import NONE, DecompressReader
+from .compress import NONE, Compressor, DecompressReader
 from .digest import Digest, Hasher, sha256_hex
 from .errors import DigestMismatch, ImageNotFound, InvalidLayer
 from .fsutil import disk_full_guard, fsync_dir
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
+Sink = Callable[[bytes], None]
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,41 @@ class LayerStore:
                 writer.abort()
             shutil.rmtree(work, ignore_errors=True)
 
-    def install_tar(self, tar_path: str, diff_id: Digest) -> LayerInfo:
-        """Adopt an uncompressed tar already hashed to ``diff_id`` (moved, not copied)."""
+    def ingest_produced(self, blobs: BlobStore, produce: Callable[[Sink], object],
+                        compression: str) -> Ingested:
+        """Store a layer that ``produce(sink)`` writes as an uncompressed tar: one pass hashes
+        the diff_id, writes ``layer.tar``, compresses and hashes the blob (never the whole
+        layer in memory)."""
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
+        comp = Compressor(compression)
+        writer = blobs.writer() if compression != NONE else None
         try:
-            os.rename(tar_path, os.path.join(work, "layer.tar"))
-            return self._install(work, diff_id)
+            diff_hash = Hasher()
+            tar_path = os.path.join(work, "layer.tar")
+            with disk_full_guard("a layer"), open(tar_path, "wb") as out:
+
+                def sink(data: bytes) -> None:
+                    diff_hash.update(data)
+                    out.write(data)
+                    if writer is not None:
+                        packed = comp.compress(data)
+                        if packed:
+                            writer.write(packed)
+
+                produce(sink)
+                if writer is not None:
+                    writer.write(comp.flush())
+                out.flush()
+                os.fsync(out.fileno())
+            info = self._install(work, diff_hash.digest)
+            if writer is None:
+                blobs.link(self.tar_path(info.diff_id), info.diff_id)
+                return Ingested(info.diff_id, info.size, NONE, info)
+            digest = writer.commit()
+            return Ingested(digest, writer.hasher.size, compression, info)
         finally:
+            if writer is not None and writer.digest is None:
+                writer.abort()
             shutil.rmtree(work, ignore_errors=True)
 
     def _install(self, work: str, diff_id: Digest) -> LayerInfo:

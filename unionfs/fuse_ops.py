@@ -87,6 +87,19 @@ class Operations(pyfuse3.Operations):
         self.lock = trio.Lock()
         self.limiter = trio.CapacityLimiter(2)
         self.errors = 0
+        self._thawed: trio.Event | None = None  # set while frozen (commit in progress)
+
+    async def freeze(self) -> None:
+        """Hold every change (namespace changes and data writes) until ``thaw``: take the
+        mutation lock, then make writes wait.  For a consistent commit of the upper."""
+        await self.lock.acquire()
+        self._thawed = trio.Event()
+
+    def thaw(self) -> None:
+        if self._thawed is not None:
+            self._thawed.set()
+            self._thawed = None
+            self.lock.release()
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -419,6 +432,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        while self._thawed is not None:
+            await self._thawed.wait()
         h = self.handles[fh]
         if h.fd is None or not h.writable:
             raise UnionError(errno.EBADF)

@@ -22,7 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyfuse3
@@ -85,24 +85,59 @@ def _unescape(field: str) -> str:
 
 
 def serve(union: Union, mountpoint: str, options: MountOptions,
-          on_ready: Callable[[], None] | None = None) -> int:
-    """Mount and serve until unmounted or signalled; returns the number of handler errors."""
+          on_ready: Callable[[], None] | None = None, control: str | None = None) -> int:
+    """Mount and serve until unmounted or signalled; returns the number of handler errors.
+    ``control``: a Unix socket path where ``freeze`` requests are answered (see ``frozen``)."""
     ops = Operations(union, timeout=options.timeout)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options())
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     try:
-        trio.run(_run, ops, mountpoint, on_ready)
+        trio.run(_run, ops, mountpoint, on_ready, control)
     finally:
         ops.close_all()
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+        if control is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control)
     return ops.errors
 
 
-async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+async def _control(ops: Operations, path: str) -> None:
+    """One request: ``freeze``.  Changes are held from the ``frozen`` answer until the client
+    closes the connection (or dies), so a commit can never leave the mount frozen."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    with _short(path) as short:
+        await sock.bind(short)
+    os.chmod(path, 0o600)
+    sock.listen(4)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            if (await stream.receive_some(64)).strip() != b"freeze":
+                return
+            await ops.freeze()
+            try:
+                await stream.send_all(b"frozen\n")
+                while await stream.receive_some(64):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            finally:
+                ops.thaw()
+
+    await trio.serve_listeners(handle, [trio.SocketListener(sock)])
+
+
+async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | None,
+               control: str | None) -> None:
     async with trio.open_nursery() as nursery:
+        if control is not None:
+            nursery.start_soon(_control, ops, control)
 
         async def main() -> None:
             await pyfuse3.main()
@@ -142,3 +177,48 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
         raise MountError(f"unmount {mountpoint}: {msg}")
+
+
+@contextlib.contextmanager
+def frozen(mountpoint: str, control: str, timeout: float = 60.0) -> Iterator[None]:
+    """Hold every change to a mounted union while the block runs (``docker commit --pause``):
+    flush the kernel's dirty pages to the daemon, then ask it to freeze."""
+    import socket
+
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc_syncfs(fd)
+    finally:
+        os.close(fd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            with _short(control) as short:
+                s.connect(short)
+            s.sendall(b"freeze\n")
+            answer = s.recv(64)
+        except OSError as exc:
+            raise MountError(f"cannot pause the mount at {mountpoint}: {exc}") from None
+        if answer.strip() != b"frozen":
+            raise MountError(f"the mount at {mountpoint} did not pause")
+        yield
+
+
+def _libc_syncfs(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@contextlib.contextmanager
+def _short(path: str) -> Iterator[str]:
+    """A Unix socket address for ``path`` that fits the 108-byte limit, however deep the store
+    is: the socket's directory through ``/proc/self/fd``."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
