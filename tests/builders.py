@@ -283,3 +283,31 @@ def listing(root: str) -> dict[str, tuple[int, int]]:
             st = os.lstat(full)
             out[os.path.relpath(full, root)] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+def sample_layers() -> list[bytes]:
+    """A four-layer image exercising the layer rules: busybox, whiteouts, an opaque dir, a
+    whited-out tree re-created, hardlinks, symlinks of every kind, a FIFO, xattrs, setuid and
+    sticky modes, owners, a device node."""
+    entries = [
+        busybox_entries() + [
+            d("etc/app"), file("etc/app/conf", b"v1"), file("etc/app/old", b"old"),
+            d("var/lib/data"), file("var/lib/data/a", b"a"), file("var/lib/data/b", b"b"),
+            file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o4755),
+            file("shared", b"shared data"), link("shared-link", "shared"),
+        ],
+        [
+            file("etc/app/conf", b"v2"), whiteout("etc/app/old"),
+            opaque("var/lib/data"), file("var/lib/data/c", b"c"),
+            sym("bin/abs", "/bin/busybox"), sym("bin/dangling", "../nowhere"),
+            sym("loop1", "loop2"), sym("loop2", "loop1"),
+            fifo("run/fifo"), file("xattrs", b"x", xattrs={"user.k": b"v"}),
+        ],
+        [
+            whiteout("usr"), d("usr/local"), file("usr/local/new", b"new"),
+            file("etc/app/conf", b"v3", mode=0o600, uid=1000, gid=1000),
+            d("tmp", mode=0o1777),
+        ],
+        [chardev("dev/null", 1, 3, mode=0o666)],
+    ]
+    return [tar_bytes(e) for e in entries]

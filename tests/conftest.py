@@ -198,6 +198,20 @@ class Mounter:
 
 
 @pytest.fixture
+def sample_image(strata: Strata, tmp_path: Path) -> str:
+    """``test/image:v1`` in the store, loaded from an OCI layout (``tmp_path/layout``, tag v1)
+    built from ``builders.sample_layers``."""
+    from tests.builders import oci_layout, sample_layers
+
+    require_root()  # device nodes and owners in the layers
+    oci_layout(str(tmp_path / "layout"), sample_layers(), tag="v1", compression="gzip",
+               config={"config": {"Cmd": ["/bin/sh"]}})
+    out = strata.out("load", "-i", str(tmp_path / "layout"))
+    strata("tag", out.split()[-1], "test/image:v1")
+    return "test/image:v1"
+
+
+@pytest.fixture
 def mounter(strata: Strata, tmp_path: Path) -> Iterator[Mounter]:
     require_fuse()
     m = Mounter(strata, tmp_path)

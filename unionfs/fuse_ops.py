@@ -389,8 +389,12 @@ class Operations(pyfuse3.Operations):
             raise UnionError(errno.EROFS)
         node = self._node(i)
         if writable and i.path is not None:
+            # libfuse enables atomic O_TRUNC: the truncate comes with the open, not a setattr
+            truncate = bool(flags & os.O_TRUNC)
             async with self.lock:
-                await self._copy_up(i.path)
+                await self._copy_up(i.path, 0 if truncate else None)
+                if truncate:
+                    self.union.setattr(i.path, size=0)
                 node = self._node(i)
         fd = None
         if self.union.upper is not None and self.union.in_upper(node) and i.path is not None:

@@ -13,66 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import (
-    busybox_entries,
-    chardev,
-    d,
-    diff_trees,
-    fifo,
-    file,
-    link,
-    oci_layout,
-    opaque,
-    sym,
-    tar_bytes,
-    tree_of_dir,
-    tree_of_tar,
-    whiteout,
-)
-from tests.conftest import Mounter, Strata, is_mounted, require_root
+from tests.builders import diff_trees, tree_of_dir, tree_of_tar
+from tests.conftest import Mounter, Strata, is_mounted
 
 pytestmark = pytest.mark.fuse
 
-LAYERS = [
-    busybox_entries() + [
-        d("etc/app"), file("etc/app/conf", b"v1"), file("etc/app/old", b"old"),
-        d("var/lib/data"), file("var/lib/data/a", b"a"), file("var/lib/data/b", b"b"),
-        file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o4755),
-        file("shared", b"shared data"), link("shared-link", "shared"),
-    ],
-    [
-        file("etc/app/conf", b"v2"), whiteout("etc/app/old"),
-        opaque("var/lib/data"), file("var/lib/data/c", b"c"),
-        sym("bin/abs", "/bin/busybox"), sym("bin/dangling", "../nowhere"),
-        sym("loop1", "loop2"), sym("loop2", "loop1"),
-        fifo("run/fifo"), file("xattrs", b"x", xattrs={"user.k": b"v"}),
-    ],
-    [
-        whiteout("usr"), d("usr/local"), file("usr/local/new", b"new"),
-        file("etc/app/conf", b"v3", mode=0o600, uid=1000, gid=1000),
-        d("tmp", mode=0o1777),
-    ],
-]
-
-
-@pytest.fixture
-def image(strata: Strata, tmp_path: Path) -> str:
-    layers = [tar_bytes(entries) for entries in LAYERS]
-    require_root()  # device nodes and ownership in the layers
-    layers.append(tar_bytes([chardev("dev/null", 1, 3, mode=0o666)]))
-    oci_layout(str(tmp_path / "layout"), layers, tag="v1", compression="gzip",
-               config={"config": {"Cmd": ["/bin/sh"]}})
-    out = strata.out("load", "-i", str(tmp_path / "layout"))
-    assert "Loaded image ID" in out
-    image_id = out.split()[-1]
-    strata("tag", image_id, "test/image:v1")
-    return "test/image:v1"
-
-
-def test_image_mount_equals_export(strata: Strata, mounter: Mounter, image: str,
+def test_image_mount_equals_export(strata: Strata, mounter: Mounter, sample_image: str,
                                    tmp_path: Path) -> None:
-    mp = mounter.mount(image, at=mounter.mountpoint("m"))
-    exported = strata("export", image).stdout
+    mp = mounter.mount(sample_image, at=mounter.mountpoint("m"))
+    exported = strata("export", sample_image).stdout
     assert not diff_trees(tree_of_dir(str(mp)), tree_of_tar(exported))
     assert (mp / "etc/app/conf").read_bytes() == b"v3"
     assert not (mp / "etc/app/old").exists()
@@ -91,9 +40,9 @@ def test_image_mount_equals_export(strata: Strata, mounter: Mounter, image: str,
     assert proc.stdout == "hello from the image\n"
 
 
-def test_image_mount_equals_umoci_unpack(strata: Strata, mounter: Mounter, image: str,
+def test_image_mount_equals_umoci_unpack(strata: Strata, mounter: Mounter, sample_image: str,
                                          tmp_path: Path, umoci: str) -> None:
-    mp = mounter.mount(image, at=mounter.mountpoint("m"))
+    mp = mounter.mount(sample_image, at=mounter.mountpoint("m"))
     bundle = tmp_path / "bundle"
     subprocess.run([umoci, "unpack", "--image", f"{tmp_path / 'layout'}:v1", str(bundle)],
                    check=True, capture_output=True)
@@ -102,8 +51,8 @@ def test_image_mount_equals_umoci_unpack(strata: Strata, mounter: Mounter, image
 
 
 def test_container_changes_survive_remount(strata: Strata, mounter: Mounter,
-                                           image: str) -> None:
-    cid = strata.out("create", "--name", "web", image).strip()
+                                           sample_image: str) -> None:
+    cid = strata.out("create", "--name", "web", sample_image).strip()
     assert len(cid) == 64
     assert "web" in strata.out("ps")
     mp = mounter.mount("web", at=mounter.mountpoint("c"))
@@ -127,14 +76,14 @@ def test_container_changes_survive_remount(strata: Strata, mounter: Mounter,
     mounter.active.remove(mp2)
 
 
-def test_rmi_refuses_an_image_a_container_uses(strata: Strata, image: str) -> None:
-    strata("create", "--name", "keep", image)
-    proc = strata("rmi", image, check=False)
+def test_rmi_refuses_an_image_a_container_uses(strata: Strata, sample_image: str) -> None:
+    strata("create", "--name", "keep", sample_image)
+    proc = strata("rmi", sample_image, check=False)
     assert proc.returncode != 0 and b"container" in proc.stderr
 
 
-def test_posix_corners(strata: Strata, mounter: Mounter, image: str) -> None:
-    strata("create", "--name", "p", image)
+def test_posix_corners(strata: Strata, mounter: Mounter, sample_image: str) -> None:
+    strata("create", "--name", "p", sample_image)
     mp = mounter.mount("p", at=mounter.mountpoint("p"))
     ino = os.stat(mp / "etc/passwd").st_ino
     with open(mp / "etc/passwd", "ab") as f:  # copy-up keeps the inode number
@@ -169,20 +118,21 @@ def test_posix_corners(strata: Strata, mounter: Mounter, image: str) -> None:
 
 
 def test_mount_umount_many_times_leaks_nothing(strata: Strata, mounter: Mounter,
-                                               image: str) -> None:
+                                               sample_image: str) -> None:
     mp = mounter.mountpoint("loop")
-    before = _strata_daemons()
+    before = _strata_daemons(strata.root)
     for _ in range(50):
-        mounter.mount(image, at=mp)
+        mounter.mount(sample_image, at=mp)
         assert (mp / "etc/app/conf").read_bytes() == b"v3"
         mounter.umount(mp)
         assert not is_mounted(mp)
     time.sleep(0.2)
-    assert _strata_daemons() == before
+    assert _strata_daemons(strata.root) == before
     assert strata.out("mounts", "-q") == ""
 
 
-def _strata_daemons() -> set[int]:
+def _strata_daemons(root: Path) -> set[int]:
+    """Mount daemons serving this store (other tests may run beside this one)."""
     out = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -190,13 +140,13 @@ def _strata_daemons() -> set[int]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"cli.main" in cmd and b"--ready-fd" in cmd:
+            if b"--ready-fd" in cmd and str(root).encode() in cmd:
                 out.add(int(pid))
     return out
 
 
-def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, image: str) -> None:
-    mp = mounter.mount(image, at=mounter.mountpoint("t"))
+def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, sample_image: str) -> None:
+    mp = mounter.mount(sample_image, at=mounter.mountpoint("t"))
     pid = int(strata.out("mounts").splitlines()[1].split()[3])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -207,8 +157,8 @@ def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, image: str) 
 
 
 def test_kill_9_mid_write_then_umount_recovers(strata: Strata, mounter: Mounter,
-                                               image: str) -> None:
-    cid = strata.out("create", "--name", "k", image).strip()
+                                               sample_image: str) -> None:
+    cid = strata.out("create", "--name", "k", sample_image).strip()
     mp = mounter.mount("k", at=mounter.mountpoint("k"))
     pid = int(strata.out("mounts").splitlines()[1].split()[3])
     writer = subprocess.Popen(["sh", "-c", f"while cat {mp}/bin/busybox >> {mp}/grow; do :; "

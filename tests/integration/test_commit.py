@@ -1,0 +1,227 @@
+"""diff, commit and export of containers, end to end with real mounts, checked against the
+container's own merged view, umoci, skopeo and kernel overlayfs."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.builders import diff_trees, listing, tree_of_dir, tree_of_tar
+from tests.conftest import Mounter, Strata, require_root
+
+pytestmark = pytest.mark.fuse
+
+
+def change(mp: Path) -> None:
+    """The scripted change list (issue 4): every kind of change a rootfs sees."""
+    (mp / "new.txt").write_bytes(b"a new file")
+    (mp / "etc/passwd").write_bytes(b"overwritten\n")
+    with open(mp / "etc/group", "ab") as f:
+        f.write(b"appended:x:5:\n")
+    os.unlink(mp / "bin/dangling")
+    shutil.rmtree(mp / "var/lib")
+    shutil.rmtree(mp / "etc/app")
+    (mp / "etc/app").write_bytes(b"a dir became a file")
+    os.unlink(mp / "xattrs")
+    (mp / "xattrs").mkdir()
+    (mp / "xattrs/inside").write_bytes(b"a file became a dir")
+    os.chmod(mp / "usr/local/new", 0o4750)
+    os.chown(mp / "usr/local/new", 123, 456)
+    os.link(mp / "new.txt", mp / "new-hardlink")
+    os.symlink("/etc/passwd", mp / "abs-link")
+    os.setxattr(mp / "new.txt", "user.note", b"kept")
+    os.mkfifo(mp / "run/fifo2")
+
+
+EXPECTED_DIFF = """C /bin
+D /bin/dangling
+A /abs-link
+C /etc
+C /etc/app
+C /etc/group
+C /etc/passwd
+A /new-hardlink
+A /new.txt
+C /run
+A /run/fifo2
+C /usr
+C /usr/local
+C /usr/local/new
+C /var
+D /var/lib
+C /xattrs
+A /xattrs/inside
+"""
+
+
+def _sorted_diff(text: str) -> list[str]:
+    return sorted(text.splitlines(), key=lambda line: line[2:])
+
+
+@pytest.fixture
+def changed(strata: Strata, mounter: Mounter, sample_image: str) -> tuple[Path, dict]:
+    strata("create", "--name", "box", sample_image)
+    mp = mounter.mount("box", at=mounter.mountpoint("box"))
+    change(mp)
+    return mp, tree_of_dir(str(mp))
+
+
+def test_diff_lists_the_changes(strata: Strata, changed: tuple[Path, dict]) -> None:
+    assert _sorted_diff(strata.out("diff", "box")) == _sorted_diff(EXPECTED_DIFF)
+
+
+def test_commit_round_trip(strata: Strata, mounter: Mounter, changed: tuple[Path, dict],
+                          tmp_path: Path) -> None:
+    mp, merged = changed
+    image_id = strata.out("commit", "-a", "Jane <j@example.com>", "-m", "scripted",
+                          "-c", "ENV STAGE=committed", "box", "test/committed:1").strip()
+    assert image_id.startswith("sha256:")
+    view = mounter.mount("test/committed:1", at=mounter.mountpoint("committed"))
+    problems = diff_trees(merged, tree_of_dir(str(view)))
+    assert not problems, "\n".join(problems)
+    # export of the container and of the image agree with the merged view too
+    assert not diff_trees(merged, tree_of_tar(strata("export", "box").stdout))
+    assert not diff_trees(merged, tree_of_tar(strata("export", "test/committed:1").stdout))
+    inspect = json.loads(strata.out("inspect", "test/committed:1"))[0]
+    assert inspect["Author"] == "Jane <j@example.com>"
+    assert "STAGE=committed" in inspect["Config"]["Env"]
+    assert inspect["Config"]["Cmd"] == ["/bin/sh"]
+    assert len(inspect["RootFS"]["Layers"]) == 5
+    history = strata.out("history", "--no-trunc", "test/committed:1")
+    assert "scripted" in history.splitlines()[1]
+
+
+def test_committed_image_reads_the_same_in_umoci_and_skopeo(
+        strata: Strata, changed: tuple[Path, dict], tmp_path: Path, umoci: str,
+        skopeo: str) -> None:
+    _, merged = changed
+    strata("commit", "box", "test/committed:gz")
+    strata("commit", "--compression", "zstd", "box", "test/committed:zstd")
+    archive = tmp_path / "oci.tar"
+    strata("save", "--format", "oci", "-o", str(archive), "test/committed:gz",
+           "test/committed:zstd")
+    layout = tmp_path / "layout-out"
+    with tarfile.open(archive) as tf:
+        tf.extractall(layout, filter="tar")
+    for tag in ("gz", "zstd"):  # umoci 0.4.7 reads no zstd; skopeo reads both
+        info = subprocess.run([skopeo, "inspect", f"oci:{layout}:{tag}"], check=True,
+                              capture_output=True).stdout
+        assert len(json.loads(info)["Layers"]) == 5
+    bundle = tmp_path / "bundle"
+    subprocess.run([umoci, "unpack", "--image", f"{layout}:gz", str(bundle)], check=True,
+                   capture_output=True)
+    problems = diff_trees(merged, tree_of_dir(str(bundle / "rootfs")))
+    assert not problems, "\n".join(problems)
+
+
+def test_squash_writes_one_layer(strata: Strata, mounter: Mounter,
+                                 changed: tuple[Path, dict]) -> None:
+    _, merged = changed
+    strata("commit", "--squash", "box", "test/squashed:1")
+    inspect = json.loads(strata.out("inspect", "test/squashed:1"))[0]
+    assert len(inspect["RootFS"]["Layers"]) == 1
+    view = mounter.mount("test/squashed:1", at=mounter.mountpoint("sq"))
+    assert not diff_trees(merged, tree_of_dir(str(view)))
+
+
+def test_fixed_timestamp_commits_are_reproducible(strata: Strata,
+                                                  changed: tuple[Path, dict]) -> None:
+    env = {"SOURCE_DATE_EPOCH": "1700000000"}
+    first = strata.out("commit", "box", env=env).strip()
+    second = strata.out("commit", "box", env=env).strip()
+    assert first == second
+    third = strata.out("commit", "--timestamp", "1700000000", "box").strip()
+    assert third == first
+    inspect = json.loads(strata.out("inspect", first))[0]
+    assert inspect["Created"] == "2023-11-14T22:13:20Z"
+
+
+def test_commit_while_writes_go_on(strata: Strata, mounter: Mounter, sample_image: str) -> None:
+    strata("create", "--name", "busy", sample_image)
+    mp = mounter.mount("busy", at=mounter.mountpoint("busy"))
+    stop = threading.Event()
+
+    def writer() -> None:
+        with open(mp / "log", "ab") as f:
+            while not stop.is_set():
+                f.write(b"x" * 4096)
+                f.flush()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(3):
+            strata("commit", "busy")  # the layer is consistent: no file grows while archived
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_commit_of_an_upper_written_by_kernel_overlayfs(strata: Strata, mounter: Mounter,
+                                                        sample_image: str,
+                                                        tmp_path: Path) -> None:
+    require_root()
+    lower = tmp_path / "flat"
+    lower.mkdir()
+    with tarfile.open(fileobj=__import__("io").BytesIO(strata("export", sample_image).stdout)
+                      ) as tf:
+        tf.extractall(lower, filter="fully_trusted")
+    upper, work = tmp_path / "kupper", tmp_path / "kwork"
+    upper.mkdir()
+    work.mkdir()
+    kmp = mounter.overlay([lower], mounter.mountpoint("kernel"), upper, work,
+                          "index=off,redirect_dir=off,metacopy=off")
+    change(kmp)
+    kernel_view = tree_of_dir(str(kmp))
+    mounter.umount(kmp)
+    cid = strata.out("create", "--name", "fromkernel", sample_image).strip()
+    container_upper = strata.root / "containers" / cid / "upper"
+    shutil.rmtree(container_upper)
+    subprocess.run(["cp", "-a", str(upper), str(container_upper)], check=True)
+    strata("commit", "fromkernel", "test/fromkernel:1")
+    view = mounter.mount("test/fromkernel:1", at=mounter.mountpoint("fk"))
+    problems = diff_trees(kernel_view, tree_of_dir(str(view)))
+    assert not problems, "\n".join(problems)
+
+
+def test_commit_on_a_full_file_system_changes_nothing(strata: Strata, sample_image: str,
+                                                      tmp_path: Path) -> None:
+    require_root()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    try:
+        s2 = Strata(small / "store")
+        image_tar = tmp_path / "img.tar"
+        strata("save", "-o", str(image_tar), sample_image)
+        s2("load", "-i", str(image_tar))
+        cid = s2.out("create", "--name", "full", sample_image).strip()
+        upper = small / "store/containers" / cid / "upper"
+        (upper / "big").write_bytes(os.urandom(12 << 20))  # the layer will not fit beside it
+        before = listing(str(small / "store"))
+        proc = s2("commit", "--compression", "none", "full", check=False)
+        assert proc.returncode != 0
+        err = proc.stderr.decode().strip()
+        assert err.startswith("Error:") and "space" in err and len(err.splitlines()) == 1
+        after = listing(str(small / "store"))
+        assert after == before
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_big_uppers_stream(strata: Strata, sample_image: str) -> None:
+    cid = strata.out("create", "--name", "big", sample_image).strip()
+    with open(strata.root / "containers" / cid / "upper/huge", "wb") as f:
+        f.truncate(2 << 30)  # 2 GiB (sparse in the upper, real in the layer)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    strata("commit", "--compression", "none", "big", "test/big:1")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert max(before, peak_kib) < 300 * 1024, f"commit peaked at {peak_kib // 1024} MiB"
