@@ -251,6 +251,10 @@ class Union:
     # -- removing --------------------------------------------------------------------------------
 
     def _remove(self, parent: Node, path: str) -> None:
+        node = self.resolve(path)
+        if not node.is_dir and node.entry.nlink > 1:
+            # the other names of a lower hardlink must lose a link, as with overlayfs index=on
+            self.copy_up(path)
         self.copy_up(parent.path)
         if self._lower_visible(parent, path):
             self._up().whiteout(path)
@@ -318,6 +322,8 @@ class Union:
                 raise UnionError(errno.ENOTEMPTY, dst)
             if not node.is_dir and target.key == node.key:
                 return False, None  # two names of one file: rename does nothing
+            if not target.is_dir and target.entry.nlink > 1:
+                self.copy_up(dst)  # its other names lose a link
         if self._needs_tree_copy(node):
             self.copy_up_tree(src)
         else:

@@ -160,9 +160,11 @@ def _cross_read(mounter: Mounter, lowers: list[Path], base: Path, su: Path, sw: 
     [Op("rename", ("f", "g")), Op("link", ("g", "n1"))],
     [Op("chown", ("big", 1000, 1000)), Op("chmod", ("big", 0o4755))],
     [Op("overwrite", ("d/x", b"")), Op("overwrite", ("big", b"short"))],
+    [Op("unlink", ("hl1",))],
+    [Op("rename", ("f", "hl2"))],
 ], ids=["rename-merged-dir", "rename-lower-dir-deeper", "hardlink-copy-up", "recreate-dir",
         "recreate-file", "dir-over-whiteout", "rename-over-lower", "chown-then-setuid",
-        "open-o-trunc"])
+        "open-o-trunc", "unlink-lower-hardlink", "rename-over-lower-hardlink"])
 def test_known_sequences(lowers: list[Path], mounter: Mounter, seq: list[Op]) -> None:
     """Hand-picked sequences that once went wrong or that the random search may miss."""
     test_same_as_kernel_overlayfs.hypothesis.inner_test(lowers, mounter, seq)  # type: ignore[attr-defined]
