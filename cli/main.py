@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from imagestore.errors import StoreError
 from unionfs.tarlayer import LayerError
 
-from . import images, transfer
+from . import images, registry, transfer
 from .common import UserError
 
-GROUPS = (images, transfer)
+GROUPS = (images, transfer, registry)
 
 
 def build_parser() -> argparse.ArgumentParser:

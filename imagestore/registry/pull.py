@@ -48,6 +48,7 @@ from ..reference import Reference
 from ..store import Image, Store
 from .client import Registry, RetryPolicy, Transport, open_transport, read_limited
 from .errors import RegistryError
+from .events import Event, EventFn, ignore, short
 from .sources import BlobSources
 
 log = logging.getLogger(__name__)
@@ -57,29 +58,12 @@ PROGRESS_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
-class Event:
-    """A progress line: ``id`` is a short digest (or a tag for the header line)."""
-
-    id: str
-    status: str
-    current: int | None = None
-    total: int | None = None
-
-
-EventFn = Callable[[Event], None]
-
-
-@dataclass(frozen=True)
 class PullResult:
     image: Image
     ref: Reference
     digest: Digest  # of the manifest or index the reference named (the RepoDigest)
     up_to_date: bool
     downloaded: int  # layers fetched from the registry
-
-
-def short(digest: str) -> str:
-    return digest.partition(":")[2][:12]
 
 
 def pull_scope(path: str) -> str:
@@ -527,6 +511,6 @@ async def pull(store: Store, ref: Reference, *, platform: oci.Platform | None = 
         if transport is None:
             transport = await stack.enter_async_context(open_transport())
         with store.ingesting():
-            puller = _Puller(store, transport, ref, platform, events or (lambda e: None),
+            puller = _Puller(store, transport, ref, platform, events or ignore,
                              concurrency)
             return await puller.run()
