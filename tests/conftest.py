@@ -95,3 +95,123 @@ def run() -> Callable[..., subprocess.CompletedProcess[bytes]]:
         return proc  # type: ignore[no-any-return]
 
     return _run
+
+
+# =================================================================================================
+# registry: a real docker-registry process (CNCF distribution) on 127.0.0.1, its auth variants,
+# the test images pushed into it with skopeo, and a fault proxy.  Helpers: tests/registry_helpers.
+# =================================================================================================
+
+from tests import builders as _b  # noqa: E402
+from tests import registry_helpers as _rh  # noqa: E402
+
+REGISTRY_USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+@pytest.fixture(scope="session")
+def registry_tools() -> None:
+    require_tool("docker-registry")
+    require_tool("skopeo")
+
+
+@pytest.fixture(scope="session")
+def registry(registry_tools: None,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[_rh.RegistryProcess]:
+    """An open registry (no auth) for the whole session; tests use their own repositories."""
+    reg = _rh.RegistryProcess(tmp_path_factory.mktemp("registry-open"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_images(registry: _rh.RegistryProcess,
+                    tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    """Test images in ``registry``: name -> {"ref", "layout" (the OCI source), digests}.
+
+    oci-gzip (OCI types), docker-gzip (Docker v2s2 via skopeo --format v2s2), zstd,
+    plain (uncompressed layers, uploaded over plain HTTP since skopeo would compress them),
+    multi (an index: linux/amd64, linux/arm64, linux/arm/v7 and an attestation)."""
+    base = tmp_path_factory.mktemp("registry-images")
+    layers = [_b.tar_bytes(_b.busybox_entries()),
+              _b.tar_bytes([_b.d("etc"), _b.file("etc/motd", b"hello from strata\n"),
+                            _b.sym("etc/link", "motd"), _b.d("var/empty", mode=0o700),
+                            _b.file("etc/secret", b"s", mode=0o600, uid=1000, gid=100)]),
+              _b.tar_bytes([_b.whiteout("etc/group"), _b.file("etc/new", b"third\n")])]
+    out: dict[str, dict[str, object]] = {}
+    for name, compression, extra in (("oci-gzip", "gzip", ()),
+                                     ("docker-gzip", "gzip", ("--format", "v2s2")),
+                                     ("zstd", "zstd", ())):
+        layout = str(base / name)
+        info = _b.oci_layout(layout, layers, compression=compression)
+        ref = f"{registry.host}/test/{name}:1"
+        _rh.skopeo_copy(f"oci:{layout}:latest", f"docker://{ref}", *extra)
+        out[name] = {"ref": ref, "layout": layout, **info}
+    layout = str(base / "plain")
+    info = _b.oci_layout(layout, layers, compression="none")
+    digest = _rh.upload_layout(registry.host, layout, "test/plain", "1")
+    out["plain"] = {"ref": f"{registry.host}/test/plain:1", "layout": layout, **info,
+                    "manifest": digest}
+    layout = str(base / "multi")
+    info = _rh.multi_platform_layout(layout, "multi")
+    ref = f"{registry.host}/test/multi:1"
+    _rh.skopeo_copy(f"oci:{layout}:multi", f"docker://{ref}", "--all")
+    out["multi"] = {"ref": ref, "layout": layout, **info}
+    return out
+
+
+@pytest.fixture
+def registry_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Credentials and registries configuration confined to the test: ``DOCKER_CONFIG``,
+    ``XDG_CONFIG_HOME`` and ``XDG_RUNTIME_DIR`` in tmp_path, ``REGISTRY_AUTH_FILE`` unset."""
+    env = {"DOCKER_CONFIG": tmp_path / "docker", "XDG_CONFIG_HOME": tmp_path / "xdg-config",
+           "XDG_RUNTIME_DIR": tmp_path / "xdg-run"}
+    for key, path in env.items():
+        path.mkdir(exist_ok=True)
+        monkeypatch.setenv(key, str(path))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("STRATA_REGISTRIES_CONFIG", raising=False)
+    return env
+
+
+@pytest.fixture(scope="module")
+def basic_registry(registry_tools: None, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[_rh.RegistryProcess]:
+    """A registry with htpasswd Basic auth (users: REGISTRY_USERS)."""
+    require_tool("htpasswd")
+    d = tmp_path_factory.mktemp("registry-basic")
+    htpasswd = _rh.htpasswd_file(d / "htpasswd", REGISTRY_USERS)
+    reg = _rh.RegistryProcess(d / "reg", auth=("htpasswd", htpasswd))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def token_key(tmp_path_factory: pytest.TempPathFactory) -> _rh.RsaKey:
+    require_tool("openssl")
+    return _rh.RsaKey(tmp_path_factory.mktemp("token-key"))
+
+
+@pytest.fixture(scope="module")
+def token_server(token_key: _rh.RsaKey) -> Iterator[_rh.TokenServer]:
+    server = _rh.TokenServer(token_key, REGISTRY_USERS)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def token_registry(registry_tools: None, token_server: _rh.TokenServer,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[_rh.RegistryProcess]:
+    """A registry with Bearer token auth trusting ``token_server``: anonymous users may pull
+    ``public/*``, REGISTRY_USERS may pull and push everything."""
+    reg = _rh.RegistryProcess(tmp_path_factory.mktemp("registry-token"),
+                              auth=("token", token_server))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def fault_proxy(registry: _rh.RegistryProcess) -> Iterator[_rh.FaultProxy]:
+    """A recording proxy with fault rules in front of the open registry."""
+    proxy = _rh.FaultProxy(registry)
+    yield proxy
+    proxy.close()

@@ -193,13 +193,14 @@ async def read_limited(resp: httpx.Response, limit: int) -> bytes:
                             f"the {limit} bytes allowed")
     chunks = []
     total = 0
-    async for chunk in resp.aiter_bytes():
-        total += len(chunk)
-        if total > limit:
-            await resp.aclose()
-            raise RegistryError(f"{resp.request.url}: response is larger than the {limit} "
-                                "bytes allowed")
-        chunks.append(chunk)
+    async with contextlib.aclosing(resp.aiter_bytes()) as it:  # type: ignore[type-var]
+        async for chunk in it:
+            total += len(chunk)
+            if total > limit:
+                await resp.aclose()
+                raise RegistryError(f"{resp.request.url}: response is larger than the {limit} "
+                                    "bytes allowed")
+            chunks.append(chunk)
     return b"".join(chunks)
 
 

@@ -31,7 +31,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -149,7 +149,7 @@ class _BlobStream:
         self.emit = emit
         self.sid = short(desc.digest)
         self._resp: httpx.Response | None = None
-        self._iter: AsyncIterator[bytes] | None = None
+        self._iter: AsyncGenerator[bytes, None] | None = None
         self._skip = 0
         self._last = -1.0
         self.fetched = 0  # bytes received over the network
@@ -178,13 +178,16 @@ class _BlobStream:
         else:
             raise await self.reg.fail(resp, f"blob {self.desc.digest}")
         self._resp = resp
-        self._iter = resp.aiter_raw()
+        self._iter = resp.aiter_raw()  # type: ignore[assignment]
         return True
 
     async def aclose(self) -> None:
-        resp, self._resp, self._iter = self._resp, None, None
-        if resp is not None:
-            with trio.CancelScope(shield=True):
+        resp, it, self._resp, self._iter = self._resp, self._iter, None, None
+        with trio.CancelScope(shield=True):
+            if it is not None:
+                with contextlib.suppress(httpx.HTTPError):
+                    await it.aclose()
+            if resp is not None:
                 await resp.aclose()
 
     def _progress(self, current: int, done: bool = False) -> None:
@@ -192,6 +195,16 @@ class _BlobStream:
         if done or now - self._last >= PROGRESS_INTERVAL:
             self._last = now
             self.emit(Event(self.sid, "Downloading", current, self.desc.size))
+
+    async def _exhaust(self) -> bytes:
+        """Read the response to its end (bytes past the blob's size are returned, for the
+        reader to refuse); an exhausted stream leaves no half-consumed generators behind."""
+        extra = b""
+        assert self._iter is not None
+        with contextlib.suppress(StopAsyncIteration, httpx.TransportError):
+            while len(extra) <= 1 << 16:
+                extra += await self._iter.__anext__()
+        return extra
 
     async def chunk(self, offset: int) -> bytes:
         """The bytes from ``offset`` on (some of them); b"" at the end of the blob."""
@@ -226,6 +239,8 @@ class _BlobStream:
                     data = data[drop:]
                     if not data:
                         continue
+                if offset + len(data) >= self.desc.size:
+                    data += await self._exhaust()
                 self.fetched += len(data)
                 self._progress(offset + len(data), done=offset + len(data) >= self.desc.size)
                 return data
