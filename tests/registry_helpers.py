@@ -335,7 +335,7 @@ def skopeo_copy(src: str, dest: str, *extra: str, creds: str | None = None) -> N
 class Rule:
     method: str
     path: re.Pattern[str]
-    action: str  # cut, corrupt, status, redirect, schema1, content_type, cut_request
+    action: str  # cut, corrupt, status, redirect, schema1, content_type, cut_request, hang
     times: int = 1
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -345,7 +345,7 @@ class Seen:
     listener: str  # "proxy" or "cdn"
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     status: int = 0
     sent: int = 0  # body bytes sent back
     action: str = ""
@@ -420,7 +420,8 @@ class FaultProxy:
 
     def _proxy(self, h: _Handler) -> None:
         body = h.body()
-        seen = self._record(Seen("proxy", h.command, h.path, dict(h.headers.items())))
+        seen = self._record(Seen("proxy", h.command, h.path,
+                                {k.lower(): v for k, v in h.headers.items()}))
         rule = self._match(h.command, h.path)
         seen.action = rule.action if rule else ""
         if rule is not None and rule.action == "status":
@@ -428,6 +429,11 @@ class FaultProxy:
             headers = {"Content-Type": "application/json", **rule.params.get("headers", {})}
             seen.status = status
             h.reply(status, b'{"errors":[{"code":"UNKNOWN","message":"injected"}]}', headers)
+            return
+        if rule is not None and rule.action == "hang":
+            rule.params["event"].wait(rule.params.get("timeout", 30))
+            seen.status = 503
+            h.reply(503, b"", {"Retry-After": "0"})
             return
         if rule is not None and rule.action == "redirect":
             digest = h.path.rsplit("/", 1)[1].split("?")[0]
@@ -487,7 +493,8 @@ class FaultProxy:
             conn.close()
 
     def _cdn(self, h: _Handler) -> None:
-        seen = self._record(Seen("cdn", h.command, h.path, dict(h.headers.items())))
+        seen = self._record(Seen("cdn", h.command, h.path,
+                                {k.lower(): v for k, v in h.headers.items()}))
         digest = urllib.parse.urlsplit(h.path).path.rsplit("/", 1)[1]
         path = self.registry.blob_path(digest)
         if "Authorization" in h.headers:

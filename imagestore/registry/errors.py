@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import StoreError
@@ -38,3 +40,26 @@ def error_detail(body: bytes) -> tuple[str, str]:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return "", ""
     return code, message
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Around a nursery: re-raise a ``KeyboardInterrupt`` or the first ``StoreError`` of an
+    exception group on its own (the CLI prints it as one line); anything else (cancellation,
+    bugs) stays grouped."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        for kind in (KeyboardInterrupt, StoreError):
+            for exc in leaves:
+                if isinstance(exc, kind):
+                    raise exc from None
+        raise

@@ -47,7 +47,7 @@ from ..layerstore import CHUNK, Ingested
 from ..reference import Reference
 from ..store import Image, Store
 from .client import Registry, RetryPolicy, Transport, open_transport, read_limited
-from .errors import RegistryError
+from .errors import RegistryError, first_error
 from .events import Event, EventFn, ignore, short
 from .sources import BlobSources
 
@@ -409,9 +409,10 @@ class _Puller:
                 todo.setdefault(desc.digest, (desc, diff_id))
         for digest in todo:
             self.emit(Event(short(digest), "Pulling fs layer"))
-        async with trio.open_nursery() as nursery:
-            for desc, diff_id in todo.values():
-                nursery.start_soon(self._layer, reg, desc, diff_id)
+        with first_error():
+            async with trio.open_nursery() as nursery:
+                for desc, diff_id in todo.values():
+                    nursery.start_soon(self._layer, reg, desc, diff_id)
         self.store.blobs.put(config_raw, manifest.config.digest)
         tags = [ref] if ref.digest is None else []
         repo_digest = f"{ref.name}@{top_digest}"

@@ -41,7 +41,7 @@ from ..errors import DigestMismatch, InvalidReference
 from ..reference import Reference
 from ..store import Image, Store
 from .client import Registry, Transport, open_transport
-from .errors import RegistryError
+from .errors import RegistryError, first_error
 from .events import Event, EventFn, ignore, short
 from .sources import BlobSources
 
@@ -106,11 +106,12 @@ class _Pusher:
             layers.setdefault(desc.digest, desc)
         for digest in layers:
             self.emit(Event(short(digest), "Preparing"))
-        async with trio.open_nursery() as nursery:
-            for desc in layers.values():
-                nursery.start_soon(self._blob, desc, True)
-            if manifest.config.digest not in layers:
-                nursery.start_soon(self._blob, manifest.config, False)
+        with first_error():
+            async with trio.open_nursery() as nursery:
+                for desc in layers.values():
+                    nursery.start_soon(self._blob, desc, True)
+                if manifest.config.digest not in layers:
+                    nursery.start_soon(self._blob, manifest.config, False)
         raw = manifest.raw
         digest = sha256_bytes(raw)
         target = self.dest.tag or self.dest.digest or digest
