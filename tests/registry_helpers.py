@@ -354,6 +354,13 @@ class Seen:
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
         "proxy-authorization", "proxy-authenticate", "content-length"}
 
+def _headers(h: _Handler) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in h.headers.items():
+        out[k.lower()] = f"{out[k.lower()]}, {v}" if k.lower() in out else v
+    return out
+
+
 SCHEMA1 = json.dumps({"schemaVersion": 1, "name": "x", "tag": "1", "architecture": "amd64",
                       "fsLayers": [], "history": []}).encode()
 
@@ -420,8 +427,7 @@ class FaultProxy:
 
     def _proxy(self, h: _Handler) -> None:
         body = h.body()
-        seen = self._record(Seen("proxy", h.command, h.path,
-                                {k.lower(): v for k, v in h.headers.items()}))
+        seen = self._record(Seen("proxy", h.command, h.path, _headers(h)))
         rule = self._match(h.command, h.path)
         seen.action = rule.action if rule else ""
         if rule is not None and rule.action == "status":
@@ -482,9 +488,13 @@ class FaultProxy:
                  ) -> tuple[int, list[tuple[str, str]], bytes, str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.registry.port, timeout=60)
         try:
-            headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
-            conn.request(h.command, h.path, body=body if body or h.command in (
-                "POST", "PUT", "PATCH") else None, headers=headers)
+            conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in h.headers.items():  # repeated headers (Accept) stay repeated
+                if k.lower() not in _HOP:
+                    conn.putheader(k, v)
+            if body or h.command in ("POST", "PUT", "PATCH"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body or None)
             resp = conn.getresponse()
             data = resp.read()
             out = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP]
@@ -493,8 +503,7 @@ class FaultProxy:
             conn.close()
 
     def _cdn(self, h: _Handler) -> None:
-        seen = self._record(Seen("cdn", h.command, h.path,
-                                {k.lower(): v for k, v in h.headers.items()}))
+        seen = self._record(Seen("cdn", h.command, h.path, _headers(h)))
         digest = urllib.parse.urlsplit(h.path).path.rsplit("/", 1)[1]
         path = self.registry.blob_path(digest)
         if "Authorization" in h.headers:
