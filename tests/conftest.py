@@ -176,13 +176,25 @@ def registry_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, P
 @pytest.fixture(scope="module")
 def basic_registry(registry_tools: None, tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[_rh.RegistryProcess]:
-    """A registry with htpasswd Basic auth (users: REGISTRY_USERS)."""
+    """A registry with htpasswd Basic auth (users: REGISTRY_USERS) holding ``private/img:1``."""
     require_tool("htpasswd")
     d = tmp_path_factory.mktemp("registry-basic")
     htpasswd = _rh.htpasswd_file(d / "htpasswd", REGISTRY_USERS)
     reg = _rh.RegistryProcess(d / "reg", auth=("htpasswd", htpasswd))
-    yield reg
-    reg.stop()
+    try:
+        _seed(reg, d, ("private/img:1",))
+        yield reg
+    finally:
+        reg.stop()
+
+
+def _seed(reg: _rh.RegistryProcess, work: Path, names: tuple[str, ...]) -> None:
+    """Push a small busybox image as each of ``names`` (with alice's credentials)."""
+    layout = str(work / "seed-layout")
+    _b.oci_layout(layout, [_b.tar_bytes(_b.busybox_entries())])
+    for name in names:
+        _rh.skopeo_copy(f"oci:{layout}:latest", f"docker://{reg.host}/{name}",
+                        creds=f"alice:{REGISTRY_USERS['alice']}")
 
 
 @pytest.fixture(scope="session")
@@ -202,11 +214,22 @@ def token_server(token_key: _rh.RsaKey) -> Iterator[_rh.TokenServer]:
 def token_registry(registry_tools: None, token_server: _rh.TokenServer,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[_rh.RegistryProcess]:
     """A registry with Bearer token auth trusting ``token_server``: anonymous users may pull
-    ``public/*``, REGISTRY_USERS may pull and push everything."""
-    reg = _rh.RegistryProcess(tmp_path_factory.mktemp("registry-token"),
-                              auth=("token", token_server))
-    yield reg
-    reg.stop()
+    ``public/*``, REGISTRY_USERS may pull everything, alice may push.  It holds
+    ``private/img:1`` and ``public/img:1``."""
+    d = tmp_path_factory.mktemp("registry-token")
+    reg = _rh.RegistryProcess(d / "reg", auth=("token", token_server))
+    try:
+        _seed(reg, d, ("private/img:1", "public/img:1"))
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(params=["basic", "token"])
+def auth_registry(request: pytest.FixtureRequest) -> _rh.RegistryProcess:
+    """Each registry that wants credentials (both hold ``private/img:1``, alice may push)."""
+    reg: _rh.RegistryProcess = request.getfixturevalue(f"{request.param}_registry")
+    return reg
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@
   token auth trusting ``RsaKey``'s certificate.
 * ``TokenServer``: a token server for the Bearer variant.  It signs RS256 JWTs carrying the
   signing certificate in ``x5c`` (what distribution verifies against ``rootcertbundle``);
-  anonymous users may pull ``public/*``, known users may pull and push everything.
+  anonymous users may pull ``public/*``, known users may pull everything, ``pushers`` push.
 * ``FaultProxy``: an HTTP proxy in front of a registry that records every request and
   applies fault rules (cut a response after N bytes, corrupt it, answer a status, redirect a
   blob to a "CDN" on 127.0.0.2 that serves blobs from the registry's storage, serve a
@@ -146,9 +146,11 @@ class TokenServer:
     SERVICE = "strata-test-registry"
     ISSUER = "strata-test-issuer"
 
-    def __init__(self, key: RsaKey, users: dict[str, str]) -> None:
+    def __init__(self, key: RsaKey, users: dict[str, str], pushers: tuple[str, ...] = ("alice",)
+                 ) -> None:
         self.key = key
         self.users = users
+        self.pushers = pushers
         self.requests: list[TokenRequest] = []
         self.stale = 0  # the next N tokens are already expired (beyond the registry's leeway)
         self.port = free_port()
@@ -176,7 +178,7 @@ class TokenServer:
             return None
         wanted = [a for a in actions.split(",") if a]
         if user is not None:
-            allowed = wanted
+            allowed = [a for a in wanted if a == "pull" or user in self.pushers]
         else:
             allowed = [a for a in wanted if a == "pull" and name.startswith("public/")]
         return {"type": "repository", "name": name, "actions": allowed}

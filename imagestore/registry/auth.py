@@ -188,7 +188,9 @@ class Authorizer:
             return None
         wanted = merge_scopes(scopes, c.scopes)
         for key in (self._key(scopes), self._key(wanted)):
-            self._tokens.pop(key, None)
+            cached = self._tokens.get(key)
+            if cached is not None and (sent is None or sent == f"Bearer {cached[0]}"):
+                del self._tokens[key]  # the token that failed (a newer one may be cached)
         return wanted
 
     def _key(self, scopes: Sequence[str]) -> _Key:

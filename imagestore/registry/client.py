@@ -34,7 +34,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
-from .auth import Authorizer, parse_challenges
+from .auth import Authorizer, merge_scopes, parse_challenges
 from .config import Endpoint, RegistriesConfig, load_config
 from .credentials import Credentials
 from .errors import AuthError, NotFound, RegistryError, error_detail
@@ -296,7 +296,9 @@ class Registry:
                 if auth_retries < MAX_AUTH_RETRIES:
                     challenges = parse_challenges(resp.headers.get_list("www-authenticate"))
                     again = await self.auth.unauthorized(challenges, scopes, sent)
-                    if again is not None:
+                    # one retry with a fresh token, another only for a wider scope
+                    if again is not None and (auth_retries == 0
+                                              or again != merge_scopes(scopes, ())):
                         await resp.aclose()
                         scopes = again
                         auth_retries += 1

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,24 +192,10 @@ async def test_5xx_gives_up_after_the_retries(store: Store, fault_proxy: rh.Faul
     _nothing_stored(store)
 
 
-@pytest.fixture(params=["basic", "token"])
-def auth_registry(request: pytest.FixtureRequest, tmp_path: Path
-                  ) -> Iterator[tuple[rh.RegistryProcess, str]]:
-    reg: rh.RegistryProcess = request.getfixturevalue(f"{request.param}_registry")
-    user, password = "alice", REGISTRY_USERS["alice"]
-    layout = str(tmp_path / "layout")
-    from tests import builders as b
-
-    b.oci_layout(layout, [b.tar_bytes(b.busybox_entries())])
-    rh.skopeo_copy(f"oci:{layout}:latest", f"docker://{reg.host}/private/img:1",
-                   creds=f"{user}:{password}")
-    yield reg, f"{user}:{password}"
-
-
 async def test_redirect_to_another_host_gets_no_authorization(
-        store: Store, auth_registry: tuple[rh.RegistryProcess, str],
+        store: Store, auth_registry: rh.RegistryProcess,
         registry_env: dict[str, Path]) -> None:
-    reg, creds = auth_registry
+    reg, creds = auth_registry, f"alice:{REGISTRY_USERS['alice']}"
     proxy = rh.FaultProxy(reg)
     try:
         config = {"auths": {proxy.host: {"auth": base64.b64encode(creds.encode()).decode()}}}
