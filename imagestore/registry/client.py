@@ -100,10 +100,12 @@ class Transport:
 
     def __init__(self, config: RegistriesConfig | None = None,
                  retry: RetryPolicy | None = None,
-                 timeout: httpx.Timeout | None = None) -> None:
+                 timeout: httpx.Timeout | None = None,
+                 http: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config if config is not None else load_config()
         self.retry = retry or RetryPolicy()
         self.timeout = timeout or httpx.Timeout(30.0, read=60.0, pool=None)
+        self._http = http  # tests only: an httpx transport instead of the network
         self._clients: dict[bool, httpx.AsyncClient] = {}
 
     def client(self, verify: bool) -> httpx.AsyncClient:
@@ -112,6 +114,7 @@ class Transport:
             tls: ssl.SSLContext | bool = ssl.create_default_context() if verify else False
             c = httpx.AsyncClient(verify=tls, timeout=self.timeout, follow_redirects=False,
                                   trust_env=True, headers={"User-Agent": USER_AGENT},
+                                  transport=self._http,
                                   limits=httpx.Limits(max_connections=32,
                                                       max_keepalive_connections=16))
             self._clients[verify] = c
@@ -167,8 +170,10 @@ class Transport:
 @contextlib.asynccontextmanager
 async def open_transport(config: RegistriesConfig | None = None,
                          retry: RetryPolicy | None = None,
-                         timeout: httpx.Timeout | None = None) -> AsyncIterator[Transport]:
-    t = Transport(config, retry, timeout)
+                         timeout: httpx.Timeout | None = None,
+                         http: httpx.AsyncBaseTransport | None = None
+                         ) -> AsyncIterator[Transport]:
+    t = Transport(config, retry, timeout, http)
     try:
         yield t
     finally:
