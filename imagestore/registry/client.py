@@ -12,7 +12,8 @@ endpoint.  ``Registry.request`` is the one way requests go out:
 * a 401 updates the challenge and retries with a fresh token (at most twice);
 * 429 and 5xx responses and transport errors (resets, timeouts) are retried with exponential
   backoff, honouring ``Retry-After`` (seconds or an HTTP date), for requests that are safe to
-  repeat (``retry=False`` for uploads, which recover by asking the registry instead).
+  repeat (``retry=False`` for uploads, which recover by asking the registry instead); a
+  refused connection is retried at most twice.
 
 Caveats:
 * A streamed response (``stream=True``) must be closed by the caller.
@@ -135,8 +136,10 @@ class Transport:
             try:
                 resp = await client.send(request, stream=stream)
             except httpx.TransportError as exc:
-                if not retry or attempt >= self.retry.attempts or \
-                        isinstance(exc, httpx.UnsupportedProtocol):
+                # a refused connection is rarely transient: fewer retries than for resets
+                limit = min(2, self.retry.attempts) if isinstance(exc, httpx.ConnectError) \
+                    else self.retry.attempts
+                if not retry or attempt >= limit or isinstance(exc, httpx.UnsupportedProtocol):
                     raise RegistryError(f"{what or request.method} {request.url}: "
                                         f"{_describe(exc)}") from None
                 delay = self.retry.delay(attempt)
