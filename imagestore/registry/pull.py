@@ -54,6 +54,7 @@ from .sources import BlobSources
 log = logging.getLogger(__name__)
 
 MAX_CONFIG = 8 << 20
+BATCH = 1 << 20
 PROGRESS_INTERVAL = 0.1
 
 
@@ -206,6 +207,35 @@ class _BlobStream:
                 extra += await self._iter.__anext__()
         return extra
 
+    async def _read(self, offset: int) -> bytes:
+        """The next bytes of the open response, batched up to ``BATCH`` (a worker thread
+        round trip per network read would cost more than the read).  A failure after some
+        bytes returns those and closes the response; the next call reconnects."""
+        assert self._iter is not None
+        parts: list[bytes] = []
+        got = 0
+        while got < BATCH:
+            try:
+                data = await self._iter.__anext__()
+            except (StopAsyncIteration, httpx.TransportError):
+                if not got:
+                    raise
+                await self.aclose()
+                break
+            if self._skip:
+                drop = min(self._skip, len(data))
+                self._skip -= drop
+                data = data[drop:]
+            parts.append(data)
+            got += len(data)
+            if offset + got >= self.desc.size:
+                parts.append(await self._exhaust())
+                break
+        out = b"".join(parts)
+        self.fetched += len(out)
+        self._progress(offset + len(out), done=offset + len(out) >= self.desc.size)
+        return out
+
     async def chunk(self, offset: int) -> bytes:
         """The bytes from ``offset`` on (some of them); b"" at the end of the blob."""
         failures = 0
@@ -220,7 +250,7 @@ class _BlobStream:
                 if self._iter is None and not await self._open(offset):
                     return b""
                 assert self._iter is not None
-                data = await self._iter.__anext__()
+                data = await self._read(offset)
             except StopAsyncIteration:
                 await self.aclose()
                 err = "the connection closed early"
@@ -233,17 +263,9 @@ class _BlobStream:
                     raise
                 err = exc
             else:
-                if self._skip:
-                    drop = min(self._skip, len(data))
-                    self._skip -= drop
-                    data = data[drop:]
-                    if not data:
-                        continue
-                if offset + len(data) >= self.desc.size:
-                    data += await self._exhaust()
-                self.fetched += len(data)
-                self._progress(offset + len(data), done=offset + len(data) >= self.desc.size)
-                return data
+                if data:
+                    return data
+                continue
             failures += 1
             if failures > self.retry.attempts:
                 raise RegistryError(f"downloading blob {self.desc.digest}: {err} (gave up after "
