@@ -99,11 +99,13 @@ def run() -> Callable[..., subprocess.CompletedProcess[bytes]]:
 
 # =================================================================================================
 # registry: a real docker-registry process (CNCF distribution) on 127.0.0.1, its auth variants,
-# the test images pushed into it with skopeo, and a fault proxy.  Helpers: tests/registry_helpers.
+# the test images pushed into it with skopeo, and a fault proxy.  Helpers: tests/registry_helpers.py
+# (processes and servers) and tests/registry_images.py (test images, oracles).
 # =================================================================================================
 
 from tests import builders as _b  # noqa: E402
 from tests import registry_helpers as _rh  # noqa: E402
+from tests import registry_images as _ri  # noqa: E402
 
 REGISTRY_USERS = {"alice": "wonderland", "bob": "builder"}
 
@@ -148,11 +150,11 @@ def registry_images(registry: _rh.RegistryProcess,
         out[name] = {"ref": ref, "layout": layout, **info}
     layout = str(base / "plain")
     info = _b.oci_layout(layout, layers, compression="none")
-    digest = _rh.upload_layout(registry.host, layout, "test/plain", "1")
+    digest = _ri.upload_layout(registry.host, layout, "test/plain", "1")
     out["plain"] = {"ref": f"{registry.host}/test/plain:1", "layout": layout, **info,
                     "manifest": digest}
     layout = str(base / "multi")
-    info = _rh.multi_platform_layout(layout, "multi")
+    info = _ri.multi_platform_layout(layout, "multi")
     ref = f"{registry.host}/test/multi:1"
     _rh.skopeo_copy(f"oci:{layout}:multi", f"docker://{ref}", "--all")
     out["multi"] = {"ref": ref, "layout": layout, **info}

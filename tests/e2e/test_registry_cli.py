@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests import registry_helpers as rh
+from tests import registry_images as ri
 from tests.builders import diff_trees, tree_of_tar
 from tests.conftest import REGISTRY_USERS, REPO, Strata, require_root, require_tool
 
@@ -48,7 +49,7 @@ def test_pull_export_push(strata: Strata, registry_images: dict[str, Any],
                           f"Status: Downloaded newer image for {ref}", ref]
     out = tmp_path / "rootfs.tar"
     strata("export", ref, "-o", str(out))
-    want = rh.umoci_tree(ref, tmp_path)
+    want = ri.umoci_tree(ref, tmp_path)
     assert not diff_trees(tree_of_tar(out.read_bytes()), want)
 
     lines = _lines(strata.out("pull", ref))

@@ -17,6 +17,7 @@ from imagestore.registry import AuthError, Credentials, Event, check_login, pull
 from imagestore.registry import credentials as creds_mod
 from imagestore.store import Store
 from tests import registry_helpers as rh
+from tests import registry_images as ri
 from tests.conftest import REGISTRY_USERS
 
 pytestmark = [pytest.mark.registry]
@@ -140,7 +141,7 @@ async def test_credential_helper_and_auth_file_precedence(
         store: Store, token_registry: rh.RegistryProcess, token_server: rh.TokenServer,
         registry_env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     host = token_registry.host
-    helper = rh.write_credential_helper(tmp_path / "bin", "strata-test",
+    helper = ri.write_credential_helper(tmp_path / "bin", "strata-test",
                                         {host: ("alice", ALICE.password)})
     monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
     _docker_config(registry_env, {"credHelpers": {host: "strata-test"}})

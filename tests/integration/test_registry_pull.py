@@ -16,7 +16,7 @@ from imagestore.registry import Event, NotFound, pull
 from imagestore.store import Store
 from tests.builders import diff_trees
 from tests.conftest import require_root, require_tool
-from tests.registry_helpers import exported_tree, umoci_tree
+from tests.registry_images import exported_tree, umoci_tree
 
 pytestmark = [pytest.mark.registry]
 

@@ -18,6 +18,7 @@ from imagestore.registry import Event, RetryPolicy, open_transport, pull, push
 from imagestore.store import Image, Store
 from tests import builders as b
 from tests import registry_helpers as rh
+from tests import registry_images as ri
 from tests.builders import diff_trees
 from tests.conftest import require_root, require_tool
 
@@ -62,7 +63,7 @@ async def test_push_round_trip_read_by_skopeo_and_umoci(
     assert raw == image.manifest.raw and res.digest == sha256_bytes(raw)
     assert res.size == len(raw)
     assert store.resolve(str(dest.with_digest(res.digest))).id == image.id  # RepoDigest
-    assert not diff_trees(rh.exported_tree(store, image), rh.umoci_tree(str(dest), tmp_path))
+    assert not diff_trees(ri.exported_tree(store, image), ri.umoci_tree(str(dest), tmp_path))
 
 
 async def test_repush_of_a_pulled_image_keeps_its_digest_and_mounts(
@@ -98,7 +99,7 @@ async def test_push_of_an_imported_image(store: Store, tmp_path: Path,
     layer = manifest["layers"][0]
     assert layer["mediaType"] == oci.OCI_LAYER and layer["digest"] == str(image.diff_ids[0])
     assert registry.blob_path(layer["digest"]).read_bytes() == rootfs
-    assert not diff_trees(rh.exported_tree(store, image), rh.umoci_tree(str(dest), tmp_path))
+    assert not diff_trees(ri.exported_tree(store, image), ri.umoci_tree(str(dest), tmp_path))
 
 
 async def test_chunked_upload_resumes_after_416(store: Store, tmp_path: Path,

@@ -15,7 +15,7 @@ from imagestore.registry import Event
 from imagestore.registry import credentials as cr
 from imagestore.registry.auth import merge_scopes, parse_challenges
 from imagestore.registry.config import ConfigError, load_config
-from tests.registry_helpers import write_credential_helper
+from tests.registry_images import write_credential_helper
 
 
 @pytest.mark.parametrize("header,want", [
