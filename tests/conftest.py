@@ -199,6 +199,22 @@ def _seed(reg: _rh.RegistryProcess, work: Path, names: tuple[str, ...]) -> None:
                         creds=f"alice:{REGISTRY_USERS['alice']}")
 
 
+@pytest.fixture(scope="module")
+def tls_registry(registry_tools: None, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[_rh.RegistryProcess, Path]]:
+    """An open registry serving HTTPS only, with a self-signed certificate for 127.0.0.1;
+    yields it and the certificate.  It holds ``private/img:1``."""
+    require_tool("openssl")
+    d = tmp_path_factory.mktemp("registry-tls")
+    cert, key = _rh.tls_certificate(d)
+    reg = _rh.RegistryProcess(d / "reg", tls=(cert, key))
+    try:
+        _seed(reg, d, ("private/img:1",))
+        yield reg, cert
+    finally:
+        reg.stop()
+
+
 @pytest.fixture(scope="session")
 def token_key(tmp_path_factory: pytest.TempPathFactory) -> _rh.RsaKey:
     require_tool("openssl")

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -244,7 +245,8 @@ class RegistryProcess:
     """``docker-registry serve`` on a free port; ``auth`` is None, ``("htpasswd", file)`` or
     ``("token", TokenServer)``."""
 
-    def __init__(self, directory: Path, auth: tuple[str, Any] | None = None) -> None:
+    def __init__(self, directory: Path, auth: tuple[str, Any] | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.storage = self.dir / "storage"
@@ -265,6 +267,9 @@ class RegistryProcess:
             lines += ["auth:", "  token:", f"    realm: {ts.realm}",
                       f"    service: {ts.SERVICE}", f"    issuer: {ts.ISSUER}",
                       f"    rootcertbundle: {ts.key.cert_path}"]
+        if tls is not None:
+            lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
+        self.scheme = "https" if tls else "http"
         self.config = self.dir / "config.yml"
         self.config.write_text("\n".join(lines) + "\n")
         self.log = open(self.dir / "registry.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -282,7 +287,9 @@ class RegistryProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {self.logs()}")
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+                ctx = ssl._create_unverified_context()  # only asks "are you up?"
+                urllib.request.urlopen(f"{self.scheme}://{self.host}/v2/", timeout=2,
+                                       context=ctx).close()
                 return
             except urllib.error.HTTPError:
                 return  # 401: up, and asking for credentials
@@ -307,6 +314,16 @@ class RegistryProcess:
     def blob_path(self, digest: str) -> Path:
         hexd = digest.partition(":")[2]
         return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+
+def tls_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (and localhost): (certificate, key)."""
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
 
 
 def htpasswd_file(path: Path, users: dict[str, str]) -> Path:

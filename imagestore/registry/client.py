@@ -127,10 +127,12 @@ class Transport:
                                 and self.config.is_insecure(parts.netloc)))
 
     async def send(self, request: httpx.Request, *, stream: bool = False,
-                   retry: bool = True, what: str = "") -> httpx.Response:
+                   retry: bool = True, what: str = "", verify: bool | None = None
+                   ) -> httpx.Response:
         """Send ``request`` to its URL, retrying 429/5xx and transport errors (when ``retry``);
-        no authentication and no redirects."""
-        client = self.client_for(str(request.url))
+        no authentication and no redirects.  ``verify`` chooses certificate checks (default:
+        by the configuration's rule for the URL's host)."""
+        client = self.client_for(str(request.url)) if verify is None else self.client(verify)
         attempt = 0
         while True:
             try:
@@ -185,11 +187,16 @@ async def open_transport(config: RegistriesConfig | None = None,
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ssl.SSLError):
-        text = f"TLS error: {cause.reason or cause}"
-    return text
+    """A transport error in words, with the TLS reason when there is one."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS error: {seen.reason or seen}"
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return text if text else type(exc).__name__
 
 
 async def read_limited(resp: httpx.Response, limit: int) -> bytes:
@@ -246,7 +253,8 @@ class Registry:
             fallback = i + 1 < len(schemes)
             try:
                 resp = await self.transport.send(req, retry=not fallback,
-                                                 what=f"ping {self.host}")
+                                                 what=f"ping {self.host}",
+                                                 verify=self.endpoint.verify)
             except RegistryError as exc:
                 last = exc
                 log.debug("%s: %s", base, exc)
@@ -282,12 +290,14 @@ class Registry:
         while True:
             hdrs = dict(headers or {})
             sent: str | None = None
-            if origin(url) == home:
+            at_home = origin(url) == home
+            if at_home:
                 sent = await self.auth.header(scopes)
                 if sent:
                     hdrs["Authorization"] = sent
             req = httpx.Request(method, url, headers=hdrs, content=content)
-            resp = await self.transport.send(req, stream=stream, retry=retry)
+            resp = await self.transport.send(req, stream=stream, retry=retry,
+                                             verify=self.endpoint.verify if at_home else None)
             status = resp.status_code
             if status in REDIRECT_STATUS and "location" in resp.headers:
                 await resp.aclose()

@@ -13,8 +13,20 @@ from typing import Any
 import pytest
 
 from imagestore import reference
-from imagestore.registry import AuthError, Credentials, Event, check_login, pull, push
+from imagestore.registry import (
+    AuthError,
+    Credentials,
+    Event,
+    Registry,
+    RegistryError,
+    RetryPolicy,
+    check_login,
+    open_transport,
+    pull,
+    push,
+)
 from imagestore.registry import credentials as creds_mod
+from imagestore.registry.config import Endpoint
 from imagestore.store import Store
 from tests import registry_helpers as rh
 from tests import registry_images as ri
@@ -154,3 +166,24 @@ async def test_credential_helper_and_auth_file_precedence(
     with pytest.raises(AuthError, match="incorrect username or password"):
         await pull(Store(str(tmp_path / "other-store")),
                    reference.parse(f"{host}/private/img:1"))
+
+
+async def test_https_registry_with_system_ca_verification(
+        store: Store, tls_registry: tuple[rh.RegistryProcess, Path], registry_env: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback is insecure by default (HTTPS without verification, as docker); a registry
+    that is not insecure must present a certificate the system CAs (here SSL_CERT_FILE)
+    trust."""
+    reg, cert = tls_registry
+    res = await pull(store, reference.parse(f"{reg.host}/private/img:1"))
+    assert res.downloaded == 1
+    strict = Endpoint(reg.host, ("https",), verify=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(registry_env["DOCKER_CONFIG"] / "none.pem"))
+    async with open_transport(retry=RetryPolicy(attempts=0)) as t:
+        with pytest.raises(RegistryError, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            await Registry(t, strict).ping()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    async with open_transport() as t:
+        r = Registry(t, strict)
+        await r.ping()
+        assert r.base == f"https://{reg.host}"
