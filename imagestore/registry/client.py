@@ -149,6 +149,7 @@ class Transport:
                          request.url, type(exc).__name__, attempt + 1, self.retry.attempts,
                          delay)
             else:
+                log.debug("%s %s -> %d", request.method, request.url, resp.status_code)
                 if not retry or resp.status_code not in RETRY_STATUS or \
                         attempt >= self.retry.attempts:
                     return resp
