@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
-
-from imagestore.registry import Event
+from typing import TYPE_CHECKING, TextIO
 
 from .output import human_size
+
+if TYPE_CHECKING:
+    from imagestore.registry import Event
 
 BAR_WIDTH = 50
 PLAIN_INTERVAL = 1.0

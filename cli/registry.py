@@ -1,4 +1,8 @@
-"""Registry commands: pull, push, login, logout."""
+"""Registry commands: pull, push, login, logout.
+
+The registry client (httpx, trio, ssl) is imported when one of these commands runs, not when
+``strata`` starts: every other command would pay for it.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,10 @@ import getpass
 import sys
 from typing import Any
 
-import trio
-
-from imagestore import oci, reference, registry
+from imagestore import oci, reference
 from imagestore.errors import InvalidReference
-from imagestore.registry import credentials
-from imagestore.registry.credentials import Credentials
 
 from .common import UserError, store_of
-from .progress import ProgressPrinter
 
 
 def register(sub: Any, image_sub: Any) -> None:
@@ -55,6 +54,12 @@ def _parse(name: str) -> reference.Reference:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    import trio
+
+    from imagestore import registry
+
+    from .progress import ProgressPrinter
+
     store = store_of(args)
     ref = _parse(args.name)
     platform = None
@@ -78,6 +83,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    import trio
+
+    from imagestore import registry
+
+    from .progress import ProgressPrinter
+
     store = store_of(args)
     image = store.resolve(args.name)
     if args.dest is None:
@@ -106,6 +117,11 @@ def _prompt(text: str, secret: bool = False) -> str:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
+    import trio
+
+    from imagestore import registry
+    from imagestore.registry import credentials
+
     host = credentials.normalize_host(args.server)
     if args.password_stdin:
         if args.password:
@@ -124,7 +140,7 @@ def cmd_login(args: argparse.Namespace) -> int:
         password = _prompt("Password: ", secret=True)
     if not username or not password:
         raise UserError("username and password are required")
-    creds = Credentials(username, password)
+    creds = credentials.Credentials(username, password)
     trio.run(registry.check_login, host, creds)
     credentials.store_login(host, creds)
     print("Login Succeeded")
@@ -132,6 +148,8 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
+    from imagestore.registry import credentials
+
     host = credentials.normalize_host(args.server)
     if credentials.erase_login(host):
         print(f"Removing login credentials for {credentials.server_key(host)}")
