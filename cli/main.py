@@ -14,10 +14,10 @@ from imagestore.errors import StoreError
 from unionfs.mount import MountError
 from unionfs.tarlayer import LayerError
 
-from . import commit, containers, images, mount, transfer
+from . import commit, containers, images, mount, registry, transfer
 from .common import UserError
 
-GROUPS = (images, transfer, containers, mount, commit)
+GROUPS = (images, transfer, registry, containers, mount, commit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -219,3 +219,164 @@ def mounter(strata: Strata, tmp_path: Path) -> Iterator[Mounter]:
         yield m
     finally:
         m.cleanup()
+
+
+# =================================================================================================
+# registry: a real docker-registry process (CNCF distribution) on 127.0.0.1, its auth variants,
+# the test images pushed into it with skopeo, and a fault proxy.  Helpers: tests/registry_helpers.py
+# (processes and servers) and tests/registry_images.py (test images, oracles).
+# =================================================================================================
+
+from tests import builders as _b  # noqa: E402
+from tests import registry_helpers as _rh  # noqa: E402
+from tests import registry_images as _ri  # noqa: E402
+
+REGISTRY_USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+@pytest.fixture(scope="session")
+def registry_tools() -> None:
+    require_tool("docker-registry")
+    require_tool("skopeo")
+
+
+@pytest.fixture(scope="session")
+def registry(registry_tools: None,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[_rh.RegistryProcess]:
+    """An open registry (no auth) for the whole session; tests use their own repositories."""
+    reg = _rh.RegistryProcess(tmp_path_factory.mktemp("registry-open"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_images(registry: _rh.RegistryProcess,
+                    tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    """Test images in ``registry``: name -> {"ref", "layout" (the OCI source), digests}.
+
+    oci-gzip (OCI types), docker-gzip (Docker v2s2 via skopeo --format v2s2), zstd,
+    plain (uncompressed layers, uploaded over plain HTTP since skopeo would compress them),
+    multi (an index: linux/amd64, linux/arm64, linux/arm/v7 and an attestation)."""
+    base = tmp_path_factory.mktemp("registry-images")
+    layers = [_b.tar_bytes(_b.busybox_entries()),
+              _b.tar_bytes([_b.d("etc"), _b.file("etc/motd", b"hello from strata\n"),
+                            _b.sym("etc/link", "motd"), _b.d("var/empty", mode=0o700),
+                            _b.file("etc/secret", b"s", mode=0o600, uid=1000, gid=100)]),
+              _b.tar_bytes([_b.whiteout("etc/group"), _b.file("etc/new", b"third\n")])]
+    out: dict[str, dict[str, object]] = {}
+    for name, compression, extra in (("oci-gzip", "gzip", ()),
+                                     ("docker-gzip", "gzip", ("--format", "v2s2")),
+                                     ("zstd", "zstd", ())):
+        layout = str(base / name)
+        info = _b.oci_layout(layout, layers, compression=compression)
+        ref = f"{registry.host}/test/{name}:1"
+        _rh.skopeo_copy(f"oci:{layout}:latest", f"docker://{ref}", *extra)
+        out[name] = {"ref": ref, "layout": layout, **info}
+    layout = str(base / "plain")
+    info = _b.oci_layout(layout, layers, compression="none")
+    digest = _ri.upload_layout(registry.host, layout, "test/plain", "1")
+    out["plain"] = {"ref": f"{registry.host}/test/plain:1", "layout": layout, **info,
+                    "manifest": digest}
+    layout = str(base / "multi")
+    info = _ri.multi_platform_layout(layout, "multi")
+    ref = f"{registry.host}/test/multi:1"
+    _rh.skopeo_copy(f"oci:{layout}:multi", f"docker://{ref}", "--all")
+    out["multi"] = {"ref": ref, "layout": layout, **info}
+    return out
+
+
+@pytest.fixture
+def registry_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Credentials and registries configuration confined to the test: ``DOCKER_CONFIG``,
+    ``XDG_CONFIG_HOME`` and ``XDG_RUNTIME_DIR`` in tmp_path, ``REGISTRY_AUTH_FILE`` unset."""
+    env = {"DOCKER_CONFIG": tmp_path / "docker", "XDG_CONFIG_HOME": tmp_path / "xdg-config",
+           "XDG_RUNTIME_DIR": tmp_path / "xdg-run"}
+    for key, path in env.items():
+        path.mkdir(exist_ok=True)
+        monkeypatch.setenv(key, str(path))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("STRATA_REGISTRIES_CONFIG", raising=False)
+    return env
+
+
+@pytest.fixture(scope="module")
+def basic_registry(registry_tools: None, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[_rh.RegistryProcess]:
+    """A registry with htpasswd Basic auth (users: REGISTRY_USERS) holding ``private/img:1``."""
+    require_tool("htpasswd")
+    d = tmp_path_factory.mktemp("registry-basic")
+    htpasswd = _rh.htpasswd_file(d / "htpasswd", REGISTRY_USERS)
+    reg = _rh.RegistryProcess(d / "reg", auth=("htpasswd", htpasswd))
+    try:
+        _seed(reg, d, ("private/img:1",))
+        yield reg
+    finally:
+        reg.stop()
+
+
+def _seed(reg: _rh.RegistryProcess, work: Path, names: tuple[str, ...]) -> None:
+    """Push a small busybox image as each of ``names`` (with alice's credentials)."""
+    layout = str(work / "seed-layout")
+    _b.oci_layout(layout, [_b.tar_bytes(_b.busybox_entries())])
+    for name in names:
+        _rh.skopeo_copy(f"oci:{layout}:latest", f"docker://{reg.host}/{name}",
+                        creds=f"alice:{REGISTRY_USERS['alice']}")
+
+
+@pytest.fixture(scope="module")
+def tls_registry(registry_tools: None, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[_rh.RegistryProcess, Path]]:
+    """An open registry serving HTTPS only, with a self-signed certificate for 127.0.0.1;
+    yields it and the certificate.  It holds ``private/img:1``."""
+    require_tool("openssl")
+    d = tmp_path_factory.mktemp("registry-tls")
+    cert, key = _rh.tls_certificate(d)
+    reg = _rh.RegistryProcess(d / "reg", tls=(cert, key))
+    try:
+        _seed(reg, d, ("private/img:1",))
+        yield reg, cert
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def token_key(tmp_path_factory: pytest.TempPathFactory) -> _rh.RsaKey:
+    require_tool("openssl")
+    return _rh.RsaKey(tmp_path_factory.mktemp("token-key"))
+
+
+@pytest.fixture(scope="module")
+def token_server(token_key: _rh.RsaKey) -> Iterator[_rh.TokenServer]:
+    server = _rh.TokenServer(token_key, REGISTRY_USERS)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def token_registry(registry_tools: None, token_server: _rh.TokenServer,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[_rh.RegistryProcess]:
+    """A registry with Bearer token auth trusting ``token_server``: anonymous users may pull
+    ``public/*``, REGISTRY_USERS may pull everything, alice may push.  It holds
+    ``private/img:1`` and ``public/img:1``."""
+    d = tmp_path_factory.mktemp("registry-token")
+    reg = _rh.RegistryProcess(d / "reg", auth=("token", token_server))
+    try:
+        _seed(reg, d, ("private/img:1", "public/img:1"))
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(params=["basic", "token"])
+def auth_registry(request: pytest.FixtureRequest) -> _rh.RegistryProcess:
+    """Each registry that wants credentials (both hold ``private/img:1``, alice may push)."""
+    reg: _rh.RegistryProcess = request.getfixturevalue(f"{request.param}_registry")
+    return reg
+
+
+@pytest.fixture
+def fault_proxy(registry: _rh.RegistryProcess) -> Iterator[_rh.FaultProxy]:
+    """A recording proxy with fault rules in front of the open registry."""
+    proxy = _rh.FaultProxy(registry)
+    yield proxy
+    proxy.close()

@@ -1,1 +1,54 @@
-"""Registry client (distribution API v2): auth, pull and push."""
+"""Registry client (distribution API v2): pull, push, login.
+
+Modules: ``config`` (mirrors, insecure registries), ``credentials`` (docker config.json,
+containers auth.json, credential helpers), ``auth`` (challenges, Basic, Bearer tokens),
+``client`` (HTTP: retries, redirects, errors), ``pull``, ``push``, ``sources`` (where blobs
+came from, for cross-repository mounts), ``events`` (progress).  The store's policy stays in
+``Store``; this package speaks the protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .client import Registry, RetryPolicy, Transport, open_transport
+from .config import RegistriesConfig, load_config
+from .credentials import Credentials
+from .errors import AuthError, NotFound, RegistryError
+from .events import Event, EventFn
+from .pull import PullResult, pull
+from .push import PushResult, push
+
+__all__ = ["AuthError", "Credentials", "Event", "EventFn", "NotFound", "PullResult",
+           "PushResult", "RegistriesConfig", "Registry", "RegistryError", "RetryPolicy",
+           "Transport", "api_host", "check_login", "load_config", "open_transport", "pull",
+           "push"]
+
+
+def api_host(host: str) -> str:
+    """The API host of a registry named as ``strata login`` takes it (Docker Hub's is
+    ``registry-1.docker.io``)."""
+    return "registry-1.docker.io" if host == "docker.io" else host
+
+
+async def check_login(host: str, creds: Credentials,
+                      transport: Transport | None = None) -> None:
+    """Check ``creds`` against the registry ``host`` (raises ``AuthError`` when refused)."""
+    async with (open_transport() if transport is None
+                     else contextlib.nullcontext(transport)) as t:
+        reg = Registry(t, t.config.endpoint(api_host(host)), creds)
+        await reg.ping()
+        challenge = reg.auth.challenge
+        if challenge is None:
+            return  # the registry asks for no authentication
+        if challenge.scheme == "bearer":
+            await reg.auth.token(())
+            return
+        resp = await reg.request("GET", "/v2/")
+        if resp.status_code != 200:
+            err = await reg.fail(resp, f"login to {host}")
+            if resp.status_code == 401:
+                raise AuthError(f"login to {host} failed: unauthorized: incorrect username or "
+                                "password", 401, err.code)
+            raise err
+

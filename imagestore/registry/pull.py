@@ -1,0 +1,558 @@
+"""Pull: an image from a registry into the store, verified, resumable, ready to mount.
+
+1. ``GET /v2/NAME/manifests/REF`` with every manifest and index type in ``Accept``; the
+   ``Content-Type`` must be one of them (schema 1 is refused), the body must hash to the
+   digest asked for and to ``Docker-Content-Digest``.  An index or manifest list is resolved
+   to one platform by containerd's rules (``oci.select_platform``).  Mirrors from the
+   registries configuration are tried first.
+2. The config blob, verified; the manifest's layer count must match its ``diff_ids``.
+3. The layers, ``concurrency`` at a time, skipping those already stored.  Each layer streams
+   once through ``LayerStore.ingest`` (blob digest and size, decompression, diff_id and the
+   entry index in one pass) from a worker thread; the bytes arrive from the async side
+   (``_BlobStream``) and are appended to ``tmp/partial-<hex>`` on the way, so a cut
+   connection resumes with ``Range`` inside the same pass and an interrupted command resumes
+   from the partial file next time.  The partial file becomes the stored blob by rename.
+4. ``Store.add_image`` with the tag and the RepoDigest (``NAME@DIGEST`` of what the reference
+   named: the index for a multi-platform image).  Nothing is visible before this step.
+
+``Store.ingesting()`` is held throughout, so garbage collection never sees a half-pulled image.
+
+Caveats:
+* Blobs come from the endpoint that served the manifest; a failing mirror is left only at the
+  manifest stage.
+* Foreign layers (``urls``) are fetched from the registry like any other blob.
+* A partial file whose content turns out wrong is deleted and the layer is fetched once more
+  from the start; content that is wrong on a fresh download is an error.
+* Awaits separate "this layer is already stored" from the ``add_image`` that relies on it;
+  ``Store.ingesting()`` is what keeps garbage collection from deleting it in between.
+* Layers completed before a failure stay stored (verified, named by no image) so a retry
+  skips them; the next garbage collection removes them if no pull claims them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from .. import oci
+from ..cas import BlobStore
+from ..compress import NONE
+from ..digest import Digest, Hasher, new_hasher, parse_digest, sha256_hex
+from ..errors import DigestMismatch, InvalidImage, InvalidReference, StoreError, Unsupported
+from ..fsutil import disk_full_guard
+from ..layerstore import CHUNK, Ingested
+from ..reference import Reference
+from ..store import Image, Store
+from .client import Registry, RetryPolicy, Transport, open_transport, read_limited
+from .errors import RegistryError, first_error
+from .events import Event, EventFn, ignore, short
+from .sources import BlobSources
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG = 8 << 20
+BATCH = 1 << 20
+PROGRESS_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class PullResult:
+    image: Image
+    ref: Reference
+    digest: Digest  # of the manifest or index the reference named (the RepoDigest)
+    up_to_date: bool
+    downloaded: int  # layers fetched from the registry
+
+
+def pull_scope(path: str) -> str:
+    return f"repository:{path}:pull"
+
+
+def _content_type(resp: httpx.Response) -> str:
+    return str(resp.headers.get("content-type", "")).split(";")[0].strip().lower()
+
+
+async def fetch_manifest(reg: Registry, path: str, reference: str, *, scopes: tuple[str, ...],
+                         expect: Digest | None = None,
+                         what: str = "manifest") -> tuple[oci.Manifest | oci.Index, Digest]:
+    """One manifest or index by tag or digest, checked (type, digests) and parsed."""
+    resp = await reg.request("GET", f"/v2/{path}/manifests/{reference}", scopes=scopes,
+                             headers={"Accept": ", ".join(oci.ACCEPT)}, stream=True)
+    if resp.status_code != 200:
+        err = await reg.fail(resp, what)
+        if err.status == 404:
+            err.args = (f"{what} not found: {str(err).partition(': ')[2] or 'manifest unknown'}",)
+        raise err
+    body = await read_limited(resp, oci.MAX_DOCUMENT)
+    ctype: str | None = _content_type(resp)
+    if ctype in oci.SCHEMA1:
+        raise Unsupported(f"{what} is a schema 1 manifest ({ctype}), which is deprecated and "
+                          "not supported; push it again with a current tool")
+    if ctype not in oci.ACCEPT:
+        if ctype not in ("", "application/json", "text/plain", "application/octet-stream"):
+            raise InvalidImage(f"{what} was served as {ctype}, which is not a manifest type")
+        ctype = None
+    header = resp.headers.get("docker-content-digest")
+    claimed: Digest | None = None
+    if header:
+        try:
+            claimed = parse_digest(header.strip())
+        except InvalidReference:
+            raise InvalidImage(f"{what}: registry sent an invalid Docker-Content-Digest "
+                               f"{header!r}") from None
+    h = new_hasher(expect or claimed)
+    h.update(body)
+    digest = h.digest
+    if expect is not None and digest != expect:
+        raise DigestMismatch(f"{what}: manifest digest mismatch: asked for {expect}, the "
+                             f"content hashes to {digest}")
+    if claimed is not None and digest != claimed:
+        raise DigestMismatch(f"{what}: the registry says its digest is {claimed} but the "
+                             f"content hashes to {digest}")
+    if not digest.startswith("sha256:"):
+        h = Hasher()
+        h.update(body)
+        digest = h.digest
+    return oci.parse_document(body, ctype, what), digest
+
+
+async def fetch_blob_bytes(reg: Registry, path: str, desc: oci.Descriptor,
+                           scopes: tuple[str, ...], limit: int = MAX_CONFIG) -> bytes:
+    """A small blob (a config) into memory, verified against ``desc``."""
+    if desc.size > limit:
+        raise InvalidImage(f"blob {desc.digest} is {desc.size} bytes; at most {limit} allowed")
+    resp = await reg.request("GET", f"/v2/{path}/blobs/{desc.digest}", scopes=scopes,
+                             headers={"Accept-Encoding": "identity"}, stream=True)
+    if resp.status_code != 200:
+        raise await reg.fail(resp, f"blob {desc.digest}")
+    try:
+        body = await read_limited(resp, desc.size)
+    except RegistryError:
+        raise DigestMismatch(f"blob {desc.digest} is larger than the {desc.size} bytes "
+                             "expected") from None
+    h = new_hasher(desc.digest)
+    h.update(body)
+    h.verify(desc.digest, desc.size)
+    return body
+
+
+class _BlobStream:
+    """The async half of a layer download: the bytes of the blob from any offset, reopening
+    the request with ``Range`` after a cut connection (the worker thread calls ``chunk``)."""
+
+    def __init__(self, reg: Registry, path: str, desc: oci.Descriptor,
+                 scopes: tuple[str, ...], retry: RetryPolicy, emit: EventFn) -> None:
+        self.reg, self.path, self.desc, self.scopes = reg, path, desc, scopes
+        self.retry = retry
+        self.emit = emit
+        self.sid = short(desc.digest)
+        self._resp: httpx.Response | None = None
+        self._iter: AsyncGenerator[bytes, None] | None = None
+        self._skip = 0
+        self._last = -1.0
+        self.fetched = 0  # bytes received over the network
+        self.requests = 0
+
+    async def _open(self, offset: int) -> bool:
+        """Start a request at ``offset``; False when there is nothing left to fetch."""
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        self.requests += 1
+        resp = await self.reg.request("GET", f"/v2/{self.path}/blobs/{self.desc.digest}",
+                                      scopes=self.scopes, headers=headers, stream=True)
+        self._skip = 0
+        if resp.status_code == 206:
+            start = resp.headers.get("content-range", "").removeprefix("bytes ").split("-")[0]
+            if start != str(offset):
+                await resp.aclose()
+                raise RegistryError(f"blob {self.desc.digest}: asked for bytes from {offset}, "
+                                    f"got Content-Range {resp.headers.get('content-range')!r}")
+        elif resp.status_code == 200:
+            self._skip = offset  # Range ignored: the whole blob again, drop what we have
+        elif resp.status_code == 416 and offset >= self.desc.size:
+            await resp.aclose()
+            return False
+        else:
+            raise await self.reg.fail(resp, f"blob {self.desc.digest}")
+        self._resp = resp
+        self._iter = resp.aiter_raw()  # type: ignore[assignment]
+        return True
+
+    async def aclose(self) -> None:
+        resp, it, self._resp, self._iter = self._resp, self._iter, None, None
+        with trio.CancelScope(shield=True):
+            if it is not None:
+                with contextlib.suppress(httpx.HTTPError):
+                    await it.aclose()
+            if resp is not None:
+                await resp.aclose()
+
+    def _progress(self, current: int, done: bool = False) -> None:
+        now = trio.current_time()
+        if done or now - self._last >= PROGRESS_INTERVAL:
+            self._last = now
+            self.emit(Event(self.sid, "Downloading", current, self.desc.size))
+
+    async def _exhaust(self) -> bytes:
+        """Read the response to its end (bytes past the blob's size are returned, for the
+        reader to refuse); an exhausted stream leaves no half-consumed generators behind."""
+        extra = b""
+        assert self._iter is not None
+        with contextlib.suppress(StopAsyncIteration, httpx.TransportError):
+            while len(extra) <= 1 << 16:
+                extra += await self._iter.__anext__()
+        return extra
+
+    async def _read(self, offset: int) -> bytes:
+        """The next bytes of the open response, batched up to ``BATCH`` (a worker thread
+        round trip per network read would cost more than the read).  A failure after some
+        bytes returns those and closes the response; the next call reconnects."""
+        assert self._iter is not None
+        parts: list[bytes] = []
+        got = 0
+        while got < BATCH:
+            try:
+                data = await self._iter.__anext__()
+            except (StopAsyncIteration, httpx.TransportError):
+                if not got:
+                    raise
+                await self.aclose()
+                break
+            if self._skip:
+                drop = min(self._skip, len(data))
+                self._skip -= drop
+                data = data[drop:]
+            parts.append(data)
+            got += len(data)
+            if offset + got >= self.desc.size:
+                parts.append(await self._exhaust())
+                break
+        out = b"".join(parts)
+        self.fetched += len(out)
+        self._progress(offset + len(out), done=offset + len(out) >= self.desc.size)
+        return out
+
+    async def chunk(self, offset: int) -> bytes:
+        """The bytes from ``offset`` on (some of them); b"" at the end of the blob."""
+        failures = 0
+        if offset >= self.desc.size:
+            await self.aclose()
+            return b""
+        if self._last < 0:
+            self._progress(offset, done=True)
+        while True:
+            err: object
+            try:
+                if self._iter is None and not await self._open(offset):
+                    return b""
+                assert self._iter is not None
+                data = await self._read(offset)
+            except StopAsyncIteration:
+                await self.aclose()
+                err = "the connection closed early"
+            except httpx.TransportError as exc:
+                await self.aclose()
+                err = exc
+            except RegistryError as exc:
+                await self.aclose()
+                if exc.status and exc.status < 500 and exc.status != 429:
+                    raise
+                err = exc
+            else:
+                if data:
+                    return data
+                continue
+            failures += 1
+            if failures > self.retry.attempts:
+                raise RegistryError(f"downloading blob {self.desc.digest}: {err} (gave up after "
+                                    f"{self.retry.attempts} retries at byte {offset})")
+            delay = self.retry.delay(failures - 1)
+            log.info("blob %s: %s at byte %d of %d; resuming in %.1fs", self.sid, err, offset,
+                     self.desc.size, delay)
+            await trio.sleep(delay)
+
+
+class _PartialReader:
+    """The sync half, read by ``ingest`` in a worker thread: the bytes already in the partial
+    file, then new ones from ``fetch`` (appended to the file as they arrive)."""
+
+    def __init__(self, fd: int, desc: oci.Descriptor, fetch: Callable[[int], bytes]) -> None:
+        self.fd, self.desc, self.fetch = fd, desc, fetch
+        self.have = os.fstat(fd).st_size
+        if self.have > desc.size:
+            os.ftruncate(fd, 0)
+            self.have = 0
+        self.resumed = self.have
+        self.pos = 0  # bytes obtained (read from the file or fetched and written)
+        self.buf = b""
+        self.hasher = new_hasher(desc.digest)
+
+    def _next(self, n: int) -> bytes:
+        if self.pos < self.have:
+            data = os.pread(self.fd, min(n, self.have - self.pos), self.pos)
+            if not data:
+                raise StoreError(f"partial download of {self.desc.digest} shrank while read")
+        else:
+            data = self.fetch(self.pos)
+            if not data:
+                return b""
+            if self.pos + len(data) > self.desc.size:
+                raise DigestMismatch(f"blob {self.desc.digest} is larger than the "
+                                     f"{self.desc.size} bytes expected")
+            with disk_full_guard("a download"):
+                os.pwrite(self.fd, data, self.pos)
+            self.have = self.pos + len(data)
+        self.pos += len(data)
+        self.hasher.update(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = CHUNK
+        if not self.buf:
+            self.buf = self._next(max(n, CHUNK))
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def _open_partial(path: str, blobs: BlobStore, digest: Digest) -> int | None:
+    """The partial file of ``digest``, opened and locked; None when another command stored
+    the blob while we waited for the lock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same:
+            os.close(fd)
+            continue
+        if blobs.has(digest):
+            os.unlink(path)
+            os.close(fd)
+            return None
+        return fd
+
+
+class _Puller:
+    def __init__(self, store: Store, transport: Transport, ref: Reference,
+                 platform: oci.Platform | None, emit: EventFn, concurrency: int) -> None:
+        self.store, self.transport, self.ref = store, transport, ref
+        self.platform = platform
+        self.emit = emit
+        self.limiter = trio.CapacityLimiter(max(1, concurrency))
+        self.scopes = (pull_scope(ref.path),)
+        self.downloaded = 0
+
+    async def _resolve(self) -> tuple[Registry, oci.Manifest | oci.Index, Digest]:
+        ref = self.ref
+        target = ref.digest or ref.tag or "latest"
+        endpoints = self.transport.config.pull_endpoints(ref.domain, ref.api_host)
+        for ep in endpoints:
+            reg = Registry(self.transport, ep)
+            try:
+                doc, digest = await fetch_manifest(reg, ref.path, target, scopes=self.scopes,
+                                                   expect=ref.digest,
+                                                   what=f"manifest for {ref.familiar}")
+            except StoreError as exc:
+                if not ep.mirror:
+                    raise
+                log.info("mirror %s failed (%s); trying the next endpoint", ep.host, exc)
+                continue
+            return reg, doc, digest
+        raise AssertionError("pull_endpoints always ends with the registry itself")
+
+    async def _choose(self, reg: Registry, doc: oci.Manifest | oci.Index) -> oci.Manifest:
+        want = self.platform or oci.host_platform()
+        for _ in range(4):
+            if isinstance(doc, oci.Manifest):
+                return doc
+            chosen = oci.select_platform(doc.manifests, want)
+            if chosen is None:
+                have = [str(m.platform) for m in doc.manifests if m.platform is not None
+                        and (m.platform.os, m.platform.architecture) != ("unknown", "unknown")]
+                raise Unsupported(f"no matching manifest for {want} in the manifest list "
+                                  f"entries (available: {', '.join(have) or 'none'})")
+            doc, _ = await fetch_manifest(reg, self.ref.path, chosen.digest, scopes=self.scopes,
+                                          expect=chosen.digest,
+                                          what=f"manifest {chosen.digest} ({want})")
+        raise InvalidImage(f"{self.ref.familiar}: indexes nested too deeply")
+
+    def _check_platform(self, config: oci.ImageConfig) -> None:
+        if self.platform is None:
+            return
+        have = config.platform
+        if not have.os or not have.architecture:
+            return
+        probe = oci.Descriptor(oci.OCI_MANIFEST, config.digest, 0, platform=have)
+        if oci.select_platform([probe], self.platform) is None:
+            raise Unsupported(f"image with reference {self.ref.familiar} was found but does not "
+                              f"match the specified platform: wanted {self.platform}, actual: "
+                              f"{have}")
+
+    async def run(self) -> PullResult:
+        ref = self.ref
+        self.emit(Event(ref.tag if ref.digest is None and ref.tag else str(ref.digest),
+                        f"Pulling from {ref.path}"))
+        reg, top, top_digest = await self._resolve()
+        manifest = await self._choose(reg, top)
+        if self.store.blobs.has(manifest.config.digest):
+            config_raw = self.store.blobs.read(manifest.config.digest)
+        else:
+            config_raw = await fetch_blob_bytes(reg, ref.path, manifest.config, self.scopes)
+        config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
+        if isinstance(top, oci.Manifest):
+            self._check_platform(config)
+        if len(config.diff_ids) != len(manifest.layers):
+            raise InvalidImage(f"manifest has {len(manifest.layers)} layers but the config "
+                               f"lists {len(config.diff_ids)} diff_ids")
+        for desc in manifest.layers:
+            if desc.media_type not in oci.LAYER_TYPES:
+                raise Unsupported(f"layer {desc.digest} has media type {desc.media_type}, "
+                                  "which is not an image layer")
+        before = self._before(top_digest)
+        todo: dict[Digest, tuple[oci.Descriptor, Digest]] = {}
+        for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+            if self.store.blobs.has(desc.digest) and self.store.layers.has(diff_id):
+                self.emit(Event(short(desc.digest), "Already exists"))
+            else:
+                todo.setdefault(desc.digest, (desc, diff_id))
+        for digest in todo:
+            self.emit(Event(short(digest), "Pulling fs layer"))
+        with first_error():
+            async with trio.open_nursery() as nursery:
+                for desc, diff_id in todo.values():
+                    nursery.start_soon(self._layer, reg, desc, diff_id)
+        self.store.blobs.put(config_raw, manifest.config.digest)
+        tags = [ref] if ref.digest is None else []
+        repo_digest = f"{ref.name}@{top_digest}"
+        image = self.store.add_image(manifest.raw, manifest.media_type, tags=tags,
+                                     repo_digest=repo_digest)
+        BlobSources(self.store.root).add(
+            ref.name, [manifest.config.digest, *(d.digest for d in manifest.layers)],
+            exists=lambda d: self.store.blobs.has(parse_digest(d)))
+        up_to_date = before == image.id and self.downloaded == 0
+        return PullResult(image, ref, top_digest, up_to_date, self.downloaded)
+
+    def _before(self, top_digest: Digest) -> str | None:
+        st = self.store.state.read()
+        if self.ref.digest is None:
+            return st.tags.get(str(self.ref))
+        rd = f"{self.ref.name}@{top_digest}"
+        for image_id, rec in st.images.items():
+            if rd in rec.get("repoDigests", []):
+                return image_id
+        return None
+
+    async def _layer(self, reg: Registry, desc: oci.Descriptor, diff_id: Digest) -> None:
+        sid = short(desc.digest)
+        async with self.limiter:
+            if self.store.blobs.has(desc.digest):
+                await trio.to_thread.run_sync(self._ingest_local, desc, diff_id)
+                self.emit(Event(sid, "Pull complete"))
+                return
+            for _ in range(2):
+                stream = _BlobStream(reg, self.ref.path, desc, self.scopes,
+                                     self.transport.retry, self.emit)
+                try:
+                    resumed = await trio.to_thread.run_sync(self._download, stream, desc,
+                                                            diff_id)
+                finally:
+                    await stream.aclose()
+                if resumed is not None:
+                    break
+                log.info("the partial download of %s was corrupt; starting over", sid)
+            if resumed is None:
+                raise DigestMismatch(f"layer {desc.digest}: the content is wrong")
+            if stream.fetched or resumed:
+                self.downloaded += 1
+            self.emit(Event(sid, "Verifying Checksum"))
+            self.emit(Event(sid, "Download complete"))
+            self.emit(Event(sid, "Pull complete"))
+
+    def _ingest_local(self, desc: oci.Descriptor, diff_id: Digest) -> None:
+        with self.store.blobs.open(desc.digest) as f:
+            self.store.layers.ingest(self.store.blobs, f, digest=desc.digest, size=desc.size,
+                                     diff_id=diff_id, keep_blob=False)
+
+    def _download(self, stream: _BlobStream, desc: oci.Descriptor,
+                  diff_id: Digest) -> int | None:
+        """In a worker thread: fetch (or resume) and ingest one layer.  Returns the bytes that
+        were already in the partial file, or None when those turned out to be wrong (the
+        partial file is gone; try again)."""
+        blobs, layers = self.store.blobs, self.store.layers
+        path = os.path.join(blobs.tmp_dir, f"partial-{sha256_hex(desc.digest)}")
+        fd = _open_partial(path, blobs, desc.digest)
+        if fd is None:
+            if not layers.has(diff_id):
+                self._ingest_local(desc, diff_id)
+            return 0
+        try:
+            reader = _PartialReader(fd, desc,
+                                    lambda off: trio.from_thread.run(stream.chunk, off))
+            if reader.resumed:
+                log.info("resuming %s from byte %d of its partial file", stream.sid,
+                         reader.resumed)
+            try:
+                got = self._ingest(reader, desc, diff_id)
+            except RegistryError:
+                raise  # a network failure: keep the partial file for the next attempt
+            except StoreError as exc:
+                os.unlink(path)
+                if isinstance(exc, DigestMismatch) and reader.resumed:
+                    return None
+                raise
+            if got.compression == NONE:
+                blobs.link(layers.tar_path(got.layer.diff_id), desc.digest)
+                os.unlink(path)
+            else:
+                with disk_full_guard("a blob"):
+                    os.fsync(fd)
+                blobs.publish(path, desc.digest)
+            return reader.resumed
+        finally:
+            os.close(fd)
+
+    def _ingest(self, reader: _PartialReader, desc: oci.Descriptor,
+                diff_id: Digest) -> Ingested:
+        try:
+            return self.store.layers.ingest(self.store.blobs, reader,  # type: ignore[arg-type]
+                                            digest=desc.digest, size=desc.size,
+                                            diff_id=diff_id, keep_blob=False)
+        except InvalidImage as exc:
+            if isinstance(exc, DigestMismatch):
+                raise
+            reader.drain()  # a stream that does not decompress is usually the wrong blob
+            if reader.hasher.digest != desc.digest:
+                raise DigestMismatch(f"layer digest mismatch: expected {desc.digest}, got "
+                                     f"{reader.hasher.digest}") from None
+            raise
+
+
+async def pull(store: Store, ref: Reference, *, platform: oci.Platform | None = None,
+               transport: Transport | None = None, events: EventFn | None = None,
+               concurrency: int = 3) -> PullResult:
+    """Pull ``ref`` into ``store`` (see the module docstring)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if transport is None:
+            transport = await stack.enter_async_context(open_transport())
+        with store.ingesting():
+            puller = _Puller(store, transport, ref, platform, events or ignore,
+                             concurrency)
+            return await puller.run()
