@@ -378,9 +378,12 @@ class Store:
                         if st_.st_nlink == 1:
                             freed += st_.st_size
                     self.blobs.delete(digest)
-            for name in os.listdir(self.blobs.tmp_dir):
-                if not name.startswith("partial-"):
-                    remove_tree(os.path.join(self.blobs.tmp_dir, name))
+            # tmp/ also holds the temp file of a state transaction in flight (``tag`` and
+            # ``rmi`` do not take gc.lock): clean it only while no transaction runs
+            with self.state.locked():
+                for name in os.listdir(self.blobs.tmp_dir):
+                    if not name.startswith("partial-"):
+                        remove_tree(os.path.join(self.blobs.tmp_dir, name))
             return tuple(deleted), freed
 
     # -- history and inspect ---------------------------------------------------------------------
