@@ -108,8 +108,9 @@ class Store:
         manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
         config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
                                        manifest.config.digest)
+        # docker lists an image's references sorted by their familiar form (lexicalRefs)
         tags = tuple(sorted((reference.parse(t) for t, i in st.tags.items() if i == image_id),
-                            key=str))
+                            key=lambda r: r.familiar))
         return Image(Digest(image_id), desc, manifest, config, tags,
                      tuple(rec.get("repoDigests", [])), int(rec.get("size", 0)),
                      str(rec.get("added", "")))
