@@ -35,7 +35,7 @@ from . import oci, reference, timefmt
 from .cas import BlobStore
 from .digest import Digest, is_digest, parse_digest, sha256_bytes
 from .errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
-from .fsutil import remove_tree
+from .fsutil import remove_tree, unshared_size
 from .instructions import apply_changes
 from .layerstore import LayerStore, Progress
 from .reference import Reference
@@ -368,16 +368,13 @@ class Store:
             deleted: list[str] = []
             for diff_id in self.layers.diff_ids():
                 if diff_id not in keep_layers:
-                    with contextlib.suppress(ImageNotFound):
-                        freed += self.layers.info(diff_id).size
+                    freed += unshared_size(self.layers.path(diff_id))
                     self.layers.delete(diff_id)
                     deleted.append(diff_id)
             for digest in self.blobs.digests():
                 if digest not in keep_blobs:
-                    with contextlib.suppress(OSError):
-                        st_ = os.stat(self.blobs.path(digest))
-                        if st_.st_nlink == 1:
-                            freed += st_.st_size
+                    # an uncompressed layer's blob is a hardlink of its tar: counted once, here
+                    freed += unshared_size(self.blobs.path(digest))
                     self.blobs.delete(digest)
             # tmp/ also holds the temp file of a state transaction in flight (``tag`` and
             # ``rmi`` do not take gc.lock): clean it only while no transaction runs
