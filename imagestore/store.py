@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -282,44 +282,68 @@ class Store:
         return [cid for cid, c in st.containers.items() if c.get("image") == image_id]
 
     def remove(self, name: str, force: bool = False) -> Removed:
-        """``docker rmi``: untag, and delete the image once nothing names it."""
+        """``docker rmi`` as moby's ImageDelete: a repository reference is removed, and the
+        image deleted once no reference is left; an ID deletes the image with all its
+        references, which needs ``force`` unless they are one tag plus digests of the same
+        repository.  An image a container uses is never deleted (its references may go)."""
         untagged: list[str] = []
-        deleted: list[str] = []
         with self.state.transaction() as st:
             image_id = self._resolve_id(st, name)
-            tags = [t for t, i in st.tags.items() if i == image_id]
-            by_tag = self._named_by_tag(name, tags)
-            users = self._users(st, image_id)
+            rec = st.images[image_id]
             short = image_id.partition(":")[2][:12]
-            if by_tag is not None and len(tags) > 1:
-                del st.tags[by_tag]
-                return Removed((reference.parse(by_tag).familiar,), (), 0)
-            if by_tag is None and len({reference.parse(t).name for t in tags}) > 1 and not force:
-                raise Conflict(f"conflict: unable to delete {short} (must be forced) - image is "
-                               f"referenced in multiple repositories")
-            if users and not force:
-                what = (f'remove repository reference "{name}"' if by_tag else f"delete {short}")
-                raise Conflict(f"conflict: unable to {what} (must be forced) - container "
-                               f"{users[0][:12]} is using its referenced image {short}")
-            for t in sorted(tags):
-                del st.tags[t]
-                untagged.append(reference.parse(t).familiar)
-            if users:
-                return Removed(tuple(untagged), (), 0)
-            rec = st.images.pop(image_id)
-            for rd in rec.get("repoDigests", []):
-                untagged.append(reference.parse(rd).familiar)
-            deleted.append(image_id)
+            users = self._users(st, image_id)
+            tags = sorted((t for t, i in st.tags.items() if i == image_id),
+                          key=lambda t: reference.parse(t).familiar)
+            digests = list(rec.get("repoDigests", []))
+            ref = self._reference_named(name, image_id, tags, digests)
+            if ref is not None:
+                if users and not force and _single_reference(tags, digests):
+                    raise Conflict(f'conflict: unable to remove repository reference "{name}" '
+                                   f"(must force) - container {users[0][:12]} is using its "
+                                   f"referenced image {short}")
+                gone = [str(ref)]
+                if ref.digest is None and not any(
+                        reference.parse(t).name == ref.name for t in tags if t != str(ref)):
+                    # the repository's last tag: its digest references go with it
+                    gone += [x for x in digests if reference.parse(x).name == ref.name]
+                tags = [t for t in tags if t not in gone]
+                digests = [x for x in digests if x not in gone]
+                st.tags.pop(str(ref), None)
+                rec["repoDigests"] = digests
+                untagged += [reference.parse(x).familiar for x in gone]
+                if tags or digests or users:
+                    return Removed(tuple(untagged), (), 0)
+            else:
+                if (tags or digests) and not force and not _single_reference(tags, digests):
+                    raise Conflict(f"conflict: unable to delete {short} (must be forced) - "
+                                   "image is referenced in multiple repositories")
+                if users and not force:
+                    raise Conflict(f"conflict: unable to delete {short} (must be forced) - "
+                                   f"image is being used by stopped container {users[0][:12]}")
+                for t in tags:
+                    del st.tags[t]
+                untagged += [reference.parse(x).familiar for x in [*tags, *digests]]
+                rec["repoDigests"] = []
+                if users:
+                    return Removed(tuple(untagged), (), 0)
+            del st.images[image_id]
         freed = self.collect(wait=False)
-        return Removed(tuple(untagged), tuple(deleted) + freed[0], freed[1])
+        return Removed(tuple(untagged), (image_id, *freed[0]), freed[1])
 
     @staticmethod
-    def _named_by_tag(name: str, tags: Iterable[str]) -> str | None:
+    def _reference_named(name: str, image_id: str, tags: Sequence[str],
+                         digests: Sequence[str]) -> Reference | None:
+        """The repository reference ``name`` removes, or None when it names the image by ID
+        (an ID prefix, or a digest that is no recorded reference of the image)."""
+        hexid = image_id.partition(":")[2]
+        if image_id.startswith(name) or hexid.startswith(name):
+            return None
         try:
             ref = reference.parse(name)
         except InvalidReference:
             return None
-        return str(ref) if ref.digest is None and str(ref) in tags else None
+        key = str(ref) if ref.digest is None else f"{ref.name}@{ref.digest}"
+        return ref if key in tags or key in digests else None
 
     def prune(self, all_images: bool = False) -> Removed:
         """``docker image prune``: delete dangling images (every unused one with ``all``)."""
@@ -428,6 +452,14 @@ class Store:
         if cfg.field("variant"):
             out["Variant"] = cfg.field("variant")
         return out
+
+
+def _single_reference(tags: Sequence[str], digests: Sequence[str]) -> bool:
+    """moby's isSingleReference: at most one tag, and every reference in one repository."""
+    if len(tags) > 1 or not (tags or digests):
+        return False
+    names = {reference.parse(x).name for x in [*tags, *digests]}
+    return len(names) == 1
 
 
 def open_input(path: str) -> BinaryIO:
