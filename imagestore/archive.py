@@ -181,7 +181,10 @@ class _DirSource:
             raise InvalidImage(f"layout has no file {name!r}") from None
 
     def size(self, name: str) -> int:
-        return os.path.getsize(self._path(name))
+        try:
+            return os.path.getsize(self._path(name))
+        except FileNotFoundError:
+            raise InvalidImage(f"layout has no file {name!r}") from None
 
     def close(self) -> None:
         pass
@@ -230,7 +233,10 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
 
             stream: BinaryIO = sys.stdin.buffer
         else:
-            stream = open(path, "rb")  # noqa: SIM115 - closed below
+            try:
+                stream = open(path, "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                raise InvalidImage(f"open {path}: no such file or directory") from None
         try:
             head = stream.read(8)
             reader = DecompressReader(stream, head=head)
@@ -249,8 +255,6 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
             yield src
         finally:
             src.close()
-    except FileNotFoundError:
-        raise InvalidImage(f"open {path}: no such file or directory") from None
     finally:
         if spooled:
             with contextlib.suppress(FileNotFoundError):
