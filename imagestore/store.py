@@ -184,9 +184,29 @@ class Store:
 
     # -- adding --------------------------------------------------------------------------------
 
-    def ingesting(self) -> contextlib.AbstractContextManager[None]:
-        """Hold while adding content that no ref names yet (keeps GC away)."""
-        return self.state.ingesting()
+    @contextlib.contextmanager
+    def ingesting(self) -> Iterator[None]:
+        """Hold while adding content that no ref names yet (keeps GC away).  When the block
+        fails, the blobs and layers it added that no image names are removed again, so a
+        refused import or load leaves the store as it was (unless another command is adding
+        content at that moment: then the next ``prune`` collects them)."""
+        before = (set(self.blobs.digests()), set(self.layers.diff_ids()))
+        try:
+            with self.state.ingesting():
+                yield
+        except BaseException:
+            self._discard_added(*before)
+            raise
+
+    def _discard_added(self, blobs: set[Digest], layers: set[Digest]) -> None:
+        with self.state.collecting(wait=False) as ok:
+            if not ok:
+                return
+            keep_blobs, keep_layers = self.referenced(self.state.read())
+            for diff_id in set(self.layers.diff_ids()) - layers - keep_layers:
+                self.layers.delete(diff_id)
+            for digest in set(self.blobs.digests()) - blobs - keep_blobs:
+                self.blobs.delete(digest)
 
     def add_image(
         self,
