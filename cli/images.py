@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
+import re
 import sys
 from typing import Any
 
@@ -72,8 +72,43 @@ def _short(image_id: str, no_trunc: bool) -> str:
     return image_id if no_trunc else image_id.partition(":")[2][:12]
 
 
+def _go_path_pattern(pattern: str) -> re.Pattern[str]:
+    """Go's ``path.Match`` syntax as a regex: ``*`` and ``?`` never match ``/``, ``[^...]``
+    negates a class, ``\\`` escapes."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif c == "[":
+            end = pattern.find("]", i + 2)
+            if end < 0:
+                raise UserError(f"invalid reference filter {pattern!r}: syntax error in pattern")
+            body = pattern[i + 1:end]
+            neg = body.startswith("^")
+            body = body[1:] if neg else body
+            ranges = "".join(re.escape(x) if x != "-" else "-" for x in body)
+            out.append(f"[{'^/' if neg else ''}{ranges}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _matches_filters(image: Image, tag: reference.Reference | None,
                      filters: list[tuple[str, str]]) -> bool:
+    patterns = [_go_path_pattern(v) for k, v in filters if k == "reference"]
+    # docker's FamiliarMatch: the familiar NAME:TAG, then the familiar name; several
+    # reference filters match when any of them does
+    if patterns and (tag is None or not any(p.match(n) for p in patterns
+                                            for n in (tag.familiar, tag.familiar_name))):
+        return False
     for key, value in filters:
         if key == "dangling":
             if (value == "true") != (not image.tags):
@@ -82,12 +117,6 @@ def _matches_filters(image: Image, tag: reference.Reference | None,
             k, eq, v = value.partition("=")
             labels = image.config.labels
             if k not in labels or (eq and labels[k] != v):
-                return False
-        elif key == "reference":
-            if tag is None:
-                return False
-            names = (tag.familiar, f"{tag.familiar_name}:{tag.tag}", tag.familiar_name)
-            if not any(fnmatch.fnmatchcase(n, value) for n in names):
                 return False
     return True
 
