@@ -13,7 +13,7 @@ from imagestore.errors import InvalidReference, StoreError
 from imagestore.store import Image, Removed
 
 from .common import UserError, confirm, store_of
-from .output import human_size, print_formatted, since, table
+from .output import go_time, human_size, print_formatted, rfc3339, since, table
 
 
 def register(sub: Any, image_sub: Any) -> None:
@@ -66,6 +66,9 @@ def _bool(text: str) -> bool:
     if value in ("0", "f", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
+_EPOCH_2000 = 946_684_800
 
 
 def _short(image_id: str, no_trunc: bool) -> str:
@@ -161,7 +164,7 @@ def _image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "Tag": tag.tag if tag and tag.tag else "<none>",
                 "Digest": digest,
                 "ID": _short(image.id, args.no_trunc),
-                "CreatedAt": image.created,
+                "CreatedAt": go_time(image.created),
                 "CreatedSince": since(image.created),
                 "Size": human_size(image.size),
                 "VirtualSize": human_size(image.size),
@@ -229,26 +232,30 @@ def cmd_history(args: argparse.Namespace) -> int:
         if not args.no_trunc and len(created_by) > 45:
             created_by = created_by[:44] + "…"
         created = r["created"]
+        ts = timefmt.parse(created)
         out.append({
             "ID": _short(image.id, args.no_trunc) if i == 0 else "<missing>",
-            "CreatedSince": since(created) if args.human else created,
-            "CreatedAt": created,
+            # docker shows no age for dates before 2000 (unset ones)
+            "CreatedSince": (since(created) if ts is not None and ts > _EPOCH_2000 else "")
+            if args.human else rfc3339(created),
+            "CreatedAt": rfc3339(created),
             "CreatedBy": created_by,
             "Size": human_size(r["size"]) if args.human else str(r["size"]),
             "Comment": r["comment"],
         })
-    if args.quiet:
+    if args.quiet:  # docker prints {{.ID}} for every row, <missing> ones included
         for r in out:
-            if r["ID"] != "<missing>":
-                print(r["ID"])
+            print(r["ID"])
         return 0
     if args.format:
         print_formatted(args.format, out, {"ID": "IMAGE", "CreatedSince": "CREATED",
+                                           "CreatedAt": "CREATED AT",
                                            "CreatedBy": "CREATED BY", "Size": "SIZE",
                                            "Comment": "COMMENT"})
         return 0
-    table([["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]] + [
-        [r["ID"], r["CreatedSince"], r["CreatedBy"], r["Size"], r["Comment"]] for r in out])
+    created_col = ("CREATED", "CreatedSince") if args.human else ("CREATED AT", "CreatedAt")
+    table([["IMAGE", created_col[0], "CREATED BY", "SIZE", "COMMENT"]] + [
+        [r["ID"], r[created_col[1]], r["CreatedBy"], r["Size"], r["Comment"]] for r in out])
     return 0
 
 
