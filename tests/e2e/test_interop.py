@@ -61,6 +61,9 @@ L1: list[E] = busybox_entries() + [
     file("srv/tool", b"#!/bin/sh\necho v1\n", mode=0o4755),
     link("srv/tool.hard", "srv/tool"),  # keeps v1 when layer 2 replaces srv/tool
     file("srv/empty", b"", uid=100_000, gid=100_000),
+    file("srv/big-ids", b"ids", uid=3_000_000, gid=4_000_000),  # beyond ustar's octal fields
+    file("srv/ünïcödé-名前", b"utf-8 name"),
+    file("srv/latin1-caf\udce9", b"not utf-8"),
     E("srv/loop0", "block", mode=0o660, gid=6, dev=(7, 0)),
     file("srv/data", b"data", mode=0o2640, uid=7, gid=8,
          xattrs={"user.note": b"hello", "user.bin": b"\x00\x01\xfe"}),
@@ -177,6 +180,8 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, ...
     assert "srv/data" not in tree and "srv/pair" not in tree and "var/lib/app/db" not in tree
     assert tree["opt"][1:4] == (0o755, 0, 0)
     assert tree["srv/tool.hard"][5] != tree["srv/tool"][5]
+    assert tree["srv/big-ids"][2:4] == (3_000_000, 4_000_000)
+    assert "srv/latin1-caf\udce9" in tree and "srv/ünïcödé-名前" in tree
     return tree
 
 
@@ -380,3 +385,34 @@ def test_an_imported_rootfs_exports_as_umoci_unpacks_it(
                       tmp_path / "bundle")
     assert_same(export_tree(strata, "flat:1"), tree)
     assert tree["srv/data"][8] == (("user.bin", b"\x00\x01\xfe"), ("user.note", b"hello"))
+
+
+def test_a_docker_typed_manifest_is_saved_as_oci_that_umoci_unpacks(
+        strata: Strata, umoci: str, skopeo: str, run: Run, tmp_path: Path,
+        oracle: dict[str, Any]) -> None:
+    require_root()
+    # a layout whose manifest and layers carry Docker media types (as pulled from a registry)
+    path = tmp_path / "layout"
+    info = write_layout(path, ["gzip"] * 3, tag="localhost/docker-typed:1")
+    mpath = path / "blobs" / "sha256" / info["manifest"][7:]
+    doc = json.loads(mpath.read_bytes())
+    doc["mediaType"] = "application/vnd.docker.distribution.manifest.v2+json"
+    doc["config"]["mediaType"] = "application/vnd.docker.container.image.v1+json"
+    for layer in doc["layers"]:
+        layer["mediaType"] = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    raw = json.dumps(doc).encode()
+    mdigest = write_blob(str(path), raw)
+    index = json.loads((path / "index.json").read_bytes())
+    index["manifests"][0].update(mediaType=doc["mediaType"], digest=mdigest, size=len(raw))
+    (path / "index.json").write_text(json.dumps(index))
+    assert strata.out("load", "-i", str(path)) == "Loaded image: localhost/docker-typed:1\n"
+    assert_same(export_tree(strata, "localhost/docker-typed:1"), oracle)
+    strata("save", "--format", "oci", "-o", str(tmp_path / "oci.tar"), "localhost/docker-typed:1")
+    tree = umoci_tree(umoci, f"{_untar(tmp_path / 'oci.tar', tmp_path / 'oci')}:1",
+                      tmp_path / "bundle")
+    assert_same(tree, oracle)
+    got = json.loads(run(skopeo, "inspect", "--raw", f"oci-archive:{tmp_path / 'oci.tar'}:1"
+                         ).stdout)
+    assert got["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert [x["digest"] for x in got["layers"]] == info["layers"]  # the same gzip blobs
+    assert got["config"]["digest"] == info["config"]
