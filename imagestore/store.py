@@ -115,20 +115,37 @@ class Store:
                      tuple(rec.get("repoDigests", [])), int(rec.get("size", 0)),
                      str(rec.get("added", "")))
 
+    def _image_unless_removed(self, st: State, image_id: str) -> Image | None:
+        """The image as ``st`` records it; None when another process removed it (and
+        collected its blobs) after ``st`` was read.  A blob missing from an image that is
+        still recorded is corruption and raises."""
+        try:
+            return self._image(st, image_id)
+        except ImageNotFound:
+            if image_id in self.state.read().images:
+                raise
+            return None
+
     def images(self) -> list[Image]:
         st = self.state.read()
-        return [self._image(st, i) for i in sorted(st.images)]
+        found = (self._image_unless_removed(st, i) for i in sorted(st.images))
+        return [image for image in found if image is not None]
 
     def image(self, image_id: Digest) -> Image:
         st = self.state.read()
-        if image_id not in st.images:
+        image = self._image_unless_removed(st, image_id) \
+            if image_id in st.images else None
+        if image is None:
             raise ImageNotFound(f"No such image: {image_id}")
-        return self._image(st, image_id)
+        return image
 
     def resolve(self, name: str) -> Image:
         """The image ``name`` means: a tag, ``repo@digest``, an ID or a unique ID prefix."""
         st = self.state.read()
-        return self._image(st, self._resolve_id(st, name))
+        image = self._image_unless_removed(st, self._resolve_id(st, name))
+        if image is None:
+            raise ImageNotFound(f"No such image: {name}")
+        return image
 
     def _resolve_id(self, st: State, name: str) -> str:
         full = name if name.startswith("sha256:") else "sha256:" + name
