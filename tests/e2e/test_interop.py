@@ -83,7 +83,8 @@ L1: list[E] = busybox_entries() + [
     d("shared", mode=0o1777),
     file("opt/deep/missing-parent", b"x"),  # opt and opt/deep are not in the tar
     d("gone"), file("gone/a", b"a"), d("gone/sub"), file("gone/sub/b", b"b"),
-    d("opq"), file("opq/old", b"old"), d("opq/olddir"), file("opq/olddir/f", b"f"),
+    d("opq", mode=0o750, uid=5, gid=6), file("opq/old", b"old"), d("opq/olddir"),
+    file("opq/olddir/f", b"f"),
     file("becomes-dir", b"f"),
     d("becomes-file"), file("becomes-file/inner", b"i"),
     file("long/" + "n" * 120 + "/file-with-a-name-longer-than-100.txt", b"pax"),
