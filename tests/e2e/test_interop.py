@@ -8,6 +8,9 @@ uid, gid, size, content hash, link target, device number, xattrs.
 Caveats (observed with skopeo 1.9.3 and umoci 0.4.7, Debian 12):
 * umoci 0.4.7 cannot unpack zstd layers, so the oracle for any image is the umoci unpack of
   its gzip twin (the same layer tars, so the same diff_ids and rootfs).
+* A layer entry below a *missing* parent that is a symlink in a lower layer (``lib/x`` over
+  ``lib -> usr/lib``) is left out: umoci writes through the symlink (``usr/lib/x``), while
+  strata, like docker's overlay2 and the kernel's overlayfs, shows ``lib`` as a directory.
 * skopeo re-marshals the config when it converts a Docker manifest to OCI, dropping the
   Docker-only fields (Healthcheck, OnBuild, Shell): such a config gets a new digest by
   design, so the save test uses OCI-representable changes only.
@@ -88,6 +91,8 @@ L1: list[E] = busybox_entries() + [
     file("becomes-dir", b"f"),
     d("becomes-file"), file("becomes-file/inner", b"i"),
     file("long/" + "n" * 120 + "/file-with-a-name-longer-than-100.txt", b"pax"),
+    d("usr"), d("usr/lib"), file("usr/lib/libc.so", b"libc"),
+    sym("lib", "usr/lib"), sym("lib64", "usr/lib"),  # usrmerge links
 ]
 L2: list[E] = [
     whiteout("gone"),
@@ -99,6 +104,7 @@ L2: list[E] = [
     d("srv", mode=0o3777, uid=1000, gid=1001, xattrs={"user.dir": b"d2"}),
     whiteout("srv/pair"),  # its hardlink stays
     file("opt/deep/again", b"y"),  # the implicit parents keep layer 1's attributes
+    d("lib64", mode=0o711),  # a directory replaces the lower symlink
     d("var/lib/app", mode=0o700, uid=33, gid=33),
     file("var/lib/app/db", b"\0" * 4096, mode=0o600, uid=33, gid=33),
 ]
