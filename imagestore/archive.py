@@ -235,8 +235,8 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
         else:
             try:
                 stream = open(path, "rb")  # noqa: SIM115 - closed below
-            except FileNotFoundError:
-                raise InvalidImage(f"open {path}: no such file or directory") from None
+            except OSError as exc:
+                raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
         try:
             head = stream.read(8)
             reader = DecompressReader(stream, head=head)

@@ -511,6 +511,8 @@ def open_input(path: str) -> BinaryIO:
         raise InvalidImage(f"open {path}: no such file or directory") from None
     except IsADirectoryError:
         raise InvalidImage(f"{path} is a directory") from None
+    except OSError as exc:
+        raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
 
 
 ProgressFactory = Callable[[str, int | None], Progress | None]

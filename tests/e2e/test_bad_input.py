@@ -401,6 +401,14 @@ def test_no_leftovers_when_the_output_cannot_be_written(strata: Strata, tmp_path
                                                             int, int]]]) -> None:
     before = populated()
     target = tmp_path / "no" / "such" / "dir" / "out.tar"
-    proc = strata("save", "good:1", "-o", str(target), check=False)
-    assert proc.returncode != 0 and len(proc.stderr.decode().splitlines()) == 1
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    for args in (["save", "good:1", "-o", str(target)], ["export", "good:1", "-o", str(target)],
+                 ["save", "good:1", "-o", str(outdir)], ["export", "good:1", "-o", str(outdir)]):
+        proc = strata(*args, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+        assert re.match(r"Error: (cannot write|invalid output path)", err), err
     assert listing(str(strata.root)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.tar", "outdir", "store"]
+    assert list(outdir.iterdir()) == []
