@@ -135,6 +135,8 @@ def test_images_filters(strata: Strata, rootfs: Path, layered: str) -> None:
         return strata.out("images", "--format", "{{.Repository}}:{{.Tag}}", *args).split()
 
     assert ids("dangling=true") == [dangling]
+    rows = [columns(x) for x in strata.out("images", "--filter", "dangling=true").splitlines()]
+    assert rows[1][:3] == ["<none>", "<none>", dangling[7:19]]
     assert set(ids("dangling=false")) == {tagged, layered}
     assert set(ids()) == {tagged, dangling, layered}
     assert ids("label=tier") == [tagged, layered]
@@ -338,6 +340,7 @@ def test_save_load_round_trip(strata: Strata, tmp_path: Path, rootfs: Path,
     strata("tag", "app:1", "app:2")
     strata("tag", layered, "web:1")
     exports = {i: strata("export", i).stdout for i in (imported, layered)}
+    descriptor = strata.out("inspect", "-f", "{{json .Descriptor}}", imported)
     archive = strata("save", "app", "web:1").stdout
     strata("save", "-o", str(tmp_path / "s.tar"), "app", "web:1")
     assert (tmp_path / "s.tar").read_bytes() == archive  # deterministic
@@ -349,6 +352,8 @@ def test_save_load_round_trip(strata: Strata, tmp_path: Path, rootfs: Path,
     assert set(strata.out("images", "-q", "--no-trunc").split()) == {imported, layered}
     for image_id, data in exports.items():
         assert strata("export", image_id).stdout == data
+    # the OCI layout inside the archive gives the stored manifest back, byte for byte
+    assert strata.out("inspect", "-f", "{{json .Descriptor}}", imported) == descriptor
     # an image saved by ID has no name
     strata("save", "-o", str(tmp_path / "id.tar"), imported[7:19])
     strata("rmi", "app:1", "app:2")
