@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from imagestore import reference, timefmt
-from imagestore.errors import InvalidReference, StoreError
+from imagestore.errors import StoreError
 from imagestore.store import Image, Removed
 
 from .common import UserError, confirm, store_of
@@ -139,19 +139,12 @@ def _parse_filters(raw: list[str]) -> list[tuple[str, str]]:
 def _image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     store = store_of(args)
     filters = _parse_filters(args.filter)
-    only: reference.Reference | None = None
-    if args.repository:
-        try:
-            only = reference.parse(args.repository, default_tag=False)
-        except InvalidReference as exc:
-            raise UserError(str(exc)) from None
+    if args.repository:  # docker adds REPOSITORY[:TAG] to the reference filters
+        filters.append(("reference", args.repository))
     rows = []
     for image in sorted(store.images(), key=lambda i: timefmt.parse(i.created) or 0,
                         reverse=True):
         for tag in image.tags or (None,):
-            if only is not None and (tag is None or tag.name != only.name
-                                     or (only.tag and tag.tag != only.tag)):
-                continue
             if not _matches_filters(image, tag, filters):
                 continue
             digest = "<none>"

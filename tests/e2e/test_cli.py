@@ -109,6 +109,12 @@ def test_images_quiet_no_trunc_digests_and_positional(strata: Strata, store: Sto
     assert [columns(x)[:2] for x in strata.out("images", "app:2").splitlines()[1:]] == [
         ["app", "2"]]
     assert strata.out("images", "nosuch").splitlines()[1:] == []
+    # as docker, the argument is one more reference filter: a pattern, ORed with the others
+    assert [columns(x)[:2] for x in strata.out("images", "a*").splitlines()[1:]] == [
+        ["app", "1"], ["app", "2"]]
+    assert [columns(x)[:2] for x in strata.out("images", "app:1", "--filter",
+                                                "reference=other").splitlines()[1:]] == [
+        ["app", "1"], ["other", "1"]]
     # a digest recorded for the image (as a pull records it) shows under --digests
     image = store.resolve("other:1")
     store.add_image(image.manifest.raw, image.manifest.media_type,
