@@ -16,7 +16,10 @@ present and consistent before a ref can name it.
 
 Caveats:
 * Removal never blocks on an in-flight pull: when content is being added, ``rmi`` drops refs
-  and leaves blob collection to the next ``prune``.
+  and leaves blob collection to the next ``prune``.  Likewise a failed import or load removes
+  the content it added, unless another command is adding content at that moment.
+* Readers take no lock: an image removed by another process between reading state.json and
+  reading its blobs is skipped, as if the listing had come a moment later.
 """
 
 from __future__ import annotations
