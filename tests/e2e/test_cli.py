@@ -4,6 +4,7 @@ what docker prints for the same commands."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -397,3 +398,19 @@ def test_load_platform_from_a_multi_platform_layout(strata: Strata, tmp_path: Pa
         b"arm64")[7:]
     proc = strata("load", "--platform", "linux/s390x", "-i", str(amd), check=False)
     assert proc.returncode == 1 and b"no image for platform linux/s390x" in proc.stderr
+
+
+def test_store_root_comes_from_strata_root_when_no_root_flag(tmp_path: Path,
+                                                            rootfs: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "STRATA_ROOT": str(tmp_path / "envroot"),
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "import", str(rootfs), "x:1"],
+                          capture_output=True, env=env, timeout=60, check=True)
+    image_id = proc.stdout.decode().strip()
+    assert (tmp_path / "envroot" / "state.json").exists()
+    assert Store(str(tmp_path / "envroot")).resolve("x:1").id == image_id
