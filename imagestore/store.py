@@ -210,12 +210,14 @@ class Store:
         fails, the blobs and layers it added that no image names are removed again, so a
         refused import or load leaves the store as it was (unless another command is adding
         content at that moment: then the next ``prune`` collects them)."""
-        before = (set(self.blobs.digests()), set(self.layers.diff_ids()))
+        before: tuple[set[Digest], set[Digest]] | None = None
         try:
             with self.state.ingesting():
+                before = (set(self.blobs.digests()), set(self.layers.diff_ids()))
                 yield
         except BaseException:
-            self._discard_added(*before)
+            if before is not None:
+                self._discard_added(*before)
             raise
 
     def _discard_added(self, blobs: set[Digest], layers: set[Digest]) -> None:
