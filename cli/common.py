@@ -37,6 +37,8 @@ def output_sink(path: str | None, what: str) -> Iterator[Callable[[bytes], objec
         out.flush()
         return
     assert path is not None
+    if os.path.isdir(path):
+        raise UserError(f"invalid output path: {path} is a directory")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".strata-")
@@ -48,7 +50,10 @@ def output_sink(path: str | None, what: str) -> Iterator[Callable[[bytes], objec
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

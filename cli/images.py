@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
+import re
 import sys
 from typing import Any
 
 from imagestore import reference, timefmt
-from imagestore.errors import InvalidReference, StoreError
+from imagestore.errors import StoreError
 from imagestore.store import Image, Removed
 
 from .common import UserError, confirm, store_of
-from .output import human_size, print_formatted, since, table
+from .output import go_time, human_size, print_formatted, rfc3339, since, table
 
 
 def register(sub: Any, image_sub: Any) -> None:
@@ -68,12 +68,50 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
 
 
+_EPOCH_2000 = 946_684_800
+
+
 def _short(image_id: str, no_trunc: bool) -> str:
     return image_id if no_trunc else image_id.partition(":")[2][:12]
 
 
+def _go_path_pattern(pattern: str) -> re.Pattern[str]:
+    """Go's ``path.Match`` syntax as a regex: ``*`` and ``?`` never match ``/``, ``[^...]``
+    negates a class, ``\\`` escapes."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif c == "[":
+            end = pattern.find("]", i + 2)
+            if end < 0:
+                raise UserError(f"invalid reference filter {pattern!r}: syntax error in pattern")
+            body = pattern[i + 1:end]
+            neg = body.startswith("^")
+            body = body[1:] if neg else body
+            ranges = "".join(re.escape(x) if x != "-" else "-" for x in body)
+            out.append(f"[{'^/' if neg else ''}{ranges}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _matches_filters(image: Image, tag: reference.Reference | None,
                      filters: list[tuple[str, str]]) -> bool:
+    patterns = [_go_path_pattern(v) for k, v in filters if k == "reference"]
+    # docker's FamiliarMatch: the familiar NAME:TAG, then the familiar name; several
+    # reference filters match when any of them does
+    if patterns and (tag is None or not any(p.match(n) for p in patterns
+                                            for n in (tag.familiar, tag.familiar_name))):
+        return False
     for key, value in filters:
         if key == "dangling":
             if (value == "true") != (not image.tags):
@@ -82,12 +120,6 @@ def _matches_filters(image: Image, tag: reference.Reference | None,
             k, eq, v = value.partition("=")
             labels = image.config.labels
             if k not in labels or (eq and labels[k] != v):
-                return False
-        elif key == "reference":
-            if tag is None:
-                return False
-            names = (tag.familiar, f"{tag.familiar_name}:{tag.tag}", tag.familiar_name)
-            if not any(fnmatch.fnmatchcase(n, value) for n in names):
                 return False
     return True
 
@@ -107,19 +139,12 @@ def _parse_filters(raw: list[str]) -> list[tuple[str, str]]:
 def _image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     store = store_of(args)
     filters = _parse_filters(args.filter)
-    only: reference.Reference | None = None
-    if args.repository:
-        try:
-            only = reference.parse(args.repository, default_tag=False)
-        except InvalidReference as exc:
-            raise UserError(str(exc)) from None
+    if args.repository:  # docker adds REPOSITORY[:TAG] to the reference filters
+        filters.append(("reference", args.repository))
     rows = []
     for image in sorted(store.images(), key=lambda i: timefmt.parse(i.created) or 0,
                         reverse=True):
         for tag in image.tags or (None,):
-            if only is not None and (tag is None or tag.name != only.name
-                                     or (only.tag and tag.tag != only.tag)):
-                continue
             if not _matches_filters(image, tag, filters):
                 continue
             digest = "<none>"
@@ -132,7 +157,7 @@ def _image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "Tag": tag.tag if tag and tag.tag else "<none>",
                 "Digest": digest,
                 "ID": _short(image.id, args.no_trunc),
-                "CreatedAt": image.created,
+                "CreatedAt": go_time(image.created),
                 "CreatedSince": since(image.created),
                 "Size": human_size(image.size),
                 "VirtualSize": human_size(image.size),
@@ -200,26 +225,30 @@ def cmd_history(args: argparse.Namespace) -> int:
         if not args.no_trunc and len(created_by) > 45:
             created_by = created_by[:44] + "…"
         created = r["created"]
+        ts = timefmt.parse(created)
         out.append({
             "ID": _short(image.id, args.no_trunc) if i == 0 else "<missing>",
-            "CreatedSince": since(created) if args.human else created,
-            "CreatedAt": created,
+            # docker shows no age for dates before 2000 (unset ones)
+            "CreatedSince": (since(created) if ts is not None and ts > _EPOCH_2000 else "")
+            if args.human else rfc3339(created),
+            "CreatedAt": rfc3339(created),
             "CreatedBy": created_by,
             "Size": human_size(r["size"]) if args.human else str(r["size"]),
             "Comment": r["comment"],
         })
-    if args.quiet:
+    if args.quiet:  # docker prints {{.ID}} for every row, <missing> ones included
         for r in out:
-            if r["ID"] != "<missing>":
-                print(r["ID"])
+            print(r["ID"])
         return 0
     if args.format:
         print_formatted(args.format, out, {"ID": "IMAGE", "CreatedSince": "CREATED",
+                                           "CreatedAt": "CREATED AT",
                                            "CreatedBy": "CREATED BY", "Size": "SIZE",
                                            "Comment": "COMMENT"})
         return 0
-    table([["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]] + [
-        [r["ID"], r["CreatedSince"], r["CreatedBy"], r["Size"], r["Comment"]] for r in out])
+    created_col = ("CREATED", "CreatedSince") if args.human else ("CREATED AT", "CreatedAt")
+    table([["IMAGE", created_col[0], "CREATED BY", "SIZE", "COMMENT"]] + [
+        [r["ID"], r[created_col[1]], r["CreatedBy"], r["Size"], r["Comment"]] for r in out])
     return 0
 
 

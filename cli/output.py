@@ -12,6 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from imagestore import timefmt
@@ -62,6 +63,28 @@ def since(created: str) -> str:
     if ts is None:
         return "N/A"
     return human_duration(max(0.0, time.time() - ts)) + " ago"
+
+
+def _local(created: str) -> datetime | None:
+    ts = timefmt.parse(created)
+    return None if ts is None else datetime.fromtimestamp(int(ts)).astimezone()
+
+
+def rfc3339(created: str) -> str:
+    """Go's ``time.Unix(t, 0).Format(time.RFC3339)``: whole seconds, local time, ``Z`` for
+    UTC (docker's ``history -H=false``)."""
+    dt = _local(created)
+    if dt is None:
+        return ""
+    text = dt.isoformat(timespec="seconds")
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def go_time(created: str) -> str:
+    """Go's ``time.Unix(t, 0).String()``: ``2024-01-02 03:04:05 +0000 UTC`` in local time
+    (docker's ``CreatedAt`` of images)."""
+    dt = _local(created)
+    return "" if dt is None else dt.strftime("%Y-%m-%d %H:%M:%S %z %Z")
 
 
 def table(rows: Sequence[Sequence[str]], out: Any = None) -> None:
@@ -115,8 +138,11 @@ def print_formatted(template: str, objs: Sequence[Mapping[str, Any]],
                     headers: Mapping[str, str] | None = None) -> None:
     """Print ``objs`` with a ``--format`` value."""
     if template == "json":
-        for o in objs:
-            print(json.dumps(o, separators=(",", ":")))
+        for o in objs:  # as Go marshals a map: sorted keys, <, > and & escaped
+            text = json.dumps(o, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+            for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+                text = text.replace(ch, esc)
+            print(text)
         return
     if template.startswith("table"):
         body = template[len("table"):].strip() or "\t".join(

@@ -90,24 +90,27 @@ def _save_targets(store: Store, names: list[str]) -> list[tuple[Image, list[Refe
     """docker save's naming: a tag saves that tag, a bare repository every tag of it, an ID
     the image without tags."""
     out: dict[str, tuple[Image, list[Reference]]] = {}
+
+    def add(image: Image, ref: Reference | None) -> None:
+        entry = out.setdefault(image.id, (image, []))
+        if ref is not None and ref not in entry[1]:
+            entry[1].append(ref)
+
     for name in names:
-        image = store.resolve(name)
-        refs: list[Reference] = []
         try:
-            ref = reference.parse(name, default_tag=False)
+            ref: Reference | None = reference.parse(name, default_tag=False)
         except InvalidReference:
             ref = None
-        if ref is not None and ref.digest is None and any(t.name == ref.name for t in image.tags):
-            if ref.tag:
-                refs = [ref]
-            else:
-                refs = [t for i in store.images() for t in i.tags if t.name == ref.name]
-                for t in refs:
-                    other = store.resolve(str(t))
-                    out.setdefault(other.id, (other, []))[1].append(t)
+        if ref is not None and ref.digest is None and ref.tag is None:
+            tagged = [(i, t) for i in store.images() for t in i.tags if t.name == ref.name]
+            for image, t in tagged:
+                add(image, t)
+            if tagged:
                 continue
-        entry = out.setdefault(image.id, (image, []))
-        entry[1].extend(r for r in refs if r not in entry[1])
+        image = store.resolve(name)
+        named = ref is not None and ref.digest is None and ref.with_tag(
+            ref.tag or "latest") in image.tags
+        add(image, ref.with_tag(ref.tag or "latest") if named and ref else None)
     return list(out.values())
 
 

@@ -82,6 +82,22 @@ def _clean(name: str) -> str:
     return "/".join(parts)
 
 
+def _follow(link: str, target: str) -> str:
+    """The archive path the symlink ``link`` -> ``target`` names (skopeo writes
+    ``<v1id>/layer.tar -> ../<diffid>.tar``); raises when it leads out of the archive."""
+    if target.startswith("/"):
+        raise InvalidImage(f"archive symlink {link!r} points outside the archive")
+    parts: list[str] = []
+    for p in [*posixpath.dirname(link).split("/"), *target.split("/")]:
+        if p == "..":
+            if not parts:
+                raise InvalidImage(f"archive symlink {link!r} points outside the archive")
+            parts.pop()
+        elif p not in ("", "."):
+            parts.append(p)
+    return "/".join(parts)
+
+
 class _TarSource:
     """Members of an uncompressed tar, read in place by offset."""
 
@@ -124,9 +140,7 @@ class _TarSource:
             if m.kind == "link":
                 path = m.target
             elif m.kind == "symlink":
-                if m.target.startswith("/"):
-                    raise InvalidImage(f"archive symlink {path!r} points outside the archive")
-                path = _clean(posixpath.join(posixpath.dirname(path), m.target))
+                path = _follow(path, m.target)
             else:
                 raise InvalidImage(f"archive entry {name!r} is a directory")
         raise InvalidImage(f"too many levels of links resolving {name!r} in the archive")
@@ -167,7 +181,10 @@ class _DirSource:
             raise InvalidImage(f"layout has no file {name!r}") from None
 
     def size(self, name: str) -> int:
-        return os.path.getsize(self._path(name))
+        try:
+            return os.path.getsize(self._path(name))
+        except FileNotFoundError:
+            raise InvalidImage(f"layout has no file {name!r}") from None
 
     def close(self) -> None:
         pass
@@ -216,7 +233,10 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
 
             stream: BinaryIO = sys.stdin.buffer
         else:
-            stream = open(path, "rb")  # noqa: SIM115 - closed below
+            try:
+                stream = open(path, "rb")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
         try:
             head = stream.read(8)
             reader = DecompressReader(stream, head=head)
@@ -235,8 +255,6 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
             yield src
         finally:
             src.close()
-    except FileNotFoundError:
-        raise InvalidImage(f"open {path}: no such file or directory") from None
     finally:
         if spooled:
             with contextlib.suppress(FileNotFoundError):

@@ -54,3 +54,16 @@ def atomic_write(path: str, data: bytes, tmp_dir: str | None = None, mode: int =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def unshared_size(path: str) -> int:
+    """Bytes that removing the file or tree at ``path`` gives back: the files whose last link
+    it holds (a file hardlinked from elsewhere frees nothing).  Missing is 0."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path) if os.path.isdir(path) else [("", [], [path])]:
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if st.st_nlink == 1:
+                    total += st.st_size
+    return total

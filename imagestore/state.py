@@ -64,19 +64,25 @@ class StateFile:
             raise StoreError(f"{self.path} is corrupt: {exc}") from None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[State]:
-        """Exclusive access: yields the current state; writes it back if the block succeeds."""
+    def locked(self) -> Iterator[None]:
+        """Hold the writers' lock: no transaction runs (nor writes its temp file) meanwhile."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[State]:
+        """Exclusive access: yields the current state; writes it back if the block succeeds."""
+        with self.locked():
             state = self.read()
             before = state.to_json()
             yield state
             after = state.to_json()
             if after != before:
                 atomic_write(self.path, after, tmp_dir=self.tmp_dir)
-        finally:
-            os.close(fd)
 
     @contextlib.contextmanager
     def ingesting(self) -> Iterator[None]:

@@ -16,7 +16,10 @@ present and consistent before a ref can name it.
 
 Caveats:
 * Removal never blocks on an in-flight pull: when content is being added, ``rmi`` drops refs
-  and leaves blob collection to the next ``prune``.
+  and leaves blob collection to the next ``prune``.  Likewise a failed import or load removes
+  the content it added, unless another command is adding content at that moment.
+* Readers take no lock: an image removed by another process between reading state.json and
+  reading its blobs is skipped, as if the listing had come a moment later.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -36,6 +39,7 @@ from . import oci, reference, timefmt
 from .cas import BlobStore
 from .digest import Digest, is_digest, parse_digest, sha256_bytes
 from .errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
+from .fsutil import unshared_size
 from .instructions import apply_changes
 from .layerstore import LayerStore, Progress
 from .reference import Reference
@@ -108,26 +112,44 @@ class Store:
         manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
         config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
                                        manifest.config.digest)
+        # docker lists an image's references sorted by their familiar form (lexicalRefs)
         tags = tuple(sorted((reference.parse(t) for t, i in st.tags.items() if i == image_id),
-                            key=str))
+                            key=lambda r: r.familiar))
         return Image(Digest(image_id), desc, manifest, config, tags,
                      tuple(rec.get("repoDigests", [])), int(rec.get("size", 0)),
                      str(rec.get("added", "")))
 
+    def _image_unless_removed(self, st: State, image_id: str) -> Image | None:
+        """The image as ``st`` records it; None when another process removed it (and
+        collected its blobs) after ``st`` was read.  A blob missing from an image that is
+        still recorded is corruption and raises."""
+        try:
+            return self._image(st, image_id)
+        except ImageNotFound:
+            if image_id in self.state.read().images:
+                raise
+            return None
+
     def images(self) -> list[Image]:
         st = self.state.read()
-        return [self._image(st, i) for i in sorted(st.images)]
+        found = (self._image_unless_removed(st, i) for i in sorted(st.images))
+        return [image for image in found if image is not None]
 
     def image(self, image_id: Digest) -> Image:
         st = self.state.read()
-        if image_id not in st.images:
+        image = self._image_unless_removed(st, image_id) \
+            if image_id in st.images else None
+        if image is None:
             raise ImageNotFound(f"No such image: {image_id}")
-        return self._image(st, image_id)
+        return image
 
     def resolve(self, name: str) -> Image:
         """The image ``name`` means: a tag, ``repo@digest``, an ID or a unique ID prefix."""
         st = self.state.read()
-        return self._image(st, self._resolve_id(st, name))
+        image = self._image_unless_removed(st, self._resolve_id(st, name))
+        if image is None:
+            raise ImageNotFound(f"No such image: {name}")
+        return image
 
     def _resolve_id(self, st: State, name: str) -> str:
         full = name if name.startswith("sha256:") else "sha256:" + name
@@ -183,9 +205,31 @@ class Store:
 
     # -- adding --------------------------------------------------------------------------------
 
-    def ingesting(self) -> contextlib.AbstractContextManager[None]:
-        """Hold while adding content that no ref names yet (keeps GC away)."""
-        return self.state.ingesting()
+    @contextlib.contextmanager
+    def ingesting(self) -> Iterator[None]:
+        """Hold while adding content that no ref names yet (keeps GC away).  When the block
+        fails, the blobs and layers it added that no image names are removed again, so a
+        refused import or load leaves the store as it was (unless another command is adding
+        content at that moment: then the next ``prune`` collects them)."""
+        before: tuple[set[Digest], set[Digest]] | None = None
+        try:
+            with self.state.ingesting():
+                before = (set(self.blobs.digests()), set(self.layers.diff_ids()))
+                yield
+        except BaseException:
+            if before is not None:
+                self._discard_added(*before)
+            raise
+
+    def _discard_added(self, blobs: set[Digest], layers: set[Digest]) -> None:
+        with self.state.collecting(wait=False) as ok:
+            if not ok:
+                return
+            keep_blobs, keep_layers = self.referenced(self.state.read())
+            for diff_id in set(self.layers.diff_ids()) - layers - keep_layers:
+                self.layers.delete(diff_id)
+            for digest in set(self.blobs.digests()) - blobs - keep_blobs:
+                self.blobs.delete(digest)
 
     def add_image(
         self,
@@ -281,44 +325,68 @@ class Store:
         return [cid for cid, c in st.containers.items() if c.get("image") == image_id]
 
     def remove(self, name: str, force: bool = False) -> Removed:
-        """``docker rmi``: untag, and delete the image once nothing names it."""
+        """``docker rmi`` as moby's ImageDelete: a repository reference is removed, and the
+        image deleted once no reference is left; an ID deletes the image with all its
+        references, which needs ``force`` unless they are one tag plus digests of the same
+        repository.  An image a container uses is never deleted (its references may go)."""
         untagged: list[str] = []
-        deleted: list[str] = []
         with self.state.transaction() as st:
             image_id = self._resolve_id(st, name)
-            tags = [t for t, i in st.tags.items() if i == image_id]
-            by_tag = self._named_by_tag(name, tags)
-            users = self._users(st, image_id)
+            rec = st.images[image_id]
             short = image_id.partition(":")[2][:12]
-            if by_tag is not None and len(tags) > 1:
-                del st.tags[by_tag]
-                return Removed((reference.parse(by_tag).familiar,), (), 0)
-            if by_tag is None and len({reference.parse(t).name for t in tags}) > 1 and not force:
-                raise Conflict(f"conflict: unable to delete {short} (must be forced) - image is "
-                               f"referenced in multiple repositories")
-            if users and not force:
-                what = (f'remove repository reference "{name}"' if by_tag else f"delete {short}")
-                raise Conflict(f"conflict: unable to {what} (must be forced) - container "
-                               f"{users[0][:12]} is using its referenced image {short}")
-            for t in sorted(tags):
-                del st.tags[t]
-                untagged.append(reference.parse(t).familiar)
-            if users:
-                return Removed(tuple(untagged), (), 0)
-            rec = st.images.pop(image_id)
-            for rd in rec.get("repoDigests", []):
-                untagged.append(reference.parse(rd).familiar)
-            deleted.append(image_id)
+            users = self._users(st, image_id)
+            tags = sorted((t for t, i in st.tags.items() if i == image_id),
+                          key=lambda t: reference.parse(t).familiar)
+            digests = list(rec.get("repoDigests", []))
+            ref = self._reference_named(name, image_id, tags, digests)
+            if ref is not None:
+                if users and not force and _single_reference(tags, digests):
+                    raise Conflict(f'conflict: unable to remove repository reference "{name}" '
+                                   f"(must force) - container {users[0][:12]} is using its "
+                                   f"referenced image {short}")
+                gone = [str(ref)]
+                if ref.digest is None and not any(
+                        reference.parse(t).name == ref.name for t in tags if t != str(ref)):
+                    # the repository's last tag: its digest references go with it
+                    gone += [x for x in digests if reference.parse(x).name == ref.name]
+                tags = [t for t in tags if t not in gone]
+                digests = [x for x in digests if x not in gone]
+                st.tags.pop(str(ref), None)
+                rec["repoDigests"] = digests
+                untagged += [reference.parse(x).familiar for x in gone]
+                if tags or digests or users:
+                    return Removed(tuple(untagged), (), 0)
+            else:
+                if (tags or digests) and not force and not _single_reference(tags, digests):
+                    raise Conflict(f"conflict: unable to delete {short} (must be forced) - "
+                                   "image is referenced in multiple repositories")
+                if users and not force:
+                    raise Conflict(f"conflict: unable to delete {short} (must be forced) - "
+                                   f"image is being used by stopped container {users[0][:12]}")
+                for t in tags:
+                    del st.tags[t]
+                untagged += [reference.parse(x).familiar for x in [*tags, *digests]]
+                rec["repoDigests"] = []
+                if users:
+                    return Removed(tuple(untagged), (), 0)
+            del st.images[image_id]
         freed = self.collect(wait=False)
-        return Removed(tuple(untagged), tuple(deleted) + freed[0], freed[1])
+        return Removed(tuple(untagged), (image_id, *freed[0]), freed[1])
 
     @staticmethod
-    def _named_by_tag(name: str, tags: Iterable[str]) -> str | None:
+    def _reference_named(name: str, image_id: str, tags: Sequence[str],
+                         digests: Sequence[str]) -> Reference | None:
+        """The repository reference ``name`` removes, or None when it names the image by ID
+        (an ID prefix, or a digest that is no recorded reference of the image)."""
+        hexid = image_id.partition(":")[2]
+        if image_id.startswith(name) or hexid.startswith(name):
+            return None
         try:
             ref = reference.parse(name)
         except InvalidReference:
             return None
-        return str(ref) if ref.digest is None and str(ref) in tags else None
+        key = str(ref) if ref.digest is None else f"{ref.name}@{ref.digest}"
+        return ref if key in tags or key in digests else None
 
     def prune(self, all_images: bool = False) -> Removed:
         """``docker image prune``: delete dangling images (every unused one with ``all``)."""
@@ -367,20 +435,20 @@ class Store:
             deleted: list[str] = []
             for diff_id in self.layers.diff_ids():
                 if diff_id not in keep_layers:
-                    with contextlib.suppress(ImageNotFound):
-                        freed += self.layers.info(diff_id).size
+                    freed += unshared_size(self.layers.path(diff_id))
                     self.layers.delete(diff_id)
                     deleted.append(diff_id)
             for digest in self.blobs.digests():
                 if digest not in keep_blobs:
-                    with contextlib.suppress(OSError):
-                        st_ = os.stat(self.blobs.path(digest))
-                        if st_.st_nlink == 1:
-                            freed += st_.st_size
+                    # an uncompressed layer's blob is a hardlink of its tar: counted once, here
+                    freed += unshared_size(self.blobs.path(digest))
                     self.blobs.delete(digest)
-            for name in os.listdir(self.blobs.tmp_dir):
-                if not name.startswith("partial-"):
-                    remove_tree(os.path.join(self.blobs.tmp_dir, name))
+            # tmp/ also holds the temp file of a state transaction in flight (``tag`` and
+            # ``rmi`` do not take gc.lock): clean it only while no transaction runs
+            with self.state.locked():
+                for name in os.listdir(self.blobs.tmp_dir):
+                    if not name.startswith("partial-"):
+                        remove_tree(os.path.join(self.blobs.tmp_dir, name))
             return tuple(deleted), freed
 
     # -- history and inspect ---------------------------------------------------------------------
@@ -429,6 +497,14 @@ class Store:
         return out
 
 
+def _single_reference(tags: Sequence[str], digests: Sequence[str]) -> bool:
+    """moby's isSingleReference: at most one tag, and every reference in one repository."""
+    if len(tags) > 1 or not (tags or digests):
+        return False
+    names = {reference.parse(x).name for x in [*tags, *digests]}
+    return len(names) == 1
+
+
 def open_input(path: str) -> BinaryIO:
     """A file argument or ``-`` for standard input, as a binary stream."""
     import sys
@@ -441,6 +517,8 @@ def open_input(path: str) -> BinaryIO:
         raise InvalidImage(f"open {path}: no such file or directory") from None
     except IsADirectoryError:
         raise InvalidImage(f"{path} is a directory") from None
+    except OSError as exc:
+        raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
 
 
 ProgressFactory = Callable[[str, int | None], Progress | None]

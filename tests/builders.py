@@ -311,3 +311,55 @@ def sample_layers() -> list[bytes]:
         [chardev("dev/null", 1, 3, mode=0o666)],
     ]
     return [tar_bytes(e) for e in entries]
+
+
+# -- image archives ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Symlink:
+    """A symlink member of an archive (skopeo's docker-archive has them)."""
+
+    target: str
+
+
+def archive_bytes(members: dict[str, bytes | Symlink]) -> bytes:
+    """An (uncompressed) archive tar with ``members`` in order: bytes are files."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, value in members.items():
+            ti = tarfile.TarInfo(name)
+            if isinstance(value, Symlink):
+                ti.type, ti.linkname = tarfile.SYMTYPE, value.target
+                tf.addfile(ti)
+            else:
+                ti.size = len(value)
+                tf.addfile(ti, io.BytesIO(value))
+    return buf.getvalue()
+
+
+def image_config(diff_ids: list[str], **extra: Any) -> bytes:
+    cfg = {"created": "2024-01-02T03:04:05Z", "architecture": "amd64", "os": "linux",
+           "config": {"Cmd": ["/bin/sh"]},
+           "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    cfg.update(extra)
+    return json.dumps(cfg).encode()
+
+
+def docker_archive(layers: list[bytes], tags: list[str] | None = None,
+                   config: bytes | None = None) -> dict[str, bytes | Symlink]:
+    """The members of a classic docker-archive (``<v1id>/layer.tar``, ``<hex>.json``) for
+    ``layers`` (tars, stored as given); ``config`` defaults to one naming their diff_ids."""
+    cfg = config if config is not None else image_config([sha256(t) for t in layers])
+    members: dict[str, bytes | Symlink] = {}
+    paths = []
+    for i, tar in enumerate(layers):
+        v1 = hashlib.sha256(b"v1 %d" % i + tar[:64]).hexdigest()
+        members[f"{v1}/VERSION"] = b"1.0"
+        members[f"{v1}/layer.tar"] = tar
+        paths.append(f"{v1}/layer.tar")
+    cfg_name = sha256(cfg)[7:] + ".json"
+    members[cfg_name] = cfg
+    members["manifest.json"] = json.dumps(
+        [{"Config": cfg_name, "RepoTags": tags or None, "Layers": paths}]).encode()
+    return members

@@ -56,7 +56,8 @@ class Node:
 def merge(path: str, candidates: Iterable[tuple[int, Entry]]) -> Node | None:
     """Combine the entries found for ``path`` top-down into the visible ``Node`` (or None)."""
     found: list[tuple[int, Entry]] = []
-    for li, e in candidates:
+    rest = iter(candidates)
+    for li, e in rest:
         if e.is_whiteout:
             break
         if not e.is_dir:
@@ -73,6 +74,16 @@ def merge(path: str, candidates: Iterable[tuple[int, Entry]]) -> Node | None:
         if not e.implicit:
             attr_li, attr = li, e
             break
+    else:
+        if found[-1][1].opaque:
+            # an opaque marker below a missing parent hides the lower children, not the lower
+            # directory itself: its attributes still come from the first real one below
+            for li, e in rest:
+                if e.is_whiteout or not e.is_dir:
+                    break
+                if not e.implicit:
+                    attr_li, attr = li, e
+                    break
     return Node(path, attr, attr_li, tuple(found))
 
 

@@ -94,5 +94,28 @@ def test_implicit_dir_takes_attributes_from_below() -> None:
     assert node.merged and node.nlink == 1
 
 
+def test_implicit_opaque_dir_keeps_the_lower_directory_s_attributes() -> None:
+    # a layer holding only d/.wh..wh..opq (no entry for d) empties d, as umoci and containerd
+    # apply it: the directory itself, with its owner and mode, stays
+    import stat
+
+    from unionfs.layers import Entry
+
+    def lower() -> MemLayer:
+        layer = MemLayer({"d/old": b"1"})
+        layer.entries["d"] = Entry(mode=stat.S_IFDIR | 0o700, uid=7, gid=8, obj=99, ref="d")
+        return layer
+
+    v = UnionView([MemLayer({"d/.wh..wh..opq": OPQ, "d/new": b"2"}), lower()])
+    node = v.resolve("d")
+    assert node is not None and names(v, "d") == ["new"]
+    assert (stat.S_IMODE(node.entry.mode), node.entry.uid, node.entry.gid) == (0o700, 7, 8)
+    # below a whiteout the old directory is gone: the implicit one is root's 0755
+    v = UnionView([MemLayer({"d/.wh..wh..opq": OPQ, "d/new": b"2"}), MemLayer({".wh.d": WH}),
+                   lower()])
+    node = v.resolve("d")
+    assert node is not None and (stat.S_IMODE(node.entry.mode), node.entry.uid) == (0o755, 0)
+
+
 def test_readdir_is_sorted() -> None:
     assert names(view({"b": b"", "a": b""}, {"c": b"", "A": b""})) == ["A", "a", "b", "c"]
