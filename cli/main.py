@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from imagestore.errors import StoreError
-from unionfs.mount import MountError
+from unionfs.errors import MountError
 from unionfs.tarlayer import LayerError
 
 from . import commit, containers, images, mount, registry, transfer

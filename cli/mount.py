@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import select
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -93,47 +92,54 @@ def _spawn(args: argparse.Namespace, store: Store, mountpoint: str) -> int:
     cs = Containers(store)
     log_path = cs.log_path(mountpoint)
     read_end, write_end = os.pipe()
-    cmd = [sys.executable, "-m", "cli.main", "--root", store.root,
-           "--log-level", "debug" if args.debug else "info", "mount", "-f",
-           "--ready-fd", str(write_end)]
+    args.ready_fd, args.foreground = write_end, True
     for name in ("lower", "upper", "work"):
         value = getattr(args, name)
         if value:
-            cmd += [f"--{name}", _abs_dirs(value) if name == "lower" else os.path.abspath(value)]
-    for o in args.options:
-        cmd += ["-o", o]
-    if args.debug:
-        cmd.append("--debug")
-    cmd += [*args.args[:-1], mountpoint]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True,
-                                env=_child_env())
+            setattr(args, name, ":".join(os.path.abspath(d) for d in value.split(":")))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the intermediate child and the daemon
+        os.close(read_end)
+        _daemonize(log_path)
+        code = 1
+        try:
+            code = _serve(args, store, mountpoint, _options(args))
+        except BaseException:
+            logging.getLogger("strata").exception("the mount daemon failed")
+        finally:
+            os._exit(code)
     os.close(write_end)
-    message = _wait_ready(read_end, proc)
+    os.waitpid(pid, 0)  # the intermediate child exits at once; the daemon is re-parented
+    message = _wait_ready(read_end)
     if message != "ready":
-        raise UserError(message or f"the mount daemon exited with status {proc.returncode}; "
+        raise UserError(message or f"the mount daemon exited before the mount was ready; "
                                    f"see {log_path}")
     return 0
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+def _daemonize(log_path: str) -> None:
+    """Detach (new session, double fork so nobody has to reap us), log to ``log_path``.  The
+    daemon reuses this process's imports: no second interpreter start-up."""
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.close(null)
+    os.chdir("/")
 
 
-def _abs_dirs(value: str) -> str:
-    return ":".join(os.path.abspath(d) for d in value.split(":"))
-
-
-def _wait_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
+def _wait_ready(fd: int) -> str:
+    """The daemon's first line: ``ready`` or its error (EOF: it died)."""
     deadline = time.monotonic() + READY_TIMEOUT
     buf = b""
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
+            ready, _, _ = select.select([fd], [], [], 0.5)
             if ready:
                 chunk = os.read(fd, 4096)
                 if not chunk:
@@ -141,10 +147,7 @@ def _wait_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
                 buf += chunk
                 if buf.endswith(b"\n"):
                     break
-            elif proc.poll() is not None:
-                break
         else:
-            proc.kill()
             return f"the mount did not become ready within {READY_TIMEOUT:.0f}s"
     finally:
         os.close(fd)
@@ -177,7 +180,15 @@ def _serve(args: argparse.Namespace, store: Store, mountpoint: str,
                 _tell(args.ready_fd, "ready")
 
             stack.callback(cs.unrecord, mountpoint)
-            errors = serve(union, mountpoint, options, on_ready=ready, control=control)
+            profile = os.environ.get("STRATA_PROFILE")  # scripts/bench --profile
+            if profile:
+                import cProfile
+
+                with cProfile.Profile() as prof:
+                    errors = serve(union, mountpoint, options, on_ready=ready, control=control)
+                prof.dump_stats(profile)
+            else:
+                errors = serve(union, mountpoint, options, on_ready=ready, control=control)
             if errors:
                 logging.getLogger("strata").warning("%d handler errors (see above)", errors)
     except Exception as exc:

@@ -14,3 +14,7 @@ class UnionError(OSError):
     @property
     def code(self) -> int:
         return self.errno if self.errno is not None else errno.EIO
+
+
+class MountError(Exception):
+    """The file system could not be mounted or unmounted (one-line message)."""

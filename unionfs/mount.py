@@ -24,12 +24,15 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pyfuse3
-import trio
+from .errors import MountError
 
-from .fuse_ops import Operations
-from .mutate import Union
+if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (start-up time)
+    import trio
+
+    from .fuse_ops import Operations
+    from .mutate import Union
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,6 @@ class MountOptions:
         if self.debug:
             opts.add("debug")
         return opts
-
-
-class MountError(Exception):
-    """The file system could not be mounted or unmounted (one-line message)."""
 
 
 def check_mountpoint(path: str) -> str:
@@ -88,6 +87,11 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
           on_ready: Callable[[], None] | None = None, control: str | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the number of handler errors.
     ``control``: a Unix socket path where ``freeze`` requests are answered (see ``frozen``)."""
+    import pyfuse3
+    import trio
+
+    from .fuse_ops import Operations
+
     ops = Operations(union, timeout=options.timeout)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options())
@@ -108,6 +112,8 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
 async def _control(ops: Operations, path: str) -> None:
     """One request: ``freeze``.  Changes are held from the ``frozen`` answer until the client
     closes the connection (or dies), so a commit can never leave the mount frozen."""
+    import trio
+
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -135,6 +141,9 @@ async def _control(ops: Operations, path: str) -> None:
 
 async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | None,
                control: str | None) -> None:
+    import pyfuse3
+    import trio
+
     async with trio.open_nursery() as nursery:
         if control is not None:
             nursery.start_soon(_control, ops, control)

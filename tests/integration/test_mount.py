@@ -140,7 +140,7 @@ def _strata_daemons(root: Path) -> set[int]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"--ready-fd" in cmd and str(root).encode() in cmd:
+            if b"\0mount\0" in cmd and str(root).encode() in cmd:
                 out.add(int(pid))
     return out
 
