@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from imagestore import timefmt
-from imagestore.containers import Containers, MountRecord
+from imagestore.containers import Containers, MountRecord, process_alive
 from imagestore.store import Store
 from unionfs.layers import DirLayer, LowerLayer
 from unionfs.mount import MountError, MountOptions, check_mountpoint, serve, unmount
@@ -240,16 +240,10 @@ def _with_ro(options: MountOptions, ro: bool) -> MountOptions:
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait until the daemon ``pid`` has exited (it is not our child: a double fork)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        time.sleep(0.05)
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

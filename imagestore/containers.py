@@ -224,7 +224,7 @@ class Containers:
                     rec = MountRecord(**json.load(f))
             except (OSError, ValueError, TypeError):
                 continue
-            if not _alive(rec.pid):
+            if not process_alive(rec.pid):
                 continue
             out.append(rec)
         return out
@@ -237,7 +237,8 @@ class Containers:
         return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

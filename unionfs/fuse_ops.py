@@ -82,7 +82,8 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         self.inodes = InodeTable(union.resolve(""))
         self.handles: dict[int, Handle] = {}
-        self.dirs: dict[int, list[tuple[str, Node]]] = {}
+        self.dirs: dict[int, tuple[list[tuple[bytes, pyfuse3.EntryAttributes]],
+                                   list[tuple[str, Node]]]] = {}
         self._fh = 0
         self.lock = trio.Lock()
         self.limiter = trio.CapacityLimiter(2)
@@ -272,21 +273,30 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(self._inode(inode))
+        i = self._inode(inode)
+        node = self._node(i)
         if not node.is_dir:
             raise UnionError(errno.ENOTDIR)
+        parent = self.inodes.at(node.path.rpartition("/")[0]) if node.path else i
+        parent = parent or i
+        dots = [(b".", self._attr(i, node)), (b"..", self._attr(parent, self._node(parent)))]
         fh = self._new_fh()
-        self.dirs[fh] = self.union.listdir(node)
+        self.dirs[fh] = (dots, self.union.listdir(node))
         return fh
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self.dirs[fh]
-        for i in range(start_id, len(entries)):
+        """Offsets are positions in the snapshot taken at opendir: stable while it is open.
+        "." and ".." come first and, as pyfuse3 asks, add no lookup count."""
+        dots, entries = self.dirs[fh]
+        for i in range(start_id, len(dots)):
+            if not pyfuse3.readdir_reply(token, dots[i][0], dots[i][1], i + 1):
+                return
+        for i in range(max(0, start_id - len(dots)), len(entries)):
             name, node = entries[i]
             inode = self.inodes.ref(node, 0)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(inode, node),
-                                         i + 1):
+                                         i + len(dots) + 1):
                 self.inodes.forget(inode.ino, 0)
                 return
             inode.lookups += 1
