@@ -13,6 +13,8 @@ Caveats:
 * Kernel caches are trusted (long entry/attr timeouts, ``keep_cache``): lower layers never
   change and the upper changes only through this mount.
 * Writes use ``pwrite`` at the offset the kernel gives; O_APPEND is the kernel's business.
+* ``flush`` is not implemented: the kernel stops sending it after the first ENOSYS, which
+  saves a round trip per close (``release`` closes our descriptor).
 """
 
 from __future__ import annotations
@@ -111,20 +113,18 @@ class Operations(pyfuse3.Operations):
         return inode
 
     def _node(self, inode: Inode) -> Node:
-        """What ``inode`` is now (fresh attributes for upper objects)."""
-        if inode.generation == self.union.generation and inode.node is not None and not (
-                self.union.writable and self.union.in_upper(inode.node)):
-            return inode.node
+        """What ``inode`` is now (the union's cache answers; upper objects are stat'ed afresh,
+        since data writes change their size and times)."""
         path = inode.path
         if path is None:
             return self._nameless(inode)
         node = self.union.resolve(path)
-        if self.union.upper is not None and self.union.in_upper(node):
-            # data writes change size and times without a new generation: stat afresh
-            fresh = self.union.upper.entry(path)
+        upper = self.union.upper
+        if upper is not None and node.stack[0][0] == 0:
+            fresh = upper.entry(path)
             if fresh is not None and not fresh.is_whiteout:
                 node = Node(path, fresh, 0, node.stack)
-        self.inodes.refresh(inode, node, self.union.generation)
+        self.inodes.refresh(inode, node)
         return node
 
     def _nameless(self, inode: Inode) -> Node:
@@ -149,6 +149,9 @@ class Operations(pyfuse3.Operations):
         return path
 
     def _attr(self, inode: Inode, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes of ``node`` as ``inode``; made once per node (nodes are immutable)."""
+        if inode.attr_of is node and inode.path is not None:
+            return inode.attr  # type: ignore[no-any-return]
         e = node.entry
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode.ino
@@ -164,12 +167,11 @@ class Operations(pyfuse3.Operations):
         a.st_mtime_ns = e.mtime_ns
         a.st_atime_ns = e.atime_ns if e.atime_ns >= 0 else e.mtime_ns
         a.st_ctime_ns = e.ctime_ns if e.ctime_ns >= 0 else e.mtime_ns
+        inode.attr, inode.attr_of = a, node
         return a
 
     def _entry(self, node: Node, count: int = 1) -> pyfuse3.EntryAttributes:
-        inode = self.inodes.ref(node, count)
-        inode.generation = self.union.generation
-        return self._attr(inode, node)
+        return self._attr(self.inodes.ref(node, count), node)
 
     def _new_fh(self) -> int:
         self._fh += 1
@@ -452,10 +454,6 @@ class Operations(pyfuse3.Operations):
         if h.fd is None or not h.writable:
             raise UnionError(errno.EBADF)
         return os.pwrite(h.fd, buf, off)
-
-    @handler
-    async def flush(self, fh: int) -> None:
-        pass
 
     @handler
     async def release(self, fh: int) -> None:

@@ -43,7 +43,8 @@ class Inode:
     lookups: int = 0
     opens: int = 0
     node: Node | None = None  # the last resolved node (attributes of a nameless open file)
-    generation: int = -1  # the union generation ``node`` was resolved at
+    attr: Any = None  # the EntryAttributes made for ``attr_of`` (fuse_ops' cache)
+    attr_of: Node | None = None
 
     @property
     def path(self) -> str | None:
@@ -97,12 +98,12 @@ class InodeTable:
         inode.node = node
         return inode
 
-    def refresh(self, inode: Inode, node: Node, generation: int) -> None:
+    def refresh(self, inode: Inode, node: Node) -> None:
         """``node`` is what ``inode``'s name resolves to now."""
         key = key_of(node)
         if inode.key != key:
             self._set_key(inode, key)
-        inode.node, inode.generation = node, generation
+        inode.node = node
 
     def forget(self, ino: int, n: int) -> None:
         inode = self._by_ino.get(ino)

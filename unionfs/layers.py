@@ -139,9 +139,31 @@ class DirLayer:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self._links: dict[int, list[str]] | None = None
+        self._aufs: dict[str, frozenset[str]] = {}  # dir -> names hidden by .wh.NAME files
 
     def abs(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
+
+    def aufs_whiteouts(self, directory: str) -> frozenset[str]:
+        """Names that ``.wh.NAME`` files hide in ``directory`` (one listing per directory,
+        instead of one more lstat for every name that is not there)."""
+        got = self._aufs.get(directory)
+        if got is None:
+            try:
+                with os.scandir(self.abs(directory)) as it:
+                    raw = [e.name for e in it if e.name.startswith(wh.WH_PREFIX)]
+            except OSError:
+                raw = []
+            hidden = []
+            for name in raw:
+                try:
+                    kind, target = wh.classify_tar_name(name)
+                except wh.WhiteoutError:
+                    continue
+                if kind is wh.TarName.WHITEOUT:
+                    hidden.append(target)
+            got = self._aufs[directory] = frozenset(hidden)
+        return got
 
     def entry(self, path: str) -> Entry | None:
         full = self.abs(path)
@@ -150,8 +172,7 @@ class DirLayer:
         except (FileNotFoundError, NotADirectoryError):
             if path:
                 parent, name = split(path)
-                if not wh.is_reserved_name(name) and os.path.lexists(
-                        os.path.join(self.abs(parent), wh.WH_PREFIX + name)):
+                if name in self.aufs_whiteouts(parent):
                     return WHITEOUT_ENTRY
             return None
         if path and wh.is_reserved_name(split(path)[1]):

@@ -49,7 +49,7 @@ class Union:
         self.upper = upper
         self.view = UnionView(([upper] if upper is not None else []) + list(lowers))
         self._cache: dict[str, Node | None] = {}
-        self.generation = 0
+        self._dirs: dict[str, tuple[Node, list[tuple[str, Node]]]] = {}
 
     @property
     def writable(self) -> bool:
@@ -83,9 +83,16 @@ class Union:
             raise
 
     def listdir(self, node: Node) -> list[tuple[str, Node]]:
+        """Visible children, sorted.  Listings of directories the upper does not have are
+        kept (their layers never change; a copy-up drops them): a second walk is dict hits."""
+        cached = self._dirs.get(node.path)
+        if cached is not None and cached[0] is node:
+            return cached[1]
         children = self.view.listdir(node)
         for _, child in children:
             self._cache.setdefault(child.path, child)
+        if not self.in_upper(node):
+            self._dirs[node.path] = (node, children)
         return children
 
     def read(self, node: Node, offset: int, size: int) -> bytes:
@@ -107,9 +114,17 @@ class Union:
             raise UnionError(errno.EROFS)
         return self.upper
 
-    def _changed(self) -> None:
-        self._cache.clear()
-        self.generation += 1
+    def _changed(self, path: str, tree: bool = False) -> None:
+        """``path`` resolves differently now; with ``tree`` everything below it does too (a
+        directory copied up, removed or moved).  The cache keeps everything else."""
+        self._cache.pop(path, None)
+        self._dirs.pop(path, None)
+        self._dirs.pop(split(path)[0], None)
+        if tree:
+            prefix = path + "/" if path else ""
+            for cache in (self._cache, self._dirs):
+                for key in [k for k in cache if k.startswith(prefix)]:
+                    del cache[key]
 
     def _lower_candidates(self, parent: Node, path: str) -> list[tuple[int, Entry]]:
         out = []
@@ -157,11 +172,11 @@ class Union:
             upper.make_dir(path, attrs, over=self._whiteout_in_upper(path))
         elif stat.S_ISREG(e.mode):
             upper.make_file(path, attrs, (self.layer_of(node), e), size=size)
-            self._changed()
+            self._changed(path)
             self._link_group(node)
         else:
             upper.make_special(path, attrs, stat.S_IFMT(e.mode), e.rdev, e.target)
-        self._changed()
+        self._changed(path, tree=node.is_dir)
         return self.resolve(path)
 
     def _link_group(self, node: Node) -> None:
@@ -177,7 +192,7 @@ class Union:
                 continue
             self.copy_up(split(other)[0])
             upper.link(node.path, other, over=self._whiteout_in_upper(other))
-            self._changed()
+            self._changed(other)
 
     def copy_up_tree(self, path: str) -> None:
         """Copy up ``path`` and everything visible below it."""
@@ -207,13 +222,13 @@ class Union:
         parent, path, over = self._prepare_new(parent_path, name)
         opaque = self._lower_dirs_join(parent, path)
         self._up().make_dir(path, Attrs(mode, uid, gid), opaque=opaque, over=over)
-        self._changed()
+        self._changed(path)
         return self.resolve(path)
 
     def create(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
         _, path, over = self._prepare_new(parent_path, name)
         self._up().make_file(path, Attrs(mode, uid, gid), over=over)
-        self._changed()
+        self._changed(path)
         return self.resolve(path)
 
     def mknod(self, parent_path: str, name: str, mode: int, rdev: int, uid: int,
@@ -228,14 +243,14 @@ class Union:
         _, path, over = self._prepare_new(parent_path, name)
         self._up().make_special(path, Attrs(stat.S_IMODE(mode), uid, gid), kind, rdev,
                                 over=over)
-        self._changed()
+        self._changed(path)
         return self.resolve(path)
 
     def symlink(self, parent_path: str, name: str, target: str, uid: int, gid: int) -> Node:
         _, path, over = self._prepare_new(parent_path, name)
         self._up().make_special(path, Attrs(0o777, uid, gid), stat.S_IFLNK, target=target,
                                 over=over)
-        self._changed()
+        self._changed(path)
         return self.resolve(path)
 
     def link(self, src_path: str, parent_path: str, name: str) -> Node:
@@ -245,7 +260,8 @@ class Union:
         _, path, over = self._prepare_new(parent_path, name)
         self.copy_up(src_path)
         self._up().link(src_path, path, over=over)
-        self._changed()
+        self._changed(path)
+        self._changed(src_path)  # its nlink
         return self.resolve(path)
 
     # -- removing --------------------------------------------------------------------------------
@@ -260,7 +276,7 @@ class Union:
             self._up().whiteout(path)
         else:
             self._up().remove(path)
-        self._changed()
+        self._changed(path, tree=True)
 
     def unlink(self, parent_path: str, name: str) -> Node:
         """Remove a non-directory; returns the node that was there."""
@@ -341,13 +357,13 @@ class Union:
                 if exc.errno not in (errno.EINVAL, errno.EPERM, errno.ENOSYS):
                     raise
                 upper.rename(src, dst)
-                self._changed()
                 upper.whiteout(src)
         else:
             upper.rename(src, dst)
         if dst_join:
             upper.set_opaque(dst)
-        self._changed()
+        self._changed(src, tree=True)
+        self._changed(dst, tree=True)
         return True, target
 
     def _exchange(self, sp: Node, src: str, a: Node, dp: Node, dst: str, b: Node) -> Node:
@@ -362,7 +378,8 @@ class Union:
             upper.set_opaque(dst)
         if b.is_dir and self._lower_dirs_join(sp, src):
             upper.set_opaque(src)
-        self._changed()
+        self._changed(src, tree=True)
+        self._changed(dst, tree=True)
         return b
 
     # -- attributes ------------------------------------------------------------------------------
@@ -379,7 +396,7 @@ class Union:
         self.copy_up(path, size=size)
         times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
         self._up().set_attrs(path, mode=mode, uid=uid, gid=gid, size=size, times=times)
-        self._changed()
+        self._changed(path)
         return self.resolve(path)
 
     def setxattr(self, path: str, name: str, value: bytes) -> None:
@@ -387,7 +404,7 @@ class Union:
             raise UnionError(errno.EOPNOTSUPP, name)
         self.copy_up(path)
         self._up().setxattr(path, name, value)
-        self._changed()
+        self._changed(path)
 
     def removexattr(self, path: str, name: str) -> None:
         if wh.is_private_xattr(name):
@@ -397,4 +414,4 @@ class Union:
             raise UnionError(errno.ENODATA, name)
         self.copy_up(path)
         self._up().removexattr(path, name)
-        self._changed()
+        self._changed(path)

@@ -123,6 +123,7 @@ class UpperLayer(DirLayer):
             if over and os.path.lexists(full):
                 if os.path.isdir(tmp) and not os.path.islink(tmp):
                     renameat2(tmp, full, RENAME_EXCHANGE)
+                    self._forget_aufs(path)
                     remove_tree(tmp)
                 else:
                     os.rename(tmp, full)
@@ -135,7 +136,19 @@ class UpperLayer(DirLayer):
             self._drop_aufs_whiteout(path)
 
     def make_dir(self, path: str, attrs: Attrs, opaque: bool = False, over: bool = False) -> None:
-        """A new directory at ``path`` (``over``: replacing a whiteout there)."""
+        """A new directory at ``path`` (``over``: replacing a whiteout there).  A plain new
+        directory is made in place, as the kernel does; one that must be opaque or replace a
+        whiteout is built in the work dir so it appears complete."""
+        self._forget_aufs(path)
+        if not over and not opaque and not attrs.xattrs:
+            full = self.abs(path)
+            os.mkdir(full, 0o700)
+            try:
+                self._apply(full, attrs, stat.S_IFDIR)
+            except BaseException:
+                remove_tree(full)
+                raise
+            return
         tmp = self._temp()
         os.mkdir(tmp, 0o700)
         try:
@@ -150,7 +163,21 @@ class UpperLayer(DirLayer):
     def make_file(self, path: str, attrs: Attrs, src: tuple[LowerLayer, Entry] | None = None,
                   over: bool = False, size: int | None = None) -> None:
         """A regular file at ``path``: empty, or a copy of ``src``'s data (copy-up).  ``size``
-        truncates the copy (copy-up for a truncate skips data it would drop)."""
+        truncates the copy (copy-up for a truncate skips data it would drop).  A new empty
+        file is created in place; a copy is built in the work dir, fsynced, then renamed, so a
+        crash never leaves half of it in the upper."""
+        if src is None and not over:
+            full = self.abs(path)
+            fd = os.open(full, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
+            try:
+                self._apply(full, attrs, stat.S_IFREG, fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(full)
+                raise
+            os.close(fd)
+            return
         tmp = self._temp()
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
@@ -159,7 +186,8 @@ class UpperLayer(DirLayer):
             if size is not None:
                 os.ftruncate(fd, size)
             self._apply(tmp, attrs, stat.S_IFREG, fd)
-            os.fsync(fd)
+            if src is not None:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             remove_tree(tmp)
@@ -190,10 +218,19 @@ class UpperLayer(DirLayer):
         else:
             os.link(self.abs(existing), self.abs(path))
 
+    def _forget_aufs(self, path: str) -> None:
+        """The ``.wh.NAME`` files at or below ``path`` may have changed."""
+        prefix = path + "/"
+        for key in [k for k in self._aufs if k == path or k.startswith(prefix) or not path]:
+            del self._aufs[key]
+
     def _drop_aufs_whiteout(self, path: str) -> None:
         parent, name = split(path)
+        if name not in self.aufs_whiteouts(parent):
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.abs(parent), wh.WH_PREFIX + name))
+        self._forget_aufs(parent)
 
     def whiteout(self, path: str) -> None:
         """Hide ``path`` of the lower layers; whatever the upper had there goes (atomically: the
@@ -209,10 +246,12 @@ class UpperLayer(DirLayer):
                 wh.make_whiteout(fd, name)
             finally:
                 os.close(fd)
+            self._forget_aufs(parent)
             return
         full = self.abs(path)
         if os.path.isdir(full) and not os.path.islink(full):
             renameat2(tmp, full, RENAME_EXCHANGE)
+            self._forget_aufs(path)
             remove_tree(tmp)
         else:
             os.rename(tmp, full)
@@ -224,6 +263,7 @@ class UpperLayer(DirLayer):
         if os.path.isdir(full) and not os.path.islink(full):
             tmp = self._temp()
             os.rename(full, tmp)
+            self._forget_aufs(path)
             remove_tree(tmp)
         else:
             with contextlib.suppress(FileNotFoundError):
@@ -232,6 +272,8 @@ class UpperLayer(DirLayer):
 
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
         renameat2(self.abs(src), self.abs(dst), flags)
+        self._forget_aufs(src)
+        self._forget_aufs(dst)
         if not flags & RENAME_EXCHANGE:
             self._drop_aufs_whiteout(dst)
 
