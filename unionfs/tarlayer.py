@@ -36,6 +36,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import unquote
 
+from . import tarscan
 from . import whiteout as wh
 from .layers import IMPLICIT, OPAQUE, WHITEOUT, Entry, copy_range, join, split
 
@@ -86,7 +87,7 @@ def _implicit_dir() -> _Rec:
     return _Rec(mode=stat.S_IFDIR | 0o755, flags=IMPLICIT)
 
 
-def _mtime_ns(ti: tarfile.TarInfo) -> int:
+def _mtime_ns(ti: Any) -> int:
     raw = ti.pax_headers.get("mtime")
     try:
         ns = int(Decimal(raw) * 1_000_000_000) if raw is not None else int(ti.mtime) * 10**9
@@ -95,7 +96,7 @@ def _mtime_ns(ti: tarfile.TarInfo) -> int:
     return max(-_INT64, min(_INT64, ns))
 
 
-def _xattrs(ti: tarfile.TarInfo) -> dict[str, bytes]:
+def _xattrs(ti: Any) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for key, value in ti.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -226,21 +227,39 @@ def _pack(recs: dict[str, _Rec], kids: dict[str, dict[str, None]]) -> LayerIndex
 
 def build_index(tar_path: str) -> LayerIndex:
     """Index the uncompressed layer tar at ``tar_path``; raises LayerError for unsafe input."""
-    b = _Builder()
     file_size = os.path.getsize(tar_path)
+    try:
+        b, end = _index_fast(tar_path, file_size)
+    except tarscan.Fallback:
+        b, end = _index_tarfile(tar_path, file_size)
+    _check_tail(tar_path, end, file_size)
+    return b.finish()
+
+
+def _index_fast(tar_path: str, file_size: int) -> tuple[_Builder, int]:
+    b = _Builder()
+    try:
+        with open(tar_path, "rb", buffering=1 << 16) as f:
+            for m in tarscan.scan(f):
+                _add_member(b, m, file_size)
+            return b, f.tell()
+    except tarscan.BadHeader as exc:
+        raise LayerError(f"not a valid tar archive: {exc}") from None
+
+
+def _index_tarfile(tar_path: str, file_size: int) -> tuple[_Builder, int]:
+    b = _Builder()
     try:
         with open(tar_path, "rb") as f, tarfile.open(
             fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape"
         ) as tf:
             for ti in tf:
                 _add_member(b, ti, file_size)
-            end = tf.offset
+            return b, tf.offset
     except tarfile.TarError as exc:
         raise LayerError(f"not a valid tar archive: {exc}") from None
     except UnicodeError as exc:
         raise LayerError(f"undecodable tar header: {exc}") from None
-    _check_tail(tar_path, end, file_size)
-    return b.finish()
 
 
 def _check_tail(tar_path: str, end: int, file_size: int) -> None:
@@ -253,7 +272,8 @@ def _check_tail(tar_path: str, end: int, file_size: int) -> None:
         raise LayerError(f"invalid tar header or trailing data at offset {end}")
 
 
-def _add_member(b: _Builder, ti: tarfile.TarInfo, file_size: int) -> None:
+def _add_member(b: _Builder, ti: Any, file_size: int) -> None:
+    """``ti``: a ``tarfile.TarInfo`` or a ``tarscan.Member`` (the same attributes)."""
     path = normalize_name(ti.name)
     if ti.uid > _IDS or ti.gid > _IDS or ti.uid < 0 or ti.gid < 0:
         raise LayerError(f"entry {ti.name!r} has an out-of-range owner {ti.uid}:{ti.gid}")
@@ -266,7 +286,8 @@ def _add_member(b: _Builder, ti: tarfile.TarInfo, file_size: int) -> None:
     parent, base = split(path)
     try:
         kind, target = wh.classify_tar_name(base)
-        above = [wh.classify_tar_name(p)[0] for p in parent.split("/")] if parent else []
+        above = ([wh.classify_tar_name(p)[0] for p in parent.split("/")]
+                 if wh.WH_PREFIX in parent else [])
     except wh.WhiteoutError as exc:
         raise LayerError(f"entry {ti.name!r}: {exc}") from None
     if wh.TarName.META in above:
@@ -312,7 +333,7 @@ def _add_member(b: _Builder, ti: tarfile.TarInfo, file_size: int) -> None:
     b.add(path, rec)
 
 
-def _link(b: _Builder, ti: tarfile.TarInfo, rec: _Rec) -> None:
+def _link(b: _Builder, ti: Any, rec: _Rec) -> None:
     target = normalize_name(ti.linkname)
     src = b.recs.get(target)
     if src is None or not target or src.flags & (WHITEOUT | IMPLICIT):

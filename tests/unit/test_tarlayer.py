@@ -245,3 +245,73 @@ def test_index_round_trips_and_detects_foreign_versions(tmp_path: Path) -> None:
     (tmp_path / "bad").write_bytes(b"\x00garbage")
     with pytest.raises(LayerError):
         LayerIndex.load(str(tmp_path / "bad"))
+
+
+def _index_both(path: Path) -> tuple[LayerIndex, LayerIndex]:
+    from unionfs import tarlayer
+
+    size = path.stat().st_size
+    fast, fast_end = tarlayer._index_fast(str(path), size)
+    slow, slow_end = tarlayer._index_tarfile(str(path), size)
+    assert fast_end == slow_end
+    return fast.finish(), slow.finish()
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix", "ustar", "v7"])
+def test_fast_scanner_agrees_with_tarfile_on_gnu_tar_output(tmp_path: Path, fmt: str) -> None:
+    """The fast header scanner and Python's tarfile index every GNU tar format alike."""
+    import subprocess
+
+    src = tmp_path / "src"
+    deep = src / ("long-directory-name-" * 4) / ("nested-" * 10)
+    deep.mkdir(parents=True)
+    (deep / ("file-" * 25)).write_bytes(b"deep data")
+    (src / "plain").write_bytes(os.urandom(5000))
+    os.link(src / "plain", src / "hard")
+    os.symlink("/an/absolute/target/" + "x" * 120, src / "longlink")
+    os.symlink("../dangling", src / "dangling")
+    os.mkfifo(src / "fifo")
+    os.chmod(src / "plain", 0o4755)
+    if fmt in ("posix",):
+        os.setxattr(src / "plain", "user.attr", b"\x00\xffbinary")
+    if fmt not in ("v7", "ustar"):  # those cannot store such names
+        (src / os.fsdecode(b"bad-\xff-utf8")).write_bytes(b"x")
+    out = tmp_path / f"{fmt}.tar"
+    args = ["tar", f"--format={fmt}", "--numeric-owner", "-C", str(src), "-cf", str(out), "."]
+    if fmt == "posix":
+        args.insert(1, "--xattrs")
+    proc = subprocess.run(args, capture_output=True)
+    assert proc.returncode in (0, 2)  # 2: ustar and v7 skip the names they cannot store
+    fast, slow = _index_both(out)
+    assert fast.same_as(slow)
+    assert len(fast.paths) >= 6
+
+
+def test_fast_scanner_agrees_on_strata_and_python_writers(tmp_path: Path) -> None:
+    from imagestore.tarstream import REG, TarEntry, TarWriter
+
+    entries = [d("a"), file("a/" + "n" * 150, b"pax name"), sym("a/l", "t" * 200),
+               file("x", b"v", xattrs={"user.k": b"\x01\x02"}, uid=3_000_000, gid=70_000),
+               chardev("dev/null", 1, 3), link("a/h", "x")]
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        p = tmp_path / f"py{fmt}.tar"
+        p.write_bytes(tar_bytes(entries, fmt))
+        fast, slow = _index_both(p)
+        assert fast.same_as(slow)
+    for uid, ok in ((1 << 31, True), (1 << 40, False)):
+        chunks: list[bytes] = []
+        w = TarWriter(chunks.append)
+        w.add(TarEntry(name="z" * 300, typeflag=REG, size=3, mtime=1, uid=uid,
+                       xattrs={"user.q": b"\xff"}), [b"abc"])
+        w.close()
+        p = tmp_path / "strata.tar"
+        p.write_bytes(b"".join(chunks))
+        if ok:
+            fast, slow = _index_both(p)
+            assert fast.same_as(slow)
+        else:  # an owner beyond 32 bits is refused either way
+            for reader in ("_index_fast", "_index_tarfile"):
+                from unionfs import tarlayer
+
+                with pytest.raises(LayerError, match="out-of-range owner"):
+                    getattr(tarlayer, reader)(str(p), p.stat().st_size)
