@@ -15,6 +15,7 @@ Caveats:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,13 +95,29 @@ class LayerStore:
     def open(self, diff_id: Digest) -> TarLayer:
         """The layer as a ``LowerLayer`` (keeps its tar open until ``close``)."""
         d = self.path(diff_id)
+        tar, index = os.path.join(d, "layer.tar"), os.path.join(d, "index")
         try:
-            return TarLayer.open(os.path.join(d, "layer.tar"), os.path.join(d, "index"),
-                                 name=diff_id)
+            try:
+                return TarLayer.open(tar, index, name=diff_id)
+            except LayerError:
+                self._reindex(tar, index)  # an index of an older format: build it again
+                return TarLayer.open(tar, index, name=diff_id)
         except FileNotFoundError:
             raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
         except LayerError as exc:
             raise InvalidLayer(f"layer {diff_id}: {exc}") from None
+
+    def _reindex(self, tar: str, index: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="index-")
+        os.close(fd)
+        try:
+            build_index(tar).dump(tmp)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, index)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def diff_ids(self) -> list[Digest]:
         return [Digest("sha256:" + n) for n in sorted(os.listdir(self.dir)) if len(n) == 64]

@@ -40,7 +40,7 @@ from . import tarscan
 from . import whiteout as wh
 from .layers import IMPLICIT, OPAQUE, WHITEOUT, Entry, copy_range, join, split
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _INT64 = (1 << 63) - 1
 _IDS = (1 << 32) - 1
 _TAIL_LIMIT = 1 << 20
@@ -348,9 +348,19 @@ def _link(b: _Builder, ti: Any, rec: _Rec) -> None:
     rec.group = src.group
 
 
+_ROW = ("mode", "uid", "gid", "size", "mtime", "rdev", "nlink", "offset", "obj", "flags")
+_MAGIC = b"STRATA-LAYER-INDEX\n"
+
+
 @dataclass
 class LayerIndex:
-    """The entry index of one layer tar, in columns (``array('q')``) for fast loading."""
+    """The entry index of one layer tar, in columns (``array('q')``), as the indexer builds it.
+
+    On disk (``dump``) it is split by directory: a small header (format version, the root's
+    entry, where each directory's block lies) and one marshal block per directory holding its
+    children's columns.  ``TarLayer`` reads the header at mount and a directory's block the
+    first time that directory is looked into, so mounting costs the same for 60k or 600k files.
+    """
 
     paths: list[str]
     cols: dict[str, array[int]]
@@ -359,51 +369,85 @@ class LayerIndex:
     sparse: dict[int, list[tuple[int, int]]]
     children: dict[int, list[int]]
 
+    def _row(self, i: int) -> tuple[Any, ...]:
+        return (*(self.cols[k][i] for k in _ROW), self.targets.get(i, ""),
+                self.xattrs.get(i, {}), self.sparse.get(i))
+
     def dump(self, path: str) -> None:
         """Write the index to ``path`` (the caller makes it atomic)."""
-        payload = (
-            INDEX_VERSION,
-            self.paths,
-            {k: v.tobytes() for k, v in self.cols.items()},
-            self.targets,
-            self.xattrs,
-            self.sparse,
-            self.children,
-        )
+        table: dict[str, tuple[int, int]] = {}
+        blocks: list[bytes] = []
+        pos = 0
+        for d, kids in self.children.items():
+            names = [self.paths[c].rpartition("/")[2] for c in kids]
+            cols = {k: array("q", (self.cols[k][c] for c in kids)).tobytes() for k in _ROW}
+            extra = ({j: self.targets[c] for j, c in enumerate(kids) if c in self.targets},
+                     {j: self.xattrs[c] for j, c in enumerate(kids) if c in self.xattrs},
+                     {j: self.sparse[c] for j, c in enumerate(kids) if c in self.sparse})
+            blob = marshal.dumps((names, cols, *extra), 4)
+            table[self.paths[d]] = (pos, len(blob))
+            blocks.append(blob)
+            pos += len(blob)
+        header = marshal.dumps((INDEX_VERSION, self._row(0), table,
+                                (len(self.paths), self.content_size())), 4)
         with open(path, "wb") as f:
-            f.write(marshal.dumps(payload, 4))
+            f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
+            for blob in blocks:
+                f.write(blob)
             f.flush()
             os.fsync(f.fileno())
 
     @classmethod
     def load(cls, path: str) -> LayerIndex:
-        with open(path, "rb") as f:
-            try:
-                payload = marshal.loads(f.read())
-            except (ValueError, EOFError, TypeError) as exc:
-                raise LayerError(f"corrupt layer index {path}: {exc}") from None
-        if not isinstance(payload, tuple) or len(payload) != 7 or payload[0] != INDEX_VERSION:
-            raise LayerError(f"layer index {path} has an unknown format")
-        _, paths, raw, targets, xattrs, sparse, children = payload
-        cols = {}
-        for k, v in raw.items():
-            a = array("q")
-            a.frombytes(v)
-            cols[k] = a
+        """Read a whole index back (``strata check`` compares it with a fresh build)."""
+        layer = _IndexFile(path)
+        try:
+            paths = [""]
+            rows = [layer.root]
+            children: dict[int, list[int]] = {}
+            todo = [("", 0)]
+            while todo:
+                d, di = todo.pop()
+                block = layer.block(d)
+                if block is None:
+                    continue
+                kids = []
+                for j, name in enumerate(block.names):
+                    child = f"{d}/{name}" if d else name
+                    kids.append(len(paths))
+                    paths.append(child)
+                    rows.append(block.row(j))
+                    if child in layer.table:
+                        todo.append((child, len(paths) - 1))
+                children[di] = kids
+        finally:
+            layer.close()
+        cols = {k: array("q", (r[n] for r in rows)) for n, k in enumerate(_ROW)}
+        targets = {i: r[10] for i, r in enumerate(rows) if r[10]}
+        xattrs = {i: r[11] for i, r in enumerate(rows) if r[11]}
+        sparse = {i: r[12] for i, r in enumerate(rows) if r[12] is not None}
         return cls(paths, cols, targets, xattrs, sparse, children)
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def rows(self) -> dict[str, tuple[Any, ...]]:
+        """path -> every field, hardlink groups named by their first path (order-free)."""
+        first: dict[int, str] = {}
+        for i, p in enumerate(self.paths):
+            first.setdefault(self.cols["obj"][i], p)
+        out = {}
+        for i, p in enumerate(self.paths):
+            row = list(self._row(i))
+            row[_ROW.index("obj")] = first[self.cols["obj"][i]]
+            out[p] = tuple(row)
+        return out
+
     def same_as(self, other: LayerIndex) -> bool:
-        return (
-            self.paths == other.paths
-            and self.cols == other.cols
-            and self.targets == other.targets
-            and self.xattrs == other.xattrs
-            and self.sparse == other.sparse
-            and self.children == other.children
-        )
+        kids = {self.paths[d]: [self.paths[c] for c in cs] for d, cs in self.children.items()}
+        okids = {other.paths[d]: [other.paths[c] for c in cs]
+                 for d, cs in other.children.items()}
+        return self.rows() == other.rows() and kids == okids
 
     def content_size(self) -> int:
         """Bytes of regular-file data, each hardlink group counted once."""
@@ -413,65 +457,139 @@ class LayerIndex:
         )
 
 
-class TarLayer:
-    """A ``LowerLayer`` over an uncompressed layer tar and its ``LayerIndex``."""
+class _Block:
+    """One directory's children, decoded on first use."""
 
-    def __init__(self, tar_path: str, index: LayerIndex, name: str = "") -> None:
+    __slots__ = ("names", "pos", "cols", "targets", "xattrs", "sparse")
+
+    def __init__(self, raw: bytes) -> None:
+        names, cols, self.targets, self.xattrs, self.sparse = marshal.loads(raw)
+        self.names: list[str] = names
+        self.pos = dict(zip(names, range(len(names)), strict=True))
+        self.cols: dict[str, array[int]] = {}
+        for k, v in cols.items():
+            a = array("q")
+            a.frombytes(v)
+            self.cols[k] = a
+
+    def row(self, j: int) -> tuple[Any, ...]:
+        return (*(self.cols[k][j] for k in _ROW), self.targets.get(j, ""),
+                self.xattrs.get(j, {}), self.sparse.get(j))
+
+
+class _IndexFile:
+    """The header of an index file, and its blocks read on demand."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.pread(self.fd, len(_MAGIC) + 8, 0)
+            if not head.startswith(_MAGIC) or len(head) < len(_MAGIC) + 8:
+                raise LayerError(f"layer index {path} has an unknown format")
+            n = int.from_bytes(head[len(_MAGIC):], "little")
+            try:
+                payload = marshal.loads(os.pread(self.fd, n, len(head)))
+            except (ValueError, EOFError, TypeError) as exc:
+                raise LayerError(f"corrupt layer index {path}: {exc}") from None
+            if not isinstance(payload, tuple) or len(payload) != 4 or \
+                    payload[0] != INDEX_VERSION:
+                raise LayerError(f"layer index {path} has an unknown format")
+            _, self.root, self.table, self.stats = payload
+            self.base = len(head) + n
+            self.path = path
+            self._blocks: dict[str, _Block | None] = {}
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def block(self, directory: str) -> _Block | None:
+        try:
+            return self._blocks[directory]
+        except KeyError:
+            pass
+        loc = self.table.get(directory)
+        block = None
+        if loc is not None:
+            try:
+                block = _Block(os.pread(self.fd, loc[1], self.base + loc[0]))
+            except (ValueError, EOFError, TypeError) as exc:
+                raise LayerError(f"corrupt layer index {self.path}: {exc}") from None
+        self._blocks[directory] = block
+        return block
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _entry_of(row: tuple[Any, ...], path: str) -> Entry:
+    return Entry(mode=row[0], uid=row[1], gid=row[2], size=row[3], mtime_ns=row[4],
+                 rdev=row[5], nlink=row[6], target=row[10], flags=row[9], ref=path,
+                 obj=row[8])
+
+
+class TarLayer:
+    """A ``LowerLayer`` over an uncompressed layer tar and its index file."""
+
+    def __init__(self, tar_path: str, index_path: str, name: str = "") -> None:
         self.name = name or tar_path
-        self.index = index
-        self._fd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
-        self._pos = dict(zip(index.paths, range(len(index.paths)), strict=True))
+        self._index = _IndexFile(index_path)
+        try:
+            self._fd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            self._index.close()
+            raise
         self._groups: dict[int, list[str]] | None = None
-        c = index.cols
-        self._mode, self._uid, self._gid = c["mode"], c["uid"], c["gid"]
-        self._size, self._mtime, self._rdev = c["size"], c["mtime"], c["rdev"]
-        self._nlink, self._offset, self._obj, self._flags = (
-            c["nlink"], c["offset"], c["obj"], c["flags"])
 
     @classmethod
     def open(cls, tar_path: str, index_path: str, name: str = "") -> TarLayer:
-        return cls(tar_path, LayerIndex.load(index_path), name)
+        return cls(tar_path, index_path, name)
 
-    def _entry(self, i: int) -> Entry:
-        return Entry(
-            mode=self._mode[i],
-            uid=self._uid[i],
-            gid=self._gid[i],
-            size=self._size[i],
-            mtime_ns=self._mtime[i],
-            rdev=self._rdev[i],
-            nlink=self._nlink[i],
-            target=self.index.targets.get(i, ""),
-            flags=self._flags[i],
-            ref=i,
-            obj=self._obj[i],
-        )
+    def _locate(self, path: str) -> tuple[_Block, int] | None:
+        parent, _, name = path.rpartition("/")
+        block = self._index.block(parent)
+        if block is None:
+            return None
+        j = block.pos.get(name)
+        return None if j is None else (block, j)
 
     def entry(self, path: str) -> Entry | None:
-        i = self._pos.get(path)
-        return None if i is None else self._entry(i)
+        if not path:
+            return _entry_of(self._index.root, "")
+        found = self._locate(path)
+        if found is None:
+            return None
+        block, j = found
+        return _entry_of(block.row(j), path)
 
     def children(self, path: str) -> Iterator[tuple[str, Entry]]:
-        i = self._pos.get(path)
-        if i is None:
+        block = self._index.block(path)
+        if block is None:
             return
-        paths = self.index.paths
-        for c in self.index.children.get(i, ()):
-            yield paths[c].rpartition("/")[2], self._entry(c)
+        prefix = path + "/" if path else ""
+        for j, name in enumerate(block.names):
+            yield name, _entry_of(block.row(j), prefix + name)
+
+    def _data(self, entry: Entry) -> tuple[int, list[tuple[int, int]] | None]:
+        found = self._locate(str(entry.ref))
+        if found is None:
+            raise LayerError(f"{entry.ref!r} is not in layer {self.name}")
+        block, j = found
+        return block.cols["offset"][j], block.sparse.get(j)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        i = int(entry.ref)
         size = max(0, min(size, entry.size - offset))
         if size == 0:
             return b""
-        sp = self.index.sparse.get(i)
+        start, sp = self._data(entry)
         if sp is None:
-            return os.pread(self._fd, size, self._offset[i] + offset)
-        return self._read_sparse(i, sp, offset, size)
+            return os.pread(self._fd, size, start + offset)
+        return self._read_sparse(start, sp, offset, size)
 
-    def _read_sparse(self, i: int, sp: list[tuple[int, int]], offset: int, size: int) -> bytes:
+    def _read_sparse(self, stored: int, sp: list[tuple[int, int]], offset: int,
+                     size: int) -> bytes:
         out = bytearray(size)
-        stored = self._offset[i]
         for start, length in sp:
             lo, hi = max(start, offset), min(start + length, offset + size)
             if lo < hi:
@@ -480,12 +598,10 @@ class TarLayer:
         return bytes(out)
 
     def copy_data(self, entry: Entry, dst_fd: int) -> None:
-        i = int(entry.ref)
-        sp = self.index.sparse.get(i)
+        stored, sp = self._data(entry)
         if sp is None:
-            copy_range(self._fd, dst_fd, self._offset[i], entry.size)
+            copy_range(self._fd, dst_fd, stored, entry.size)
             return
-        stored = self._offset[i]
         for start, length in sp:
             os.lseek(dst_fd, start, os.SEEK_SET)
             copy_range(self._fd, dst_fd, stored, length)
@@ -493,23 +609,35 @@ class TarLayer:
         os.ftruncate(dst_fd, entry.size)
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
-        return dict(self.index.xattrs.get(int(entry.ref), {}))
+        if not entry.ref:
+            return dict(self._index.root[11])
+        found = self._locate(str(entry.ref))
+        return dict(found[0].xattrs.get(found[1], {})) if found else {}
 
     def hardlinks(self, entry: Entry) -> list[str]:
+        """Every name of ``entry``'s hardlink group (reads every block, once: copy-up of a
+        hardlinked file is rare)."""
         if entry.nlink < 2 or entry.is_dir:
-            return [self.index.paths[int(entry.ref)]]
+            return [str(entry.ref)]
         if self._groups is None:
             groups: dict[int, list[str]] = {}
-            for i, obj in enumerate(self._obj):
-                if self._nlink[i] > 1 and not stat.S_ISDIR(self._mode[i]):
-                    groups.setdefault(obj, []).append(self.index.paths[i])
+            for d in self._index.table:
+                block = self._index.block(d)
+                assert block is not None
+                prefix = d + "/" if d else ""
+                obj, nlink, mode = block.cols["obj"], block.cols["nlink"], block.cols["mode"]
+                for j, name in enumerate(block.names):
+                    if nlink[j] > 1 and not stat.S_ISDIR(mode[j]):
+                        groups.setdefault(obj[j], []).append(prefix + name)
             self._groups = groups
-        return self._groups.get(entry.obj, [self.index.paths[int(entry.ref)]])
+        return self._groups.get(entry.obj, [str(entry.ref)])
 
-    def fileno(self) -> int:
-        return self._fd
+    @property
+    def entries(self) -> int:
+        return int(self._index.stats[0])
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._index.close()

@@ -144,6 +144,8 @@ def scan(f: BinaryIO) -> Iterator[Member]:
     while True:
         header = f.read(BLOCK)
         if len(header) < BLOCK:
+            if offset == 0 and not header:
+                raise BadHeader("empty file")
             if header.strip(b"\0"):
                 raise BadHeader(f"truncated tar header at offset {offset}")
             f.seek(offset)
