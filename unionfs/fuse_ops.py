@@ -294,11 +294,11 @@ class Operations(pyfuse3.Operations):
         for i in range(start_id, len(dots)):
             if not pyfuse3.readdir_reply(token, dots[i][0], dots[i][1], i + 1):
                 return
+        ref, attr, reply, encode = self.inodes.ref, self._attr, pyfuse3.readdir_reply, os.fsencode
         for i in range(max(0, start_id - len(dots)), len(entries)):
             name, node = entries[i]
-            inode = self.inodes.ref(node, 0)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(inode, node),
-                                         i + len(dots) + 1):
+            inode = ref(node, 0)
+            if not reply(token, encode(name), attr(inode, node), i + len(dots) + 1):
                 self.inodes.forget(inode.ino, 0)
                 return
             inode.lookups += 1

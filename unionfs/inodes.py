@@ -82,8 +82,11 @@ class InodeTable:
 
     def ref(self, node: Node, count: int = 1) -> Inode:
         """The inode of ``node`` (created when new); its lookup count rises by ``count``."""
-        key = key_of(node)
         inode = self._by_path.get(node.path)
+        if inode is not None and inode.node is node:  # the common case: nothing changed
+            inode.lookups += count
+            return inode
+        key = key_of(node)
         if inode is None:
             inode = self._by_key.get(key)
             if inode is None:

@@ -207,29 +207,44 @@ class Union:
 
     # -- creating --------------------------------------------------------------------------------
 
-    def _prepare_new(self, parent_path: str, name: str) -> tuple[Node, str, bool]:
+    def _prepare_new(self, parent_path: str,
+                     name: str) -> tuple[str, bool, list[tuple[int, Entry]]]:
+        """Check that ``name`` can be made in ``parent_path`` and copy the parent up.  Returns
+        the new path, whether a whiteout of it is in the upper, and what the lower layers
+        have there (to decide opaqueness and to build the new node without looking again)."""
         check_name(name)
         parent = self.resolve(parent_path)
         if not parent.is_dir:
             raise UnionError(errno.ENOTDIR, parent_path)
         path = join(parent_path, name)
-        if self.view.lookup(parent, name) is not None:
+        candidates = list(self.view.candidates(parent.stack, path))
+        if merge(path, candidates) is not None:
             raise UnionError(errno.EEXIST, path)
+        over = any(li == 0 and e.is_whiteout for li, e in candidates)
         self.copy_up(parent_path)
-        return parent, path, self._whiteout_in_upper(path)
+        lower = [(li, e) for li, e in candidates if li != 0]
+        return path, over, lower
+
+    def _made(self, path: str, lower: list[tuple[int, Entry]]) -> Node:
+        """The node of an object just made in the upper at ``path``."""
+        self._changed(path)
+        e = self._up().entry(path)
+        node = merge(path, [(0, e), *lower]) if e is not None else None
+        if node is None:
+            return self.resolve(path)
+        self._cache[path] = node
+        return node
 
     def mkdir(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
-        parent, path, over = self._prepare_new(parent_path, name)
-        opaque = self._lower_dirs_join(parent, path)
+        path, over, lower = self._prepare_new(parent_path, name)
+        opaque = bool(lower) and lower[0][1].is_dir
         self._up().make_dir(path, Attrs(mode, uid, gid), opaque=opaque, over=over)
-        self._changed(path)
-        return self.resolve(path)
+        return self._made(path, lower)
 
     def create(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
-        _, path, over = self._prepare_new(parent_path, name)
+        path, over, lower = self._prepare_new(parent_path, name)
         self._up().make_file(path, Attrs(mode, uid, gid), over=over)
-        self._changed(path)
-        return self.resolve(path)
+        return self._made(path, lower)
 
     def mknod(self, parent_path: str, name: str, mode: int, rdev: int, uid: int,
               gid: int) -> Node:
@@ -240,29 +255,26 @@ class Union:
             raise UnionError(errno.EINVAL, f"mknod of type {oct(kind)}")
         if kind == stat.S_IFCHR and rdev == 0:
             raise UnionError(errno.EPERM, "a 0/0 character device is a whiteout")
-        _, path, over = self._prepare_new(parent_path, name)
+        path, over, lower = self._prepare_new(parent_path, name)
         self._up().make_special(path, Attrs(stat.S_IMODE(mode), uid, gid), kind, rdev,
                                 over=over)
-        self._changed(path)
-        return self.resolve(path)
+        return self._made(path, lower)
 
     def symlink(self, parent_path: str, name: str, target: str, uid: int, gid: int) -> Node:
-        _, path, over = self._prepare_new(parent_path, name)
+        path, over, lower = self._prepare_new(parent_path, name)
         self._up().make_special(path, Attrs(0o777, uid, gid), stat.S_IFLNK, target=target,
                                 over=over)
-        self._changed(path)
-        return self.resolve(path)
+        return self._made(path, lower)
 
     def link(self, src_path: str, parent_path: str, name: str) -> Node:
         node = self.resolve(src_path)
         if node.is_dir:
             raise UnionError(errno.EPERM, "hardlink to a directory")
-        _, path, over = self._prepare_new(parent_path, name)
+        path, over, lower = self._prepare_new(parent_path, name)
         self.copy_up(src_path)
         self._up().link(src_path, path, over=over)
-        self._changed(path)
         self._changed(src_path)  # its nlink
-        return self.resolve(path)
+        return self._made(path, lower)
 
     # -- removing --------------------------------------------------------------------------------
 

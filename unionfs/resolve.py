@@ -104,9 +104,9 @@ class UnionView:
 
     def lookup(self, parent: Node, name: str) -> Node | None:
         path = join(parent.path, name)
-        return merge(path, self._candidates(parent.stack, path))
+        return merge(path, self.candidates(parent.stack, path))
 
-    def _candidates(self, stack: Stack, path: str) -> Iterator[tuple[int, Entry]]:
+    def candidates(self, stack: Stack, path: str) -> Iterator[tuple[int, Entry]]:
         for li, _ in stack:
             e = self.layers[li].entry(path)
             if e is not None:
