@@ -64,9 +64,11 @@ def pytest_configure(config: pytest.Config) -> None:
                    "reason, when FUSE is unavailable)")
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("strata_fuse") is not None:
-        require_fuse(item.config)
+@pytest.fixture(autouse=True)
+def _strata_fuse_marker(request: pytest.FixtureRequest) -> None:
+    """The ``strata_fuse`` marker (a fixture, so a skip names the test, not this line)."""
+    if request.node.get_closest_marker("strata_fuse") is not None:
+        require_fuse(request.config)
 
 
 def _check_fuse(config: pytest.Config) -> tuple[str, str]:
