@@ -250,7 +250,8 @@ class Store(_store.Store):
 
     def diff(self, container: ContainerLike) -> list[tuple[str, str]]:
         """The container's changes as ``(kind, path)``, ``kind`` one of ``"A"`` (added),
-        ``"C"`` (changed), ``"D"`` (deleted), sorted by path, as ``strata diff``."""
+        ``"C"`` (changed), ``"D"`` (deleted), sorted by path, as ``strata diff``.  Raises
+        ``ContainerNotFound``, ``Ambiguous``."""
         c = self._container_of(container)
         with self.layers_of(self.image(c.image)) as layers:  # type: ignore[arg-type]
             return changeset.changes(c.upper, UnionView(layers))
