@@ -232,10 +232,20 @@ def _unmount_busy(mountpoint: str) -> bool:
     return True
 
 
-def _remove_mountpoint(p: _Plan) -> None:
-    if p.created and not is_mounted(p.mountpoint):
-        with contextlib.suppress(OSError):
-            os.rmdir(p.mountpoint)
+def _remove_mountpoint(p: _Plan, status: int | None) -> None:
+    """Remove a mountpoint this module made, and the log of its mount when the daemon ended
+    cleanly and logged nothing above INFO (so temp mounts do not pile logs up in the store)."""
+    if not p.created or is_mounted(p.mountpoint):
+        return
+    with contextlib.suppress(OSError):
+        os.rmdir(p.mountpoint)
+    if status == 0:
+        quiet = False
+        with contextlib.suppress(OSError), open(p.log, "rb") as f:
+            quiet = all(line.startswith(b"INFO ") for line in f if line.strip())
+        if quiet:
+            with contextlib.suppress(OSError):
+                os.unlink(p.log)
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, p: _Plan, ready: bool) -> None:
@@ -259,7 +269,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, p: _Plan, ready: bool) -> None:
             with contextlib.suppress(MountError):
                 unmount(p.mountpoint, lazy=True)
     finally:
-        _remove_mountpoint(p)
+        _remove_mountpoint(p, proc.returncode if proc is not None else None)
 
 
 @contextlib.contextmanager
@@ -368,7 +378,7 @@ async def _stop_async(proc: trio.Process | None, p: _Plan, ready: bool) -> None:
                 with contextlib.suppress(MountError):
                     await trio.to_thread.run_sync(lambda: unmount(p.mountpoint, lazy=True))
         finally:
-            _remove_mountpoint(p)
+            _remove_mountpoint(p, proc.returncode if proc is not None else None)
 
 
 @contextlib.asynccontextmanager

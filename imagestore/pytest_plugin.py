@@ -32,15 +32,16 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from .api import Store
-from .containers import Container
 from .errors import FuseUnavailable, ImageNotFound, InvalidReference, MountFailed
-from .mounting import fuse_missing
-from .store import Image
+
+if TYPE_CHECKING:  # the API is imported when a fixture is used, not when pytest starts
+    from .api import Store
+    from .containers import Container
+    from .store import Image
 
 __all__ = ["ContainerFactory", "ContainerRootfs", "ImageRootfs", "require_fuse"]
 
@@ -73,6 +74,9 @@ def _strata_fuse_marker(request: pytest.FixtureRequest) -> None:
 
 def _check_fuse(config: pytest.Config) -> tuple[str, str]:
     if _FUSE not in config.stash:
+        from .api import Store
+        from .mounting import fuse_missing
+
         verdict = ("ok", "")
         missing = fuse_missing()
         if missing:
@@ -106,7 +110,7 @@ def require_fuse(config: pytest.Config) -> None:
 
 
 def _image(store: Store, image: str | Image, pull: bool) -> Image:
-    if isinstance(image, Image):
+    if not isinstance(image, str):
         return image
     try:
         return store.resolve(image)
@@ -123,6 +127,8 @@ def _image(store: Store, image: str | Image, pull: bool) -> Image:
 def strata_store(request: pytest.FixtureRequest,
                  tmp_path_factory: pytest.TempPathFactory) -> Store:
     """The session's image store: ``--strata-root`` or a new temporary directory."""
+    from .api import Store
+
     root = request.config.getoption("strata_root")
     return Store(str(root) if root else str(tmp_path_factory.mktemp("strata-store")))
 

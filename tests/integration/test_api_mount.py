@@ -69,7 +69,9 @@ def test_image_mount_is_read_only_and_its_temp_dir_goes(api_store: Store) -> Non
         assert exc.value.errno == errno.EROFS
         [rec] = api_store.mounts()
         assert (rec.mountpoint, rec.kind, rec.read_only) == (str(root), "image", True)
+        assert Path(rec.log).is_file()
     assert not root.exists()
+    assert not Path(rec.log).exists()  # a clean temp mount leaves no log behind
     assert_gone(api_store, root)
 
 
@@ -148,8 +150,13 @@ def test_a_sigint_during_the_teardown_waits_for_it(api_store: Store,
         return real(mp)
 
     monkeypatch.setattr(mounting, "_unmount_busy", interrupted)
-    with pytest.raises(KeyboardInterrupt), api_store.mount("demo:1") as root:
-        pass
+    # Python's own handler, also when this runs with SIGINT ignored (a background job)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), api_store.mount("demo:1") as root:
+            pass
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert_gone(api_store, root)
 
 
@@ -186,6 +193,8 @@ def test_the_daemon_s_own_error_is_raised(api_store: Store, tmp_path: Path) -> N
     with pytest.raises(MountFailed, match="No such image") as exc, mounting.mount_plan(plan):
         pass
     assert type(exc.value) is MountFailed
+    assert str(tmp_path / "daemon.log") in str(exc.value)
+    assert "No such image" in (tmp_path / "daemon.log").read_text()
     assert_gone(api_store, tmp_path / "mp")
 
 

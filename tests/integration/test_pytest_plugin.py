@@ -134,6 +134,13 @@ def strata_leftovers(under: Path) -> list[str]:
     return out
 
 
+def test_installing_strata_registers_the_plugin() -> None:
+    from importlib.metadata import entry_points
+
+    found = [ep.value for ep in entry_points(group="pytest11") if ep.name == "strata"]
+    assert found == ["imagestore.pytest_plugin"], "reinstall strata (scripts/install)"
+
+
 def test_a_user_session_mounts_changes_commits_and_cleans_up(user_dir: pytest.Pytester) -> None:
     require_fuse()
     user_dir.makepyfile(test_user=USER_TESTS)
@@ -168,23 +175,22 @@ def test_an_interrupted_session_leaves_no_mount(user_dir: pytest.Pytester) -> No
     require_fuse()
     user_dir.makepyfile(test_hanging=HANGING_TESTS)
     basetemp = user_dir.path / "basetemp"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_PYTEST, f"--basetemp={basetemp}", "-p", "no:cacheprovider",
-         "test_hanging.py"], cwd=user_dir.path, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not (user_dir.path / "mounted").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                proc.stdout.read().decode() if proc.stdout else ""
-            time.sleep(0.05)
-        assert strata_leftovers(user_dir.path) != []  # mounted and serving
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with subprocess.Popen(
+            [sys.executable, "-c", RUN_PYTEST, f"--basetemp={basetemp}", "-p",
+             "no:cacheprovider", "test_hanging.py"], cwd=user_dir.path, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not (user_dir.path / "mounted").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    proc.stdout.read().decode() if proc.stdout else ""
+                time.sleep(0.05)
+            assert strata_leftovers(user_dir.path) != []  # mounted and serving
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out.decode()
     assert b"KeyboardInterrupt" in out
     assert strata_leftovers(user_dir.path) == []
