@@ -200,15 +200,17 @@ def _spawn(p: _Plan, ready_w: int) -> subprocess.Popen[bytes]:
 
 def _read_ready(fd: int, timeout: float) -> str | None:
     """The daemon's first line on the ready pipe ("" if it closed the pipe without one), or
-    None after ``timeout`` seconds."""
+    None after ``timeout`` seconds.  (``poll``, not ``select``: a test process may well hold
+    more than 1024 descriptors.)"""
     deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     buf = b""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-        if not ready:
+        if not poller.poll(min(left, 1.0) * 1000):
             continue
         chunk = os.read(fd, 4096)
         buf += chunk

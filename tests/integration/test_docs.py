@@ -21,7 +21,7 @@ from imagestore import api, pytest_plugin
 from tests import registry_helpers as rh
 from tests.builders import busybox_entries, oci_layout, tar_bytes
 from tests.conftest import require_fuse
-from tests.integration.test_pytest_plugin import strata_leftovers
+from tests.integration.apihelpers import strata_leftovers
 
 pytest_plugins = ["pytester"]
 
