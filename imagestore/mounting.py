@@ -9,16 +9,20 @@ mount -f --ready-fd N`` in a child process of its own session, logging to
 (``fusermount3 -u``, retried briefly while busy, then lazily as a last resort), the daemon is
 waited for (SIGTERM, then SIGKILL if it hangs), and a mountpoint this module created is removed.
 
-Seams: the daemon is reached only through its command line and the ready pipe (so the
-``imagestore -> unionfs`` core import rule holds: no ``unionfs.mount``, no pyfuse3 here);
-unmounting and mountpoint checks come from ``unionfs.control``.
+Seams: the daemon is reached only through its command line and two pipes (so the
+``imagestore -> unionfs`` core import rule holds: no ``unionfs.mount``, no pyfuse3 here):
+``--ready-fd`` (it writes ``ready`` or its error) and ``--lifeline-fd`` (this process holds the
+write end; when it dies — SIGKILL, SIGTERM, a crash — the daemon reads EOF and unmounts).
+Unmounting and mountpoint checks come from ``unionfs.control``.
 
 Caveats:
 * A second SIGINT while a mount is being taken down is held until the teardown is over (in
   the main thread; trio code gets trio's KeyboardInterrupt protection instead).
 * The daemon lives in its own session, so a terminal's Ctrl-C reaches only the caller, which
-  unmounts.  If the caller is killed outright (SIGKILL), the daemon and its mount stay until
-  ``strata umount`` (``strata mounts`` lists them).
+  unmounts.  If the caller is killed, the lifeline ends the mount, but nothing removes a
+  temporary mountpoint directory (empty) or, in the plugin, the test's container.
+* A child made with a bare ``fork()`` (multiprocessing's fork start method) inherits the
+  lifeline: the mount then lives until that child exits too.
 * A mount that is still busy after the retries is detached lazily: the kernel keeps it alive
   for the files still open in it, and the daemon is then stopped with SIGTERM.
 """
@@ -81,9 +85,10 @@ class _Plan:
     log: str
     what: str  # for messages
 
-    def command(self, ready_fd: int) -> list[str]:
+    def command(self, pipes: _Pipes) -> list[str]:
         return [sys.executable, "-m", "cli.main", "--root", self.root, "--log-level", "info",
-                "mount", "-f", "--ready-fd", str(ready_fd), *self.args, self.mountpoint]
+                "mount", "-f", "--ready-fd", str(pipes.ready_w), "--lifeline-fd",
+                str(pipes.life_r), *self.args, self.mountpoint]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -191,9 +196,46 @@ def _interrupts_held() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
 
 
-def _spawn(p: _Plan, ready_w: int) -> subprocess.Popen[bytes]:
+class _Pipes:
+    """The daemon's two pipes.  ``ready``: it writes one line, ``ready`` or its error, once
+    the mount answers.  ``lifeline``: this process holds the write end for as long as the
+    mount should live; should it die (even by SIGKILL), the daemon reads EOF and unmounts."""
+
+    def __init__(self) -> None:
+        self.ready_r, self.ready_w = os.pipe()
+        try:
+            self.life_r, self.life_w = os.pipe()
+        except BaseException:
+            os.close(self.ready_r)
+            os.close(self.ready_w)
+            raise
+        self._open = {self.ready_r, self.ready_w, self.life_r, self.life_w}
+
+    @property
+    def child_fds(self) -> tuple[int, int]:
+        return self.ready_w, self.life_r
+
+    def _close(self, *fds: int) -> None:
+        for fd in fds:
+            if fd in self._open:
+                self._open.discard(fd)
+                os.close(fd)
+
+    def spawned(self) -> None:
+        """The daemon has its ends (or never will): close ours."""
+        self._close(*self.child_fds)
+
+    def read_done(self) -> None:
+        self._close(self.ready_r)
+
+    def close(self) -> None:
+        """Drop everything, the lifeline last: call only once the daemon is gone."""
+        self._close(self.ready_r, self.ready_w, self.life_r, self.life_w)
+
+
+def _spawn(p: _Plan, pipes: _Pipes) -> subprocess.Popen[bytes]:
     with open(p.log, "ab") as log:
-        return subprocess.Popen(p.command(ready_w), pass_fds=(ready_w,),
+        return subprocess.Popen(p.command(pipes), pass_fds=pipes.child_fds,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, env=p.env())
 
@@ -279,18 +321,18 @@ def mount_plan(p: _Plan, timeout: float = READY_TIMEOUT) -> Iterator[Path]:
     """Start the daemon for ``p``, yield the mountpoint once it answers, take it down after."""
     proc: subprocess.Popen[bytes] | None = None
     ready = False
+    pipes = _Pipes()
     try:
-        read_fd, write_fd = os.pipe()
+        log_from = p.log_size()
+        with _interrupts_held():
+            try:
+                proc = _spawn(p, pipes)
+            finally:
+                pipes.spawned()
         try:
-            log_from = p.log_size()
-            with _interrupts_held():
-                try:
-                    proc = _spawn(p, write_fd)
-                finally:
-                    os.close(write_fd)
-            message = _read_ready(read_fd, timeout)
+            message = _read_ready(pipes.ready_r, timeout)
         finally:
-            os.close(read_fd)
+            pipes.read_done()
         if message != "ready":
             if message is None:
                 raise MountFailed(f"the mount of {p.what} at {p.mountpoint} did not become "
@@ -302,7 +344,10 @@ def mount_plan(p: _Plan, timeout: float = READY_TIMEOUT) -> Iterator[Path]:
         yield Path(p.mountpoint)
     finally:
         with _interrupts_held():
-            _stop(proc, p, ready)
+            try:
+                _stop(proc, p, ready)
+            finally:
+                pipes.close()
 
 
 def unmount_record(rec: MountRecord, timeout: float = EXIT_TIMEOUT) -> None:
@@ -389,20 +434,20 @@ async def open_mount_plan(p: _Plan, timeout: float = READY_TIMEOUT) -> AsyncIter
     event loop; the teardown is shielded from cancellation."""
     proc: trio.Process | None = None
     ready = False
+    pipes = _Pipes()
     try:
-        read_fd, write_fd = os.pipe()
+        log_from = p.log_size()
         try:
-            log_from = p.log_size()
-            try:
-                with open(p.log, "ab") as log:
-                    proc = await trio.lowlevel.open_process(
-                        p.command(write_fd), pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                        stdout=log, stderr=log, start_new_session=True, env=p.env())
-            finally:
-                os.close(write_fd)
-            message = await _read_ready_async(read_fd, timeout)
+            with open(p.log, "ab") as log:
+                proc = await trio.lowlevel.open_process(
+                    p.command(pipes), pass_fds=pipes.child_fds, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, start_new_session=True, env=p.env())
         finally:
-            os.close(read_fd)
+            pipes.spawned()
+        try:
+            message = await _read_ready_async(pipes.ready_r, timeout)
+        finally:
+            pipes.read_done()
         if message != "ready":
             if message is None:
                 raise MountFailed(f"the mount of {p.what} at {p.mountpoint} did not become "
@@ -412,4 +457,7 @@ async def open_mount_plan(p: _Plan, timeout: float = READY_TIMEOUT) -> AsyncIter
         ready = True
         yield Path(p.mountpoint)
     finally:
-        await _stop_async(proc, p, ready)
+        try:
+            await _stop_async(proc, p, ready)
+        finally:
+            pipes.close()

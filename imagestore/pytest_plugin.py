@@ -17,12 +17,15 @@ the guide.  It provides:
 
 Mounts are taken down by fixture finalizers, which pytest runs also when a test fails and when
 the session is interrupted (KeyboardInterrupt); the mount teardown itself holds a second
-SIGINT until it is done (see ``mounting``).
+SIGINT until it is done.  Should pytest be killed (SIGKILL, SIGTERM), the daemons see their
+lifeline pipe close and unmount on their own (see ``mounting``).
 
 Caveats:
 * The FUSE check mounts an empty directory once per session (about half a second), and only
   when a test asks for FUSE.
-* A process killed outright (SIGKILL) cannot clean up: its mounts stay until ``strata umount``.
+* A session that is killed runs no finalizer: its mounts go (lifeline), but with
+  ``--strata-root`` the containers of the tests that were running stay in the store
+  (``strata ps``, ``strata rm``).
 """
 
 from __future__ import annotations

@@ -59,16 +59,19 @@ class MountOptions:
 
 
 def serve(union: Union, mountpoint: str, options: MountOptions,
-          on_ready: Callable[[], None] | None = None, control: str | None = None) -> int:
+          on_ready: Callable[[], None] | None = None, control: str | None = None,
+          lifeline: int | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the number of handler errors.
-    ``control``: a Unix socket path where ``freeze`` requests are answered (see ``frozen``)."""
+    ``control``: a Unix socket path where ``freeze`` requests are answered (see ``frozen``).
+    ``lifeline``: the read end of a pipe whose write end only the parent process holds; when
+    it closes (the parent exited, even by SIGKILL) the mount ends as on SIGTERM."""
     ops = Operations(union, timeout=options.timeout)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options())
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     try:
-        trio.run(_run, ops, mountpoint, on_ready, control)
+        trio.run(_run, ops, mountpoint, on_ready, control, lifeline)
     finally:
         ops.close_all()
         with contextlib.suppress(Exception):
@@ -107,11 +110,27 @@ async def _control(ops: Operations, path: str) -> None:
     await trio.serve_listeners(handle, [trio.SocketListener(sock)])
 
 
+async def _watch(fd: int) -> None:
+    """Return when the write end of the pipe ``fd`` is closed everywhere."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        if not os.read(fd, 64):
+            return
+
+
 async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | None,
-               control: str | None) -> None:
+               control: str | None, lifeline: int | None = None) -> None:
     async with trio.open_nursery() as nursery:
         if control is not None:
             nursery.start_soon(_control, ops, control)
+        if lifeline is not None:
+
+            async def orphaned() -> None:
+                await _watch(lifeline)
+                log.info("the parent process is gone: unmounting")
+                pyfuse3.terminate()
+
+            nursery.start_soon(orphaned)
 
         async def main() -> None:
             await pyfuse3.main()

@@ -172,6 +172,43 @@ def test_a_dead_daemon_is_cleaned_up(api_store: Store) -> None:
     assert_gone(api_store, root)
 
 
+KILLED_PARENT = """
+import sys, time, trio
+from imagestore import Store
+
+store = Store(sys.argv[1])
+container = store.create_container("demo:1")
+
+
+async def main():
+    async with store.open_mount(container) as root:
+        (root / "etc/written").write_text("x")
+        print("mounted", flush=True)
+        await trio.sleep(60)
+
+
+with store.mount("demo:1"):
+    trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_mounts_end_with_a_killed_parent(api_store: Store, sig: int) -> None:
+    """No finalizer runs when the caller is killed: the daemons see their lifeline close."""
+    with subprocess.Popen([sys.executable, "-c", KILLED_PARENT, api_store.root],
+                          stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
+        assert len(api_store.mounts()) == 2
+        proc.send_signal(sig)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while (api_store.mounts() or daemons(api_store)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api_store.mounts() == [] and daemons(api_store) == []
+    [c] = api_store.containers()  # its changes are kept, as after any unmount
+    assert api_store.diff(c) == [("C", "/etc"), ("A", "/etc/written")]
+
+
 def test_the_daemon_s_own_error_is_raised(api_store: Store, tmp_path: Path) -> None:
     (tmp_path / "mp").mkdir()
     plan = mounting._Plan(api_store.root, ("sha256:" + "0" * 64,), str(tmp_path / "mp"),

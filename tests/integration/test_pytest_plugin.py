@@ -146,30 +146,48 @@ def test_a_failing_test_leaves_no_mount(user_dir: pytest.Pytester) -> None:
     assert strata_leftovers(user_dir.path) == []
 
 
-def test_an_interrupted_session_leaves_no_mount(user_dir: pytest.Pytester) -> None:
-    require_fuse()
-    user_dir.makepyfile(test_hanging=HANGING_TESTS)
-    basetemp = user_dir.path / "basetemp"
+def run_until_mounted(pytester: pytest.Pytester, sig: int) -> tuple[int, str]:
+    """Run HANGING_TESTS in an inner session, send ``sig`` once its mounts serve; returns the
+    exit status and the output."""
+    pytester.makepyfile(test_hanging=HANGING_TESTS)
     with subprocess.Popen(
-            [sys.executable, "-c", RUN_PYTEST, f"--basetemp={basetemp}", "-p",
-             "no:cacheprovider", "test_hanging.py"], cwd=user_dir.path, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT) as proc:
+            [sys.executable, "-c", RUN_PYTEST, f"--basetemp={pytester.path / 'basetemp'}",
+             "-p", "no:cacheprovider", "test_hanging.py"], cwd=pytester.path,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         try:
             deadline = time.monotonic() + 60
-            while not (user_dir.path / "mounted").exists():
+            while not (pytester.path / "mounted").exists():
                 assert proc.poll() is None and time.monotonic() < deadline, \
                     proc.stdout.read().decode() if proc.stdout else ""
                 time.sleep(0.05)
-            assert strata_leftovers(user_dir.path) != []  # mounted and serving
-            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            assert strata_leftovers(pytester.path) != []  # mounted and serving
+            proc.send_signal(sig)
             out, _ = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out.decode()
-    assert b"KeyboardInterrupt" in out
+    return proc.returncode, out.decode(errors="replace")
+
+
+def test_an_interrupted_session_leaves_no_mount(user_dir: pytest.Pytester) -> None:
+    require_fuse()
+    status, out = run_until_mounted(user_dir, signal.SIGINT)  # Ctrl-C
+    assert status == pytest.ExitCode.INTERRUPTED, out
+    assert "KeyboardInterrupt" in out
     assert strata_leftovers(user_dir.path) == []
-    assert Store(str(basetemp / "strata-store0")).containers() == []
+    assert Store(str(user_dir.path / "basetemp" / "strata-store0")).containers() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_session_leaves_no_mount(user_dir: pytest.Pytester, sig: int) -> None:
+    """No finalizer runs: the daemons see their lifeline to pytest close and unmount."""
+    require_fuse()
+    status, out = run_until_mounted(user_dir, sig)
+    assert status == -sig, out
+    deadline = time.monotonic() + 10
+    while strata_leftovers(user_dir.path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert strata_leftovers(user_dir.path) == []
 
 
 def test_without_fusermount3_tests_are_skipped_with_the_reason(
