@@ -181,21 +181,21 @@ container = store.create_container("demo:1")
 
 
 async def main():
-    async with store.open_mount(container) as root:
+    async with store.open_mount(container, sys.argv[2] + "/container") as root:
         (root / "etc/written").write_text("x")
         print("mounted", flush=True)
         await trio.sleep(60)
 
 
-with store.mount("demo:1"):
+with store.mount("demo:1", sys.argv[2] + "/image"):
     trio.run(main)
 """
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_mounts_end_with_a_killed_parent(api_store: Store, sig: int) -> None:
+def test_mounts_end_with_a_killed_parent(api_store: Store, sig: int, tmp_path: Path) -> None:
     """No finalizer runs when the caller is killed: the daemons see their lifeline close."""
-    with subprocess.Popen([sys.executable, "-c", KILLED_PARENT, api_store.root],
+    with subprocess.Popen([sys.executable, "-c", KILLED_PARENT, api_store.root, str(tmp_path)],
                           stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
         assert len(api_store.mounts()) == 2
@@ -205,6 +205,7 @@ def test_mounts_end_with_a_killed_parent(api_store: Store, sig: int) -> None:
     while (api_store.mounts() or daemons(api_store)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert api_store.mounts() == [] and daemons(api_store) == []
+    assert not is_mounted(tmp_path / "image") and not is_mounted(tmp_path / "container")
     [c] = api_store.containers()  # its changes are kept, as after any unmount
     assert api_store.diff(c) == [("C", "/etc"), ("A", "/etc/written")]
 
