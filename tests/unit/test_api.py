@@ -252,6 +252,8 @@ def test_daemon_failures_become_typed_errors(tmp_path: Path) -> None:
     err = plan.failure("cannot mount /mnt: fuse_session_mount failed", 1, start)
     assert isinstance(err, FuseUnavailable)
     assert str(err) == "FUSE is not usable here: fusermount3: mount failed: Operation not permitted"
+    err = plan.failure("open /store/layers/x/layer.tar: Permission denied", 1, log.stat().st_size)
+    assert type(err) is MountFailed  # not FUSE's refusal: no reason to skip
     err = plan.failure("container c is already mounted at /elsewhere", 1, log.stat().st_size)
     assert type(err) is Conflict
     err = plan.failure("No such image: x", 1, log.stat().st_size)
