@@ -293,30 +293,31 @@ class Store(_store.Store):
 
     @contextlib.contextmanager
     def mount(self, target: ImageLike | Container, mountpoint: PathLike | None = None, *,
-              read_only: bool = False, allow_other: bool = False,
-              timeout: float = mounting.READY_TIMEOUT) -> Iterator[Path]:
+              read_only: bool = False, allow_other: bool = False, suid: bool = False,
+              dev: bool = False, timeout: float = mounting.READY_TIMEOUT) -> Iterator[Path]:
         """Mount an image (always read-only) or a container (writable unless ``read_only``)
         for the ``with`` block and yield the mountpoint: ``mountpoint`` (created if missing)
         or a new temporary directory, removed afterwards.  A string names a container first,
-        then an image, as ``strata mount``.  The daemon runs in a child process; the mount is
-        taken down when the block ends, raises or is interrupted.  Raises ``FuseUnavailable``,
-        ``MountFailed``, ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the
-        container is mounted elsewhere)."""
+        then an image, as ``strata mount``.  Mounts are ``nosuid,nodev`` unless ``suid`` or
+        ``dev``; ``allow_other`` lets other users in.  The daemon runs in a child process; the
+        mount is taken down when the block ends, raises or is interrupted.  Raises
+        ``FuseUnavailable``, ``MountFailed``, ``ImageNotFound``, ``ContainerNotFound``,
+        ``Conflict`` (the container is mounted elsewhere)."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other)
+                          allow_other=allow_other, suid=suid, dev=dev)
         with mounting.mount_plan(p, timeout) as path:
             yield path
 
     @contextlib.asynccontextmanager
     async def open_mount(self, target: ImageLike | Container,
                          mountpoint: PathLike | None = None, *, read_only: bool = False,
-                         allow_other: bool = False,
+                         allow_other: bool = False, suid: bool = False, dev: bool = False,
                          timeout: float = mounting.READY_TIMEOUT) -> AsyncIterator[Path]:
         """``mount`` for trio code: ``async with store.open_mount("busybox") as root:``.
         The event loop never blocks on the daemon; the teardown runs shielded from
         cancellation."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other)
+                          allow_other=allow_other, suid=suid, dev=dev)
         async with mounting.open_mount_plan(p, timeout) as path:
             yield path
 

@@ -127,7 +127,8 @@ class _Plan:
 
 
 def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None, *,
-         read_only: bool, allow_other: bool) -> _Plan:
+         read_only: bool = False, allow_other: bool = False, suid: bool = False,
+         dev: bool = False) -> _Plan:
     """Check FUSE and the target, make the mountpoint (a temp dir when None)."""
     missing = fuse_missing()
     if missing:
@@ -151,7 +152,8 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
             except ImageNotFound:
                 raise ImageNotFound(f"No such image or container: {target}") from None
             name, what = image.id, f"image {target}"
-    options = [o for o, on in (("ro", read_only), ("allow_other", allow_other)) if on]
+    options = [o for o, on in (("ro", read_only), ("allow_other", allow_other),
+                               ("suid", suid), ("dev", dev)) if on]
     if options:
         args += ["-o", ",".join(options)]
     created = mountpoint is None

@@ -77,6 +77,25 @@ def test_given_mountpoint_is_kept_a_missing_one_made_and_removed(api_store: Stor
     assert_gone(api_store, tmp_path / "mine")
 
 
+def mount_options(mp: Path) -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mp):
+                return set(fields[5].split(","))
+    raise AssertionError(f"{mp} is not mounted")
+
+
+def test_mount_options(api_store: Store) -> None:
+    with api_store.mount("demo:1") as root:
+        assert {"ro", "nosuid", "nodev"} <= mount_options(root)
+    with api_store.mount("demo:1", suid=True, dev=True) as root:
+        assert not {"nosuid", "nodev"} & mount_options(root)
+    c = api_store.create_container("demo:1")
+    with api_store.mount(c) as root:
+        assert "rw" in mount_options(root)
+
+
 def test_container_commits_while_mounted(api_store: Store) -> None:
     c = api_store.create_container("demo:1", name="work")
     with api_store.mount(c) as root:
