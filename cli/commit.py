@@ -10,7 +10,6 @@ from imagestore import changeset, reference
 from imagestore.commit import commit
 from imagestore.compress import LAYER_COMPRESSIONS
 from imagestore.containers import Container, Containers
-from unionfs.mount import frozen
 from unionfs.resolve import UnionView
 
 from .common import UserError, store_of
@@ -43,10 +42,7 @@ def register(sub: Any, image_sub: Any) -> None:
 
 def paused(cs: Containers, c: Container, pause: bool) -> contextlib.AbstractContextManager[None]:
     """Hold writes through the container's mount, if it is mounted writable."""
-    rec = cs.mount_of(c)
-    if not pause or rec is None or not rec.control:
-        return contextlib.nullcontext()
-    return frozen(rec.mountpoint, rec.control)
+    return cs.paused(c, pause)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ def register(sub: Any, image_sub: Any) -> None:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="allow_other, ro, suid, dev (comma-separated)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     for name in ("umount", "unmount"):
         p = sub.add_parser(name, help="unmount a strata mount")
@@ -180,15 +181,16 @@ def _serve(args: argparse.Namespace, store: Store, mountpoint: str,
                 _tell(args.ready_fd, "ready")
 
             stack.callback(cs.unrecord, mountpoint)
+            kw = {"on_ready": ready, "control": control, "lifeline": args.lifeline_fd}
             profile = os.environ.get("STRATA_PROFILE")  # scripts/bench --profile
             if profile:
                 import cProfile
 
                 with cProfile.Profile() as prof:
-                    errors = serve(union, mountpoint, options, on_ready=ready, control=control)
+                    errors = serve(union, mountpoint, options, **kw)  # type: ignore[arg-type]
                 prof.dump_stats(profile)
             else:
-                errors = serve(union, mountpoint, options, on_ready=ready, control=control)
+                errors = serve(union, mountpoint, options, **kw)  # type: ignore[arg-type]
             if errors:
                 logging.getLogger("strata").warning("%d handler errors (see above)", errors)
     except Exception as exc:

@@ -6,10 +6,10 @@ import argparse
 from typing import Any
 
 from imagestore import archive, oci, reference
+from imagestore.api import save_targets
 from imagestore.containers import Containers
 from imagestore.errors import InvalidReference, StoreError
-from imagestore.reference import Reference
-from imagestore.store import Image, Store, open_input
+from imagestore.store import open_input
 from unionfs.layers import DirLayer
 from unionfs.resolve import UnionView
 
@@ -86,37 +86,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_targets(store: Store, names: list[str]) -> list[tuple[Image, list[Reference]]]:
-    """docker save's naming: a tag saves that tag, a bare repository every tag of it, an ID
-    the image without tags."""
-    out: dict[str, tuple[Image, list[Reference]]] = {}
-
-    def add(image: Image, ref: Reference | None) -> None:
-        entry = out.setdefault(image.id, (image, []))
-        if ref is not None and ref not in entry[1]:
-            entry[1].append(ref)
-
-    for name in names:
-        try:
-            ref: Reference | None = reference.parse(name, default_tag=False)
-        except InvalidReference:
-            ref = None
-        if ref is not None and ref.digest is None and ref.tag is None:
-            tagged = [(i, t) for i in store.images() for t in i.tags if t.name == ref.name]
-            for image, t in tagged:
-                add(image, t)
-            if tagged:
-                continue
-        image = store.resolve(name)
-        named = ref is not None and ref.digest is None and ref.with_tag(
-            ref.tag or "latest") in image.tags
-        add(image, ref.with_tag(ref.tag or "latest") if named and ref else None)
-    return list(out.values())
-
-
 def cmd_save(args: argparse.Namespace) -> int:
     store = store_of(args)
-    targets = _save_targets(store, args.images)
+    targets = save_targets(store, args.images)
     write = archive.save_oci if args.format == "oci" else archive.save_docker
     with output_sink(args.output, "the archive") as sink:
         write(store, targets, sink)

@@ -1,5 +1,75 @@
-"""imagestore: a content-addressed image store (OCI and Docker formats) and registry client."""
+"""imagestore: a content-addressed image store (OCI and Docker formats), a registry client, and
+the public Python API of strata.
 
-from .store import Image, Store
+``Store`` (``api.py``) is the entry point: ``Store(root=None)`` opens a store and offers pull,
+push, load, import, tag, remove, save, export, containers, commit and mounts.  The values it
+returns and the errors it raises are exported here; ``docs/api.md`` is the reference.
 
-__all__ = ["Image", "Store"]
+Caveats:
+* The names below are imported on first use (PEP 562), so that importing a submodule — the
+  CLI, the pytest plugin that every pytest session loads — does not pay for the whole API, nor
+  the registry's HTTP client for anything but pull and push.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import Store
+    from .archive import Loaded
+    from .containers import Container, MountRecord
+    from .errors import (
+        Ambiguous,
+        Conflict,
+        ContainerNotFound,
+        DigestMismatch,
+        FuseUnavailable,
+        ImageNotFound,
+        InvalidImage,
+        InvalidLayer,
+        InvalidReference,
+        MountFailed,
+        OutputError,
+        StoreError,
+        StoreFull,
+        Unsupported,
+    )
+    from .progress import ProgressEvent, ProgressFn
+    from .reference import Reference
+    from .registry import AuthError, NotFound, PullResult, PushResult, RegistryError
+    from .store import Image, Removed
+
+_WHERE = {
+    "Store": "api", "Loaded": "archive", "Container": "containers", "MountRecord": "containers",
+    "ProgressEvent": "progress", "ProgressFn": "progress", "Reference": "reference",
+    "Image": "store", "Removed": "store",
+    **dict.fromkeys(("AuthError", "NotFound", "PullResult", "PushResult", "RegistryError"),
+                    "registry"),
+    **dict.fromkeys(("Ambiguous", "Conflict", "ContainerNotFound", "DigestMismatch",
+                     "FuseUnavailable", "ImageNotFound", "InvalidImage", "InvalidLayer",
+                     "InvalidReference", "MountFailed", "OutputError", "StoreError",
+                     "StoreFull", "Unsupported"), "errors"),
+}
+
+__all__ = [
+    "Ambiguous", "AuthError", "Conflict", "Container", "ContainerNotFound", "DigestMismatch",
+    "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
+    "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
+    "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",
+    "Removed", "Store", "StoreError", "StoreFull", "Unsupported",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imagestore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

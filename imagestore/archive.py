@@ -43,6 +43,9 @@ from .store import Image, Store
 from .tarstream import DIR, LINK, REG, TarEntry, TarWriter, typeflag_for
 
 Sink = Callable[[bytes], object]
+# called with a layer's diff_id and the size of its blob in the archive; returns the callback
+# that gets the size of every chunk read (or None)
+ProgressFactory = Callable[[str, int | None], Progress | None]
 _MAX_LINK_HOPS = 40
 
 
@@ -262,7 +265,7 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
 
 
 def load(store: Store, path: str, platform: oci.Platform | None = None,
-         progress: Callable[[str], Progress | None] | None = None) -> list[Loaded]:
+         progress: ProgressFactory | None = None) -> list[Loaded]:
     """``docker load``: every image in the archive at ``path`` (``-`` for stdin)."""
     with store.ingesting(), _open_source(store, path) as src:
         if src.exists("manifest.json"):
@@ -276,7 +279,7 @@ def load(store: Store, path: str, platform: oci.Platform | None = None,
 
 def _ingest_layer(store: Store, src: _Source, name: str, diff_id: Digest,
                   desc: oci.Descriptor | None, typed: bool,
-                  progress: Callable[[str], Progress | None] | None) -> oci.Descriptor:
+                  progress: ProgressFactory | None) -> oci.Descriptor:
     """Store one layer; ``desc`` checks the blob (``typed``: its media type is authoritative,
     else the type follows the compression found)."""
     if desc is not None and store.layers.has(diff_id) and store.blobs.has(desc.digest):
@@ -285,7 +288,7 @@ def _ingest_layer(store: Store, src: _Source, name: str, diff_id: Digest,
         with store.blobs.open(desc.digest) as f:
             kind = sniff(f.read(8))
         return oci.Descriptor(oci.layer_media_type(kind), desc.digest, desc.size)
-    cb = progress(diff_id) if progress else None
+    cb = progress(diff_id, src.size(name)) if progress else None
     with src.open(name) as f:
         got = store.layers.ingest(store.blobs, f, digest=desc.digest if desc else None,
                                   size=desc.size if desc else None, diff_id=diff_id,
@@ -314,7 +317,7 @@ def _oci_manifests(src: _Source) -> dict[str, tuple[bytes, str]]:
 
 
 def _load_docker(store: Store, src: _Source,
-                 progress: Callable[[str], Progress | None] | None) -> list[Loaded]:
+                 progress: ProgressFactory | None) -> list[Loaded]:
     doc = oci.loads(_read(src, "manifest.json"), "manifest.json")
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
         raise InvalidImage("manifest.json must be a list of objects")
@@ -388,7 +391,7 @@ def _oci_name(desc: oci.Descriptor) -> Reference | None:
 
 
 def _load_oci(store: Store, src: _Source, want: oci.Platform,
-              progress: Callable[[str], Progress | None] | None) -> list[Loaded]:
+              progress: ProgressFactory | None) -> list[Loaded]:
     index = oci.parse_document(_read(src, "index.json"), what="index.json")
     if not isinstance(index, oci.Index):
         raise InvalidImage("index.json is not an image index")

@@ -25,7 +25,7 @@ from . import archive, changeset, oci, timefmt
 from .containers import Container
 from .digest import Digest
 from .instructions import apply_changes
-from .layerstore import Ingested
+from .layerstore import Ingested, Progress
 from .reference import Reference
 from .store import Image, Store
 
@@ -81,8 +81,10 @@ def committed_manifest(parent: Image | None, config: oci.Descriptor, layer: oci.
 def commit(store: Store, container: Container, layers: list[LowerLayer], *,
            tag: Reference | None = None, author: str = "", message: str = "",
            changes: Sequence[str] = (), squash: bool = False, compression: str = "gzip",
-           oci_format: bool = True, epoch: int | None = None) -> Image:
-    """Commit ``container`` (whose image ``layers`` are open, top first)."""
+           oci_format: bool = True, epoch: int | None = None,
+           progress: Progress | None = None) -> Image:
+    """Commit ``container`` (whose image ``layers`` are open, top first).  ``progress`` is
+    called with the size of each chunk of the uncompressed layer tar as it is written."""
     parent = store.image(Digest(container.image))
     if epoch is None:
         epoch = timefmt.source_date_epoch()
@@ -97,6 +99,16 @@ def commit(store: Store, container: Container, layers: list[LowerLayer], *,
 
         def produce(sink: Callable[[bytes], None]) -> None:
             changeset.write_layer(container.upper, sink, epoch)
+
+    if progress is not None:
+        write = produce
+
+        def produce(sink: Callable[[bytes], None]) -> None:
+            def counted(data: bytes) -> None:
+                sink(data)
+                progress(len(data))
+
+            write(counted)
 
     with store.ingesting():
         got: Ingested = store.layers.ingest_produced(store.blobs, produce, compression)

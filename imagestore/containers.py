@@ -28,12 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from unionfs.control import frozen
+from unionfs.errors import MountError
 from unionfs.layers import LowerLayer
 from unionfs.resolve import UnionView
 from unionfs.upper import remove_tree
 
 from . import timefmt
-from .errors import Ambiguous, Conflict, ContainerNotFound, InvalidReference
+from .errors import Ambiguous, Conflict, ContainerNotFound, InvalidReference, MountFailed
 from .fsutil import atomic_write
 from .store import Image, Store
 
@@ -188,6 +190,20 @@ class Containers:
         finally:
             os.close(fd)
         return None
+
+    @contextlib.contextmanager
+    def paused(self, container: Container, pause: bool = True) -> Iterator[None]:
+        """Hold every write through the container's mount while the block runs, if it is
+        mounted writable (``docker commit --pause``); a no-op otherwise or when ``pause`` is
+        false.  Raises ``MountFailed`` when the mount does not pause."""
+        rec = self.mount_of(container) if pause else None
+        with contextlib.ExitStack() as stack:
+            if rec is not None and rec.control:
+                try:
+                    stack.enter_context(frozen(rec.mountpoint, rec.control))
+                except MountError as exc:
+                    raise MountFailed(str(exc)) from None
+            yield
 
     def _record_path(self, mountpoint: str) -> str:
         key = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:20]

@@ -50,3 +50,20 @@ class Unsupported(StoreError):
 
 class StoreFull(StoreError):
     """The file system holding the store ran out of space; nothing partial was kept."""
+
+
+class MountFailed(StoreError):
+    """A mount could not be made, paused or taken down: the mountpoint is not an empty
+    directory or is already a mount point, the mount daemon exited or did not answer within
+    the timeout, or unmounting failed.  The message carries the daemon's own error."""
+
+
+class FuseUnavailable(MountFailed):
+    """FUSE cannot be used on this machine: ``/dev/fuse`` is missing, ``fusermount3`` is not
+    installed, or the kernel refused the mount (permission denied, operation not permitted,
+    no fuse device).  The message says which, in words fit for a test's skip reason."""
+
+
+class OutputError(StoreError):
+    """The file ``save`` or ``export`` writes to cannot be created or written (a directory,
+    a missing parent, no permission, a full disk); nothing partial is left behind."""

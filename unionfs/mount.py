@@ -5,8 +5,8 @@
 cleanly.  ``on_ready`` is called once the mount answers a request (a ``stat`` of the mountpoint
 from a worker thread), so a parent process can return only when the mount is usable.
 
-``unmount`` is the other side: a clean unmount, and the lazy unmount that clears a mount whose
-daemon died (ENOTCONN).
+The other side (``check_mountpoint``, ``is_mounted``, ``unmount``, the ``frozen`` client of the
+control socket) lives in ``control``, which needs no pyfuse3; it is re-exported here.
 
 Caveats:
 * Mount options: ``default_permissions`` always (the kernel checks modes against the image's
@@ -16,16 +16,14 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import shutil
 import signal
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .control import check_mountpoint, frozen, is_mounted, short_address, unmount
 from .errors import MountError
 
 if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (start-up time)
@@ -35,6 +33,9 @@ if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (star
     from .mutate import Union
 
 log = logging.getLogger(__name__)
+
+__all__ = ["MountError", "MountOptions", "check_mountpoint", "frozen", "is_mounted", "serve",
+           "unmount"]
 
 
 @dataclass(frozen=True)
@@ -60,33 +61,13 @@ class MountOptions:
         return opts
 
 
-def check_mountpoint(path: str) -> str:
-    full = os.path.abspath(path)
-    if not os.path.isdir(full):
-        raise MountError(f"mountpoint {path} is not a directory")
-    if is_mounted(full):
-        raise MountError(f"{path} is already a mount point")
-    return full
-
-
-def is_mounted(path: str) -> bool:
-    full = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            if _unescape(line.split()[4]) == full:
-                return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
-        "\\134", "\\")
-
-
 def serve(union: Union, mountpoint: str, options: MountOptions,
-          on_ready: Callable[[], None] | None = None, control: str | None = None) -> int:
+          on_ready: Callable[[], None] | None = None, control: str | None = None,
+          lifeline: int | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the number of handler errors.
-    ``control``: a Unix socket path where ``freeze`` requests are answered (see ``frozen``)."""
+    ``control``: a Unix socket path where ``freeze`` requests are answered (see ``frozen``).
+    ``lifeline``: the read end of a pipe whose write end only the parent process holds; when
+    it closes (the parent exited, even by SIGKILL) the mount ends as on SIGTERM."""
     import pyfuse3
     import trio
 
@@ -98,7 +79,7 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     try:
-        trio.run(_run, ops, mountpoint, on_ready, control)
+        trio.run(_run, ops, mountpoint, on_ready, control, lifeline)
     finally:
         ops.close_all()
         with contextlib.suppress(Exception):
@@ -117,7 +98,7 @@ async def _control(ops: Operations, path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    with _short(path) as short:
+    with short_address(path) as short:
         await sock.bind(short)
     os.chmod(path, 0o600)
     sock.listen(4)
@@ -139,14 +120,32 @@ async def _control(ops: Operations, path: str) -> None:
     await trio.serve_listeners(handle, [trio.SocketListener(sock)])
 
 
+async def _watch(fd: int) -> None:
+    """Return when the write end of the pipe ``fd`` is closed everywhere."""
+    import trio
+
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        if not os.read(fd, 64):
+            return
+
+
 async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | None,
-               control: str | None) -> None:
+               control: str | None, lifeline: int | None = None) -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery:
         if control is not None:
             nursery.start_soon(_control, ops, control)
+        if lifeline is not None:
+
+            async def orphaned() -> None:
+                await _watch(lifeline)
+                log.info("the parent process is gone: unmounting")
+                pyfuse3.terminate()
+
+            nursery.start_soon(orphaned)
 
         async def main() -> None:
             await pyfuse3.main()
@@ -165,69 +164,3 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | 
         log.info("mounted %s", mountpoint)
         if on_ready is not None:
             on_ready()
-
-
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    """Unmount a strata mount; ``lazy`` (or a dead daemon) detaches it even when busy."""
-    full = os.path.abspath(mountpoint)
-    dead = False
-    try:
-        os.statvfs(full)  # statfs always reaches the daemon; stat may be answered from cache
-    except OSError as exc:
-        dead = exc.errno == errno.ENOTCONN
-    if not is_mounted(full):
-        raise MountError(f"{mountpoint} is not mounted")
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool is not None:
-        cmd = [tool, "-u"] + (["-z"] if lazy or dead else []) + [full]
-    else:
-        cmd = ["umount"] + (["-l"] if lazy or dead else []) + [full]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-        raise MountError(f"unmount {mountpoint}: {msg}")
-
-
-@contextlib.contextmanager
-def frozen(mountpoint: str, control: str, timeout: float = 60.0) -> Iterator[None]:
-    """Hold every change to a mounted union while the block runs (``docker commit --pause``):
-    flush the kernel's dirty pages to the daemon, then ask it to freeze."""
-    import socket
-
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _libc_syncfs(fd)
-    finally:
-        os.close(fd)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            with _short(control) as short:
-                s.connect(short)
-            s.sendall(b"freeze\n")
-            answer = s.recv(64)
-        except OSError as exc:
-            raise MountError(f"cannot pause the mount at {mountpoint}: {exc}") from None
-        if answer.strip() != b"frozen":
-            raise MountError(f"the mount at {mountpoint} did not pause")
-        yield
-
-
-def _libc_syncfs(fd: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-@contextlib.contextmanager
-def _short(path: str) -> Iterator[str]:
-    """A Unix socket address for ``path`` that fits the 108-byte limit, however deep the store
-    is: the socket's directory through ``/proc/self/fd``."""
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
-    finally:
-        os.close(fd)

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CORE = {"layers", "tarlayer", "whiteout", "upper", "resolve", "mutate", "inodes"}
+CORE = {"layers", "tarlayer", "whiteout", "upper", "resolve", "mutate", "inodes", "control"}
 
 
 def imports(path: Path) -> set[str]:
