@@ -14,10 +14,10 @@ from imagestore.errors import StoreError
 from unionfs.mount import MountError
 from unionfs.tarlayer import LayerError
 
-from . import commit, containers, images, mount, registry, transfer
+from . import check, commit, containers, images, mount, registry, transfer
 from .common import UserError
 
-GROUPS = (images, transfer, registry, containers, mount, commit)
+GROUPS = (images, transfer, registry, containers, mount, commit, check)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -235,6 +235,41 @@ class LayerStore:
             fsync_dir(self.dir)
         return info
 
+    def tar_ok(self, diff_id: Digest) -> bool:
+        """The layer's tar is present and hashes to its diff_id."""
+        h = Hasher()
+        try:
+            with open(self.tar_path(diff_id), "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+        except OSError:
+            return False
+        return h.digest == diff_id
+
+    def rebuild_index(self, diff_id: Digest) -> None:
+        """Index a stored layer's tar again and replace its index and meta.json atomically
+        (``strata check --repair`` of an index that disagrees with a sound tar)."""
+        d = self.path(diff_id)
+        try:
+            index = build_index(self.tar_path(diff_id))
+        except LayerError as exc:
+            raise InvalidLayer(f"layer {diff_id}: {exc}") from None
+        tmp = tempfile.mkdtemp(dir=self.tmp_dir, prefix="index-")
+        try:
+            with disk_full_guard("a layer index"):
+                index.dump(os.path.join(tmp, "index"))
+                meta = {"size": os.path.getsize(self.tar_path(diff_id)),
+                        "content": index.content_size(), "entries": len(index)}
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(os.path.join(tmp, "index"), os.path.join(d, "index"))
+                os.rename(os.path.join(tmp, "meta.json"), os.path.join(d, "meta.json"))
+                fsync_dir(d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def check(self, diff_id: Digest) -> list[str]:
         """Problems with one stored layer: diff_id, index and meta (empty when sound)."""
         problems = []

@@ -38,7 +38,14 @@ from unionfs.upper import remove_tree
 from . import oci, reference, timefmt
 from .cas import BlobStore
 from .digest import Digest, is_digest, parse_digest, sha256_bytes
-from .errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
+from .errors import (
+    Ambiguous,
+    Conflict,
+    ImageNotFound,
+    InvalidImage,
+    InvalidReference,
+    StoreError,
+)
 from .fsutil import unshared_size
 from .instructions import apply_changes
 from .layerstore import LayerStore, Progress
@@ -212,6 +219,7 @@ class Store:
         refused import or load leaves the store as it was (unless another command is adding
         content at that moment: then the next ``prune`` collects them)."""
         before: tuple[set[Digest], set[Digest]] | None = None
+        self.sweep_leftovers()
         try:
             with self.state.ingesting():
                 before = (set(self.blobs.digests()), set(self.layers.diff_ids()))
@@ -220,6 +228,20 @@ class Store:
             if before is not None:
                 self._discard_added(*before)
             raise
+
+    def sweep_leftovers(self) -> None:
+        """Remove what killed commands left in tmp/ (resumable downloads excepted) — only when
+        no other command is adding content, collecting or changing the state, so everything
+        there is known to be dead.  Never waits."""
+        with self.state.collecting(wait=False) as ok, self.state.locked(wait=False) as free:
+            if ok and free:
+                self._clean_tmp()
+
+    def _clean_tmp(self) -> None:
+        """Empty tmp/ but for ``partial-*`` (the caller holds gc.lock and lock exclusively)."""
+        for name in os.listdir(self.blobs.tmp_dir):
+            if not name.startswith("partial-"):
+                remove_tree(os.path.join(self.blobs.tmp_dir, name))
 
     def _discard_added(self, blobs: set[Digest], layers: set[Digest]) -> None:
         with self.state.collecting(wait=False) as ok:
@@ -410,18 +432,28 @@ class Store:
         """Blobs and layers some image still needs (containers keep their image)."""
         blobs: set[Digest] = set()
         layers: set[Digest] = set()
-        for image_id in st.images:
-            try:
-                img = self._image(st, image_id)
-            except (ImageNotFound, InvalidImage):
-                rec = st.images[image_id]
-                blobs.add(parse_digest(rec["manifest"]["digest"]))
+        for image_id, rec in st.images.items():
+            # piece by piece: a damaged image (a blob missing or corrupt) still keeps every
+            # part of it that can be named
+            with contextlib.suppress(StoreError, KeyError, TypeError):
                 blobs.add(parse_digest(image_id))
+            try:
+                desc = oci.Descriptor.from_json(rec["manifest"])
+                blobs.add(desc.digest)
+                manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
+            except (StoreError, KeyError, TypeError):
                 continue
-            blobs.add(img.manifest_desc.digest)
-            blobs.add(img.manifest.config.digest)
-            blobs.update(d.digest for d in img.manifest.layers)
-            layers.update(img.diff_ids)
+            blobs.add(manifest.config.digest)
+            blobs.update(d.digest for d in manifest.layers)
+            try:
+                config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
+                                               manifest.config.digest)
+            except StoreError:
+                uncompressed = (d.digest for d in manifest.layers
+                                if oci.LAYER_TYPES.get(d.media_type) == "none")
+                layers.update(uncompressed)  # an uncompressed layer's diff_id is its digest
+                continue
+            layers.update(config.diff_ids)
         return blobs, layers
 
     def collect(self, wait: bool) -> tuple[tuple[str, ...], int]:
@@ -446,9 +478,7 @@ class Store:
             # tmp/ also holds the temp file of a state transaction in flight (``tag`` and
             # ``rmi`` do not take gc.lock): clean it only while no transaction runs
             with self.state.locked():
-                for name in os.listdir(self.blobs.tmp_dir):
-                    if not name.startswith("partial-"):
-                        remove_tree(os.path.join(self.blobs.tmp_dir, name))
+                self._clean_tmp()
             return tuple(deleted), freed
 
     # -- history and inspect ---------------------------------------------------------------------
