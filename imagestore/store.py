@@ -432,27 +432,18 @@ class Store:
         """Blobs and layers some image still needs (containers keep their image)."""
         blobs: set[Digest] = set()
         layers: set[Digest] = set()
-        for image_id, rec in st.images.items():
-            # piece by piece: a damaged image (a blob missing or corrupt) still keeps every
-            # part of it that can be named
-            with contextlib.suppress(StoreError, KeyError, TypeError):
-                blobs.add(parse_digest(image_id))
+        for rec in st.images.values():
             try:
                 desc = oci.Descriptor.from_json(rec["manifest"])
-                blobs.add(desc.digest)
                 manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
-            except (StoreError, KeyError, TypeError):
-                continue
-            blobs.add(manifest.config.digest)
-            blobs.update(d.digest for d in manifest.layers)
-            try:
                 config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
                                                manifest.config.digest)
-            except StoreError:
-                uncompressed = (d.digest for d in manifest.layers
-                                if oci.LAYER_TYPES.get(d.media_type) == "none")
-                layers.update(uncompressed)  # an uncompressed layer's diff_id is its digest
-                continue
+            except (StoreError, KeyError, TypeError):
+                # a damaged image (``strata check`` names it) no longer says what it uses:
+                # keep everything rather than delete a part of it
+                return set(self.blobs.digests()), set(self.layers.diff_ids())
+            blobs.update((desc.digest, manifest.config.digest))
+            blobs.update(d.digest for d in manifest.layers)
             layers.update(config.diff_ids)
         return blobs, layers
 
