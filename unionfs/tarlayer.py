@@ -25,6 +25,7 @@ Caveats:
 from __future__ import annotations
 
 import base64
+import contextlib
 import marshal
 import os
 import stat
@@ -32,7 +33,7 @@ import tarfile
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
@@ -45,8 +46,85 @@ _IDS = (1 << 32) - 1
 _TAIL_LIMIT = 1 << 20
 
 
+_EXT_HEADER_LIMIT = 16 << 20  # a PAX or GNU long-name header larger than this is hostile
+_MAX_SPARSE = 1 << 16  # entries of one file's sparse map
+_EXTENSIONS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+               tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
 class LayerError(ValueError):
     """A layer tar that cannot be served safely or correctly (see the module docstring)."""
+
+
+class CheckedTarInfo(tarfile.TarInfo):
+    """``tarfile``'s member parsing plus the checks it lacks against lying headers: no
+    negative size (tarfile would step back and read the same headers again, forever), no
+    extended header larger than ``_EXT_HEADER_LIMIT`` (tarfile reads it into memory), no
+    member whose next header is not after it.  Violations raise ``tarfile.HeaderError``.
+    (``_proc_member`` is tarfile's documented hook for subclasses.)"""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size < 0:
+            raise tarfile.HeaderError(f"negative size in the header at offset {self.offset}")
+        if self.type in _EXTENSIONS and self.size > _EXT_HEADER_LIMIT:
+            raise tarfile.HeaderError(f"extended header of {self.size} bytes at offset "
+                                      f"{self.offset}")
+        start = self.offset
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        if member.size < 0:
+            raise tarfile.HeaderError(f"negative size for {member.name!r}")
+        if tarfile_.offset <= start:
+            raise tarfile.HeaderError(f"the header at offset {start} points backwards")
+        return member
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        """Old GNU sparse member: tarfile's loop over extension blocks, bounded."""
+        structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        f = tarfile_.fileobj
+        assert f is not None
+        while isextended:
+            buf = f.read(tarfile.BLOCKSIZE)
+            if len(buf) < tarfile.BLOCKSIZE:
+                raise tarfile.HeaderError("truncated sparse header")
+            for pos in range(0, 21 * 24, 24):
+                try:
+                    offset = tarfile.nti(buf[pos:pos + 12])  # type: ignore[attr-defined]
+                    numbytes = tarfile.nti(buf[pos + 12:pos + 24])  # type: ignore[attr-defined]
+                except ValueError:
+                    break
+                if offset and numbytes:
+                    structs.append((offset, numbytes))
+            if len(structs) > _MAX_SPARSE:
+                raise tarfile.HeaderError(f"sparse map of more than {_MAX_SPARSE} runs")
+            isextended = bool(buf[504])
+        self.sparse = structs
+        self.offset_data = f.tell()
+        tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = origsize
+        return self
+
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str],
+                           tarfile_: tarfile.TarFile) -> None:
+        """GNU sparse 1.0 (the map at the start of the data): tarfile's parser, bounded."""
+        f = tarfile_.fileobj
+        assert f is not None
+        fields, _, buf = f.read(tarfile.BLOCKSIZE).partition(b"\n")
+        count = int(fields)
+        if not 0 <= count <= _MAX_SPARSE:
+            raise tarfile.HeaderError(f"sparse map of {count} runs")
+        numbers: list[int] = []
+        while len(numbers) < count * 2:
+            if b"\n" not in buf:
+                more = f.read(tarfile.BLOCKSIZE)
+                if not more or len(buf) > 4096:
+                    raise tarfile.HeaderError("truncated or malformed sparse map")
+                buf += more
+                continue
+            number, _, buf = buf.partition(b"\n")
+            numbers.append(int(number))
+        next.offset_data = f.tell()
+        next.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))  # type: ignore[assignment]
 
 
 def normalize_name(name: str) -> str:
@@ -90,7 +168,7 @@ def _mtime_ns(ti: tarfile.TarInfo) -> int:
     raw = ti.pax_headers.get("mtime")
     try:
         ns = int(Decimal(raw) * 1_000_000_000) if raw is not None else int(ti.mtime) * 10**9
-    except (InvalidOperation, ValueError, OverflowError):
+    except (ArithmeticError, ValueError):  # decimal's Overflow and InvalidOperation included
         ns = 0
     return max(-_INT64, min(_INT64, ns))
 
@@ -228,19 +306,38 @@ def build_index(tar_path: str) -> LayerIndex:
     """Index the uncompressed layer tar at ``tar_path``; raises LayerError for unsafe input."""
     b = _Builder()
     file_size = os.path.getsize(tar_path)
-    try:
-        with open(tar_path, "rb") as f, tarfile.open(
-            fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape"
-        ) as tf:
-            for ti in tf:
+    with open(tar_path, "rb") as f:
+        with _tar_errors():
+            tf = tarfile.open(fileobj=f, mode="r:", encoding="utf-8",  # noqa: SIM115
+                              errors="surrogateescape", tarinfo=CheckedTarInfo)
+        with tf:
+            while True:
+                with _tar_errors():
+                    ti = tf.next()
+                if ti is None:
+                    break
                 _add_member(b, ti, file_size)
             end = tf.offset
+    _check_tail(tar_path, end, file_size)
+    return b.finish()
+
+
+@contextlib.contextmanager
+def _tar_errors() -> Iterator[None]:
+    """What tarfile raises on hostile input, as LayerError: its own errors, and the
+    ValueError, ArithmeticError and RecursionError (chained extended headers) it lets out."""
+    try:
+        yield
+    except LayerError:
+        raise
     except tarfile.TarError as exc:
         raise LayerError(f"not a valid tar archive: {exc}") from None
     except UnicodeError as exc:
         raise LayerError(f"undecodable tar header: {exc}") from None
-    _check_tail(tar_path, end, file_size)
-    return b.finish()
+    except (ValueError, ArithmeticError) as exc:
+        raise LayerError(f"not a valid tar archive: bad header field ({exc})") from None
+    except RecursionError:
+        raise LayerError("not a valid tar archive: too many chained extended headers") from None
 
 
 def _check_tail(tar_path: str, end: int, file_size: int) -> None:
@@ -291,18 +388,22 @@ def _add_member(b: _Builder, ti: tarfile.TarInfo, file_size: int) -> None:
         rec.size, rec.offset = ti.size, ti.offset_data
         rec.stored = ti.size
         if ti.sparse is not None:
-            pairs: Any = ti.sparse  # typeshed says list[int]; it is (offset, size) pairs
-            rec.sparse = [(int(o), int(n)) for o, n in pairs]
+            rec.sparse = _sparse_map(ti)
             rec.stored = sum(n for _, n in rec.sparse)
-        if rec.offset + rec.stored > file_size or rec.size > _INT64:
+        if rec.offset + rec.stored > file_size or not 0 <= rec.size <= _INT64:
             raise LayerError(f"entry {ti.name!r}: data runs past the end of the archive")
     elif ti.issym():
+        if not ti.linkname or "\0" in ti.linkname:
+            raise LayerError(f"symlink {ti.name!r} has an empty target or a NUL byte in it")
         rec.mode |= stat.S_IFLNK
         rec.target = ti.linkname
         rec.size = len(os.fsencode(ti.linkname))
     elif ti.isdir():
         rec.mode |= stat.S_IFDIR
     elif ti.ischr() or ti.isblk():
+        if not (0 <= ti.devmajor <= _IDS and 0 <= ti.devminor <= _IDS):
+            raise LayerError(f"device {ti.name!r} has an out-of-range number "
+                             f"{ti.devmajor}:{ti.devminor}")
         rec.mode |= stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
         rec.rdev = os.makedev(ti.devmajor, ti.devminor)
     elif ti.isfifo():
@@ -310,6 +411,24 @@ def _add_member(b: _Builder, ti: tarfile.TarInfo, file_size: int) -> None:
     else:
         raise LayerError(f"entry {ti.name!r} has unsupported type {ti.type!r}")
     b.add(path, rec)
+
+
+def _sparse_map(ti: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """A GNU sparse map, checked: sorted, non-overlapping runs within the file's size."""
+    pairs: Any = ti.sparse  # typeshed says list[int]; it is (offset, size) pairs
+    if len(pairs) > _MAX_SPARSE:
+        raise LayerError(f"entry {ti.name!r}: sparse map of {len(pairs)} runs")
+    out: list[tuple[int, int]] = []
+    end = 0
+    for o, n in pairs:
+        o, n = int(o), int(n)
+        if n == 0 and 0 <= o <= ti.size:
+            continue  # empty runs (GNU tar pads the map with them) say nothing
+        if o < end or n < 0 or o + n > ti.size:
+            raise LayerError(f"entry {ti.name!r}: its sparse map does not fit its size")
+        out.append((o, n))
+        end = o + n
+    return out
 
 
 def _link(b: _Builder, ti: tarfile.TarInfo, rec: _Rec) -> None:
