@@ -65,6 +65,7 @@ CONTAINERD_NAME = "io.containerd.image.name"
 
 MAX_DOCUMENT = 4 << 20  # distribution's manifest size limit
 MAX_LAYERS = 500  # kernel overlayfs' stack limit; beyond it a union is not a rootfs
+MAX_DEPTH = 64  # JSON nesting; image documents use about 5 levels
 _MAX_SIZE = (1 << 63) - 1
 
 
@@ -78,12 +79,32 @@ def dumps(obj: Any) -> bytes:
 
 
 def loads(raw: bytes, what: str) -> Any:
+    """Parse an image document: at most ``MAX_DOCUMENT`` bytes and ``MAX_DEPTH`` levels of
+    nesting (a deeper document parses, then breaks every recursive use of it: copies,
+    comparisons, printing); numbers of more than 4300 digits are refused by Python."""
     if len(raw) > MAX_DOCUMENT:
         raise InvalidImage(f"{what} is larger than {MAX_DOCUMENT} bytes")
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise InvalidImage(f"{what} is not valid JSON: {str(exc)[:80]}") from None
+    if _depth_exceeds(doc, MAX_DEPTH):
+        raise InvalidImage(f"{what} nests deeper than {MAX_DEPTH} levels")
+    return doc
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    todo: list[tuple[Any, int]] = [(doc, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return True
+        todo.extend((v, depth + 1) for v in value if isinstance(v, dict | list))
+    return False
 
 
 def _obj(value: Any, what: str) -> dict[str, Any]:
