@@ -15,7 +15,7 @@ from unionfs.mount import MountError
 from unionfs.tarlayer import LayerError
 
 from . import check, commit, containers, images, mount, registry, transfer
-from .common import UserError
+from .common import UserError, size_arg
 
 GROUPS = (images, transfer, registry, containers, mount, commit, check)
 
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=None,
                         help="store directory (default: $STRATA_ROOT, /var/lib/strata for root, "
                              "else $XDG_DATA_HOME/strata)")
+    parser.add_argument("--max-layer-size", type=size_arg, default=None, metavar="SIZE",
+                        help="the most a layer (or a compressed archive) may decompress to, "
+                             "e.g. 512M, 10G (default: $STRATA_MAX_LAYER_SIZE, else 64G)")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"], help="logging level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -247,7 +247,7 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
                 raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
         try:
             head = stream.read(8)
-            reader = DecompressReader(stream, head=head)
+            reader = DecompressReader(stream, head=head, limit=store.max_layer_size)
             if reader.kind == NONE and path != "-":
                 tar_path = path
             else:

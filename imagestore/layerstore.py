@@ -68,7 +68,10 @@ class _Tee:
 
 
 class LayerStore:
-    def __init__(self, root: str) -> None:
+    """``limit``: the most bytes a layer may decompress to (None: no limit)."""
+
+    def __init__(self, root: str, limit: int | None = None) -> None:
+        self.limit = limit
         self.dir = os.path.join(root, "layers", "sha256")
         self.tmp_dir = os.path.join(root, "tmp")
         os.makedirs(self.dir, exist_ok=True)
@@ -126,7 +129,8 @@ class LayerStore:
         limit: int | None = None,
     ) -> Ingested:
         """Store one layer from ``src`` as received.  ``digest``/``size`` check the blob,
-        ``diff_id`` the uncompressed tar; any mismatch raises and leaves nothing behind."""
+        ``diff_id`` the uncompressed tar; any mismatch raises and leaves nothing behind.
+        ``limit`` (default: the store's) bounds the uncompressed size."""
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
         writer: BlobWriter | None = None
         try:
@@ -140,7 +144,8 @@ class LayerStore:
                 if progress is not None:
                     progress(len(data))
 
-            reader = DecompressReader(_Tee(src, on_data), limit=limit)  # type: ignore[arg-type]
+            reader = DecompressReader(_Tee(src, on_data),  # type: ignore[arg-type]
+                                      limit=self.limit if limit is None else limit)
             tar_path = os.path.join(work, "layer.tar")
             diff_hash = Hasher()
             with disk_full_guard("a layer"), open(tar_path, "wb") as out:

@@ -37,6 +37,7 @@ from unionfs.upper import remove_tree
 
 from . import oci, reference, timefmt
 from .cas import BlobStore
+from .compress import parse_size
 from .digest import Digest, is_digest, parse_digest, sha256_bytes
 from .errors import (
     Ambiguous,
@@ -99,14 +100,33 @@ class Removed:
     reclaimed: int
 
 
-class Store:
-    """One image store.  Safe to use from several processes at once."""
+DEFAULT_MAX_LAYER_SIZE = 64 << 30
 
-    def __init__(self, root: str | None = None) -> None:
+
+def default_max_layer_size() -> int:
+    """``STRATA_MAX_LAYER_SIZE`` (``10G``, ``512M``…), else 64 GiB."""
+    env = os.environ.get("STRATA_MAX_LAYER_SIZE")
+    if not env:
+        return DEFAULT_MAX_LAYER_SIZE
+    try:
+        return parse_size(env)
+    except ValueError as exc:
+        raise InvalidReference(f"STRATA_MAX_LAYER_SIZE: {exc}") from None
+
+
+class Store:
+    """One image store.  Safe to use from several processes at once.
+
+    ``max_layer_size`` bounds what one layer (or a compressed archive given to ``load``) may
+    decompress to, so a decompression bomb stops with ``InvalidImage`` instead of filling
+    the disk (default: ``default_max_layer_size()``)."""
+
+    def __init__(self, root: str | None = None, max_layer_size: int | None = None) -> None:
         self.root = os.path.abspath(root or default_root())
         os.makedirs(self.root, exist_ok=True)
+        self.max_layer_size = max_layer_size or default_max_layer_size()
         self.blobs = BlobStore(self.root)
-        self.layers = LayerStore(self.root)
+        self.layers = LayerStore(self.root, self.max_layer_size)
         self.state = StateFile(self.root)
         self.containers_dir = os.path.join(self.root, "containers")
         os.makedirs(self.containers_dir, exist_ok=True)
