@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagestore.store import Store
+from tests.forkserver import ForkServer, Warm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,6 +75,21 @@ class Strata:
 @pytest.fixture
 def strata(store_root: Path) -> Strata:
     return Strata(store_root)
+
+
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """One warm strata process for the session (tests/forkserver.py)."""
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def warm(fork_server: ForkServer, store_root: Path) -> Warm:
+    """``strata`` on the test's store through the fork server: the same CLI code, no
+    interpreter start-up per command (for tests that run hundreds of commands)."""
+    return Warm(fork_server, store_root)
 
 
 @pytest.fixture
