@@ -86,6 +86,31 @@ def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer
 
 
 @pytest.fixture
+def canary(tmp_path: Path) -> Iterator[Path]:
+    """A directory hostile images aim their symlinks at; after the test it must be exactly as
+    it was, and no file named with the corpus' token may exist where an escape would land
+    (the roots the CLI and the daemon write near: /, /etc, /tmp, /var/tmp, the repository,
+    this test's tmp_path)."""
+    from tests.builders import tree_of_dir
+    from tests.hostile.corpus import TOKEN
+
+    c = tmp_path / "canary"
+    c.mkdir()
+    (c / "passwd").write_bytes(b"canary\n")
+    (c / "sub").mkdir()
+    before = tree_of_dir(str(c))
+    yield c
+    assert tree_of_dir(str(c)) == before, "something was written through a symlink"
+    places = [Path(p) for p in ("/", "/etc", "/tmp", "/var/tmp", "/root")] + [REPO, tmp_path,
+                                                                             c.parent.parent]
+    leaks = [str(p / n) for p in places if p.is_dir() for n in os.listdir(p) if TOKEN in n]
+    for dirpath, dirs, files in os.walk(tmp_path):
+        dirs[:] = [x for x in dirs if not os.path.ismount(os.path.join(dirpath, x))]
+        leaks += [os.path.join(dirpath, n) for n in dirs + files if TOKEN in n]
+    assert not leaks, f"hostile names landed outside the store: {leaks}"
+
+
+@pytest.fixture
 def warm(fork_server: ForkServer, store_root: Path) -> Warm:
     """``strata`` on the test's store through the fork server: the same CLI code, no
     interpreter start-up per command (for tests that run hundreds of commands)."""

@@ -9,6 +9,7 @@ them inside the CI budget.  A child is killed by its pid like any process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 _SERVER = r"""
-import json, os, sys, time, traceback
+import json, os, signal, sys, time, traceback
 sys.path.insert(0, sys.argv[1])
 import cli.main, cli.check, cli.commit, cli.mount, cli.registry, cli.transfer  # noqa
 import imagestore.registry, imagestore.check, imagestore.archive  # noqa
@@ -39,7 +40,23 @@ def reply(obj):
 def status_of(st):
     return -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
 
+done = {}
+
+def reap(signum, frame):
+    # children are reaped at once (no zombies: "is the daemon gone" checks must see them go)
+    while True:
+        try:
+            pid, st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        done[pid] = status_of(st)
+
+signal.signal(signal.SIGCHLD, reap)
+
 def child(req):
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setpgid(0, 0)
     for fd, path, mode in ((0, req["in"] or os.devnull, os.O_RDONLY),
                            (1, req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
@@ -78,16 +95,9 @@ while True:
         reply({"pid": pid})
     elif req["op"] == "wait":
         deadline = time.monotonic() + req["timeout"]
-        status = None
-        while True:
-            got, st = os.waitpid(req["pid"], os.WNOHANG)
-            if got:
-                status = status_of(st)
-                break
-            if time.monotonic() > deadline:
-                break
+        while req["pid"] not in done and time.monotonic() < deadline:
             time.sleep(0.002)
-        reply({"status": status})
+        reply({"status": done.pop(req["pid"], None)})
 """
 
 
@@ -157,10 +167,8 @@ class ForkServer:
         return result
 
     def kill(self, run: Run, sig: int = signal.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(run.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -199,3 +207,60 @@ class Warm:
 
     def out(self, *args: str, **kw: Any) -> str:
         return self(*args, **kw).stdout.decode()
+
+
+def record_path(root: Path, mountpoint: Path) -> Path:
+    """Where the daemon records a mount (imagestore.containers: sha256 of the path)."""
+    import hashlib
+
+    key = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:20]
+    return root / "mounts" / f"{key}.json"
+
+
+def mounted(path: Path) -> bool:
+    full = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == full for line in f)
+
+
+class WarmMount:
+    """``strata mount -f`` (the daemon itself) through the fork server: returns once the
+    mount answers and is recorded; ``close`` unmounts and waits for the daemon."""
+
+    def __init__(self, warm: Warm, target: str, mountpoint: Path, *opts: str,
+                 timeout: float = 30) -> None:
+        self.warm, self.mountpoint = warm, mountpoint
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        args = [a for o in opts for a in ("-o", o)]
+        self.run = warm.start("mount", "-f", *args, target, str(mountpoint))
+        record = record_path(warm.root, mountpoint)
+        deadline = time.monotonic() + timeout
+        while not (record.exists() and mounted(mountpoint)):
+            if time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"mount of {target} not ready in {timeout}s")
+            status = warm.server._ask({"op": "wait", "pid": self.run.pid, "timeout": 0})
+            if status["status"] is not None:
+                raise AssertionError(f"mount of {target} failed: "
+                                     f"{self.run.err.read_text(errors='replace')}")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self.run.pid
+
+    def close(self) -> Result:
+        if mounted(self.mountpoint):
+            proc = subprocess.run(["fusermount3", "-u", str(self.mountpoint)],
+                                  capture_output=True)
+            if proc.returncode != 0 and mounted(self.mountpoint):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
+                               capture_output=True)
+                self.warm.server.kill(self.run)
+        return self.warm.server.wait(self.run, 30)
+
+    def __enter__(self) -> WarmMount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
