@@ -85,6 +85,31 @@ def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer
     server.close()
 
 
+def tmpfs(path: Path, size: str) -> None:
+    """Mount a tmpfs of ``size`` at ``path`` (root only)."""
+    require_root()
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                    str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def ram_warm(fork_server: ForkServer, tmp_path: Path) -> Iterator[Warm]:
+    """``warm`` on a store in a 1 GiB tmpfs: kill -9 loops run hundreds of writing commands
+    and a process kill needs no fsync to be survived (the page cache outlives the process);
+    on a disk the fsyncs alone would take most of the CI budget."""
+    ram = tmp_path / "ram"
+    tmpfs(ram, "1g")
+    try:
+        yield Warm(fork_server, ram / "store")
+    finally:
+        with open("/proc/self/mountinfo") as f:
+            inside = [line.split()[4] for line in f if line.split()[4].startswith(f"{ram}/")]
+        for mp in reversed(inside):
+            force_unmount(mp)
+        subprocess.run(["umount", "-l", str(ram)], capture_output=True)
+
+
 @pytest.fixture
 def canary(tmp_path: Path) -> Iterator[Path]:
     """A directory hostile images aim their symlinks at; after the test it must be exactly as

@@ -148,6 +148,8 @@ class ForkServer:
             src = base.with_suffix(".in")
             src.write_bytes(input)
         out, err = base.with_suffix(".out"), base.with_suffix(".err")
+        out.touch()
+        err.touch()  # a child killed before it opens them still "wrote" nothing
         started = time.monotonic()
         pid = self._ask({"op": "start", "argv": argv, "in": str(src) if src else None,
                          "out": str(out), "err": str(err), "env": env or {},
