@@ -57,7 +57,8 @@ def check_lines(strata: Warm) -> tuple[int, list[str]]:
     return proc.returncode, proc.stdout.decode(errors="replace").splitlines()
 
 
-def assert_undamaged(strata: Warm) -> None:
+def assert_undamaged(strata: Warm) -> bool:
+    """No damage; returns whether the kill left residue (for the loop's statistics)."""
     _, lines = check_lines(strata)
     damage = [line for line in lines if not any(r in line for r in RESIDUE)]
     assert not damage, "\n".join(damage)
@@ -67,6 +68,7 @@ def assert_undamaged(strata: Warm) -> None:
         assert image.config.diff_ids is not None
         with store.layers_of(image) as layers:
             assert len(layers) == len(image.diff_ids)
+    return bool(lines)
 
 
 def assert_clean(strata: Warm) -> None:
@@ -87,6 +89,7 @@ class Loop:
     durations: list[float] = field(default_factory=list)
     killed: int = 0
     finished: int = 0
+    residue: int = 0
 
     def measure(self, rounds: int = 2) -> float:
         for _ in range(rounds):
@@ -114,14 +117,14 @@ class Loop:
                 assert_clean(self.strata)
                 continue
             self.killed += 1
-            assert_undamaged(self.strata)
+            self.residue += assert_undamaged(self.strata)
             if self.rerun is not None:
                 self.rerun()
             else:
                 self.strata(*self.args)
             assert_clean(self.strata)
-        print(f"{' '.join(self.args[:2])}: {self.killed} kills in {rounds} runs "
-              f"(span {span:.2f}s)")
+        print(f"{' '.join(self.args[:2])}: {self.killed} kills in {rounds} runs, "
+              f"{self.residue} left residue (span {span:.2f}s)")
 
 
 def big_layers(n: int, size: int, seed: int) -> list[bytes]:
