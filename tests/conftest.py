@@ -94,6 +94,41 @@ def tmpfs(path: Path, size: str) -> None:
 
 
 @pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``small_fs("24m")``: a fresh tmpfs of that size (a file system to fill up), unmounted
+    at teardown with whatever is mounted inside it."""
+    made: list[Path] = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"small{len(made)}"
+        tmpfs(path, size)
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        with open("/proc/self/mountinfo") as f:
+            inside = [line.split()[4] for line in f if line.split()[4].startswith(f"{path}/")]
+        for mp in reversed(inside):
+            force_unmount(mp)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Fill the file system at ``fs`` until ``leave`` bytes are free; returns the filler."""
+    st = os.statvfs(fs)
+    filler = fs / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        size = max(0, st.f_bavail * st.f_frsize - leave)
+        chunk = b"\0" * (1 << 20)
+        while size > 0:
+            n = f.write(chunk[: min(size, len(chunk))])
+            size -= n
+    return filler
+
+
+@pytest.fixture
 def ram_warm(fork_server: ForkServer, tmp_path: Path) -> Iterator[Warm]:
     """``warm`` on a store in a 1 GiB tmpfs: kill -9 loops run hundreds of writing commands
     and a process kill needs no fsync to be survived (the page cache outlives the process);
