@@ -18,8 +18,9 @@ Caveats:
 * Removal never blocks on an in-flight pull: when content is being added, ``rmi`` drops refs
   and leaves blob collection to the next ``prune``.  Likewise a failed import or load removes
   the content it added, unless another command is adding content at that moment.
-* Readers take no lock: an image removed by another process between reading state.json and
-  reading its blobs is skipped, as if the listing had come a moment later.
+* Listing readers take no lock: an image removed by another process between reading
+  state.json and reading its blobs is skipped, as if the listing had come a moment later.
+  Commands that read an image's content (save, export, push) hold ``reading()``.
 """
 
 from __future__ import annotations
@@ -262,6 +263,14 @@ class Store:
         for name in os.listdir(self.blobs.tmp_dir):
             if not name.startswith("partial-"):
                 remove_tree(os.path.join(self.blobs.tmp_dir, name))
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold while reading stored images' blobs and layers (save, export): garbage
+        collection waits, and an ``rmi`` meanwhile leaves the collection to the next prune,
+        so nothing being read is deleted under the reader.  Resolve names inside it."""
+        with self.state.ingesting():
+            yield
 
     def _discard_added(self, blobs: set[Digest], layers: set[Digest]) -> None:
         with self.state.collecting(wait=False) as ok:
