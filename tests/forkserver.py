@@ -232,6 +232,7 @@ class WarmMount:
     def __init__(self, warm: Warm, target: str, mountpoint: Path, *opts: str,
                  timeout: float = 30) -> None:
         self.warm, self.mountpoint = warm, mountpoint
+        self.result: Result | None = None
         mountpoint.mkdir(parents=True, exist_ok=True)
         args = [a for o in opts for a in ("-o", o)]
         self.run = warm.start("mount", "-f", *args, target, str(mountpoint))
@@ -252,6 +253,8 @@ class WarmMount:
         return self.run.pid
 
     def close(self) -> Result:
+        if self.result is not None:
+            return self.result
         if mounted(self.mountpoint):
             proc = subprocess.run(["fusermount3", "-u", str(self.mountpoint)],
                                   capture_output=True)
@@ -259,7 +262,8 @@ class WarmMount:
                 subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
                                capture_output=True)
                 self.warm.server.kill(self.run)
-        return self.warm.server.wait(self.run, 30)
+        self.result = self.warm.server.wait(self.run, 30)
+        return self.result
 
     def __enter__(self) -> WarmMount:
         return self
