@@ -252,6 +252,12 @@ class WarmMount:
     def pid(self) -> int:
         return self.run.pid
 
+    def kill(self) -> Result:
+        """SIGKILL the daemon: the mount stays, dead (ENOTCONN), for the test to clear."""
+        self.warm.server.kill(self.run)
+        self.result = self.warm.server.wait(self.run, 30)
+        return self.result
+
     def close(self) -> Result:
         if self.result is not None:
             return self.result
