@@ -35,6 +35,7 @@ Caveats:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -402,10 +403,13 @@ def _empty(path: str) -> None:
 
 
 def _unreadable(top: str) -> list[str]:
-    """Everything under ``top`` can be listed and stat'ed (no symlink is followed)."""
+    """Everything under ``top`` can be listed and stat'ed (no symlink is followed).  What
+    vanishes meanwhile (a mounted container changes) is not unreadable."""
     out: list[str] = []
 
     def onerror(exc: OSError) -> None:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return
         out.append(f"cannot read {os.path.relpath(exc.filename or top, top)} in its upper: "
                    f"{exc.strerror}")
 
