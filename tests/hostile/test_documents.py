@@ -110,8 +110,8 @@ DOCS: dict[str, tuple[Callable[[Path], Path], str, str]] = {
 
 
 def assert_refused(strata: Warm, args: list[str], pattern: str,
-                   before: dict[str, Any] | None) -> None:
-    proc = strata(*args, check=False)
+                   before: dict[str, Any] | None, env: dict[str, str] | None = None) -> None:
+    proc = strata(*args, check=False, env=env)
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 1, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("Error: "), err
@@ -246,7 +246,22 @@ def _hardlink_out(tmp_path: Path) -> Path:
     return path
 
 
+def _archive_bomb(tmp_path: Path) -> Path:
+    """A gzip-compressed archive that inflates to 200 MiB (the limit is set to 16 MiB)."""
+    import gzip
+
+    path = tmp_path / "bomb.tar.gz"
+    with gzip.open(path, "wb", compresslevel=9) as gz:
+        gz.write(archive_bytes({"manifest.json": b"[]"})[:-1024])
+        gz.write(header(b"zeros", size=200 << 20))
+        for _ in range(200):
+            gz.write(bytes(1 << 20))
+        gz.write(END)
+    return path
+
+
 ARCHIVES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "compressed-archive-bomb": (_archive_bomb, r"exceeds the limit of 16 MiB"),
     "member-hardlink-outside": (_hardlink_out, r"points outside the archive"),
     "layer-is-a-directory": (lambda t: _archive(t, {
         **{k: v for k, v in docker_archive([LAYER], ["h:1"]).items()},
@@ -277,4 +292,5 @@ def test_load_refuses_hostile_archives(warm: Warm, tmp_path: Path, name: str) ->
     make, pattern = ARCHIVES[name]
     path = make(tmp_path)
     warm("check")
-    assert_refused(warm, ["load", "-i", str(path)], pattern, listing(str(warm.root)))
+    assert_refused(warm, ["load", "-i", str(path)], pattern, listing(str(warm.root)),
+                   env={"STRATA_MAX_LAYER_SIZE": "16M"})
