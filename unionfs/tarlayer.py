@@ -9,7 +9,8 @@ with ``os.pread`` on the tar: mounting a layer costs no unpacking.
 The indexer is also the layer's safety check.  It refuses names that are absolute or contain
 ``..``, entries below a non-directory (a symlink planted then written through), hardlinks to
 anything but an earlier non-directory entry of the same layer, invalid whiteouts, truncated
-data and trailing garbage.  Overlay-private xattrs are dropped, never applied.
+data and trailing garbage.  Overlay-private xattrs are dropped, never applied.  Headers that
+lie to tarfile itself are refused by tarheaders.CheckedTarInfo.
 
 Layer rules (FORMATS.md b): missing parents become IMPLICIT root-owned 0755 directories; a
 duplicate path replaces the earlier entry (two directories merge); a whiteout never hides an entry
@@ -25,7 +26,6 @@ Caveats:
 from __future__ import annotations
 
 import base64
-import contextlib
 import marshal
 import os
 import stat
@@ -39,92 +39,14 @@ from urllib.parse import unquote
 
 from . import whiteout as wh
 from .layers import IMPLICIT, OPAQUE, WHITEOUT, Entry, copy_range, join, split
+from .tarheaders import MAX_SPARSE, tar_errors
+from .tarheaders import CheckedTarInfo as CheckedTarInfo  # re-exported: the archive reader
+from .tarheaders import LayerError as LayerError
 
 INDEX_VERSION = 1
 _INT64 = (1 << 63) - 1
 _IDS = (1 << 32) - 1
 _TAIL_LIMIT = 1 << 20
-
-
-_EXT_HEADER_LIMIT = 16 << 20  # a PAX or GNU long-name header larger than this is hostile
-_MAX_SPARSE = 1 << 16  # entries of one file's sparse map
-_EXTENSIONS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-               tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
-
-
-class LayerError(ValueError):
-    """A layer tar that cannot be served safely or correctly (see the module docstring)."""
-
-
-class CheckedTarInfo(tarfile.TarInfo):
-    """``tarfile``'s member parsing plus the checks it lacks against lying headers: no
-    negative size (tarfile would step back and read the same headers again, forever), no
-    extended header larger than ``_EXT_HEADER_LIMIT`` (tarfile reads it into memory), no
-    member whose next header is not after it.  Violations raise ``tarfile.HeaderError``.
-    (``_proc_member`` is tarfile's documented hook for subclasses.)"""
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.size < 0:
-            raise tarfile.HeaderError(f"negative size in the header at offset {self.offset}")
-        if self.type in _EXTENSIONS and self.size > _EXT_HEADER_LIMIT:
-            raise tarfile.HeaderError(f"extended header of {self.size} bytes at offset "
-                                      f"{self.offset}")
-        start = self.offset
-        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
-        if member.size < 0:
-            raise tarfile.HeaderError(f"negative size for {member.name!r}")
-        if tarfile_.offset <= start:
-            raise tarfile.HeaderError(f"the header at offset {start} points backwards")
-        return member
-
-    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        """Old GNU sparse member: tarfile's loop over extension blocks, bounded."""
-        structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
-        del self._sparse_structs  # type: ignore[attr-defined]
-        f = tarfile_.fileobj
-        assert f is not None
-        while isextended:
-            buf = f.read(tarfile.BLOCKSIZE)
-            if len(buf) < tarfile.BLOCKSIZE:
-                raise tarfile.HeaderError("truncated sparse header")
-            for pos in range(0, 21 * 24, 24):
-                try:
-                    offset = tarfile.nti(buf[pos:pos + 12])  # type: ignore[attr-defined]
-                    numbytes = tarfile.nti(buf[pos + 12:pos + 24])  # type: ignore[attr-defined]
-                except ValueError:
-                    break
-                if offset and numbytes:
-                    structs.append((offset, numbytes))
-            if len(structs) > _MAX_SPARSE:
-                raise tarfile.HeaderError(f"sparse map of more than {_MAX_SPARSE} runs")
-            isextended = bool(buf[504])
-        self.sparse = structs
-        self.offset_data = f.tell()
-        tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
-        self.size = origsize
-        return self
-
-    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str],
-                           tarfile_: tarfile.TarFile) -> None:
-        """GNU sparse 1.0 (the map at the start of the data): tarfile's parser, bounded."""
-        f = tarfile_.fileobj
-        assert f is not None
-        fields, _, buf = f.read(tarfile.BLOCKSIZE).partition(b"\n")
-        count = int(fields)
-        if not 0 <= count <= _MAX_SPARSE:
-            raise tarfile.HeaderError(f"sparse map of {count} runs")
-        numbers: list[int] = []
-        while len(numbers) < count * 2:
-            if b"\n" not in buf:
-                more = f.read(tarfile.BLOCKSIZE)
-                if not more or len(buf) > 4096:
-                    raise tarfile.HeaderError("truncated or malformed sparse map")
-                buf += more
-                continue
-            number, _, buf = buf.partition(b"\n")
-            numbers.append(int(number))
-        next.offset_data = f.tell()
-        next.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))  # type: ignore[assignment]
 
 
 def normalize_name(name: str) -> str:
@@ -307,12 +229,12 @@ def build_index(tar_path: str) -> LayerIndex:
     b = _Builder()
     file_size = os.path.getsize(tar_path)
     with open(tar_path, "rb") as f:
-        with _tar_errors():
+        with tar_errors():
             tf = tarfile.open(fileobj=f, mode="r:", encoding="utf-8",  # noqa: SIM115
                               errors="surrogateescape", tarinfo=CheckedTarInfo)
         with tf:
             while True:
-                with _tar_errors():
+                with tar_errors():
                     ti = tf.next()
                 if ti is None:
                     break
@@ -320,24 +242,6 @@ def build_index(tar_path: str) -> LayerIndex:
             end = tf.offset
     _check_tail(tar_path, end, file_size)
     return b.finish()
-
-
-@contextlib.contextmanager
-def _tar_errors() -> Iterator[None]:
-    """What tarfile raises on hostile input, as LayerError: its own errors, and the
-    ValueError, ArithmeticError and RecursionError (chained extended headers) it lets out."""
-    try:
-        yield
-    except LayerError:
-        raise
-    except tarfile.TarError as exc:
-        raise LayerError(f"not a valid tar archive: {exc}") from None
-    except UnicodeError as exc:
-        raise LayerError(f"undecodable tar header: {exc}") from None
-    except (ValueError, ArithmeticError) as exc:
-        raise LayerError(f"not a valid tar archive: bad header field ({exc})") from None
-    except RecursionError:
-        raise LayerError("not a valid tar archive: too many chained extended headers") from None
 
 
 def _check_tail(tar_path: str, end: int, file_size: int) -> None:
@@ -416,7 +320,7 @@ def _add_member(b: _Builder, ti: tarfile.TarInfo, file_size: int) -> None:
 def _sparse_map(ti: tarfile.TarInfo) -> list[tuple[int, int]]:
     """A GNU sparse map, checked: sorted, non-overlapping runs within the file's size."""
     pairs: Any = ti.sparse  # typeshed says list[int]; it is (offset, size) pairs
-    if len(pairs) > _MAX_SPARSE:
+    if len(pairs) > MAX_SPARSE:
         raise LayerError(f"entry {ti.name!r}: sparse map of {len(pairs)} runs")
     out: list[tuple[int, int]] = []
     end = 0
