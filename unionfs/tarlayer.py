@@ -327,7 +327,8 @@ def _sparse_map(ti: tarfile.TarInfo) -> list[tuple[int, int]]:
     for o, n in pairs:
         o, n = int(o), int(n)
         if n == 0 and 0 <= o <= ti.size:
-            continue  # empty runs (GNU tar pads the map with them) say nothing
+            out.append((o, n))  # empty runs (GNU tar pads the map with them) say nothing
+            continue
         if o < end or n < 0 or o + n > ti.size:
             raise LayerError(f"entry {ti.name!r}: its sparse map does not fit its size")
         out.append((o, n))
