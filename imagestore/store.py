@@ -259,10 +259,13 @@ class Store:
                 self._clean_tmp()
 
     def _clean_tmp(self) -> None:
-        """Empty tmp/ but for ``partial-*`` (the caller holds gc.lock and lock exclusively)."""
+        """Empty tmp/ but for the resumable downloads ``partial-<hex>`` of blobs not stored
+        (the caller holds gc.lock and lock exclusively)."""
         for name in os.listdir(self.blobs.tmp_dir):
-            if not name.startswith("partial-"):
-                remove_tree(os.path.join(self.blobs.tmp_dir, name))
+            hexpart = name.removeprefix("partial-")
+            if hexpart != name and not self.blobs.has(Digest("sha256:" + hexpart)):
+                continue
+            remove_tree(os.path.join(self.blobs.tmp_dir, name))
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
