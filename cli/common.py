@@ -21,7 +21,17 @@ class UserError(Exception):
 
 
 def store_of(args: argparse.Namespace) -> Store:
-    return Store(args.root)
+    return Store(args.root, max_layer_size=getattr(args, "max_layer_size", None))
+
+
+def size_arg(text: str) -> int:
+    """An argparse type: ``10G``, ``512M``, ``1T`` or bytes."""
+    from imagestore.compress import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import logging
 import os
 import sys
@@ -14,10 +15,10 @@ from imagestore.errors import StoreError
 from unionfs.errors import MountError
 from unionfs.tarlayer import LayerError
 
-from . import commit, containers, images, mount, registry, transfer
-from .common import UserError
+from . import check, commit, containers, images, mount, registry, transfer
+from .common import UserError, size_arg
 
-GROUPS = (images, transfer, registry, containers, mount, commit)
+GROUPS = (images, transfer, registry, containers, mount, commit, check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=None,
                         help="store directory (default: $STRATA_ROOT, /var/lib/strata for root, "
                              "else $XDG_DATA_HOME/strata)")
+    parser.add_argument("--max-layer-size", type=size_arg, default=None, metavar="SIZE",
+                        help="the most a layer (or a compressed archive) may decompress to, "
+                             "e.g. 512M, 10G (default: $STRATA_MAX_LAYER_SIZE, else 64G)")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"], help="logging level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # names from images are bytes (os.fsdecode'd): print them back as the same bytes, as
+    # docker does, whatever the locale's codec would make of them
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -75,23 +75,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = store_of(args)
     cs = Containers(store)
     container = cs.find(args.name)
-    if container is None:
-        image = store.resolve(args.name)
-        with output_sink(args.output, "the export") as sink, store.layers_of(image) as layers:
-            archive.export_rootfs(UnionView(layers), sink)
-        return 0
-    with output_sink(args.output, "the export") as sink, paused(cs, container, True), \
-            store.layers_of(store.image(container.image)) as layers:  # type: ignore[arg-type]
-        archive.export_rootfs(UnionView([DirLayer(container.upper), *layers]), sink)
+    with store.reading():
+        if container is None:
+            image = store.resolve(args.name)
+            with output_sink(args.output, "the export") as sink, \
+                    store.layers_of(image) as layers:
+                archive.export_rootfs(UnionView(layers), sink)
+            return 0
+        with output_sink(args.output, "the export") as sink, paused(cs, container, True), \
+                store.layers_of(store.image(container.image)) as layers:  # type: ignore[arg-type]
+            archive.export_rootfs(UnionView([DirLayer(container.upper), *layers]), sink)
     return 0
 
 
 def cmd_save(args: argparse.Namespace) -> int:
     store = store_of(args)
-    targets = save_targets(store, args.images)
-    write = archive.save_oci if args.format == "oci" else archive.save_docker
-    with output_sink(args.output, "the archive") as sink:
-        write(store, targets, sink)
+    with store.reading():  # an rmi meanwhile cannot collect what is being saved
+        targets = save_targets(store, args.images)
+        write = archive.save_oci if args.format == "oci" else archive.save_docker
+        with output_sink(args.output, "the archive") as sink:
+            write(store, targets, sink)
     return 0
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from unionfs.resolve import UnionView
+from unionfs.tarlayer import CheckedTarInfo
 
 from . import oci, reference
 from .compress import NONE, DecompressReader, sniff
@@ -109,7 +110,7 @@ class _TarSource:
         self.members: dict[str, _Member] = {}
         try:
             with tarfile.open(fileobj=self._f, mode="r:", encoding="utf-8",
-                              errors="surrogateescape") as tf:
+                              errors="surrogateescape", tarinfo=CheckedTarInfo) as tf:
                 for ti in tf:
                     name = _clean(ti.name)
                     if ti.isreg():
@@ -123,9 +124,16 @@ class _TarSource:
                     else:
                         continue
                     self.members[name] = m
-        except tarfile.TarError as exc:
+        except (tarfile.TarError, ValueError, ArithmeticError, UnicodeError) as exc:
             self._f.close()
             raise InvalidImage(f"not a valid image archive: {exc}") from None
+        except RecursionError:
+            self._f.close()
+            raise InvalidImage("not a valid image archive: too many chained extended "
+                               "headers") from None
+        except BaseException:
+            self._f.close()
+            raise
         size = os.fstat(self._f.fileno()).st_size
         for name, m in self.members.items():
             if m.kind == "file" and m.offset + m.size > size:
@@ -242,7 +250,7 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
                 raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
         try:
             head = stream.read(8)
-            reader = DecompressReader(stream, head=head)
+            reader = DecompressReader(stream, head=head, limit=store.max_layer_size)
             if reader.kind == NONE and path != "-":
                 tar_path = path
             else:

@@ -6,7 +6,8 @@ following multi-member gzip/bzip2 and multi-frame zstd.  ``Compressor`` writes g
 nothing with fixed headers, so the same tar always compresses to the same bytes.
 
 Caveats:
-* ``limit`` bounds the decompressed size (a decompression bomb stops with ``InvalidImage``).
+* ``limit`` bounds the decompressed size (a decompression bomb stops with ``InvalidImage``);
+  the store passes its ``max_layer_size`` (``STRATA_MAX_LAYER_SIZE``, 64 GiB by default).
 * gzip output uses zlib's header with mtime 0, so it is deterministic but not byte-identical to
   Go's gzip writer; digests of committed layers are stable run to run, not across tools.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
+import re
 import zlib
 from typing import BinaryIO, Protocol
 
@@ -40,6 +42,26 @@ def sniff(head: bytes) -> str:
         if head.startswith(magic):
             return kind
     return NONE
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes as the largest binary unit that divides it (``64 GiB``), else bytes."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``64k``, ``1T`` or a number of bytes (binary units); raises
+    ValueError unless it is a positive size."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise ValueError(f"invalid size {text!r} (use e.g. 512M, 10G, 1T)")
+    n = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2)]
+    if n <= 0:
+        raise ValueError(f"invalid size {text!r}: it must be positive")
+    return n
 
 
 class _Decoder(Protocol):
@@ -126,7 +148,9 @@ class DecompressReader(io.RawIOBase):
         self._buf = self._buf[n:]
         self.total += n
         if self._limit is not None and self.total > self._limit:
-            raise InvalidImage(f"decompressed data exceeds the limit of {self._limit} bytes")
+            raise InvalidImage(
+                f"decompressed data exceeds the limit of {human_size(self._limit)} (a "
+                "decompression bomb?); raise it with --max-layer-size or STRATA_MAX_LAYER_SIZE")
         return n
 
     def read(self, size: int = -1) -> bytes:

@@ -91,6 +91,10 @@ class Containers:
         return Container(cid, rec["name"], rec["image"], rec.get("imageName", ""),
                          rec.get("created", ""), os.path.join(self.store.containers_dir, cid))
 
+    def of_record(self, cid: str, rec: dict[str, Any]) -> Container:
+        """The container a ``state.json`` record describes."""
+        return self._from(cid, rec)
+
     def all(self) -> list[Container]:
         st = self.store.state.read()
         return sorted((self._from(c, r) for c, r in st.containers.items()),
@@ -222,8 +226,12 @@ class Containers:
         return None
 
     def record(self, rec: MountRecord) -> None:
-        atomic_write(self._record_path(rec.mountpoint),
-                     json.dumps(rec.__dict__, indent=1).encode(), tmp_dir=self.store.blobs.tmp_dir)
+        # under the writers' lock: garbage collection and check empty tmp/ only while they
+        # hold it, so the temp file of the record cannot vanish before its rename
+        with self.store.state.locked():
+            atomic_write(self._record_path(rec.mountpoint),
+                         json.dumps(rec.__dict__, indent=1).encode(),
+                         tmp_dir=self.store.blobs.tmp_dir)
 
     def unrecord(self, mountpoint: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -69,7 +69,10 @@ class _Tee:
 
 
 class LayerStore:
-    def __init__(self, root: str) -> None:
+    """``limit``: the most bytes a layer may decompress to (None: no limit)."""
+
+    def __init__(self, root: str, limit: int | None = None) -> None:
+        self.limit = limit
         self.dir = os.path.join(root, "layers", "sha256")
         self.tmp_dir = os.path.join(root, "tmp")
         os.makedirs(self.dir, exist_ok=True)
@@ -143,7 +146,8 @@ class LayerStore:
         limit: int | None = None,
     ) -> Ingested:
         """Store one layer from ``src`` as received.  ``digest``/``size`` check the blob,
-        ``diff_id`` the uncompressed tar; any mismatch raises and leaves nothing behind."""
+        ``diff_id`` the uncompressed tar; any mismatch raises and leaves nothing behind.
+        ``limit`` (default: the store's) bounds the uncompressed size."""
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
         writer: BlobWriter | None = None
         try:
@@ -157,7 +161,8 @@ class LayerStore:
                 if progress is not None:
                     progress(len(data))
 
-            reader = DecompressReader(_Tee(src, on_data), limit=limit)  # type: ignore[arg-type]
+            reader = DecompressReader(_Tee(src, on_data),  # type: ignore[arg-type]
+                                      limit=self.limit if limit is None else limit)
             tar_path = os.path.join(work, "layer.tar")
             diff_hash = Hasher()
             with disk_full_guard("a layer"), open(tar_path, "wb") as out:
@@ -251,6 +256,41 @@ class LayerStore:
                 raise
             fsync_dir(self.dir)
         return info
+
+    def tar_ok(self, diff_id: Digest) -> bool:
+        """The layer's tar is present and hashes to its diff_id."""
+        h = Hasher()
+        try:
+            with open(self.tar_path(diff_id), "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+        except OSError:
+            return False
+        return h.digest == diff_id
+
+    def rebuild_index(self, diff_id: Digest) -> None:
+        """Index a stored layer's tar again and replace its index and meta.json atomically
+        (``strata check --repair`` of an index that disagrees with a sound tar)."""
+        d = self.path(diff_id)
+        try:
+            index = build_index(self.tar_path(diff_id))
+        except LayerError as exc:
+            raise InvalidLayer(f"layer {diff_id}: {exc}") from None
+        tmp = tempfile.mkdtemp(dir=self.tmp_dir, prefix="index-")
+        try:
+            with disk_full_guard("a layer index"):
+                index.dump(os.path.join(tmp, "index"))
+                meta = {"size": os.path.getsize(self.tar_path(diff_id)),
+                        "content": index.content_size(), "entries": len(index)}
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(os.path.join(tmp, "index"), os.path.join(d, "index"))
+                os.rename(os.path.join(tmp, "meta.json"), os.path.join(d, "meta.json"))
+                fsync_dir(d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def check(self, diff_id: Digest) -> list[str]:
         """Problems with one stored layer: diff_id, index and meta (empty when sound)."""

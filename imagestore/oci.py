@@ -65,6 +65,7 @@ CONTAINERD_NAME = "io.containerd.image.name"
 
 MAX_DOCUMENT = 4 << 20  # distribution's manifest size limit
 MAX_LAYERS = 500  # kernel overlayfs' stack limit; beyond it a union is not a rootfs
+MAX_DEPTH = 64  # JSON nesting; image documents use about 5 levels
 _MAX_SIZE = (1 << 63) - 1
 
 
@@ -78,12 +79,32 @@ def dumps(obj: Any) -> bytes:
 
 
 def loads(raw: bytes, what: str) -> Any:
+    """Parse an image document: at most ``MAX_DOCUMENT`` bytes and ``MAX_DEPTH`` levels of
+    nesting (a deeper document parses, then breaks every recursive use of it: copies,
+    comparisons, printing); numbers of more than 4300 digits are refused by Python."""
     if len(raw) > MAX_DOCUMENT:
         raise InvalidImage(f"{what} is larger than {MAX_DOCUMENT} bytes")
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise InvalidImage(f"{what} is not valid JSON: {str(exc)[:80]}") from None
+    if _depth_exceeds(doc, MAX_DEPTH):
+        raise InvalidImage(f"{what} nests deeper than {MAX_DEPTH} levels")
+    return doc
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    todo: list[tuple[Any, int]] = [(doc, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return True
+        todo.extend((v, depth + 1) for v in value if isinstance(v, dict | list))
+    return False
 
 
 def _obj(value: Any, what: str) -> dict[str, Any]:
@@ -344,6 +365,30 @@ def index_bytes(manifests: Sequence[Descriptor]) -> bytes:
                   "manifests": [m.to_json() for m in manifests]})
 
 
+def _strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _str_dict(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+
+def _obj_dict(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
+
+
+# the runtime fields strata reads and changes, typed as Go's image-spec structs type them
+# (a mistyped field fails docker's unmarshal too); unknown fields are kept as they are
+_RUNTIME_TYPES: dict[str, Any] = {
+    "User": lambda v: isinstance(v, str), "WorkingDir": lambda v: isinstance(v, str),
+    "StopSignal": lambda v: isinstance(v, str), "Env": _strs, "OnBuild": _strs,
+    "Cmd": lambda v: isinstance(v, str) or _strs(v),  # a StrSlice: a string or a list
+    "Entrypoint": lambda v: isinstance(v, str) or _strs(v),
+    "Shell": _strs, "Labels": _str_dict, "ExposedPorts": _obj_dict, "Volumes": _obj_dict,
+    "Healthcheck": lambda v: isinstance(v, dict), "ArgsEscaped": lambda v: isinstance(v, bool),
+}
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """An image config: its exact bytes and the parsed object (original key order)."""
@@ -368,13 +413,20 @@ class ImageConfig:
                 parse_digest(x)
             except InvalidReference as exc:
                 raise InvalidImage(f"image config: {exc}") from None
-        for key in ("config", "history"):
-            if key in d and d[key] is not None and not isinstance(d[key], dict | list):
-                raise InvalidImage(f"image config field {key} has the wrong type")
+        runtime = d.get("config")
+        if runtime is not None and not isinstance(runtime, dict):
+            raise InvalidImage("image config field config has the wrong type")
+        for key, ok in _RUNTIME_TYPES.items():
+            if runtime is not None and runtime.get(key) is not None and not ok(runtime[key]):
+                raise InvalidImage(f"image config field config.{key} has the wrong type")
         hist = d.get("history")
         if hist is not None and (not isinstance(hist, list)
                                  or not all(isinstance(h, dict) for h in hist)):
             raise InvalidImage("image config history must be a list of objects")
+        for h in hist or []:
+            for key in ("created", "created_by", "author", "comment"):
+                if h.get(key) is not None and not isinstance(h[key], str):
+                    raise InvalidImage(f"image config history field {key} has the wrong type")
         return cls(raw, d, digest)
 
     @property

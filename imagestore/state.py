@@ -64,12 +64,17 @@ class StateFile:
             raise StoreError(f"{self.path} is corrupt: {exc}") from None
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the writers' lock: no transaction runs (nor writes its temp file) meanwhile."""
+    def locked(self, wait: bool = True) -> Iterator[bool]:
+        """Hold the writers' lock: no transaction runs (nor writes its temp file) meanwhile.
+        Yields False (holding nothing) when another process has it and ``wait`` is false."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
 

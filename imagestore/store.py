@@ -18,8 +18,9 @@ Caveats:
 * Removal never blocks on an in-flight pull: when content is being added, ``rmi`` drops refs
   and leaves blob collection to the next ``prune``.  Likewise a failed import or load removes
   the content it added, unless another command is adding content at that moment.
-* Readers take no lock: an image removed by another process between reading state.json and
-  reading its blobs is skipped, as if the listing had come a moment later.
+* Listing readers take no lock: an image removed by another process between reading
+  state.json and reading its blobs is skipped, as if the listing had come a moment later.
+  Commands that read an image's content (save, export, push) hold ``reading()``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,16 @@ from unionfs.upper import remove_tree
 
 from . import oci, reference, timefmt
 from .cas import BlobStore
+from .compress import parse_size
 from .digest import Digest, is_digest, parse_digest, sha256_bytes
-from .errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
+from .errors import (
+    Ambiguous,
+    Conflict,
+    ImageNotFound,
+    InvalidImage,
+    InvalidReference,
+    StoreError,
+)
 from .fsutil import unshared_size
 from .instructions import apply_changes
 from .layerstore import LayerStore, Progress
@@ -92,14 +101,33 @@ class Removed:
     reclaimed: int
 
 
-class Store:
-    """One image store.  Safe to use from several processes at once."""
+DEFAULT_MAX_LAYER_SIZE = 64 << 30
 
-    def __init__(self, root: str | None = None) -> None:
+
+def default_max_layer_size() -> int:
+    """``STRATA_MAX_LAYER_SIZE`` (``10G``, ``512M``…), else 64 GiB."""
+    env = os.environ.get("STRATA_MAX_LAYER_SIZE")
+    if not env:
+        return DEFAULT_MAX_LAYER_SIZE
+    try:
+        return parse_size(env)
+    except ValueError as exc:
+        raise InvalidReference(f"STRATA_MAX_LAYER_SIZE: {exc}") from None
+
+
+class Store:
+    """One image store.  Safe to use from several processes at once.
+
+    ``max_layer_size`` bounds what one layer (or a compressed archive given to ``load``) may
+    decompress to, so a decompression bomb stops with ``InvalidImage`` instead of filling
+    the disk (default: ``default_max_layer_size()``)."""
+
+    def __init__(self, root: str | None = None, max_layer_size: int | None = None) -> None:
         self.root = os.path.abspath(root or default_root())
         os.makedirs(self.root, exist_ok=True)
+        self.max_layer_size = max_layer_size or default_max_layer_size()
         self.blobs = BlobStore(self.root)
-        self.layers = LayerStore(self.root)
+        self.layers = LayerStore(self.root, self.max_layer_size)
         self.state = StateFile(self.root)
         self.containers_dir = os.path.join(self.root, "containers")
         os.makedirs(self.containers_dir, exist_ok=True)
@@ -212,6 +240,7 @@ class Store:
         refused import or load leaves the store as it was (unless another command is adding
         content at that moment: then the next ``prune`` collects them)."""
         before: tuple[set[Digest], set[Digest]] | None = None
+        self.sweep_leftovers()
         try:
             with self.state.ingesting():
                 before = (set(self.blobs.digests()), set(self.layers.diff_ids()))
@@ -220,6 +249,31 @@ class Store:
             if before is not None:
                 self._discard_added(*before)
             raise
+
+    def sweep_leftovers(self) -> None:
+        """Remove what killed commands left in tmp/ (resumable downloads excepted) — only when
+        no other command is adding content, collecting or changing the state, so everything
+        there is known to be dead.  Never waits."""
+        with self.state.collecting(wait=False) as ok, self.state.locked(wait=False) as free:
+            if ok and free:
+                self._clean_tmp()
+
+    def _clean_tmp(self) -> None:
+        """Empty tmp/ but for the resumable downloads ``partial-<hex>`` of blobs not stored
+        (the caller holds gc.lock and lock exclusively)."""
+        for name in os.listdir(self.blobs.tmp_dir):
+            hexpart = name.removeprefix("partial-")
+            if hexpart != name and not self.blobs.has(Digest("sha256:" + hexpart)):
+                continue
+            remove_tree(os.path.join(self.blobs.tmp_dir, name))
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold while reading stored images' blobs and layers (save, export): garbage
+        collection waits, and an ``rmi`` meanwhile leaves the collection to the next prune,
+        so nothing being read is deleted under the reader.  Resolve names inside it."""
+        with self.state.ingesting():
+            yield
 
     def _discard_added(self, blobs: set[Digest], layers: set[Digest]) -> None:
         with self.state.collecting(wait=False) as ok:
@@ -410,18 +464,19 @@ class Store:
         """Blobs and layers some image still needs (containers keep their image)."""
         blobs: set[Digest] = set()
         layers: set[Digest] = set()
-        for image_id in st.images:
+        for rec in st.images.values():
             try:
-                img = self._image(st, image_id)
-            except (ImageNotFound, InvalidImage):
-                rec = st.images[image_id]
-                blobs.add(parse_digest(rec["manifest"]["digest"]))
-                blobs.add(parse_digest(image_id))
-                continue
-            blobs.add(img.manifest_desc.digest)
-            blobs.add(img.manifest.config.digest)
-            blobs.update(d.digest for d in img.manifest.layers)
-            layers.update(img.diff_ids)
+                desc = oci.Descriptor.from_json(rec["manifest"])
+                manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
+                config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
+                                               manifest.config.digest)
+            except (StoreError, KeyError, TypeError):
+                # a damaged image (``strata check`` names it) no longer says what it uses:
+                # keep everything rather than delete a part of it
+                return set(self.blobs.digests()), set(self.layers.diff_ids())
+            blobs.update((desc.digest, manifest.config.digest))
+            blobs.update(d.digest for d in manifest.layers)
+            layers.update(config.diff_ids)
         return blobs, layers
 
     def collect(self, wait: bool) -> tuple[tuple[str, ...], int]:
@@ -446,9 +501,7 @@ class Store:
             # tmp/ also holds the temp file of a state transaction in flight (``tag`` and
             # ``rmi`` do not take gc.lock): clean it only while no transaction runs
             with self.state.locked():
-                for name in os.listdir(self.blobs.tmp_dir):
-                    if not name.startswith("partial-"):
-                        remove_tree(os.path.join(self.blobs.tmp_dir, name))
+                self._clean_tmp()
             return tuple(deleted), freed
 
     # -- history and inspect ---------------------------------------------------------------------

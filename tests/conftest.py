@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagestore.store import Store
+from tests.forkserver import ForkServer, Warm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,6 +75,106 @@ class Strata:
 @pytest.fixture
 def strata(store_root: Path) -> Strata:
     return Strata(store_root)
+
+
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """One warm strata process for the session (tests/forkserver.py)."""
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.close()
+
+
+def tmpfs(path: Path, size: str) -> None:
+    """Mount a tmpfs of ``size`` at ``path`` (root only)."""
+    require_root()
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                    str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``small_fs("24m")``: a fresh tmpfs of that size (a file system to fill up), unmounted
+    at teardown with whatever is mounted inside it."""
+    made: list[Path] = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"small{len(made)}"
+        tmpfs(path, size)
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        with open("/proc/self/mountinfo") as f:
+            inside = [line.split()[4] for line in f if line.split()[4].startswith(f"{path}/")]
+        for mp in reversed(inside):
+            force_unmount(mp)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Fill the file system at ``fs`` until ``leave`` bytes are free; returns the filler."""
+    st = os.statvfs(fs)
+    filler = fs / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        size = max(0, st.f_bavail * st.f_frsize - leave)
+        chunk = b"\0" * (1 << 20)
+        while size > 0:
+            n = f.write(chunk[: min(size, len(chunk))])
+            size -= n
+    return filler
+
+
+@pytest.fixture
+def ram_warm(fork_server: ForkServer, tmp_path: Path) -> Iterator[Warm]:
+    """``warm`` on a store in a 1 GiB tmpfs: kill -9 loops run hundreds of writing commands
+    and a process kill needs no fsync to be survived (the page cache outlives the process);
+    on a disk the fsyncs alone would take most of the CI budget."""
+    ram = tmp_path / "ram"
+    tmpfs(ram, "1g")
+    try:
+        yield Warm(fork_server, ram / "store")
+    finally:
+        with open("/proc/self/mountinfo") as f:
+            inside = [line.split()[4] for line in f if line.split()[4].startswith(f"{ram}/")]
+        for mp in reversed(inside):
+            force_unmount(mp)
+        subprocess.run(["umount", "-l", str(ram)], capture_output=True)
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Iterator[Path]:
+    """A directory hostile images aim their symlinks at; after the test it must be exactly as
+    it was, and no file named with the corpus' token may exist where an escape would land
+    (the roots the CLI and the daemon write near: /, /etc, /tmp, /var/tmp, the repository,
+    this test's tmp_path)."""
+    from tests.builders import tree_of_dir
+    from tests.hostile.corpus import TOKEN
+
+    c = tmp_path / "canary"
+    c.mkdir()
+    (c / "passwd").write_bytes(b"canary\n")
+    (c / "sub").mkdir()
+    before = tree_of_dir(str(c))
+    yield c
+    assert tree_of_dir(str(c)) == before, "something was written through a symlink"
+    places = [Path(p) for p in ("/", "/etc", "/tmp", "/var/tmp", "/root")] + [REPO, tmp_path,
+                                                                             c.parent.parent]
+    leaks = [str(p / n) for p in places if p.is_dir() for n in os.listdir(p) if TOKEN in n]
+    for dirpath, dirs, files in os.walk(tmp_path):
+        dirs[:] = [x for x in dirs if not os.path.ismount(os.path.join(dirpath, x))]
+        leaks += [os.path.join(dirpath, n) for n in dirs + files if TOKEN in n]
+    assert not leaks, f"hostile names landed outside the store: {leaks}"
+
+
+@pytest.fixture
+def warm(fork_server: ForkServer, store_root: Path) -> Warm:
+    """``strata`` on the test's store through the fork server: the same CLI code, no
+    interpreter start-up per command (for tests that run hundreds of commands)."""
+    return Warm(fork_server, store_root)
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ with ``os.pread`` on the tar: mounting a layer costs no unpacking.
 The indexer is also the layer's safety check.  It refuses names that are absolute or contain
 ``..``, entries below a non-directory (a symlink planted then written through), hardlinks to
 anything but an earlier non-directory entry of the same layer, invalid whiteouts, truncated
-data and trailing garbage.  Overlay-private xattrs are dropped, never applied.
+data and trailing garbage.  Overlay-private xattrs are dropped, never applied.  Headers that
+lie to tarfile itself are refused by tarheaders.CheckedTarInfo.
 
 Layer rules (FORMATS.md b): missing parents become IMPLICIT root-owned 0755 directories; a
 duplicate path replaces the earlier entry (two directories merge); a whiteout never hides an entry
@@ -17,37 +18,36 @@ of its own layer (a directory with a same-layer whiteout becomes opaque instead)
 applies wherever it appears in the archive.
 
 Caveats:
-* The index is a private, versioned format (``INDEX_VERSION``); ``load`` refuses other versions,
-  so a store rebuilds indexes rather than misreading them.
+* The index format lives in ``layerindex`` (versioned; other versions are refused, and the
+  store rebuilds such indexes rather than misreading them).
 * A hardlink takes the attributes of its target: extraction shares one inode.
 """
 
 from __future__ import annotations
 
 import base64
-import marshal
 import os
 import stat
 import tarfile
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
 from . import tarscan
 from . import whiteout as wh
+from .layerindex import Block, IndexFile
+from .layerindex import LayerIndex as LayerIndex  # re-exported: the store and tests use it
 from .layers import IMPLICIT, OPAQUE, WHITEOUT, Entry, copy_range, join, split
+from .tarheaders import MAX_SPARSE, tar_errors
+from .tarheaders import CheckedTarInfo as CheckedTarInfo  # re-exported: the archive reader
+from .tarheaders import LayerError as LayerError
 
-INDEX_VERSION = 2
 _INT64 = (1 << 63) - 1
 _IDS = (1 << 32) - 1
 _TAIL_LIMIT = 1 << 20
-
-
-class LayerError(ValueError):
-    """A layer tar that cannot be served safely or correctly (see the module docstring)."""
 
 
 def normalize_name(name: str) -> str:
@@ -91,7 +91,7 @@ def _mtime_ns(ti: Any) -> int:
     raw = ti.pax_headers.get("mtime")
     try:
         ns = int(Decimal(raw) * 1_000_000_000) if raw is not None else int(ti.mtime) * 10**9
-    except (InvalidOperation, ValueError, OverflowError):
+    except (ArithmeticError, ValueError):  # decimal's Overflow and InvalidOperation included
         ns = 0
     return max(-_INT64, min(_INT64, ns))
 
@@ -248,18 +248,21 @@ def _index_fast(tar_path: str, file_size: int) -> tuple[_Builder, int]:
 
 
 def _index_tarfile(tar_path: str, file_size: int) -> tuple[_Builder, int]:
+    """The fallback for what the fast scanner leaves to tarfile (sparse files), with the
+    checks tarfile lacks against lying headers."""
     b = _Builder()
-    try:
-        with open(tar_path, "rb") as f, tarfile.open(
-            fileobj=f, mode="r:", encoding="utf-8", errors="surrogateescape"
-        ) as tf:
-            for ti in tf:
+    with open(tar_path, "rb") as f:
+        with tar_errors():
+            tf = tarfile.open(fileobj=f, mode="r:", encoding="utf-8",  # noqa: SIM115
+                              errors="surrogateescape", tarinfo=CheckedTarInfo)
+        with tf:
+            while True:
+                with tar_errors():
+                    ti = tf.next()
+                if ti is None:
+                    break
                 _add_member(b, ti, file_size)
             return b, tf.offset
-    except tarfile.TarError as exc:
-        raise LayerError(f"not a valid tar archive: {exc}") from None
-    except UnicodeError as exc:
-        raise LayerError(f"undecodable tar header: {exc}") from None
 
 
 def _check_tail(tar_path: str, end: int, file_size: int) -> None:
@@ -312,18 +315,22 @@ def _add_member(b: _Builder, ti: Any, file_size: int) -> None:
         rec.size, rec.offset = ti.size, ti.offset_data
         rec.stored = ti.size
         if ti.sparse is not None:
-            pairs: Any = ti.sparse  # typeshed says list[int]; it is (offset, size) pairs
-            rec.sparse = [(int(o), int(n)) for o, n in pairs]
+            rec.sparse = _sparse_map(ti)
             rec.stored = sum(n for _, n in rec.sparse)
-        if rec.offset + rec.stored > file_size or rec.size > _INT64:
+        if rec.offset + rec.stored > file_size or not 0 <= rec.size <= _INT64:
             raise LayerError(f"entry {ti.name!r}: data runs past the end of the archive")
     elif ti.issym():
+        if not ti.linkname or "\0" in ti.linkname:
+            raise LayerError(f"symlink {ti.name!r} has an empty target or a NUL byte in it")
         rec.mode |= stat.S_IFLNK
         rec.target = ti.linkname
         rec.size = len(os.fsencode(ti.linkname))
     elif ti.isdir():
         rec.mode |= stat.S_IFDIR
     elif ti.ischr() or ti.isblk():
+        if not (0 <= ti.devmajor <= _IDS and 0 <= ti.devminor <= _IDS):
+            raise LayerError(f"device {ti.name!r} has an out-of-range number "
+                             f"{ti.devmajor}:{ti.devminor}")
         rec.mode |= stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
         rec.rdev = os.makedev(ti.devmajor, ti.devminor)
     elif ti.isfifo():
@@ -331,6 +338,25 @@ def _add_member(b: _Builder, ti: Any, file_size: int) -> None:
     else:
         raise LayerError(f"entry {ti.name!r} has unsupported type {ti.type!r}")
     b.add(path, rec)
+
+
+def _sparse_map(ti: Any) -> list[tuple[int, int]]:
+    """A GNU sparse map, checked: sorted, non-overlapping runs within the file's size."""
+    pairs: Any = ti.sparse  # typeshed says list[int]; it is (offset, size) pairs
+    if len(pairs) > MAX_SPARSE:
+        raise LayerError(f"entry {ti.name!r}: sparse map of {len(pairs)} runs")
+    out: list[tuple[int, int]] = []
+    end = 0
+    for o, n in pairs:
+        o, n = int(o), int(n)
+        if n == 0 and 0 <= o <= ti.size:
+            out.append((o, n))  # empty runs (GNU tar pads the map with them) say nothing
+            continue
+        if o < end or n < 0 or o + n > ti.size:
+            raise LayerError(f"entry {ti.name!r}: its sparse map does not fit its size")
+        out.append((o, n))
+        end = o + n
+    return out
 
 
 def _link(b: _Builder, ti: Any, rec: _Rec) -> None:
@@ -348,181 +374,6 @@ def _link(b: _Builder, ti: Any, rec: _Rec) -> None:
     rec.group = src.group
 
 
-_ROW = ("mode", "uid", "gid", "size", "mtime", "rdev", "nlink", "offset", "obj", "flags")
-_MAGIC = b"STRATA-LAYER-INDEX\n"
-
-
-@dataclass
-class LayerIndex:
-    """The entry index of one layer tar, in columns (``array('q')``), as the indexer builds it.
-
-    On disk (``dump``) it is split by directory: a small header (format version, the root's
-    entry, where each directory's block lies) and one marshal block per directory holding its
-    children's columns.  ``TarLayer`` reads the header at mount and a directory's block the
-    first time that directory is looked into, so mounting costs the same for 60k or 600k files.
-    """
-
-    paths: list[str]
-    cols: dict[str, array[int]]
-    targets: dict[int, str]
-    xattrs: dict[int, dict[str, bytes]]
-    sparse: dict[int, list[tuple[int, int]]]
-    children: dict[int, list[int]]
-
-    def _row(self, i: int) -> tuple[Any, ...]:
-        return (*(self.cols[k][i] for k in _ROW), self.targets.get(i, ""),
-                self.xattrs.get(i, {}), self.sparse.get(i))
-
-    def dump(self, path: str) -> None:
-        """Write the index to ``path`` (the caller makes it atomic)."""
-        table: dict[str, tuple[int, int]] = {}
-        blocks: list[bytes] = []
-        pos = 0
-        for d, kids in self.children.items():
-            names = [self.paths[c].rpartition("/")[2] for c in kids]
-            cols = {k: array("q", (self.cols[k][c] for c in kids)).tobytes() for k in _ROW}
-            extra = ({j: self.targets[c] for j, c in enumerate(kids) if c in self.targets},
-                     {j: self.xattrs[c] for j, c in enumerate(kids) if c in self.xattrs},
-                     {j: self.sparse[c] for j, c in enumerate(kids) if c in self.sparse})
-            blob = marshal.dumps((names, cols, *extra), 4)
-            table[self.paths[d]] = (pos, len(blob))
-            blocks.append(blob)
-            pos += len(blob)
-        header = marshal.dumps((INDEX_VERSION, self._row(0), table,
-                                (len(self.paths), self.content_size())), 4)
-        with open(path, "wb") as f:
-            f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
-            for blob in blocks:
-                f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-
-    @classmethod
-    def load(cls, path: str) -> LayerIndex:
-        """Read a whole index back (``strata check`` compares it with a fresh build)."""
-        layer = _IndexFile(path)
-        try:
-            paths = [""]
-            rows = [layer.root]
-            children: dict[int, list[int]] = {}
-            todo = [("", 0)]
-            while todo:
-                d, di = todo.pop()
-                block = layer.block(d)
-                if block is None:
-                    continue
-                kids = []
-                for j, name in enumerate(block.names):
-                    child = f"{d}/{name}" if d else name
-                    kids.append(len(paths))
-                    paths.append(child)
-                    rows.append(block.row(j))
-                    if child in layer.table:
-                        todo.append((child, len(paths) - 1))
-                children[di] = kids
-        finally:
-            layer.close()
-        cols = {k: array("q", (r[n] for r in rows)) for n, k in enumerate(_ROW)}
-        targets = {i: r[10] for i, r in enumerate(rows) if r[10]}
-        xattrs = {i: r[11] for i, r in enumerate(rows) if r[11]}
-        sparse = {i: r[12] for i, r in enumerate(rows) if r[12] is not None}
-        return cls(paths, cols, targets, xattrs, sparse, children)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def rows(self) -> dict[str, tuple[Any, ...]]:
-        """path -> every field, hardlink groups named by their first path (order-free)."""
-        first: dict[int, str] = {}
-        for i, p in enumerate(self.paths):
-            first.setdefault(self.cols["obj"][i], p)
-        out = {}
-        for i, p in enumerate(self.paths):
-            row = list(self._row(i))
-            row[_ROW.index("obj")] = first[self.cols["obj"][i]]
-            out[p] = tuple(row)
-        return out
-
-    def same_as(self, other: LayerIndex) -> bool:
-        kids = {self.paths[d]: [self.paths[c] for c in cs] for d, cs in self.children.items()}
-        okids = {other.paths[d]: [other.paths[c] for c in cs]
-                 for d, cs in other.children.items()}
-        return self.rows() == other.rows() and kids == okids
-
-    def content_size(self) -> int:
-        """Bytes of regular-file data, each hardlink group counted once."""
-        mode, size, obj = self.cols["mode"], self.cols["size"], self.cols["obj"]
-        return sum(
-            size[i] for i in range(len(self.paths)) if stat.S_ISREG(mode[i]) and obj[i] == i
-        )
-
-
-class _Block:
-    """One directory's children, decoded on first use."""
-
-    __slots__ = ("names", "pos", "cols", "targets", "xattrs", "sparse")
-
-    def __init__(self, raw: bytes) -> None:
-        names, cols, self.targets, self.xattrs, self.sparse = marshal.loads(raw)
-        self.names: list[str] = names
-        self.pos = dict(zip(names, range(len(names)), strict=True))
-        self.cols: dict[str, array[int]] = {}
-        for k, v in cols.items():
-            a = array("q")
-            a.frombytes(v)
-            self.cols[k] = a
-
-    def row(self, j: int) -> tuple[Any, ...]:
-        return (*(self.cols[k][j] for k in _ROW), self.targets.get(j, ""),
-                self.xattrs.get(j, {}), self.sparse.get(j))
-
-
-class _IndexFile:
-    """The header of an index file, and its blocks read on demand."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            head = os.pread(self.fd, len(_MAGIC) + 8, 0)
-            if not head.startswith(_MAGIC) or len(head) < len(_MAGIC) + 8:
-                raise LayerError(f"layer index {path} has an unknown format")
-            n = int.from_bytes(head[len(_MAGIC):], "little")
-            try:
-                payload = marshal.loads(os.pread(self.fd, n, len(head)))
-            except (ValueError, EOFError, TypeError) as exc:
-                raise LayerError(f"corrupt layer index {path}: {exc}") from None
-            if not isinstance(payload, tuple) or len(payload) != 4 or \
-                    payload[0] != INDEX_VERSION:
-                raise LayerError(f"layer index {path} has an unknown format")
-            _, self.root, self.table, self.stats = payload
-            self.base = len(head) + n
-            self.path = path
-            self._blocks: dict[str, _Block | None] = {}
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def block(self, directory: str) -> _Block | None:
-        try:
-            return self._blocks[directory]
-        except KeyError:
-            pass
-        loc = self.table.get(directory)
-        block = None
-        if loc is not None:
-            try:
-                block = _Block(os.pread(self.fd, loc[1], self.base + loc[0]))
-            except (ValueError, EOFError, TypeError) as exc:
-                raise LayerError(f"corrupt layer index {self.path}: {exc}") from None
-        self._blocks[directory] = block
-        return block
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 def _entry_of(row: tuple[Any, ...], path: str) -> Entry:
     return Entry(mode=row[0], uid=row[1], gid=row[2], size=row[3], mtime_ns=row[4],
                  rdev=row[5], nlink=row[6], target=row[10], flags=row[9], ref=path,
@@ -534,7 +385,7 @@ class TarLayer:
 
     def __init__(self, tar_path: str, index_path: str, name: str = "") -> None:
         self.name = name or tar_path
-        self._index = _IndexFile(index_path)
+        self._index = IndexFile(index_path)
         try:
             self._fd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
@@ -546,7 +397,7 @@ class TarLayer:
     def open(cls, tar_path: str, index_path: str, name: str = "") -> TarLayer:
         return cls(tar_path, index_path, name)
 
-    def _locate(self, path: str) -> tuple[_Block, int] | None:
+    def _locate(self, path: str) -> tuple[Block, int] | None:
         parent, _, name = path.rpartition("/")
         block = self._index.block(parent)
         if block is None:

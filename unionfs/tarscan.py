@@ -24,6 +24,7 @@ _DATA_TYPES = (b"0", b"\0", b"7")  # regular, old regular, contiguous
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _FALLBACK_TYPES = (b"S", b"M", b"V", b"N")
 _PAX_NUMBERS = {"size": "size", "uid": "uid", "gid": "gid"}
+MAX_CHAIN = 64  # extended headers before one member: more is hostile
 
 
 class Fallback(Exception):
@@ -141,6 +142,7 @@ def scan(f: BinaryIO) -> Iterator[Member]:
     long_name: str | None = None
     long_link: str | None = None
     offset = 0
+    chained = 0
     while True:
         header = f.read(BLOCK)
         if len(header) < BLOCK:
@@ -154,14 +156,19 @@ def scan(f: BinaryIO) -> Iterator[Member]:
             f.seek(offset)  # end of archive: the indexer checks what follows
             return
         if not _checksum_ok(header):
-            raise BadHeader(f"invalid tar header checksum at offset {offset}")
+            raise BadHeader(f"invalid tar header or trailing data at offset {offset}")
         typeflag = header[156:157]
         size = _num(header[124:136], offset)
+        if size < 0:
+            raise BadHeader(f"negative size in the header at offset {offset}")
         data_at = offset + BLOCK
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if typeflag in _FALLBACK_TYPES:
             raise Fallback(f"tar entry type {typeflag!r}")
         if typeflag in (b"x", b"g", b"L", b"K"):
+            chained += 1
+            if chained > MAX_CHAIN:
+                raise BadHeader(f"too many chained extended headers at offset {offset}")
             if size > 1 << 24:
                 raise BadHeader(f"extended header of {size} bytes at offset {offset}")
             data = f.read(padded)[:size]
@@ -177,6 +184,7 @@ def scan(f: BinaryIO) -> Iterator[Member]:
                 long_link = _dec(_cstr(data))
             offset = data_at + padded
             continue
+        chained = 0
         pax = {**global_pax, **local_pax} if global_pax else local_pax
         name = _dec(_cstr(header[0:100]))
         if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix
@@ -197,6 +205,8 @@ def scan(f: BinaryIO) -> Iterator[Member]:
                     setattr(m, attr, int(pax[key]))
                 except ValueError:
                     raise BadHeader(f"invalid PAX {key} at offset {offset}") from None
+        if m.size < 0:
+            raise BadHeader(f"negative size for {m.name!r}")
         if "mtime" in pax:
             try:
                 m.mtime = float(pax["mtime"])

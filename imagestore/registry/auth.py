@@ -249,7 +249,7 @@ class Authorizer:
             doc = resp.json()
             token = doc.get("token") or doc.get("access_token")
             expires = doc.get("expires_in") or DEFAULT_EXPIRY
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise RegistryError(f"token server {realm} answered something that is not JSON") \
                 from None
         if not isinstance(token, str) or not token:

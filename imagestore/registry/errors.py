@@ -37,7 +37,7 @@ def error_detail(body: bytes) -> tuple[str, str]:
         doc: Any = json.loads(body[:65536])
         first = doc["errors"][0]
         code, message = str(first.get("code", "")), str(first.get("message", ""))
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
         return "", ""
     return code, message
 

@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CORE = {"layers", "tarlayer", "tarscan", "whiteout", "upper", "resolve", "mutate", "inodes",
-        "control", "errors"}
+CORE = {"layers", "tarlayer", "tarscan", "tarheaders", "layerindex", "whiteout", "upper",
+        "resolve", "mutate", "inodes", "control", "errors"}
 
 
 def imports(path: Path) -> set[str]:
