@@ -161,7 +161,7 @@ class IndexFile:
         try:
             head = os.pread(self.fd, len(_MAGIC) + 8, 0)
             if not head.startswith(_MAGIC) or len(head) < len(_MAGIC) + 8:
-                raise LayerError(f"layer index {path} has an unknown format")
+                raise LayerError(f"corrupt layer index {path}: an unknown format")
             n = int.from_bytes(head[len(_MAGIC):], "little")
             try:
                 payload = marshal.loads(os.pread(self.fd, n, len(head)))
@@ -169,7 +169,7 @@ class IndexFile:
                 raise LayerError(f"corrupt layer index {path}: {exc}") from None
             if not isinstance(payload, tuple) or len(payload) != 4 or \
                     payload[0] != INDEX_VERSION:
-                raise LayerError(f"layer index {path} has an unknown format")
+                raise LayerError(f"corrupt layer index {path}: an unknown format")
             _, self.root, self.table, self.stats = payload
             self.base = len(head) + n
             self.path = path
