@@ -63,20 +63,10 @@ class StateFile:
         except ValueError as exc:
             raise StoreError(f"{self.path} is corrupt: {exc}") from None
 
-    @contextlib.contextmanager
-    def locked(self, wait: bool = True) -> Iterator[bool]:
+    def locked(self, wait: bool = True) -> contextlib.AbstractContextManager[bool]:
         """Hold the writers' lock: no transaction runs (nor writes its temp file) meanwhile.
         Yields False (holding nothing) when another process has it and ``wait`` is false."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
+        return _flock(self.lock_path, fcntl.LOCK_EX, wait)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[State]:
@@ -89,27 +79,27 @@ class StateFile:
             if after != before:
                 atomic_write(self.path, after, tmp_dir=self.tmp_dir)
 
-    @contextlib.contextmanager
-    def ingesting(self) -> Iterator[None]:
+    def ingesting(self) -> contextlib.AbstractContextManager[bool]:
         """Held while a command adds content no ref names yet: garbage collection waits."""
-        fd = os.open(self.gc_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
+        return _flock(self.gc_lock_path, fcntl.LOCK_SH, True)
 
-    @contextlib.contextmanager
-    def collecting(self, wait: bool) -> Iterator[bool]:
+    def collecting(self, wait: bool) -> contextlib.AbstractContextManager[bool]:
         """Exclusive garbage-collection access; yields False (without waiting) when another
         command is adding content and ``wait`` is false."""
-        fd = os.open(self.gc_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return _flock(self.gc_lock_path, fcntl.LOCK_EX, wait)
+
+
+@contextlib.contextmanager
+def _flock(path: str, operation: int, wait: bool) -> Iterator[bool]:
+    """``flock(path, operation)`` for the block; yields False, holding nothing, when another
+    process holds it and ``wait`` is false."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
+            fcntl.flock(fd, operation | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
