@@ -195,11 +195,12 @@ class LayerStore:
     def ingest_produced(self, blobs: BlobStore, produce: Callable[[Sink], object],
                         compression: str) -> Ingested:
         """Store a layer that ``produce(sink)`` writes as an uncompressed tar: one pass hashes
-        the diff_id, writes ``layer.tar``, compresses and hashes the blob (never the whole
-        layer in memory)."""
+        the diff_id and writes ``layer.tar`` while a second thread compresses and hashes the
+        blob (zlib and zstd release the GIL, so both cores work); never the whole layer in
+        memory."""
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
-        comp = Compressor(compression)
         writer = blobs.writer() if compression != NONE else None
+        comp = Compressor(compression)
         try:
             diff_hash = Hasher()
             tar_path = os.path.join(work, "layer.tar")
@@ -225,6 +226,7 @@ class LayerStore:
             digest = writer.commit()
             return Ingested(digest, writer.hasher.size, compression, info)
         finally:
+            comp.close()
             if writer is not None and writer.digest is None:
                 writer.abort()
             shutil.rmtree(work, ignore_errors=True)
@@ -316,3 +318,4 @@ class LayerStore:
         except (ImageNotFound, ValueError, KeyError) as exc:
             problems.append(f"layer {diff_id}: bad meta.json ({exc})")
         return problems
+

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 BIG_COPY = 8 << 20  # copy-ups of larger files run in a worker thread
+BIG_READ = 256 << 10  # reads of at least this much run in worker threads
 
 
 def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -89,6 +90,7 @@ class Operations(pyfuse3.Operations):
         self._fh = 0
         self.lock = trio.Lock()
         self.limiter = trio.CapacityLimiter(2)
+        self.readers = trio.CapacityLimiter(4)
         self.errors = 0
         self._thawed: trio.Event | None = None  # set while frozen (commit in progress)
 
@@ -440,10 +442,18 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """Large reads (read-ahead) run in worker threads, so several are in flight at once
+        and a cold read keeps the disk busy; small ones are answered inline."""
         h = self.handles[fh]
         if h.fd is not None:
+            if size >= BIG_READ:
+                return await trio.to_thread.run_sync(os.pread, h.fd, size, off,
+                                                     limiter=self.readers)
             return os.pread(h.fd, size, off)
         assert h.node is not None
+        if size >= BIG_READ:
+            return await trio.to_thread.run_sync(self.union.read, h.node, off, size,
+                                                 limiter=self.readers)
         return self.union.read(h.node, off, size)
 
     @handler

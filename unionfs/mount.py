@@ -161,6 +161,22 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | 
         nursery.start_soon(main)
         nursery.start_soon(signals)
         await trio.to_thread.run_sync(os.stat, mountpoint)
+        _readahead(mountpoint, READAHEAD_KB)
         log.info("mounted %s", mountpoint)
         if on_ready is not None:
             on_ready()
+
+
+READAHEAD_KB = 1024
+
+
+def _readahead(mountpoint: str, kb: int) -> None:
+    """Let the kernel read ahead ``kb`` KiB at a time (its default for FUSE is 128): sequential
+    reads then come in 1 MiB requests, an eighth of the round trips.  Root only; best effort."""
+    st = os.stat(mountpoint)
+    path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        log.debug("read-ahead left at the default: %s", exc)

@@ -58,3 +58,21 @@ def test_compressor_round_trip_and_determinism(kind: str) -> None:
         outs.append(c.compress(DATA) + c.flush())
     assert outs[0] == outs[1]
     assert DecompressReader(io.BytesIO(outs[0])).read() == DATA
+
+
+def test_parallel_gzip_is_one_valid_member_whatever_the_threads(tmp_path: object) -> None:
+    import subprocess
+
+    from imagestore.compress import ParallelGzip
+
+    data = os.urandom(3_500_000) + b"abc" * 900_000
+    outs = []
+    for threads in (1, 3):
+        gz = ParallelGzip(6, threads=threads)
+        pieces = [gz.compress(data[i : i + 70_000]) for i in range(0, len(data), 70_000)]
+        outs.append(b"".join(pieces) + gz.flush())
+    assert outs[0] == outs[1]
+    assert gzip.decompress(outs[0]) == data
+    proc = subprocess.run(["gzip", "-t"], input=outs[0], capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(outs[0]) < len(data)  # the repeated tail compresses
