@@ -7,8 +7,6 @@ import argparse
 import sys
 from typing import Any
 
-from imagestore.check import check
-
 from .common import store_of
 
 
@@ -35,6 +33,7 @@ def _unmount(mountpoint: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from imagestore.check import check  # loaded only when checking
     from unionfs.mount import is_mounted
 
     report = check(store_of(args), repair=args.repair, is_mounted=is_mounted, unmount=_unmount)

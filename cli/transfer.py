@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from imagestore import archive, oci, reference
-from imagestore.api import save_targets
 from imagestore.containers import Containers
 from imagestore.errors import InvalidReference, StoreError
 from imagestore.store import open_input
@@ -89,6 +88,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    from imagestore.api import save_targets  # the API (and trio) only when saving
+
     store = store_of(args)
     with store.reading():  # an rmi meanwhile cannot collect what is being saved
         targets = save_targets(store, args.images)
