@@ -233,7 +233,7 @@ class Operations(pyfuse3.Operations):
         path = self._path(inode)
         async with self.lock:
             await self._copy_up(path, attr.st_size if fields.update_size else None)
-            self.union.setattr(
+            node = self.union.setattr(
                 path,
                 mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
@@ -241,7 +241,8 @@ class Operations(pyfuse3.Operations):
                 size=attr.st_size if fields.update_size else None,
                 atime_ns=attr.st_atime_ns if fields.update_atime else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
-        return self._attr(i, self._node(i))
+        self.inodes.refresh(i, node)
+        return self._attr(i, node)
 
     async def _setattr_nameless(self, i: Inode, attr: pyfuse3.EntryAttributes,
                                 fields: pyfuse3.SetattrFields,
@@ -482,11 +483,12 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        values = self.union.xattrs(self._node(self._inode(inode)))
-        try:
-            return values[os.fsdecode(name)]
-        except KeyError:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+        i = self._inode(inode)
+        node = self.union.resolve(i.path) if i.path is not None else self._nameless(i)
+        value = self.union.xattr(node, os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

@@ -21,6 +21,7 @@ Caveats:
 from __future__ import annotations
 
 import errno
+import os
 import stat
 from collections.abc import Sequence
 
@@ -288,7 +289,7 @@ class Union:
             self._up().whiteout(path)
         else:
             self._up().remove(path)
-        self._changed(path, tree=True)
+        self._changed(path, tree=node.is_dir)
 
     def unlink(self, parent_path: str, name: str) -> Node:
         """Remove a non-directory; returns the node that was there."""
@@ -374,8 +375,8 @@ class Union:
             upper.rename(src, dst)
         if dst_join:
             upper.set_opaque(dst)
-        self._changed(src, tree=True)
-        self._changed(dst, tree=True)
+        self._changed(src, tree=node.is_dir)
+        self._changed(dst, tree=node.is_dir or (target is not None and target.is_dir))
         return True, target
 
     def _exchange(self, sp: Node, src: str, a: Node, dp: Node, dst: str, b: Node) -> Node:
@@ -390,8 +391,8 @@ class Union:
             upper.set_opaque(dst)
         if b.is_dir and self._lower_dirs_join(sp, src):
             upper.set_opaque(src)
-        self._changed(src, tree=True)
-        self._changed(dst, tree=True)
+        self._changed(src, tree=a.is_dir or b.is_dir)
+        self._changed(dst, tree=a.is_dir or b.is_dir)
         return b
 
     # -- attributes ------------------------------------------------------------------------------
@@ -405,11 +406,32 @@ class Union:
                 raise UnionError(errno.EISDIR, path)
             if not stat.S_ISREG(node.entry.mode):
                 raise UnionError(errno.EINVAL, path)
-        self.copy_up(path, size=size)
+        node = self.copy_up(path, size=size)
         times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
-        self._up().set_attrs(path, mode=mode, uid=uid, gid=gid, size=size, times=times)
+        upper = self._up()
+        upper.set_attrs(path, mode=mode, uid=uid, gid=gid, size=size, times=times)
+        # only the top entry's attributes changed: no need to look the path up again
+        e = upper.entry(path)
         self._changed(path)
-        return self.resolve(path)
+        if e is None or e.is_whiteout:
+            return self.resolve(path)
+        fresh = Node(path, e, 0, ((0, e), *node.stack[1:]))
+        self._cache[path] = fresh
+        return fresh
+
+    def xattr(self, node: Node, name: str) -> bytes | None:
+        """One extended attribute of ``node`` (None when absent); private ones never show.
+        An upper object is asked directly: one syscall, not a listing."""
+        if wh.is_private_xattr(name):
+            return None
+        if self.in_upper(node) and self.upper is not None:
+            try:
+                return os.getxattr(self.upper.abs(node.path), name, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                    return None
+                raise
+        return self.xattrs(node).get(name)
 
     def setxattr(self, path: str, name: str, value: bytes) -> None:
         if wh.is_private_xattr(name):

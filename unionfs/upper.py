@@ -272,8 +272,12 @@ class UpperLayer(DirLayer):
 
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
         renameat2(self.abs(src), self.abs(dst), flags)
-        self._forget_aufs(src)
-        self._forget_aufs(dst)
+        for moved in (dst, src) if flags & RENAME_EXCHANGE else (dst,):
+            full = self.abs(moved)
+            if os.path.isdir(full) and not os.path.islink(full):
+                self._forget_aufs(src)  # a directory moved: what its tree held moved too
+                self._forget_aufs(dst)
+                break
         if not flags & RENAME_EXCHANGE:
             self._drop_aufs_whiteout(dst)
 
