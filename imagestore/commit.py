@@ -121,4 +121,4 @@ def commit(store: Store, container: Container, layers: list[LowerLayer], *,
         manifest = committed_manifest(None if squash else parent,
                                       oci.Descriptor(oci.OCI_CONFIG, cdigest, len(raw)), layer,
                                       oci_format)
-        return store.add_image(manifest, tags=[tag] if tag else [])
+        return store.add_image(manifest, tags=[tag] if tag else [], replace=True)

@@ -292,9 +292,14 @@ class Store:
         *,
         tags: Sequence[Reference] = (),
         repo_digest: str | None = None,
+        replace: bool = False,
     ) -> Image:
         """Record an image whose blobs and layers are already stored; tag it.  Verifies
-        everything the manifest names before any ref can see it."""
+        everything the manifest names before any ref can see it.
+
+        An image already recorded under the same ID keeps its manifest, unless ``replace``
+        asks for the new one (a commit that was asked for another compression or format)
+        and no registry digest pins the old one."""
         manifest = oci.parse_manifest(manifest_raw, media_type)
         config_raw = self.blobs.read(manifest.config.digest)
         config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
@@ -320,6 +325,8 @@ class Store:
                 rec = {"manifest": desc.to_json(), "repoDigests": [], "size": size,
                        "added": timefmt.now()}
                 st.images[image_id] = rec
+            elif replace and not rec["repoDigests"]:
+                rec["manifest"] = desc.to_json()
             if repo_digest and repo_digest not in rec["repoDigests"]:
                 rec["repoDigests"] = [*rec["repoDigests"], repo_digest]
             for t in tags:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from imagestore.store import Store
 from tests.builders import diff_trees, file, listing, tar_bytes, tree_of_dir, tree_of_tar
 from tests.conftest import Mounter, Strata, fill, require_root
 
@@ -144,6 +145,12 @@ def test_fixed_timestamp_commits_are_reproducible(strata: Strata,
     assert third == first
     inspect = json.loads(strata.out("inspect", first))[0]
     assert inspect["Created"] == "2023-11-14T22:13:20Z"
+    # The same content asked for in zstd is the same image (the ID names the config), and
+    # its manifest now carries the zstd layer that was asked for.
+    zstd = strata.out("commit", "--compression", "zstd", "box", env=env).strip()
+    assert zstd == first
+    top = Store(str(strata.root)).resolve(zstd).manifest.layers[-1]
+    assert top.media_type == "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def test_commit_while_writes_go_on(strata: Strata, mounter: Mounter, sample_image: str) -> None:
