@@ -1,6 +1,6 @@
 """A container mount under load: 8 processes (tests/faults/loadworker.py) do random reads,
-writes, appends, truncates, renames, links, symlinks, chmods, mkdirs, rmdirs and readdirs for
-``SECONDS`` (20 s; 60 s with ``STRATA_LONG_TESTS=1``), each in its own subtree of lower
+writes, appends, truncates, renames, links, symlinks, chmods, mkdirs, rmdirs and readdirs
+for ``SECONDS`` (60 s; 300 s with ``STRATA_LONG_TESTS=1``), each in its own subtree of lower
 content (copy-ups, whiteouts, lower hardlinks) and all reading a shared one, each checking
 every read against the model it keeps.  Then the merged tree must equal the models — while
 mounted, after a remount, and in the committed image — ``strata check`` run in the middle
@@ -26,7 +26,7 @@ from tests.conftest import Mounter, Strata
 
 pytestmark = pytest.mark.fuse
 
-SECONDS = 60 if os.environ.get("STRATA_LONG_TESTS") else 20
+SECONDS = 300 if os.environ.get("STRATA_LONG_TESTS") else 60
 WORKERS = 8
 WORKER = Path(__file__).with_name("loadworker.py")
 
