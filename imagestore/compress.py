@@ -19,7 +19,7 @@ import io
 import lzma
 import re
 import zlib
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -64,8 +64,19 @@ def parse_size(text: str) -> int:
     return n
 
 
+OUT = 1 << 20  # decompressed bytes per step for gzip, bzip2 and xz (their max_length)
+ZSTD_SLICE = 2 << 10  # compressed bytes per zstd call: at most 64 MiB out (RLE blocks)
+_ERRORS = (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError)
+
+
 class _Decoder(Protocol):
-    def decompress(self, data: bytes) -> bytes: ...
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes | memoryview, max_length: int = ..., /) -> bytes: ...
 
 
 def _decoder(kind: str) -> _Decoder:
@@ -76,12 +87,18 @@ def _decoder(kind: str) -> _Decoder:
     if kind == XZ:
         return lzma.LZMADecompressor()
     if kind == ZSTD:
-        return zstandard.ZstdDecompressor().decompressobj()
+        return cast(_Decoder, zstandard.ZstdDecompressor().decompressobj())  # no max_length
     raise Unsupported(f"unsupported compression {kind!r}")
 
 
 class DecompressReader(io.RawIOBase):
-    """A readable stream of the decompressed content of ``src``."""
+    """A readable stream of the decompressed content of ``src``.
+
+    Memory stays bounded whatever the input: each step decompresses at most ``OUT`` bytes
+    (gzip, bzip2, xz; for zstd, which has no output bound, input ``ZSTD_SLICE`` bytes at a
+    time until ``OUT`` bytes came out), and reads
+    hand out slices of that step's output, so a bomb is stopped by ``limit`` one step after
+    it crosses it, never after inflating whole."""
 
     def __init__(self, src: BinaryIO, kind: str | None = None, limit: int | None = None,
                  head: bytes = b"") -> None:
@@ -92,7 +109,11 @@ class DecompressReader(io.RawIOBase):
             kind = sniff(self._head)
         self.kind = kind
         self._dec: _Decoder | None = None if kind == NONE else _decoder(kind)
-        self._buf = b""
+        self._pending: bytes | memoryview = b""  # input the decoder has not taken yet
+        self._more = False  # the decoder holds output it can give without new input
+        self._between = False  # a member (frame) ended; the next one has not begun
+        self._buf = b""  # the last step's output, handed out from _pos on
+        self._pos = 0
         self._eof = False
         self._limit = limit
         self.total = 0
@@ -110,58 +131,85 @@ class DecompressReader(io.RawIOBase):
         return data
 
     def _fill(self) -> None:
-        while not self._buf and not self._eof:
+        while self._pos >= len(self._buf) and not self._eof:
+            self._buf, self._pos = self._step(), 0
+
+    def _step(self) -> bytes:
+        if self._dec is None:
             raw = self._raw(1 << 20)
-            if self._dec is None:
-                self._buf, self._eof = raw, not raw
-                continue
-            if not raw:
-                if not getattr(self._dec, "eof", True):
+            self._eof = not raw
+            return raw
+        if not self._pending and not self._more:
+            self._pending = self._raw(1 << 20)
+            if not self._pending:
+                if not self._between:
                     raise InvalidImage(f"truncated {self.kind} stream")
                 self._eof = True
-                break
-            try:
-                self._buf = self._feed(raw)
-            except (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
-                raise InvalidImage(f"corrupt {self.kind} stream: {exc}") from None
+                return b""
+        if self._between:  # multi-member gzip/bzip2/xz, multi-frame zstd: a new decoder
+            if self.kind == GZIP and not bytes(self._pending).strip(b"\0"):
+                self._pending = b""  # zero padding after the last gzip member
+                return b""
+            self._dec, self._between = _decoder(self.kind), False
+        try:
+            out = self._decompress(self._dec)
+        except _ERRORS as exc:
+            raise InvalidImage(f"corrupt {self.kind} stream: {exc}") from None
+        if self._dec.eof:  # (zlib repeats its unused_data in unconsumed_tail)
+            rest = b"" if self.kind == GZIP else bytes(self._pending)
+            self._pending = self._dec.unused_data + rest
+            self._between, self._more = True, False
+        return out
 
-    def _feed(self, raw: bytes) -> bytes:
-        out = []
-        data = raw
-        while data:
-            if getattr(self._dec, "eof", False):
-                # multi-member gzip/bzip2/xz and multi-frame zstd: a new decoder per member
-                if self.kind == GZIP and not data.strip(b"\0"):
-                    break  # zero padding after the last gzip member
-                self._dec = _decoder(self.kind)
-            assert self._dec is not None
-            out.append(self._dec.decompress(data))
-            data = self._dec.unused_data if getattr(self._dec, "eof", False) else b""  # type: ignore[attr-defined]
-        return b"".join(out)
+    def _decompress(self, dec: _Decoder) -> bytes:
+        data = self._pending
+        if self.kind == ZSTD:  # small slices until OUT bytes came out or the frame ended
+            view, outs, got = memoryview(data), [], 0
+            while view and got < OUT and not dec.eof:
+                outs.append(dec.decompress(view[:ZSTD_SLICE]))
+                view = view[ZSTD_SLICE:]
+                got += len(outs[-1])
+            self._pending = view
+            return b"".join(outs)
+        out = dec.decompress(data, OUT)
+        if self.kind == GZIP:
+            self._pending = dec.unconsumed_tail  # type: ignore[attr-defined]
+            self._more = len(out) == OUT
+        else:  # bzip2 and xz keep the input they could not use yet
+            self._pending = b""
+            self._more = not dec.needs_input  # type: ignore[attr-defined]
+        return out
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def _take(self, n: int) -> bytes:
         self._fill()
-        if not self._buf:
-            return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
+        avail = len(self._buf) - self._pos
+        if avail <= 0:
+            return b""
+        n = min(n, avail)
+        if self._pos == 0 and n == len(self._buf):
+            out = self._buf
+        else:
+            out = self._buf[self._pos:self._pos + n]
+        self._pos += n
         self.total += n
         if self._limit is not None and self.total > self._limit:
             raise InvalidImage(
                 f"decompressed data exceeds the limit of {human_size(self._limit)} (a "
                 "decompression bomb?); raise it with --max-layer-size or STRATA_MAX_LAYER_SIZE")
-        return n
+        return out
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._take(len(b))
+        b[:len(data)] = data
+        return len(data)
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             chunks = []
-            while chunk := self.read(1 << 20):
+            while chunk := self._take(1 << 20):
                 chunks.append(chunk)
             return b"".join(chunks)
-        buf = bytearray(size)
-        n = self.readinto(buf)
-        return bytes(buf[:n])
+        return self._take(size)
 
 
 class Compressor:

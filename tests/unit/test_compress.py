@@ -7,6 +7,7 @@ import gzip
 import io
 import lzma
 import os
+import zlib
 
 import pytest
 import zstandard
@@ -76,3 +77,47 @@ def test_parallel_gzip_is_one_valid_member_whatever_the_threads(tmp_path: object
     proc = subprocess.run(["gzip", "-t"], input=outs[0], capture_output=True)
     assert proc.returncode == 0, proc.stderr
     assert len(outs[0]) < len(data)  # the repeated tail compresses
+
+
+@pytest.mark.parametrize("kind, pack", [
+    ("gzip", lambda b: gzip.compress(b, 1) + gzip.compress(b"tail", 1)),
+    ("zstd", lambda b: zstandard.ZstdCompressor().compress(b) * 2),
+    ("bzip2", lambda b: bz2.compress(b) + bz2.compress(b"tail")),
+    ("xz", lambda b: lzma.compress(b)),
+])
+def test_small_reads_across_steps_and_members(kind: str, pack: object) -> None:
+    data = DATA * 5  # several steps of output
+    packed = pack(data)  # type: ignore[operator]
+    want = {"gzip": data + b"tail", "zstd": data * 2, "bzip2": data + b"tail", "xz": data}[kind]
+    r = DecompressReader(io.BytesIO(packed))
+    got = bytearray()
+    while piece := r.read(513):
+        got += piece
+    assert bytes(got) == want and r.total == len(want)
+
+
+@pytest.mark.parametrize("kind, size, bound", [
+    ("gzip", 256 << 20, 16 << 20),  # 256 MiB of zeros: ~250 KiB of gzip
+    ("zstd", 1 << 30, 200 << 20),  # 1 GiB of zeros: a few KiB of zstd RLE blocks
+])
+def test_a_bomb_is_never_inflated_whole(kind: str, size: int, bound: int) -> None:
+    """Before: one decompress call inflated a whole read of input (1 MiB of gzip of zeros is
+    1 GiB), then every read copied the rest of it — a 4 GiB bomb took 2 GiB and 4 minutes."""
+    import tracemalloc
+
+    if kind == "gzip":
+        z = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        chunk = bytes(1 << 20)
+        packed = b"".join(z.compress(chunk) for _ in range(size >> 20)) + z.flush()
+    else:
+        packed = zstandard.ZstdCompressor().compress(bytes(size))
+    tracemalloc.start()
+    try:
+        r = DecompressReader(io.BytesIO(packed), limit=size // 2)
+        with pytest.raises(InvalidImage, match="exceeds the limit"):
+            while r.read(1 << 20):
+                pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bound, f"{kind}: peak {peak >> 20} MiB"
