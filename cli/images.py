@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from imagestore import reference, timefmt
-from imagestore.errors import StoreError
+from imagestore.errors import InvalidImage, StoreError
 from imagestore.store import Image, Removed
 
 from .common import UserError, confirm, store_of
@@ -136,14 +136,15 @@ def _parse_filters(raw: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _image_rows(args: argparse.Namespace, damaged: list[InvalidImage]
+                ) -> list[dict[str, Any]]:
     store = store_of(args)
     filters = _parse_filters(args.filter)
     if args.repository:  # docker adds REPOSITORY[:TAG] to the reference filters
         filters.append(("reference", args.repository))
     rows = []
-    for image in sorted(store.images(), key=lambda i: timefmt.parse(i.created) or 0,
-                        reverse=True):
+    for image in sorted(store.images(damaged=damaged.append),
+                        key=lambda i: timefmt.parse(i.created) or 0, reverse=True):
         for tag in image.tags or (None,):
             if not _matches_filters(image, tag, filters):
                 continue
@@ -169,26 +170,30 @@ def _image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    rows = _image_rows(args)
+    """The images that can be read; each damaged one is an error line after the list (and
+    the exit status is 1), so one bad record does not hide the rest."""
+    damaged: list[InvalidImage] = []
+    _print_images(args, _image_rows(args, damaged))
+    sys.stdout.flush()
+    for exc in damaged:
+        print(f"Error: {exc}", file=sys.stderr)
+    return 1 if damaged else 0
+
+
+def _print_images(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     if args.quiet:
-        seen = []
-        for r in rows:
-            if r["ID"] not in seen:
-                seen.append(r["ID"])
-        for i in seen:
-            print(i if args.no_trunc else i)
-        return 0
-    if args.format:
+        for image_id in dict.fromkeys(r["ID"] for r in rows):
+            print(image_id)
+    elif args.format:
         print_formatted(args.format, rows, {"Repository": "REPOSITORY", "Tag": "TAG",
                                             "ID": "IMAGE ID", "CreatedSince": "CREATED",
                                             "Size": "SIZE", "Digest": "DIGEST"})
-        return 0
-    cols = ["Repository", "Tag"] + (["Digest"] if args.digests else []) + [
-        "ID", "CreatedSince", "Size"]
-    head = {"Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST", "ID": "IMAGE ID",
-            "CreatedSince": "CREATED", "Size": "SIZE"}
-    table([[head[c] for c in cols]] + [[r[c] for c in cols] for r in rows])
-    return 0
+    else:
+        cols = ["Repository", "Tag"] + (["Digest"] if args.digests else []) + [
+            "ID", "CreatedSince", "Size"]
+        head = {"Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST",
+                "ID": "IMAGE ID", "CreatedSince": "CREATED", "Size": "SIZE"}
+        table([[head[c] for c in cols]] + [[r[c] for c in cols] for r in rows])
 
 
 def cmd_tag(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from .digest import Digest, is_digest, parse_digest, sha256_bytes
 from .errors import (
     Ambiguous,
     Conflict,
+    DigestMismatch,
     ImageNotFound,
     InvalidImage,
     InvalidReference,
@@ -153,15 +154,31 @@ class Store:
         still recorded is corruption and raises."""
         try:
             return self._image(st, image_id)
-        except ImageNotFound:
-            if image_id in self.state.read().images:
-                raise
-            return None
+        except ImageNotFound as exc:
+            if image_id not in self.state.read().images:
+                return None
+            problem: StoreError = exc
+        except (InvalidImage, DigestMismatch) as exc:
+            problem = exc
+        raise InvalidImage(f"image {image_id[7:19]} is damaged ({problem}): `strata check` "
+                           "tells more, `strata rmi` removes it") from None
 
-    def images(self) -> list[Image]:
+    def images(self, damaged: Callable[[InvalidImage], object] | None = None) -> list[Image]:
+        """Every image.  One that is damaged raises, or with ``damaged`` is passed there and
+        left out."""
         st = self.state.read()
-        found = (self._image_unless_removed(st, i) for i in sorted(st.images))
-        return [image for image in found if image is not None]
+        out = []
+        for image_id in sorted(st.images):
+            try:
+                image = self._image_unless_removed(st, image_id)
+            except InvalidImage as exc:
+                if damaged is None:
+                    raise
+                damaged(exc)
+                continue
+            if image is not None:
+                out.append(image)
+        return out
 
     def image(self, image_id: Digest) -> Image:
         st = self.state.read()

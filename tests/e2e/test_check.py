@@ -145,3 +145,26 @@ def test_a_mount_whose_daemon_died_is_reported_and_cleared(warm: Warm, populated
     assert warm("check").returncode == 0
     with WarmMount(warm, "c", tmp_path / "mp") as again:  # and it mounts again
         assert (again.mountpoint / "etc/motd").read_bytes() == b"hi\n"
+
+
+def test_a_damaged_image_does_not_hide_the_others(warm: Warm, populated: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """``images`` lists what it can read and names each damaged image in an error line
+    (exit 1); ``inspect`` names it too; ``rmi`` removes it; then the store checks clean."""
+    rootfs = tmp_path / "rootfs.tar"
+    rootfs.write_bytes(tar_bytes([file("hello", b"hi\n")]))
+    good = warm.out("import", str(rootfs), "good:1").strip()
+    (warm.root / "blobs/sha256" / _hex(populated["config"])).write_bytes(b"{}")
+    listed = warm("images", "-q", "--no-trunc", check=False)
+    assert listed.returncode == 1
+    assert listed.stdout.decode().split() == [good]
+    short = _hex(populated["image"])[:12]
+    assert listed.stderr.decode().splitlines() == [
+        f"Error: image {short} is damaged (image config has no rootfs.diff_ids): "
+        "`strata check` tells more, `strata rmi` removes it"]
+    inspected = warm("inspect", "img:1", check=False)
+    assert inspected.returncode == 1 and short in inspected.stderr.decode()
+    warm("rm", "c")
+    warm("rmi", "-f", populated["image"])
+    assert warm.out("images", "-q", "--no-trunc").split() == [good]
+    assert warm("check").returncode == 0
