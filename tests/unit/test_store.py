@@ -17,7 +17,7 @@ import pytest
 
 from imagestore import archive, oci, reference
 from imagestore.digest import sha256_bytes
-from imagestore.errors import Ambiguous, Conflict, ImageNotFound, InvalidReference
+from imagestore.errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
 from imagestore.instructions import InvalidChange
 from imagestore.store import Image, Store
 from tests.builders import (
@@ -502,8 +502,10 @@ def test_readers_skip_an_image_removed_after_they_read_the_state(
         store.resolve("gone:1")
     # a blob missing from an image still recorded is corruption, not a race
     os.unlink(store.blobs.path(kept.manifest_desc.digest))
-    with pytest.raises(ImageNotFound, match="is missing from the store"):
+    with pytest.raises(InvalidImage, match="is damaged .*is missing from the store"):
         store.images()
+    damaged: list[InvalidImage] = []
+    assert store.images(damaged=damaged.append) == [] and len(damaged) == 1
 
 
 def test_state_json_is_replaced_atomically(store: Store) -> None:
