@@ -51,6 +51,9 @@ class Union:
         self.view = UnionView(([upper] if upper is not None else []) + list(lowers))
         self._cache: dict[str, Node | None] = {}
         self._dirs: dict[str, tuple[Node, list[tuple[str, Node]]]] = {}
+        # the paths either cache may hold below each directory, so that forgetting a tree
+        # costs its size, not the caches' (may name paths already forgotten)
+        self._kids: dict[str, set[str]] = {}
 
     @property
     def writable(self) -> bool:
@@ -63,14 +66,13 @@ class Union:
         if path in self._cache:
             node = self._cache[path]
         elif not path:
-            node = self.view.root()
+            node = self._remember(path, self.view.root())
         else:
             parent, name = split(path)
             pnode = self.resolve(parent)
             if not pnode.is_dir:
                 raise UnionError(errno.ENOTDIR, parent)
-            node = self.view.lookup(pnode, name)
-        self._cache[path] = node
+            node = self._remember(path, self.view.lookup(pnode, name))
         if node is None:
             raise UnionError(errno.ENOENT, path)
         return node
@@ -92,6 +94,7 @@ class Union:
         children = self.view.listdir(node)
         for _, child in children:
             self._cache.setdefault(child.path, child)
+        self._kids.setdefault(node.path, set()).update(child.path for _, child in children)
         if not self.in_upper(node):
             self._dirs[node.path] = (node, children)
         return children
@@ -115,6 +118,12 @@ class Union:
             raise UnionError(errno.EROFS)
         return self.upper
 
+    def _remember(self, path: str, node: Node | None) -> Node | None:
+        self._cache[path] = node
+        if path:
+            self._kids.setdefault(split(path)[0], set()).add(path)
+        return node
+
     def _changed(self, path: str, tree: bool = False) -> None:
         """``path`` resolves differently now; with ``tree`` everything below it does too (a
         directory copied up, removed or moved).  The cache keeps everything else."""
@@ -122,10 +131,12 @@ class Union:
         self._dirs.pop(path, None)
         self._dirs.pop(split(path)[0], None)
         if tree:
-            prefix = path + "/" if path else ""
-            for cache in (self._cache, self._dirs):
-                for key in [k for k in cache if k.startswith(prefix)]:
-                    del cache[key]
+            below = [path]
+            while below:
+                for key in self._kids.pop(below.pop(), ()):
+                    self._cache.pop(key, None)
+                    self._dirs.pop(key, None)
+                    below.append(key)
 
     def _lower_candidates(self, parent: Node, path: str) -> list[tuple[int, Entry]]:
         out = []
@@ -233,7 +244,7 @@ class Union:
         node = merge(path, [(0, e), *lower]) if e is not None else None
         if node is None:
             return self.resolve(path)
-        self._cache[path] = node
+        self._remember(path, node)
         return node
 
     def mkdir(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
@@ -416,7 +427,7 @@ class Union:
         if e is None or e.is_whiteout:
             return self.resolve(path)
         fresh = Node(path, e, 0, ((0, e), *node.stack[1:]))
-        self._cache[path] = fresh
+        self._remember(path, fresh)
         return fresh
 
     def xattr(self, node: Node, name: str) -> bytes | None:

@@ -220,3 +220,18 @@ def test_non_root_copy_up_records_ownership_in_the_override_xattr(tmp_path: Path
     e = u.resolve("g").entry
     assert (e.uid, e.gid, stat.S_IMODE(e.mode)) == (1234, 1235, 0o751)
     assert "user.containers.override_stat" not in u.xattrs(u.resolve("g"))
+
+
+def test_moving_a_tree_forgets_exactly_that_tree(union: Union) -> None:
+    """The caches forget what a directory move invalidates — every path below both ends —
+    and keep everything else (found through the per-directory index, not by scanning)."""
+    for path in ("d/sub/z", "d/x", "d/nothing", "g", "empty"):
+        union.find(path)
+    union.listdir(union.resolve("d/sub"))
+    union.rename("", "d", "", "moved", 0)
+    assert union.find("d/sub/z") is None and union.find("d/x") is None
+    assert union.read(union.resolve("moved/sub/z"), 0, 10) == b"z2"
+    assert [name for name, _ in union.listdir(union.resolve("moved/sub"))] == ["z"]
+    assert "g" in union._cache and "empty" in union._cache  # untouched by the move
+    union.mkdir("", "d", 0o755, 0, 0)  # a new, opaque d: nothing of the old one shows
+    assert union.find("d/sub/z") is None and union.listdir(union.resolve("d")) == []
