@@ -95,10 +95,9 @@ class DecompressReader(io.RawIOBase):
     """A readable stream of the decompressed content of ``src``.
 
     Memory stays bounded whatever the input: each step decompresses at most ``OUT`` bytes
-    (gzip, bzip2, xz; for zstd, which has no output bound, input ``ZSTD_SLICE`` bytes at a
-    time until ``OUT`` bytes came out), and reads
-    hand out slices of that step's output, so a bomb is stopped by ``limit`` one step after
-    it crosses it, never after inflating whole."""
+    (gzip, bzip2, xz; zstd, which has no output bound, takes ``ZSTD_SLICE`` bytes of input
+    at a time until ``OUT`` bytes came out), and reads hand out slices of that step's output,
+    so a bomb is stopped by ``limit`` one step after it crosses it, never inflated whole."""
 
     def __init__(self, src: BinaryIO, kind: str | None = None, limit: int | None = None,
                  head: bytes = b"") -> None:

@@ -129,7 +129,10 @@ class Union:
         directory copied up, removed or moved).  The cache keeps everything else."""
         self._cache.pop(path, None)
         self._dirs.pop(path, None)
-        self._dirs.pop(split(path)[0], None)
+        parent = split(path)[0]
+        self._dirs.pop(parent, None)
+        if path not in self._kids:  # nothing cached below: the index can let it go
+            self._kids.get(parent, set()).discard(path)
         if tree:
             below = [path]
             while below:

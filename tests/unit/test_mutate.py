@@ -235,3 +235,11 @@ def test_moving_a_tree_forgets_exactly_that_tree(union: Union) -> None:
     assert "g" in union._cache and "empty" in union._cache  # untouched by the move
     union.mkdir("", "d", 0o755, 0, 0)  # a new, opaque d: nothing of the old one shows
     assert union.find("d/sub/z") is None and union.listdir(union.resolve("d")) == []
+
+
+def test_the_cache_index_lets_removed_files_go(union: Union) -> None:
+    """Creating and removing files with new names over and over must not grow the index."""
+    for i in range(50):
+        union.create("d", f"tmp{i}", 0o644, 0, 0)
+        union.unlink("d", f"tmp{i}")
+    assert not any(k.startswith("d/tmp") for k in union._kids.get("d", set()))
