@@ -63,6 +63,34 @@ def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
+class MutationLock:
+    """``trio.Lock`` without the scheduling points of an uncontended acquire: trio's yields
+    twice, once while already holding the lock, so concurrent requests piled up behind every
+    mutation (parking and waking cost more than the mutations in W8).  Held across awaits like
+    trio's; only the free case skips the checkpoints."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def acquire(self) -> None:
+        if self._lock.locked():
+            await self._lock.acquire()
+        else:
+            self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass
 class Handle:
     inode: Inode
@@ -88,7 +116,7 @@ class Operations(pyfuse3.Operations):
         self.dirs: dict[int, tuple[list[tuple[bytes, pyfuse3.EntryAttributes]],
                                    list[tuple[str, Node]]]] = {}
         self._fh = 0
-        self.lock = trio.Lock()
+        self.lock = MutationLock()
         self.limiter = trio.CapacityLimiter(2)
         self.readers = trio.CapacityLimiter(4)
         self.errors = 0
