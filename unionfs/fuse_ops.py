@@ -1,7 +1,7 @@
 """The pyfuse3 adapter: bytes <-> names, inodes and handles <-> union paths, errors <-> errno.
 
 Every handler is thin: it finds the union path of its inode, calls the ``Union`` core, and turns
-the result into ``EntryAttributes``.  Mutations take one ``trio.Lock`` (the core is not
+the result into ``EntryAttributes``.  Mutations take one lock (``MutationLock``; the core is not
 thread-safe and no invariant may span an ``await``); reads do not.  Copying up a large lower
 file runs in a worker thread while the lock is held, so reads of other files go on.
 
