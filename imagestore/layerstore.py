@@ -15,7 +15,6 @@ Caveats:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -103,24 +102,12 @@ class LayerStore:
             try:
                 return TarLayer.open(tar, index, name=diff_id)
             except LayerError:
-                self._reindex(tar, index)  # an index of an older format: build it again
+                self.rebuild_index(diff_id)  # an index of an older format: build it again
                 return TarLayer.open(tar, index, name=diff_id)
         except FileNotFoundError:
             raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
         except LayerError as exc:
             raise InvalidLayer(f"layer {diff_id}: {exc}") from None
-
-    def _reindex(self, tar: str, index: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="index-")
-        os.close(fd)
-        try:
-            build_index(tar).dump(tmp)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, index)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
     def diff_ids(self) -> list[Digest]:
         return [Digest("sha256:" + n) for n in sorted(os.listdir(self.dir)) if len(n) == 64]
@@ -258,17 +245,6 @@ class LayerStore:
                 raise
             fsync_dir(self.dir)
         return info
-
-    def tar_ok(self, diff_id: Digest) -> bool:
-        """The layer's tar is present and hashes to its diff_id."""
-        h = Hasher()
-        try:
-            with open(self.tar_path(diff_id), "rb") as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-        except OSError:
-            return False
-        return h.digest == diff_id
 
     def rebuild_index(self, diff_id: Digest) -> None:
         """Index a stored layer's tar again and replace its index and meta.json atomically
