@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .tarheaders import EXT_HEADER_LIMIT
+
 BLOCK = 512
 _DATA_TYPES = (b"0", b"\0", b"7")  # regular, old regular, contiguous
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
@@ -109,7 +111,6 @@ def _checksum_ok(header: bytes) -> bool:
 
 def _pax(data: bytes, offset: int) -> dict[str, str]:
     out: dict[str, str] = {}
-    binary = b"hdrcharset=BINARY" in data
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos)
@@ -128,8 +129,7 @@ def _pax(data: bytes, offset: int) -> dict[str, str]:
         k = _dec(key)
         if k.startswith("GNU.sparse"):
             raise Fallback("GNU sparse file")
-        out[k] = value.decode("utf-8", "surrogateescape") if not binary or k not in (
-            "path", "linkpath") else _dec(value)
+        out[k] = _dec(value)  # as tarfile with surrogateescape, hdrcharset or not
         pos += length
     return out
 
@@ -169,7 +169,7 @@ def scan(f: BinaryIO) -> Iterator[Member]:
             chained += 1
             if chained > MAX_CHAIN:
                 raise BadHeader(f"too many chained extended headers at offset {offset}")
-            if size > 1 << 24:
+            if size > EXT_HEADER_LIMIT:
                 raise BadHeader(f"extended header of {size} bytes at offset {offset}")
             data = f.read(padded)[:size]
             if len(data) < size:
