@@ -41,8 +41,10 @@ def _create(p: str, data: bytes) -> None:
         os.close(fd)
 
 
+# O_NONBLOCK: a FIFO made by an earlier step has no reader; opening it to write would wait
+# forever (with the flag both mounts answer ENXIO); regular files ignore it
 def _write(p: str, offset: int, data: bytes) -> None:
-    fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW)
+    fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         os.pwrite(fd, data, offset)
     finally:
@@ -50,7 +52,7 @@ def _write(p: str, offset: int, data: bytes) -> None:
 
 
 def _append(p: str, data: bytes) -> None:
-    fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         os.write(fd, data)
     finally:
@@ -58,7 +60,7 @@ def _append(p: str, data: bytes) -> None:
 
 
 def _trunc_open(p: str, data: bytes) -> None:
-    fd = os.open(p, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         os.write(fd, data)
     finally:
