@@ -142,14 +142,8 @@ class Union:
                     below.append(key)
 
     def _lower_candidates(self, parent: Node, path: str) -> list[tuple[int, Entry]]:
-        out = []
-        for li, _ in parent.stack:
-            if li == 0 and self.upper is not None:
-                continue
-            e = self.view.layers[li].entry(path)
-            if e is not None:
-                out.append((li, e))
-        return out
+        return [(li, e) for li, e in self.view.candidates(parent.stack, path)
+                if li != 0 or self.upper is None]
 
     def _lower_visible(self, parent: Node, path: str) -> bool:
         """Would a lower layer show something at ``path`` if the upper had nothing there?"""
@@ -157,9 +151,7 @@ class Union:
 
     def _lower_dirs_join(self, parent: Node, path: str) -> bool:
         """Would lower directories merge into an upper directory at ``path``?"""
-        for _, e in self._lower_candidates(parent, path):
-            return e.is_dir
-        return False
+        return _dirs_join(self._lower_candidates(parent, path))
 
     def _whiteout_in_upper(self, path: str) -> bool:
         e = self._up().entry(path)
@@ -252,7 +244,7 @@ class Union:
 
     def mkdir(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
         path, over, lower = self._prepare_new(parent_path, name)
-        opaque = bool(lower) and lower[0][1].is_dir
+        opaque = _dirs_join(lower)
         self._up().make_dir(path, Attrs(mode, uid, gid), opaque=opaque, over=over)
         return self._made(path, lower)
 
@@ -463,3 +455,8 @@ class Union:
         self.copy_up(path)
         self._up().removexattr(path, name)
         self._changed(path)
+
+
+def _dirs_join(lower: list[tuple[int, Entry]]) -> bool:
+    """Would these lower candidates (top first) merge into an upper directory?"""
+    return bool(lower) and lower[0][1].is_dir
