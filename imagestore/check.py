@@ -53,10 +53,9 @@ from .digest import Digest, parse_digest
 from .errors import InvalidReference, StoreError
 from .layerstore import LayerStore
 from .state import State
-from .store import Store
+from .store import PARTIAL, Store
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-PARTIAL = "partial-"
 
 
 @dataclass(frozen=True)
@@ -352,8 +351,8 @@ class _Checker:
         for name in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, name)
             if name.startswith(PARTIAL) and _HEX64.match(name[len(PARTIAL):]) and _is_file(path):
-                if not self.blobs.has(Digest("sha256:" + name[len(PARTIAL):])):
-                    continue  # a resumable download
+                if self.store.resumable(name):
+                    continue
                 self.add("tmp", name, "partial download of a blob that is stored",
                          _remover(path))
                 continue

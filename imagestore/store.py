@@ -103,6 +103,7 @@ class Removed:
 
 
 DEFAULT_MAX_LAYER_SIZE = 64 << 30
+PARTIAL = "partial-"  # tmp/partial-<hex>: a resumable download of that blob
 
 
 def default_max_layer_size() -> int:
@@ -135,12 +136,18 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _image(self, st: State, image_id: str) -> Image:
-        rec = st.images[image_id]
+    def _documents(self, rec: dict[str, Any]
+                   ) -> tuple[oci.Descriptor, oci.Manifest, oci.ImageConfig]:
+        """An image record's manifest descriptor, manifest and config, read from the blobs."""
         desc = oci.Descriptor.from_json(rec["manifest"])
         manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
         config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
                                        manifest.config.digest)
+        return desc, manifest, config
+
+    def _image(self, st: State, image_id: str) -> Image:
+        rec = st.images[image_id]
+        desc, manifest, config = self._documents(rec)
         # docker lists an image's references sorted by their familiar form (lexicalRefs)
         tags = tuple(sorted((reference.parse(t) for t, i in st.tags.items() if i == image_id),
                             key=lambda r: r.familiar))
@@ -279,10 +286,13 @@ class Store:
         """Empty tmp/ but for the resumable downloads ``partial-<hex>`` of blobs not stored
         (the caller holds gc.lock and lock exclusively)."""
         for name in os.listdir(self.blobs.tmp_dir):
-            hexpart = name.removeprefix("partial-")
-            if hexpart != name and not self.blobs.has(Digest("sha256:" + hexpart)):
-                continue
-            remove_tree(os.path.join(self.blobs.tmp_dir, name))
+            if not self.resumable(name):
+                remove_tree(os.path.join(self.blobs.tmp_dir, name))
+
+    def resumable(self, name: str) -> bool:
+        """Is ``tmp/name`` a resumable download (``partial-<hex>`` of a blob not stored)?"""
+        hexpart = name.removeprefix(PARTIAL)
+        return hexpart != name and not self.blobs.has(Digest("sha256:" + hexpart))
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -490,10 +500,7 @@ class Store:
         layers: set[Digest] = set()
         for rec in st.images.values():
             try:
-                desc = oci.Descriptor.from_json(rec["manifest"])
-                manifest = oci.parse_manifest(self.blobs.read(desc.digest), desc.media_type)
-                config = oci.ImageConfig.parse(self.blobs.read(manifest.config.digest),
-                                               manifest.config.digest)
+                desc, manifest, config = self._documents(rec)
             except (StoreError, KeyError, TypeError):
                 # a damaged image (``strata check`` names it) no longer says what it uses:
                 # keep everything rather than delete a part of it
