@@ -134,6 +134,19 @@ def _daemonize(log_path: str) -> None:
     os.chdir("/")
 
 
+@contextlib.contextmanager
+def _profiled(path: str | None) -> Iterator[None]:
+    """Run the block under cProfile and write its statistics to ``path`` (if given)."""
+    if not path:
+        yield
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        yield
+    prof.dump_stats(path)
+
+
 def _wait_ready(fd: int) -> str:
     """The daemon's first line: ``ready`` or its error (EOF: it died)."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -181,16 +194,9 @@ def _serve(args: argparse.Namespace, store: Store, mountpoint: str,
                 _tell(args.ready_fd, "ready")
 
             stack.callback(cs.unrecord, mountpoint)
-            kw = {"on_ready": ready, "control": control, "lifeline": args.lifeline_fd}
-            profile = os.environ.get("STRATA_PROFILE")  # scripts/bench --profile
-            if profile:
-                import cProfile
-
-                with cProfile.Profile() as prof:
-                    errors = serve(union, mountpoint, options, **kw)  # type: ignore[arg-type]
-                prof.dump_stats(profile)
-            else:
-                errors = serve(union, mountpoint, options, **kw)  # type: ignore[arg-type]
+            with _profiled(os.environ.get("STRATA_PROFILE")):  # scripts/bench --profile
+                errors = serve(union, mountpoint, options, on_ready=ready, control=control,
+                               lifeline=args.lifeline_fd)
             if errors:
                 logging.getLogger("strata").warning("%d handler errors (see above)", errors)
     except Exception as exc:

@@ -277,8 +277,9 @@ class ParallelGzip:
         import os
 
         self.level = level
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads or max(1, os.cpu_count() or 1), thread_name_prefix="gzip")
+        workers = threads or os.cpu_count() or 1
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                           thread_name_prefix="gzip")
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._tail = b""
@@ -286,7 +287,7 @@ class ParallelGzip:
         self._crc = 0
         self._size = 0
         self._started = False
-        self._max_jobs = 2 * (threads or max(1, os.cpu_count() or 1))
+        self._max_jobs = 2 * workers
 
     def compress(self, data: bytes | memoryview) -> bytes:
         data = bytes(data)
