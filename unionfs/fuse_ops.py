@@ -10,8 +10,8 @@ A mount must never die of a bug: pyfuse3 ends its main loop on any exception tha
 else with EIO after logging the traceback (``self.errors`` counts them for the tests).
 
 Caveats:
-* Kernel caches are trusted (long entry/attr timeouts, ``keep_cache``): lower layers never
-  change and the upper changes only through this mount.
+* Kernel caches are trusted (long entry/attr timeouts, ``keep_cache``, cached listings): lower
+  layers never change and the upper changes only through this mount.
 * Writes use ``pwrite`` at the offset the kernel gives; O_APPEND is the kernel's business.
 * ``flush`` is not implemented: the kernel stops sending it after the first ENOSYS, which
   saves a round trip per close (``release`` closes our descriptor).
@@ -99,6 +99,20 @@ class Handle:
     writable: bool
 
 
+# A pyfuse3 built with ``patches/pyfuse3-cache-readdir.patch`` lets ``opendir`` ask the kernel
+# to cache listings; the stock one takes only a number there.
+CACHE_READDIR = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
+
+
+Listing = tuple[list[tuple[bytes, pyfuse3.EntryAttributes]], list[tuple[str, Node]]]
+
+
+@dataclass
+class DirHandle:
+    inode: Inode
+    listing: Listing | None = None  # made by the first readdir, again by a rewind
+
+
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
@@ -113,8 +127,7 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         self.inodes = InodeTable(union.resolve(""))
         self.handles: dict[int, Handle] = {}
-        self.dirs: dict[int, tuple[list[tuple[bytes, pyfuse3.EntryAttributes]],
-                                   list[tuple[str, Node]]]] = {}
+        self.dirs: dict[int, DirHandle] = {}
         self._fh = 0
         self.lock = MutationLock()
         self.limiter = trio.CapacityLimiter(2)
@@ -305,23 +318,38 @@ class Operations(pyfuse3.Operations):
     # -- directories ---------------------------------------------------------------------------
 
     @handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(  # type: ignore[override]  # the patched pyfuse3 takes a FileInfo
+            self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
+        """With a pyfuse3 that takes a ``FileInfo`` here (``scripts/install`` builds one), the
+        kernel caches the listing and keeps it across opens; every change to a directory goes
+        through this mount, and the kernel drops the listing of a directory it changes.  The
+        listing is made at the first ``readdir``: an open the cache answers costs nothing."""
         i = self._inode(inode)
         node = self._node(i)
         if not node.is_dir:
             raise UnionError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self.dirs[fh] = DirHandle(i)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True) if CACHE_READDIR else fh
+
+    def _listing(self, i: Inode) -> Listing:
+        """"." and "..", then the visible children as they are now; a removed directory has
+        none."""
+        node = self._node(i)
         parent = self.inodes.at(node.path.rpartition("/")[0]) if node.path else i
         parent = parent or i
         dots = [(b".", self._attr(i, node)), (b"..", self._attr(parent, self._node(parent)))]
-        fh = self._new_fh()
-        self.dirs[fh] = (dots, self.union.listdir(node))
-        return fh
+        return dots, self.union.listdir(node) if i.path is not None else []
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """Offsets are positions in the snapshot taken at opendir: stable while it is open.
-        "." and ".." come first and, as pyfuse3 asks, add no lookup count."""
-        dots, entries = self.dirs[fh]
+        """A listing is made at offset 0 (the first readdir, or a rewinddir) and later offsets
+        are positions in it: stable while the directory is open, fresh after a rewind, as in
+        overlayfs.  "." and ".." come first and, as pyfuse3 asks, add no lookup count."""
+        d = self.dirs[fh]
+        if d.listing is None or start_id == 0:
+            d.listing = self._listing(d.inode)
+        dots, entries = d.listing
         for i in range(start_id, len(dots)):
             if not pyfuse3.readdir_reply(token, dots[i][0], dots[i][1], i + 1):
                 return

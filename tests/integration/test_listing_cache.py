@@ -1,0 +1,91 @@
+"""Directory listings cached by the kernel (``opendir`` with ``keep_cache`` on a pyfuse3 built
+with ``patches/pyfuse3-cache-readdir.patch``): every change made through the mount shows in the
+next listing, and a listing already read is answered by the kernel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mounter, Strata
+from unionfs.fuse_ops import CACHE_READDIR
+
+pytestmark = pytest.mark.fuse
+
+
+def ls(p: Path) -> list[str]:
+    return sorted(os.listdir(p))
+
+
+def test_every_change_shows_in_the_next_listing(strata: Strata, mounter: Mounter,
+                                                sample_image: str) -> None:
+    strata("create", "--name", "c", sample_image)
+    mp = mounter.mount("c", at=mounter.mountpoint("m"))
+    app, data, usr = mp / "etc/app", mp / "var/lib/data", mp / "usr"
+    assert (ls(app), ls(data), ls(usr)) == (["conf"], ["c"], ["local"])
+
+    (app / "new").write_bytes(b"n")
+    assert ls(app) == ["conf", "new"]
+    os.unlink(app / "conf")  # a lower file: a whiteout in the upper
+    assert ls(app) == ["new"]
+    os.rename(data / "c", usr / "c")  # both parents change
+    assert (ls(data), ls(usr)) == ([], ["c", "local"])
+    os.symlink("new", app / "sym")
+    os.link(app / "new", app / "hard")
+    os.mkfifo(app / "fifo")
+    os.mkdir(app / "sub")
+    assert ls(app) == ["fifo", "hard", "new", "sub", "sym"]
+
+    # a merged directory removed and made again is empty (opaque), though the kernel may still
+    # hold the inode and the listing of the old one
+    assert ls(usr / "local") == ["new"]
+    shutil.rmtree(usr / "local")
+    assert ls(usr) == ["c"]
+    os.mkdir(usr / "local")
+    assert ls(usr / "local") == []
+    (usr / "local/again").write_bytes(b"a")
+    assert ls(usr / "local") == ["again"]
+
+    # a directory renamed over an empty one brings its listing; the old name is gone
+    (mp / "from").mkdir()
+    (mp / "from/x").write_bytes(b"x")
+    (mp / "to").mkdir()
+    assert (ls(mp / "from"), ls(mp / "to")) == (["x"], [])
+    os.rename(mp / "from", mp / "to")
+    assert ls(mp / "to") == ["x"] and not (mp / "from").exists()
+
+    # an open directory stream sees the listing it started with, and rewinds to a new one
+    fd = os.open(app, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = sorted(os.listdir(fd))
+        os.rmdir(app / "sub")
+        assert sorted(os.listdir(fd)) == [n for n in first if n != "sub"]  # listdir rewinds
+    finally:
+        os.close(fd)
+
+    mounter.umount(mp)
+    mp2 = mounter.mount("c", at=mounter.mountpoint("m2"))
+    assert ls(mp2 / "etc/app") == ["fifo", "hard", "new", "sym"]
+    assert (ls(mp2 / "usr"), ls(mp2 / "usr/local")) == (["c", "local"], ["again"])
+
+
+@pytest.mark.skipif(not CACHE_READDIR, reason="stock pyfuse3: listings are not cached")
+def test_a_listing_read_once_is_answered_by_the_kernel(strata: Strata, mounter: Mounter,
+                                                       sample_image: str) -> None:
+    """A file put into the upper behind the mount's back (which strata does not support), with
+    the directory's mtime put back, is not listed: the second listing never reached strata.
+    (The kernel checks the mtime before it uses a listing; a change there would be seen.)"""
+    cid = strata.out("create", sample_image).strip()
+    mp = mounter.mount(cid, at=mounter.mountpoint("m"))
+    (mp / "etc/app/mine").write_bytes(b"m")
+    assert ls(mp / "etc/app") == ["conf", "mine"]
+    upper = strata.root / "containers" / cid / "upper/etc/app"
+    before = os.stat(upper)
+    (upper / "behind").write_bytes(b"b")
+    os.utime(upper, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert ls(mp / "etc/app") == ["conf", "mine"]
+    (mp / "etc/app/through").write_bytes(b"t")
+    assert ls(mp / "etc/app") == ["behind", "conf", "mine", "through"]
