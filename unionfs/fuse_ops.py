@@ -133,6 +133,8 @@ class Operations(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(2)
         self.readers = trio.CapacityLimiter(4)
         self.errors = 0
+        self._negative = pyfuse3.EntryAttributes()  # st_ino 0: "no such entry", cached
+        self._negative.entry_timeout = timeout
         self._thawed: trio.Event | None = None  # set while frozen (commit in progress)
 
     async def freeze(self) -> None:
@@ -252,7 +254,13 @@ class Operations(pyfuse3.Operations):
         if name == b"..":
             return self._entry(self.union.resolve(parent.rpartition("/")[0]))
         path = f"{parent}/{_name(name)}" if parent else _name(name)
-        return self._entry(self.union.resolve(path))
+        try:
+            node = self.union.resolve(path)
+        except UnionError as exc:
+            if exc.code != errno.ENOENT:
+                raise
+            return self._negative  # the kernel keeps the miss (shells, imports probe a lot)
+        return self._entry(node)
 
     @handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

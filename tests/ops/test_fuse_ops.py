@@ -36,9 +36,11 @@ async def test_lookup_getattr_read(ops: Operations) -> None:
     fi = await ops.open(f.st_ino, os.O_RDONLY, CTX)
     assert await ops.read(fi.fh, 6, 100) == b"data"
     await ops.release(fi.fh)
-    with pytest.raises(pyfuse3.FUSEError) as exc:
-        await ops.lookup(ROOT_INO, b"missing", CTX)
-    assert exc.value.errno == errno.ENOENT
+    missing = await ops.lookup(ROOT_INO, b"missing", CTX)  # a miss the kernel may cache
+    assert missing.st_ino == 0 and missing.entry_timeout == ops.timeout
+    with pytest.raises(pyfuse3.FUSEError) as exc:  # not a directory: an error, not cached
+        await ops.lookup(f.st_ino, b"x", CTX)
+    assert exc.value.errno == errno.ENOTDIR
 
 
 async def test_copy_up_on_open_for_write_keeps_the_inode(ops: Operations, tmp_path: Path) -> None:

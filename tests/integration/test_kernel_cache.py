@@ -1,10 +1,12 @@
-"""Directory listings cached by the kernel (``opendir`` with ``keep_cache`` on a pyfuse3 built
-with ``patches/pyfuse3-cache-readdir.patch``): every change made through the mount shows in the
-next listing, and a listing already read is answered by the kernel."""
+"""What the kernel caches for a mount: directory listings (``opendir`` with ``keep_cache`` on a
+pyfuse3 built with ``patches/pyfuse3-cache-readdir.patch``) and misses (a lookup of a missing
+name answers "no entry" with a timeout).  Every change made through the mount shows at once;
+what was read once is answered by the kernel."""
 
 from __future__ import annotations
 
 import os
+import pstats
 import shutil
 from pathlib import Path
 
@@ -89,3 +91,36 @@ def test_a_listing_read_once_is_answered_by_the_kernel(strata: Strata, mounter: 
     assert ls(mp / "etc/app") == ["conf", "mine"]
     (mp / "etc/app/through").write_bytes(b"t")
     assert ls(mp / "etc/app") == ["behind", "conf", "mine", "through"]
+
+
+def _calls(profile: Path, function: str) -> int:
+    """How many times the mount daemon ran ``function`` of ``unionfs/fuse_ops.py``."""
+    stats = pstats.Stats(str(profile)).stats  # type: ignore[attr-defined]
+    return sum(v[1] for (file, _, name), v in stats.items()
+               if name == function and file.endswith("fuse_ops.py"))
+
+
+def test_a_miss_is_remembered_until_the_name_is_made_through_the_mount(
+        strata: Strata, mounter: Mounter, sample_image: str, tmp_path: Path) -> None:
+    """Shells searching $PATH and Python importing probe many missing names: the kernel keeps
+    each miss, so probing again never reaches strata (counted by the daemon's profile).  Names
+    made through the mount are seen at once."""
+    cid = strata.out("create", sample_image).strip()
+    mp = mounter.mountpoint("m")
+    profile = tmp_path / "daemon.prof"
+    strata("mount", cid, str(mp), env={"STRATA_PROFILE": str(profile)})
+    mounter.active.append(mp)
+    for _ in range(50):
+        for name in ("probe", "etc/app/probe", "etc/app/made"):
+            assert not (mp / name).exists()
+    (mp / "etc/app/made").write_bytes(b"m")
+    assert (mp / "etc/app/made").read_bytes() == b"m"
+    os.mkdir(mp / "etc/app/probe")
+    assert (mp / "etc/app/probe").is_dir()
+    os.rmdir(mp / "etc/app/probe")
+    assert not (mp / "etc/app/probe").exists()
+    os.rename(mp / "etc/app/made", mp / "etc/app/probe")
+    assert (mp / "etc/app/probe").read_bytes() == b"m" and not (mp / "etc/app/made").exists()
+    mounter.umount(mp)
+    # etc, app and the three missing names, each asked once (not 150 misses)
+    assert _calls(profile, "lookup") <= 10
