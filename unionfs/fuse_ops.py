@@ -181,7 +181,8 @@ class Operations(pyfuse3.Operations):
 
                 fresh = Entry(mode=st.st_mode, uid=e.uid, gid=e.gid, size=st.st_size,
                               mtime_ns=st.st_mtime_ns, nlink=st.st_nlink, obj=e.obj,
-                              atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns)
+                              atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns,
+                              blocks=st.st_blocks)
                 return Node(inode.node.path, fresh, inode.node.layer, inode.node.stack)
         return inode.node
 
@@ -206,7 +207,7 @@ class Operations(pyfuse3.Operations):
         a.st_uid, a.st_gid, a.st_rdev = e.uid, e.gid, e.rdev
         a.st_size = e.size
         a.st_blksize = 4096
-        a.st_blocks = (e.size + 511) // 512
+        a.st_blocks = e.blocks if e.blocks >= 0 else (e.size + 511) // 512
         a.st_mtime_ns = e.mtime_ns
         a.st_atime_ns = e.atime_ns if e.atime_ns >= 0 else e.mtime_ns
         a.st_ctime_ns = e.ctime_ns if e.ctime_ns >= 0 else e.mtime_ns
