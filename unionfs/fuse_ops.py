@@ -13,6 +13,9 @@ Caveats:
 * Kernel caches are trusted (long entry/attr timeouts, ``keep_cache``, cached listings): lower
   layers never change and the upper changes only through this mount.
 * Writes use ``pwrite`` at the offset the kernel gives; O_APPEND is the kernel's business.
+* ``fallocate`` needs pyfuse3 built with ``patches/pyfuse3-fallocate.patch`` (stock pyfuse3
+  never calls it); the kernel's FUSE module passes on only KEEP_SIZE, PUNCH_HOLE and
+  ZERO_RANGE (COLLAPSE_RANGE and INSERT_RANGE get EOPNOTSUPP without reaching us).
 * ``flush`` is not implemented: the kernel stops sending it after the first ENOSYS, which
   saves a round trip per close (``release`` closes our descriptor).
 """
@@ -117,6 +120,26 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+@functools.cache
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    """libc's ``fallocate`` with a 64-bit off_t (Python has only ``posix_fallocate``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+
+    if _libc_fallocate()(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -183,7 +206,8 @@ class Operations(pyfuse3.Operations):
 
                 fresh = Entry(mode=st.st_mode, uid=e.uid, gid=e.gid, size=st.st_size,
                               mtime_ns=st.st_mtime_ns, nlink=st.st_nlink, obj=e.obj,
-                              atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns)
+                              atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns,
+                              blocks=st.st_blocks)
                 return Node(inode.node.path, fresh, inode.node.layer, inode.node.stack)
         return inode.node
 
@@ -208,7 +232,7 @@ class Operations(pyfuse3.Operations):
         a.st_uid, a.st_gid, a.st_rdev = e.uid, e.gid, e.rdev
         a.st_size = e.size
         a.st_blksize = 4096
-        a.st_blocks = (e.size + 511) // 512
+        a.st_blocks = e.blocks if e.blocks >= 0 else (e.size + 511) // 512
         a.st_mtime_ns = e.mtime_ns
         a.st_atime_ns = e.atime_ns if e.atime_ns >= 0 else e.mtime_ns
         a.st_ctime_ns = e.ctime_ns if e.ctime_ns >= 0 else e.mtime_ns
@@ -529,6 +553,18 @@ class Operations(pyfuse3.Operations):
         if h.fd is None or not h.writable:
             raise UnionError(errno.EBADF)
         return os.pwrite(h.fd, buf, off)
+
+    @handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Passed on to the upper file, as overlayfs does (it was copied up at the open for
+        writing).  Runs in a worker thread under the mutation lock: a freeze for commit waits
+        for one in flight, and later ones wait for the thaw, as writes do."""
+        h = self.handles[fh]
+        if h.fd is None or not h.writable:
+            raise UnionError(errno.EBADF)
+        async with self.lock:
+            await trio.to_thread.run_sync(_fallocate, h.fd, mode, offset, length,
+                                          limiter=self.limiter)
 
     @handler
     async def release(self, fh: int) -> None:

@@ -53,6 +53,7 @@ class Entry:
     obj: int = 0
     atime_ns: int = -1  # -1: same as mtime (layer tars carry no atime/ctime)
     ctime_ns: int = -1
+    blocks: int = -1  # 512-byte blocks allocated; -1: as many as the size needs (tars)
 
     @property
     def is_whiteout(self) -> bool:
@@ -206,7 +207,7 @@ class DirLayer:
             rdev=st.st_rdev, nlink=st.st_nlink,
             target=os.readlink(full) if stat.S_ISLNK(st.st_mode) else "",
             flags=flags, ref=path, obj=st.st_ino, atime_ns=st.st_atime_ns,
-            ctime_ns=st.st_ctime_ns,
+            ctime_ns=st.st_ctime_ns, blocks=st.st_blocks,
         )
 
     def children(self, path: str) -> Iterator[tuple[str, Entry]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
+import trio
 
 from unionfs.fuse_ops import Operations
 from unionfs.inodes import ROOT_INO
@@ -111,3 +112,34 @@ async def test_readonly_union_answers_erofs(tmp_path: Path) -> None:
         with pytest.raises(pyfuse3.FUSEError) as exc:
             await call
         assert exc.value.errno == errno.EROFS
+
+
+async def test_fallocate_goes_to_the_upper_file_and_waits_for_a_thaw(ops: Operations,
+                                                                     tmp_path: Path) -> None:
+    a = await ops.lookup(ROOT_INO, b"a", CTX)
+    reader = await ops.open(a.st_ino, os.O_RDONLY, CTX)
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.fallocate(reader.fh, 0, 0, 4096)
+    assert exc.value.errno == errno.EBADF
+    writer = await ops.open(a.st_ino, os.O_WRONLY, CTX)  # copies "a" up
+    await ops.freeze()
+    done = []
+
+    async def grow() -> None:
+        await ops.fallocate(writer.fh, 0, 0, 8192)
+        done.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(grow)
+        await trio.sleep(0.2)  # time for a worker thread to run, were one started
+        assert not done and os.stat(tmp_path / "up/a").st_size == 1  # held while frozen
+        ops.thaw()
+    attr = await ops.getattr(a.st_ino, CTX)
+    assert (attr.st_size, attr.st_blocks) == (8192, os.stat(tmp_path / "up/a").st_blocks)
+    assert attr.st_blocks >= 16
+    assert await ops.read(reader.fh, 0, 2) == b"A\0"
+    with pytest.raises(pyfuse3.FUSEError) as exc:  # errors of the file system are passed on
+        await ops.fallocate(writer.fh, 0x100, 0, 4096)
+    assert exc.value.errno == errno.EOPNOTSUPP
+    for fh in (reader.fh, writer.fh):
+        await ops.release(fh)
