@@ -22,6 +22,7 @@ Caveats:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -107,7 +108,27 @@ class Handle:
 CACHE_READDIR = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 
 
-Listing = tuple[list[tuple[bytes, pyfuse3.EntryAttributes]], list[tuple[str, Node]]]
+# "." and ".." with their attributes; the children with their cookies (increasing) and nodes
+Listing = tuple[list[tuple[bytes, pyfuse3.EntryAttributes]], list[int], list[tuple[str, Node]]]
+
+_COOKIE_MASK = (1 << 62) - 1
+
+
+def cookies(entries: list[tuple[str, Node]]) -> tuple[list[int], list[tuple[str, Node]]]:
+    """Each child's readdir offset from its name alone (a hash, unique within the listing),
+    with the children in that order.  The kernel keeps one cached listing per directory for
+    every open of it and resumes a reader at an offset it got earlier, perhaps from a listing
+    made before a change: an offset must name the same place in every listing, or a reader
+    skips or repeats names a change did not touch.  (Positions would shift when an earlier
+    name goes.)  1 and 2 are "." and ".."; a collision takes the next free number."""
+    keyed = sorted((((hash(name) & _COOKIE_MASK) + 3, name, node) for name, node in entries),
+                   key=lambda t: (t[0], t[1]))
+    out: list[int] = []
+    last = 2
+    for c, _, _ in keyed:
+        last = c if c > last else last + 1
+        out.append(last)
+    return out, [(name, node) for _, name, node in keyed]
 
 
 @dataclass
@@ -371,25 +392,26 @@ class Operations(pyfuse3.Operations):
         parent = self.inodes.at(node.path.rpartition("/")[0]) if node.path else i
         parent = parent or i
         dots = [(b".", self._attr(i, node)), (b"..", self._attr(parent, self._node(parent)))]
-        return dots, self.union.listdir(node) if i.path is not None else []
+        return (dots, *cookies(self.union.listdir(node) if i.path is not None else []))
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """A listing is made at offset 0 (the first readdir, or a rewinddir) and later offsets
-        are positions in it: stable while the directory is open, fresh after a rewind, as in
-        overlayfs.  "." and ".." come first and, as pyfuse3 asks, add no lookup count."""
+        """A listing is made at offset 0 (the first readdir, or a rewinddir: fresh, as in
+        overlayfs) and kept while the directory is open; offsets are the children's cookies,
+        so a reader resumes after the name it saw last in any listing.  "." and ".." come
+        first and, as pyfuse3 asks, add no lookup count."""
         d = self.dirs[fh]
         if d.listing is None or start_id == 0:
             d.listing = self._listing(d.inode)
-        dots, entries = d.listing
+        dots, offsets, entries = d.listing
         for i in range(start_id, len(dots)):
             if not pyfuse3.readdir_reply(token, dots[i][0], dots[i][1], i + 1):
                 return
         ref, attr, reply, encode = self.inodes.ref, self._attr, pyfuse3.readdir_reply, os.fsencode
-        for i in range(max(0, start_id - len(dots)), len(entries)):
+        for i in range(bisect.bisect_right(offsets, start_id), len(entries)):
             name, node = entries[i]
             inode = ref(node, 0)
-            if not reply(token, encode(name), attr(inode, node), i + len(dots) + 1):
+            if not reply(token, encode(name), attr(inode, node), offsets[i]):
                 self.inodes.forget(inode.ino, 0)
                 return
             inode.lookups += 1

@@ -160,7 +160,9 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | 
 
         nursery.start_soon(main)
         nursery.start_soon(signals)
-        await trio.to_thread.run_sync(os.stat, mountpoint)
+        # abandoned if the mount ends first (a signal, the parent gone): the stat would wait
+        # forever for an answer nobody is left to give, and the daemon with it
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
         _readahead(mountpoint, READAHEAD_KB)
         log.info("mounted %s", mountpoint)
         if on_ready is not None:

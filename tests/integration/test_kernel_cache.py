@@ -77,9 +77,10 @@ def test_every_change_shows_in_the_next_listing(strata: Strata, mounter: Mounter
 @pytest.mark.skipif(not CACHE_READDIR, reason="stock pyfuse3: listings are not cached")
 def test_a_listing_read_once_is_answered_by_the_kernel(strata: Strata, mounter: Mounter,
                                                        sample_image: str) -> None:
-    """A file put into the upper behind the mount's back (which strata does not support), with
-    the directory's mtime put back, is not listed: the second listing never reached strata.
-    (The kernel checks the mtime before it uses a listing; a change there would be seen.)"""
+    """A file put into the upper behind the mount's back (which strata does not support) is
+    not listed: the second listing never reached strata.  (Before it uses a listing, the
+    kernel compares the directory's mtime, if it has fetched the attributes again since; the
+    old mtime is put back so that the listing is used whatever it fetched.)"""
     cid = strata.out("create", sample_image).strip()
     mp = mounter.mount(cid, at=mounter.mountpoint("m"))
     (mp / "etc/app/mine").write_bytes(b"m")
@@ -124,3 +125,27 @@ def test_a_miss_is_remembered_until_the_name_is_made_through_the_mount(
     mounter.umount(mp)
     # etc, app and the three missing names, each asked once (not 150 misses)
     assert _calls(profile, "lookup") <= 10
+
+
+def test_a_reader_in_the_middle_of_a_big_directory_misses_nothing(
+        strata: Strata, mounter: Mounter, sample_image: str) -> None:
+    """One cached listing serves every open of a directory, and a reader resumes at the
+    offset it reached, in whatever listing the kernel has by then: after an earlier name is
+    removed and someone lists the directory again, the reader must still see every other
+    name once.  (With offsets that were positions, it skipped one.)"""
+    cid = strata.out("create", sample_image).strip()
+    mp = mounter.mount(cid, at=mounter.mountpoint("m"))
+    big = mp / "big"
+    big.mkdir()
+    names = {f"f{i:05d}" for i in range(3000)}
+    for n in names:
+        (big / n).touch()
+    assert set(os.listdir(big)) == names  # the listing is cached now
+    with os.scandir(big) as it:
+        seen = [next(it).name for _ in range(1500)]  # more than one getdents
+        gone = seen[0]
+        os.unlink(big / gone)
+        assert set(os.listdir(big)) == names - {gone}  # a new listing replaces the cached one
+        seen += [e.name for e in it]
+    assert len(seen) == len(set(seen)), "a name was listed twice"
+    assert names - {gone} <= set(seen), f"missed: {sorted(names - {gone} - set(seen))[:5]}"

@@ -8,13 +8,14 @@ import mmap
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.builders import diff_trees, tree_of_dir, tree_of_tar
-from tests.conftest import Mounter, Strata, is_mounted
+from tests.conftest import REPO, Mounter, Strata, force_unmount, is_mounted
 
 pytestmark = pytest.mark.fuse
 
@@ -181,3 +182,29 @@ def test_kill_9_mid_write_then_umount_recovers(strata: Strata, mounter: Mounter,
     mp2 = mounter.mount("k", at=mounter.mountpoint("k2"))
     assert (mp2 / "etc/passwd").read_bytes().startswith(b"root:")
     assert os.listdir(strata.root / "containers" / cid / "work/work") == []
+
+
+def test_a_daemon_orphaned_before_it_is_ready_leaves_no_mount(strata: Strata, mounter: Mounter,
+                                                              sample_image: str) -> None:
+    """The process that started a mount dies at once (its lifeline closed before the daemon
+    runs): the daemon must unmount and exit, not wait forever on its own readiness check of a
+    mount nobody serves (which hung every process that touched the mountpoint)."""
+    for i in range(8):
+        mp = mounter.mountpoint(f"m{i}")
+        r, w = os.pipe()
+        os.close(w)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "--root", str(strata.root), "mount", "-f",
+             "--lifeline-fd", str(r), sample_image, str(mp)],
+            pass_fds=(r,), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(r)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            force_unmount(mp)
+            pytest.fail(f"run {i}: the orphaned daemon hung")
+        finally:
+            assert proc.stderr is not None
+            proc.stderr.close()
+        assert not is_mounted(mp), f"run {i}: left mounted"
