@@ -157,6 +157,27 @@ def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, sample_image
     mounter.active.remove(mp)
 
 
+@pytest.mark.parametrize("tool", [["fusermount3", "-u"], ["umount"]])
+def test_an_unmount_by_other_tools_ends_the_daemon_and_its_record(
+        strata: Strata, mounter: Mounter, sample_image: str, tool: list[str]) -> None:
+    """``fusermount3 -u`` or ``umount`` (milliseconds; ``strata umount`` pays a Python start)
+    leave the store as ``strata umount`` does: the daemon sees the session end, drops its
+    mount record and exits."""
+    cid = strata.out("create", sample_image).strip()
+    mp = mounter.mount(cid, at=mounter.mountpoint("t"))
+    (mp / "kept").write_bytes(b"k")
+    pid = int(strata.out("mounts").splitlines()[1].split()[3])
+    subprocess.run([*tool, str(mp)], check=True)
+    mounter.active.remove(mp)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}"), "the daemon is still running"
+    assert strata.out("mounts", "-q") == ""
+    assert (strata.root / "containers" / cid / "upper/kept").read_bytes() == b"k"
+    strata("check")
+
+
 def test_kill_9_mid_write_then_umount_recovers(strata: Strata, mounter: Mounter,
                                                sample_image: str) -> None:
     cid = strata.out("create", "--name", "k", sample_image).strip()
