@@ -39,6 +39,7 @@ from .errors import UnionError
 from .inodes import ROOT_INO, Inode, InodeTable
 from .mutate import Union
 from .resolve import Node
+from .upper import fallocate
 
 log = logging.getLogger(__name__)
 
@@ -139,26 +140,6 @@ class DirHandle:
 
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
-
-
-@functools.cache
-def _libc_fallocate() -> Callable[[int, int, int, int], int]:
-    """libc's ``fallocate`` with a 64-bit off_t (Python has only ``posix_fallocate``)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "fallocate64", None) or libc.fallocate
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-
-    if _libc_fallocate()(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 class Operations(pyfuse3.Operations):
@@ -585,7 +566,7 @@ class Operations(pyfuse3.Operations):
         if h.fd is None or not h.writable:
             raise UnionError(errno.EBADF)
         async with self.lock:
-            await trio.to_thread.run_sync(_fallocate, h.fd, mode, offset, length,
+            await trio.to_thread.run_sync(fallocate, h.fd, mode, offset, length,
                                           limiter=self.limiter)
 
     @handler

@@ -48,8 +48,25 @@ def renameat2(src: str, dst: str, flags: int) -> None:
     res = _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
                           ctypes.c_uint(flags))
     if res != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), src)
+        raise _errno_error(src)
+
+
+# off_t is 64 bits wide in fallocate64 whatever the platform (libcs without it have a 64-bit one)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode (Python has only ``posix_fallocate``)."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        raise _errno_error()
+
+
+def _errno_error(*filename: str) -> OSError:
+    """The OSError of the libc call that just failed."""
+    e = ctypes.get_errno()
+    return OSError(e, os.strerror(e), *filename)
 
 
 @dataclass(frozen=True)
