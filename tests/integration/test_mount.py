@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.mount import wait_gone
+from imagestore.containers import process_alive
 from tests.builders import diff_trees, tree_of_dir, tree_of_tar
 from tests.conftest import REPO, Mounter, Strata, force_unmount, is_mounted
 
@@ -169,10 +171,8 @@ def test_an_unmount_by_other_tools_ends_the_daemon_and_its_record(
     pid = int(strata.out("mounts").splitlines()[1].split()[3])
     subprocess.run([*tool, str(mp)], check=True)
     mounter.active.remove(mp)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not os.path.exists(f"/proc/{pid}"), "the daemon is still running"
+    wait_gone(pid)
+    assert not process_alive(pid), "the daemon is still running"
     assert strata.out("mounts", "-q") == ""
     assert (strata.root / "containers" / cid / "upper/kept").read_bytes() == b"k"
     strata("check")
