@@ -22,7 +22,7 @@ from imagestore.containers import Containers, MountRecord, process_alive
 from imagestore.store import Store
 from unionfs.layers import DirLayer, LowerLayer
 from unionfs.mount import MountError, MountOptions, check_mountpoint, serve, unmount
-from unionfs.mutate import Union
+from unionfs.union import Union
 from unionfs.upper import UpperLayer
 
 from .common import UserError, store_of

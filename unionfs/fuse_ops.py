@@ -37,7 +37,7 @@ import trio
 
 from .errors import UnionError
 from .inodes import ROOT_INO, Inode, InodeTable
-from .mutate import Union
+from .union import Union
 from .resolve import Node
 from .upper import fallocate
 

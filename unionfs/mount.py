@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (star
     import trio
 
     from .fuse_ops import Operations
-    from .mutate import Union
+    from .union import Union
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,11 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | 
         nursery.start_soon(signals)
         # abandoned if the mount ends first (a signal, the parent gone): the stat would wait
         # forever for an answer nobody is left to give, and the daemon with it
-        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        _readahead(mountpoint, READAHEAD_KB)
+        # Nothing on this thread may touch the mount: a request another process sends the
+        # moment the mount appears waits for this very thread (the stat that tells the
+        # mount answers runs in a worker, and its result names the device for read-ahead)
+        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        _readahead(st.st_dev, READAHEAD_KB)
         log.info("mounted %s", mountpoint)
         if on_ready is not None:
             on_ready()
@@ -172,11 +175,11 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | 
 READAHEAD_KB = 1024
 
 
-def _readahead(mountpoint: str, kb: int) -> None:
-    """Let the kernel read ahead ``kb`` KiB at a time (its default for FUSE is 128): sequential
-    reads then come in 1 MiB requests, an eighth of the round trips.  Root only; best effort."""
-    st = os.stat(mountpoint)
-    path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+def _readahead(dev: int, kb: int) -> None:
+    """Let the kernel read ahead ``kb`` KiB at a time (its default for FUSE is 128) on the
+    mount of device ``dev``: sequential reads then come in 1 MiB requests, an eighth of the
+    round trips.  Root only; best effort."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
     try:
         with open(path, "w") as f:
             f.write(str(kb))

@@ -12,9 +12,9 @@ set is recorded in ``user.containers.override_stat`` (``uid:gid:mode``, as conta
 and fuse-overlayfs write it) and read back from there.
 
 Caveats:
-* Paths are union paths; the caller (``mutate``) has checked that every parent is a directory
+* Paths are union paths; the caller (``union``) has checked that every parent is a directory
   in the upper, so no symlink is ever followed on the host side (O_NOFOLLOW where it matters).
-* Not thread-safe on its own: ``mutate`` serialises writers.
+* Not thread-safe on its own: ``union`` serialises writers.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import trio
 from unionfs.fuse_ops import Operations
 from unionfs.inodes import ROOT_INO
 from unionfs.layers import DirLayer
-from unionfs.mutate import Union
+from unionfs.union import Union
 from unionfs.upper import UpperLayer
 
 CTX = pyfuse3.RequestContext()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = {"layers", "tarlayer", "tarscan", "tarheaders", "layerindex", "whiteout", "upper",
-        "resolve", "mutate", "inodes", "control", "errors"}
+        "resolve", "union", "inodes", "control", "errors"}
 
 
 def imports(path: Path) -> set[str]:

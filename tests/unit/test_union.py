@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import require_root
 from unionfs.errors import UnionError
 from unionfs.layers import DirLayer
-from unionfs.mutate import Union
+from unionfs.union import Union
 from unionfs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, UpperLayer
 
 
