@@ -1,9 +1,12 @@
 """The pyfuse3 adapter: bytes <-> names, inodes and handles <-> union paths, errors <-> errno.
 
-Every handler is thin: it finds the union path of its inode, calls the ``Union`` core, and turns
+Every handler is thin: it finds the union path of its inode, calls the ``Union`` core (which
+makes every union decision: what an open, a setattr, a link or a rename copies up), and turns
 the result into ``EntryAttributes``.  Mutations take one lock (``MutationLock``; the core is not
-thread-safe and no invariant may span an ``await``); reads do not.  Copying up a large lower
-file runs in a worker thread while the lock is held, so reads of other files go on.
+thread-safe and no invariant may span an ``await``); reads do not.  A mutation that would copy
+a large lower file up (``Union.copy_cost``) runs in a worker thread while the lock is held, so
+reads of other files go on; so does every read of a layer whose bytes may still be arriving
+(``Union.blocking``).  Inode numbers come from ``inodes`` (derived from the objects).
 
 A mount must never die of a bug: pyfuse3 ends its main loop on any exception that is not
 ``FUSEError``, so ``@handler`` answers ``UnionError``/``OSError`` with their errno and anything
@@ -37,9 +40,10 @@ import trio
 
 from .errors import UnionError
 from .inodes import ROOT_INO, Inode, InodeTable
-from .union import Union
 from .resolve import Node
+from .union import Union
 from .upper import fallocate
+from .whiteout import is_private_xattr
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +103,10 @@ class MutationLock:
 @dataclass
 class Handle:
     inode: Inode
-    fd: int | None  # an upper file; None reads the lower node
+    fd: int | None  # the file's data (upper or directory layer); None: the layer reads
     node: Node | None
     writable: bool
+    lower: bool  # reads a lower layer's file: switched to the upper copy after a copy-up
 
 
 # A pyfuse3 built with ``patches/pyfuse3-cache-readdir.patch`` lets ``opendir`` ask the kernel
@@ -150,7 +155,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.union = union
         self.timeout = timeout
-        self.inodes = InodeTable(union.resolve(""))
+        self.inodes = InodeTable(union.resolve(""), union.identity)
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._fh = 0
@@ -183,17 +188,11 @@ class Operations(pyfuse3.Operations):
         return inode
 
     def _node(self, inode: Inode) -> Node:
-        """What ``inode`` is now (the union's cache answers; upper objects are stat'ed afresh,
-        since data writes change their size and times)."""
+        """What ``inode`` is now (upper objects stat'ed afresh: data writes change them)."""
         path = inode.path
         if path is None:
             return self._nameless(inode)
-        node = self.union.resolve(path)
-        upper = self.union.upper
-        if upper is not None and node.stack[0][0] == 0:
-            fresh = upper.entry(path)
-            if fresh is not None and not fresh.is_whiteout:
-                node = Node(path, fresh, 0, node.stack)
+        node = self.union.stat(path)
         self.inodes.refresh(inode, node)
         return node
 
@@ -201,16 +200,8 @@ class Operations(pyfuse3.Operations):
         """An unlinked file kept alive by open handles: fstat one of them."""
         assert inode.node is not None
         for h in self.handles.values():
-            if h.inode is inode and h.fd is not None:
-                st = os.fstat(h.fd)
-                e = inode.node.entry
-                from .layers import Entry
-
-                fresh = Entry(mode=st.st_mode, uid=e.uid, gid=e.gid, size=st.st_size,
-                              mtime_ns=st.st_mtime_ns, nlink=st.st_nlink, obj=e.obj,
-                              atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns,
-                              blocks=st.st_blocks)
-                return Node(inode.node.path, fresh, inode.node.layer, inode.node.stack)
+            if h.inode is inode and h.fd is not None and not h.lower:
+                return self.union.fstat(inode.node, h.fd)
         return inode.node
 
     def _path(self, ino: int) -> str:
@@ -226,7 +217,7 @@ class Operations(pyfuse3.Operations):
         e = node.entry
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode.ino
-        a.generation = 0
+        a.generation = inode.generation
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
         a.st_mode = e.mode
@@ -241,33 +232,40 @@ class Operations(pyfuse3.Operations):
         inode.attr, inode.attr_of = a, node
         return a
 
-    def _entry(self, node: Node, count: int = 1) -> pyfuse3.EntryAttributes:
-        return self._attr(self.inodes.ref(node, count), node)
+    def _entry(self, node: Node, count: int = 1, new: bool = False) -> pyfuse3.EntryAttributes:
+        """The attributes of ``node`` for a reply that gives the kernel a lookup reference
+        (``new``: an object just created)."""
+        return self._attr(self.inodes.ref(node, count, new), node)
 
     def _new_fh(self) -> int:
         self._fh += 1
         return self._fh
 
-    async def _copy_up(self, path: str, size: int | None = None) -> None:
-        """Copy up under the lock; big regular files in a worker thread."""
-        node = self.union.resolve(path)
-        if self.union.in_upper(node):
-            return
-        if stat.S_ISREG(node.entry.mode) and node.entry.size > BIG_COPY and size != 0:
-            await trio.to_thread.run_sync(self.union.copy_up, path, size,
-                                          limiter=self.limiter)
+    async def _changing(self, path: str, fn: Callable[..., T], *args: Any,
+                        size: int | None = None) -> T:
+        """``fn(*args)``, a union mutation that may copy ``path`` up (truncated to ``size``):
+        in a worker thread when that copy is big, so other requests go on.  Read handles on
+        the lower file then read the upper copy, as overlayfs's do."""
+        if self.union.copy_cost(path, size) > BIG_COPY:
+            got = await trio.to_thread.run_sync(lambda: fn(*args), limiter=self.limiter)
         else:
-            self.union.copy_up(path, size)
+            got = fn(*args)
         self._reopen_readers(path)
+        return got
 
     def _reopen_readers(self, path: str) -> None:
         """Read-only handles opened on the lower file now read the upper copy."""
         inode = self.inodes.at(path)
-        if inode is None or self.union.upper is None:
+        if inode is None:
+            return
+        node = self.union.find(path)
+        if node is None or not self.union.in_upper(node):
             return
         for h in self.handles.values():
-            if h.inode is inode and h.fd is None:
-                h.fd = os.open(self.union.upper.abs(path), os.O_RDONLY | os.O_CLOEXEC)
+            if h.inode is inode and h.lower:
+                if h.fd is not None:
+                    os.close(h.fd)
+                h.fd, h.lower = self.union.open_file(node, False), False
 
     # -- lookups and attributes ----------------------------------------------------------------
 
@@ -276,12 +274,12 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._path(parent_inode)
         if name == b".":
-            return self._entry(self.union.resolve(parent))
+            return self._entry(self.union.stat(parent))
         if name == b"..":
-            return self._entry(self.union.resolve(parent.rpartition("/")[0]))
+            return self._entry(self.union.stat(parent.rpartition("/")[0]))
         path = f"{parent}/{_name(name)}" if parent else _name(name)
         try:
-            node = self.union.resolve(path)
+            node = self.union.stat(path)
         except UnionError as exc:
             if exc.code != errno.ENOENT:
                 raise
@@ -306,16 +304,16 @@ class Operations(pyfuse3.Operations):
         if i.path is None and fh is not None and self.handles[fh].fd is not None:
             return await self._setattr_nameless(i, attr, fields, self.handles[fh])
         path = self._path(inode)
+        size = attr.st_size if fields.update_size else None
         async with self.lock:
-            await self._copy_up(path, attr.st_size if fields.update_size else None)
-            node = self.union.setattr(
-                path,
-                mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
-                uid=attr.st_uid if fields.update_uid else None,
-                gid=attr.st_gid if fields.update_gid else None,
-                size=attr.st_size if fields.update_size else None,
-                atime_ns=attr.st_atime_ns if fields.update_atime else None,
-                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+            node = await self._changing(
+                path, functools.partial(
+                    self.union.setattr, path,
+                    mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+                    uid=attr.st_uid if fields.update_uid else None,
+                    gid=attr.st_gid if fields.update_gid else None, size=size,
+                    atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                    mtime_ns=attr.st_mtime_ns if fields.update_mtime else None), size=size)
         self.inodes.refresh(i, node)
         return self._attr(i, node)
 
@@ -327,6 +325,10 @@ class Operations(pyfuse3.Operations):
             os.ftruncate(h.fd, attr.st_size)
         if fields.update_mode:
             os.fchmod(h.fd, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(h.fd)
+            os.utime(h.fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                               attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
         return self._attr(i, self._node(i))
 
     @handler
@@ -339,7 +341,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         upper = self.union.upper
-        st = os.statvfs(upper.root if upper is not None else "/")
+        st = os.statvfs(upper.dir.fd if upper is not None else "/")
         out = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                      "f_ffree", "f_favail"):
@@ -411,7 +413,7 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             node = self.union.mkdir(self._path(parent_inode), _name(name), stat.S_IMODE(mode),
                                     ctx.uid, ctx.gid)
-        return self._entry(node)
+        return self._entry(node, new=True)
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -427,7 +429,7 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             node = self.union.mknod(self._path(parent_inode), _name(name), mode, rdev,
                                     ctx.uid, ctx.gid)
-        return self._entry(node)
+        return self._entry(node, new=True)
 
     @handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -435,16 +437,16 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             node = self.union.symlink(self._path(parent_inode), _name(name),
                                       os.fsdecode(target), ctx.uid, ctx.gid)
-        return self._entry(node)
+        return self._entry(node, new=True)
 
     @handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         async with self.lock:
             src = self._path(inode)
-            await self._copy_up(src)
-            node = self.union.link(src, self._path(new_parent_inode), _name(new_name))
-            self._node(self._inode(inode))  # re-key the source: it may have been copied up
+            node = await self._changing(src, self.union.link, src, self._path(new_parent_inode),
+                                        _name(new_name))
+            self._node(self._inode(inode))  # the source's link count changed
         return self._entry(node)
 
     @handler
@@ -460,11 +462,9 @@ class Operations(pyfuse3.Operations):
         src = f"{src_parent}/{_name(name_old)}" if src_parent else _name(name_old)
         dst = f"{dst_parent}/{_name(name_new)}" if dst_parent else _name(name_new)
         async with self.lock:
-            node = self.union.resolve(src)
-            if not node.is_dir and not self.union.in_upper(node):
-                await self._copy_up(src)
-            moved, replaced = self.union.rename(src_parent, _name(name_old), dst_parent,
-                                                _name(name_new), flags)
+            moved, replaced = await self._changing(src, self.union.rename, src_parent,
+                                                   _name(name_old), dst_parent,
+                                                   _name(name_new), flags)
         if not moved:
             return
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -476,46 +476,38 @@ class Operations(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------------
 
-    def _open_fd(self, path: str, writable: bool) -> int:
-        assert self.union.upper is not None
-        full = self.union.upper.abs(path)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
-        try:
-            return os.open(full, flags)
-        except PermissionError:
-            if not writable:
-                raise
-            return os.open(full, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         i = self._inode(inode)
-        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
-        if writable and not self.union.writable:
-            raise UnionError(errno.EROFS)
-        node = self._node(i)
-        if writable and i.path is not None:
-            # libfuse enables atomic O_TRUNC: the truncate comes with the open, not a setattr
-            truncate = bool(flags & os.O_TRUNC)
-            async with self.lock:
-                await self._copy_up(i.path, 0 if truncate else None)
-                if truncate:
-                    self.union.setattr(i.path, size=0)
-                node = self._node(i)
-        fd = None
-        if self.union.upper is not None and self.union.in_upper(node) and i.path is not None:
-            fd = self._open_fd(i.path, writable)
-        elif i.path is None:
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if i.path is None:  # unlinked, still open elsewhere: share that descriptor
             fd = self._borrow_fd(i)
+            node = self._node(i)
+        else:
+            if self.union.open_changes(flags):
+                if not self.union.writable:
+                    raise UnionError(errno.EROFS)
+                async with self.lock:
+                    # libfuse enables atomic O_TRUNC: the truncate comes with the open
+                    size = 0 if flags & os.O_TRUNC else None
+                    self.inodes.refresh(i, await self._changing(
+                        i.path, self.union.open, i.path, flags, size=size))
+            node = self._node(i)
+            fd = self.union.open_file(node, writable)
         fh = self._new_fh()
-        self.handles[fh] = Handle(i, fd, node, writable)
+        self.handles[fh] = Handle(i, fd, node, writable, not self.union.in_upper(node))
         self.inodes.opened(i)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _borrow_fd(self, i: Inode) -> int | None:
+        fd = self._upper_fd(i)
+        return None if fd is None else os.dup(fd)
+
+    def _upper_fd(self, i: Inode) -> int | None:
+        """A descriptor some handle holds on ``i``'s upper file."""
         for h in self.handles.values():
-            if h.inode is i and h.fd is not None:
-                return os.dup(h.fd)
+            if h.inode is i and h.fd is not None and not h.lower:
+                return h.fd
         return None
 
     @handler
@@ -525,10 +517,10 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             node = self.union.create(self._path(parent_inode), _name(name), stat.S_IMODE(mode),
                                      ctx.uid, ctx.gid)
-        attr = self._entry(node)
+        attr = self._entry(node, new=True)
         i = self._inode(attr.st_ino)
         fh = self._new_fh()
-        self.handles[fh] = Handle(i, self._open_fd(node.path, True), node, True)
+        self.handles[fh] = Handle(i, self.union.open_file(node, True), node, True, False)
         self.inodes.opened(i)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), attr
 
@@ -543,7 +535,7 @@ class Operations(pyfuse3.Operations):
                                                      limiter=self.readers)
             return os.pread(h.fd, size, off)
         assert h.node is not None
-        if size >= BIG_READ:
+        if size >= BIG_READ or self.union.blocking(h.node):
             return await trio.to_thread.run_sync(self.union.read, h.node, off, size,
                                                  limiter=self.readers)
         return self.union.read(h.node, off, size)
@@ -587,28 +579,46 @@ class Operations(pyfuse3.Operations):
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         i = self._inode(inode)
-        node = self.union.resolve(i.path) if i.path is not None else self._nameless(i)
-        value = self.union.xattr(node, os.fsdecode(name))
+        if i.path is None:
+            value = self._nameless_xattr(i, os.fsdecode(name))
+        else:
+            value = self.union.xattr(self.union.resolve(i.path), os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
+    def _nameless_xattr(self, i: Inode, name: str) -> bytes | None:
+        fd = self._upper_fd(i)
+        if fd is None:
+            assert i.node is not None
+            return self.union.xattr(i.node, name)
+        try:
+            return os.getxattr(fd, name)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in self.union.xattrs(self._node(self._inode(inode)))]
+        i = self._inode(inode)
+        fd = self._upper_fd(i) if i.path is None else None
+        if fd is not None:
+            return [os.fsencode(n) for n in os.listxattr(fd) if not is_private_xattr(n)]
+        return [os.fsencode(n) for n in self.union.xattrs(self._node(i))]
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         async with self.lock:
             path = self._path(inode)
-            await self._copy_up(path)
-            self.union.setxattr(path, os.fsdecode(name), value)
+            await self._changing(path, self.union.setxattr, path, os.fsdecode(name), value)
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         async with self.lock:
-            self.union.removexattr(self._path(inode), os.fsdecode(name))
+            path = self._path(inode)
+            await self._changing(path, self.union.removexattr, path, os.fsdecode(name))
 
     def close_all(self) -> None:
         """Close every handle (after the main loop ended)."""

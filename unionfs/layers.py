@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import stat
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from . import whiteout as wh
+from .hostdir import HostDir
 
 WHITEOUT = 1  # the name is hidden from the layers below
 OPAQUE = 2  # a directory that hides every lower child
@@ -73,6 +75,20 @@ class Entry:
 
 
 WHITEOUT_ENTRY = Entry(mode=0, flags=WHITEOUT)
+
+
+def restat(e: Entry, st: os.stat_result, mode: bool) -> Entry:
+    """``e`` with what changes behind a union's back once an object is in the upper (data
+    writes and link counts): size, times, link count, blocks; and the mode bits when ``mode``
+    says the host's are the object's (not a recorded override).  ``e`` itself when none did."""
+    new_mode = st.st_mode if mode else e.mode
+    if (st.st_size == e.size and st.st_mtime_ns == e.mtime_ns and st.st_ctime_ns == e.ctime_ns
+            and st.st_atime_ns == e.atime_ns and st.st_nlink == e.nlink
+            and st.st_blocks == e.blocks and new_mode == e.mode):
+        return e
+    return replace(e, mode=new_mode, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                   ctime_ns=st.st_ctime_ns, atime_ns=st.st_atime_ns, nlink=st.st_nlink,
+                   blocks=st.st_blocks)
 
 
 class LowerLayer(Protocol):
@@ -135,15 +151,16 @@ class DirLayer:
     """A plain directory in overlayfs format used as a read-only layer (and the read side of
     ``UpperLayer``): whiteouts as char 0/0, ``.wh.NAME`` files or overlay whiteout xattrs;
     opaque directories by xattr or ``.wh..wh..opq``; ownership overridden by
-    ``user.containers.override_stat`` where a non-root writer recorded it."""
+    ``user.containers.override_stat`` where a non-root writer recorded it.  Every host call
+    goes through ``HostDir`` (``*at()`` calls on the root's descriptor)."""
 
     def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
+        self.dir = HostDir(root)
+        self.root = self.dir.root
+        self.dev = os.fstat(self.dir.fd).st_dev
+        self._closer = weakref.finalize(self, self.dir.close)
         self._links: dict[int, list[str]] | None = None
         self._aufs: dict[str, frozenset[str]] = {}  # dir -> names hidden by .wh.NAME files
-
-    def abs(self, path: str) -> str:
-        return os.path.join(self.root, path) if path else self.root
 
     def aufs_whiteouts(self, directory: str) -> frozenset[str]:
         """Names that ``.wh.NAME`` files hide in ``directory`` (one listing per directory,
@@ -151,8 +168,7 @@ class DirLayer:
         got = self._aufs.get(directory)
         if got is None:
             try:
-                with os.scandir(self.abs(directory)) as it:
-                    raw = [e.name for e in it if e.name.startswith(wh.WH_PREFIX)]
+                raw = [n for n in self._names(directory) if n.startswith(wh.WH_PREFIX)]
             except OSError:
                 raw = []
             hidden = []
@@ -166,84 +182,110 @@ class DirLayer:
             got = self._aufs[directory] = frozenset(hidden)
         return got
 
-    def entry(self, path: str) -> Entry | None:
-        full = self.abs(path)
+    def _names(self, directory: str) -> list[str]:
+        fd = self.dir.opendir(directory)
         try:
-            st = os.lstat(full)
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
+    def entry(self, path: str) -> Entry | None:
+        return self.dir.call(path, lambda fd, name: self._entry_at(path, fd, name))
+
+    def _entry_at(self, path: str, fd: int, name: str) -> Entry | None:
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             if path:
-                parent, name = split(path)
-                if name in self.aufs_whiteouts(parent):
+                parent, base = split(path)
+                if base in self.aufs_whiteouts(parent):
                     return WHITEOUT_ENTRY
             return None
         if path and wh.is_reserved_name(split(path)[1]):
             return None
-        return self._from_stat(path, full, st)
+        return self._from_stat(path, st, fd, name)
 
-    def _from_stat(self, path: str, full: str, st: os.stat_result) -> Entry:
+    def _from_stat(self, path: str, st: os.stat_result, fd: int, name: str) -> Entry:
+        """The entry of ``path`` whose lstat is ``st``; ``name`` relative to the directory
+        descriptor ``fd`` names it for the calls that need more than the stat."""
         if wh.is_whiteout_stat(st):
             return WHITEOUT_ENTRY
+        proc = f"/proc/self/fd/{fd}/{name}"
         names: list[str] = []
         if not stat.S_ISLNK(st.st_mode):
             try:
-                names = os.listxattr(full, follow_symlinks=False)
+                names = os.listxattr(proc, follow_symlinks=False)
             except OSError:
                 names = []
         flags = 0
         mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
         if stat.S_ISDIR(st.st_mode):
-            if wh.opaque_from_xattrs(names, lambda k: os.getxattr(full, k)) or os.path.lexists(
-                    os.path.join(full, wh.OPAQUE_MARKER)):
+            if wh.opaque_from_xattrs(names, lambda k: os.getxattr(proc, k, follow_symlinks=False)
+                                     ) or _lexists(f"{name}/{wh.OPAQUE_MARKER}", fd):
                 flags |= OPAQUE
         elif stat.S_ISREG(st.st_mode) and st.st_size == 0 and wh.whiteout_from_xattrs(names):
             return WHITEOUT_ENTRY
         if wh.OVERRIDE_STAT_XATTR in names:
-            override = wh.parse_override(os.getxattr(full, wh.OVERRIDE_STAT_XATTR))
+            override = wh.parse_override(
+                os.getxattr(proc, wh.OVERRIDE_STAT_XATTR, follow_symlinks=False))
             if override is not None:
                 uid, gid, perm = override
                 mode = stat.S_IFMT(mode) | perm
         return Entry(
             mode=mode, uid=uid, gid=gid, size=st.st_size, mtime_ns=st.st_mtime_ns,
             rdev=st.st_rdev, nlink=st.st_nlink,
-            target=os.readlink(full) if stat.S_ISLNK(st.st_mode) else "",
-            flags=flags, ref=path, obj=st.st_ino, atime_ns=st.st_atime_ns,
+            target=os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else "",
+            flags=flags, ref=path, obj=self._obj(st), atime_ns=st.st_atime_ns,
             ctime_ns=st.st_ctime_ns, blocks=st.st_blocks,
         )
 
+    def _obj(self, st: os.stat_result) -> int:
+        """The object's number in this layer: its inode number, mixed with its device when
+        the directory spans file systems (inode numbers repeat across them)."""
+        if st.st_dev == self.dev:
+            return st.st_ino
+        return hash((st.st_dev, st.st_ino)) & ((1 << 52) - 1) | (1 << 52)
+
     def children(self, path: str) -> Iterator[tuple[str, Entry]]:
-        full = self.abs(path)
         try:
-            names = sorted(os.listdir(full))
+            fd = self.dir.opendir(path)
         except (FileNotFoundError, NotADirectoryError):
             return
-        present = set(names)
-        for name in names:
-            if wh.is_reserved_name(name):
-                try:
-                    kind, target = wh.classify_tar_name(name)
-                except wh.WhiteoutError:
+        try:
+            with os.scandir(fd) as it:
+                stats = {e.name: e for e in it}
+            names = sorted(stats)
+            present = set(names)
+            for name in names:
+                if wh.is_reserved_name(name):
+                    try:
+                        kind, target = wh.classify_tar_name(name)
+                    except wh.WhiteoutError:
+                        continue
+                    if kind is wh.TarName.WHITEOUT and target not in present:
+                        yield target, WHITEOUT_ENTRY
                     continue
-                if kind is wh.TarName.WHITEOUT and target not in present:
-                    yield target, WHITEOUT_ENTRY
-                continue
-            try:
-                st = os.lstat(os.path.join(full, name))
-            except FileNotFoundError:
-                continue
-            yield name, self._from_stat(join(path, name), os.path.join(full, name), st)
+                try:
+                    st = stats[name].stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield name, self._from_stat(join(path, name), st, fd, name)
+        finally:
+            os.close(fd)
 
-    def _open(self, entry: Entry) -> int:
-        return os.open(self.abs(str(entry.ref)), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def open_file(self, entry: Entry) -> int:
+        """A read-only descriptor of a regular file's data (the caller closes it)."""
+        return self.dir.open(str(entry.ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        fd = self._open(entry)
+        fd = self.open_file(entry)
         try:
             return os.pread(fd, size, offset)
         finally:
             os.close(fd)
 
     def copy_data(self, entry: Entry, dst_fd: int) -> None:
-        fd = self._open(entry)
+        fd = self.open_file(entry)
         try:
             copy_range(fd, dst_fd, 0, os.fstat(fd).st_size)
         finally:
@@ -253,35 +295,47 @@ class DirLayer:
         return self.xattrs_at(str(entry.ref))
 
     def xattrs_at(self, path: str) -> dict[str, bytes]:
-        full = self.abs(path)
-        out: dict[str, bytes] = {}
-        try:
-            names = os.listxattr(full, follow_symlinks=False)
-        except OSError:
-            return out
-        for name in names:
-            if wh.is_private_xattr(name):
-                continue
-            try:
-                out[name] = os.getxattr(full, name, follow_symlinks=False)
-            except OSError:
-                continue
-        return out
+        return self.dir.proc(path, _private_free_xattrs)
 
     def hardlinks(self, entry: Entry) -> list[str]:
         if entry.nlink < 2 or stat.S_ISDIR(entry.mode):
             return [str(entry.ref)]
         if self._links is None:
             links: dict[int, list[str]] = {}
-            for dirpath, _dirs, files in os.walk(self.root):
-                rel = os.path.relpath(dirpath, self.root)
-                rel = "" if rel == "." else rel
+            for dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=self.dir.fd):
+                rel = "" if dirpath == "." else dirpath[2:]
                 for name in files:
-                    st = os.lstat(os.path.join(dirpath, name))
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                        links.setdefault(st.st_ino, []).append(join(rel, name))
+                        links.setdefault(self._obj(st), []).append(join(rel, name))
             self._links = links
         return sorted(self._links.get(entry.obj, [str(entry.ref)]))
 
     def close(self) -> None:
-        pass
+        self._closer()
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def _private_free_xattrs(proc: str) -> dict[str, bytes]:
+    """The extended attributes of ``proc`` (a /proc/self/fd path), overlay-private ones
+    excluded."""
+    out: dict[str, bytes] = {}
+    try:
+        names = os.listxattr(proc, follow_symlinks=False)
+    except OSError:
+        return out
+    for name in names:
+        if wh.is_private_xattr(name):
+            continue
+        try:
+            out[name] = os.getxattr(proc, name, follow_symlinks=False)
+        except OSError:
+            continue
+    return out

@@ -375,7 +375,10 @@ def _link(b: _Builder, ti: Any, rec: _Rec) -> None:
 
 
 def _entry_of(row: tuple[Any, ...], path: str) -> Entry:
-    return Entry(mode=row[0], uid=row[1], gid=row[2], size=row[3], mtime_ns=row[4],
+    mode = row[0]
+    if stat.S_ISLNK(mode):
+        mode = stat.S_IFLNK | 0o777  # a symlink's mode on Linux, whatever its tar header says
+    return Entry(mode=mode, uid=row[1], gid=row[2], size=row[3], mtime_ns=row[4],
                  rdev=row[5], nlink=row[6], target=row[10], flags=row[9], ref=path,
                  obj=row[8])
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from collections.abc import Sequence
 
 from . import whiteout as wh
 from .errors import UnionError
-from .layers import Entry, LowerLayer, join, split
+from .layers import Entry, LowerLayer, join, restat, split
 from .resolve import Node, UnionView, merge
 from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Attrs, UpperLayer
 
@@ -54,6 +55,9 @@ class Union:
         # the paths either cache may hold below each directory, so that forgetting a tree
         # costs its size, not the caches' (may name paths already forgotten)
         self._kids: dict[str, set[str]] = {}
+        # upper host inode -> the identity of the lower object it was copied up from, so a
+        # copied-up object keeps its inode number (overlayfs keeps an origin)
+        self.origins: dict[int, tuple[int, int]] = {}
 
     @property
     def writable(self) -> bool:
@@ -76,6 +80,38 @@ class Union:
         if node is None:
             raise UnionError(errno.ENOENT, path)
         return node
+
+    def stat(self, path: str) -> Node:
+        """``resolve`` with the attributes the object has now: data written through open
+        descriptors changes an upper file's size and times behind the union's back, and a
+        stale answer to the kernel's LOOKUP would make it drop what was written."""
+        return self.fresh(self.resolve(path))
+
+    def fresh(self, node: Node) -> Node:
+        """``node`` as its upper object is now (lower objects never change)."""
+        if self.upper is None or node.stack[0][0] != 0:
+            return node
+        try:
+            st = self.upper.dir.lstat(node.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return node
+        e = node.entry
+        if st.st_ino != e.obj:  # replaced (cannot happen but through this union): look again
+            self._changed(node.path)
+            return self.resolve(node.path)
+        got = restat(e, st, mode=self.upper.is_root)
+        if got is e:
+            return node
+        node = Node(node.path, got, 0, ((0, got), *node.stack[1:]))
+        self._cache[node.path] = node
+        return node
+
+    def identity(self, node: Node) -> tuple[int, int]:
+        """What ``node`` is: ``(layer, object in that layer)``; a copied-up object is what
+        it was copied from.  ``inodes`` numbers objects by it."""
+        if node.layer == 0 and self.upper is not None:
+            return self.origins.get(node.entry.obj, (0, node.entry.obj))
+        return node.layer, node.entry.obj
 
     def find(self, path: str) -> Node | None:
         try:
@@ -175,16 +211,24 @@ class Union:
             self.copy_up(split(path)[0])
         e = node.entry
         attrs = self.attrs_of(node)
+        origin = self.identity(node)
         if node.is_dir:
             upper.make_dir(path, attrs, over=self._whiteout_in_upper(path))
         elif stat.S_ISREG(e.mode):
             upper.make_file(path, attrs, (self.layer_of(node), e), size=size)
             self._changed(path)
+            self._origin(path, origin)
             self._link_group(node)
         else:
             upper.make_special(path, attrs, stat.S_IFMT(e.mode), e.rdev, e.target)
         self._changed(path, tree=node.is_dir)
-        return self.resolve(path)
+        return self._origin(path, origin)
+
+    def _origin(self, path: str, origin: tuple[int, int]) -> Node:
+        """Record that the upper object now at ``path`` was copied up from ``origin``."""
+        node = self.resolve(path)
+        self.origins[node.entry.obj] = origin
+        return node
 
     def _link_group(self, node: Node) -> None:
         """Copy up the other visible names of a hardlinked lower file as links to the copy."""
@@ -232,13 +276,16 @@ class Union:
         lower = [(li, e) for li, e in candidates if li != 0]
         return path, over, lower
 
-    def _made(self, path: str, lower: list[tuple[int, Entry]]) -> Node:
-        """The node of an object just made in the upper at ``path``."""
+    def _made(self, path: str, lower: list[tuple[int, Entry]], new: bool = True) -> Node:
+        """The node of an object just made in the upper at ``path`` (``new``: a new object,
+        not one more name of an existing one)."""
         self._changed(path)
         e = self._up().entry(path)
         node = merge(path, [(0, e), *lower]) if e is not None else None
         if node is None:
             return self.resolve(path)
+        if new:
+            self.origins.pop(node.entry.obj, None)  # a host inode number used again
         self._remember(path, node)
         return node
 
@@ -281,7 +328,7 @@ class Union:
         self.copy_up(src_path)
         self._up().link(src_path, path, over=over)
         self._changed(src_path)  # its nlink
-        return self._made(path, lower)
+        return self._made(path, lower, new=False)
 
     # -- removing --------------------------------------------------------------------------------
 
@@ -401,6 +448,69 @@ class Union:
         self._changed(dst, tree=a.is_dir or b.is_dir)
         return b
 
+    # -- opening ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def open_changes(flags: int) -> bool:
+        """Whether open(2) with ``flags`` changes the object: opening for writing, and
+        O_TRUNC whatever the access mode (Linux truncates a regular file on O_RDONLY|O_TRUNC
+        too; the kernel has checked write permission)."""
+        return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+    def open(self, path: str, flags: int) -> Node:
+        """open(2) of the object at ``path``: one opened to change (``open_changes``) is copied
+        up first, and O_TRUNC truncates a regular file (FUSE's atomic O_TRUNC: no setattr
+        follows).  Returns the node as it is now."""
+        node = self.stat(path)
+        if not self.open_changes(flags):
+            return node
+        self._up()
+        if flags & os.O_TRUNC and stat.S_ISREG(node.entry.mode):
+            return self.setattr(path, size=0)  # times change even at size 0, as POSIX says
+        return self.copy_up(path)
+
+    def copy_cost(self, path: str, size: int | None = None) -> int:
+        """How many bytes a copy-up of ``path`` (truncated to ``size``) would copy now: 0 for
+        an upper object, a file's size, and for a directory whose rename copies its tree up,
+        more than any file (the caller runs big copies off its request loop)."""
+        node = self.find(path)
+        if node is None or self.upper is None:
+            return 0
+        if node.is_dir:
+            return sys.maxsize if self._needs_tree_copy(node) else 0
+        if self.in_upper(node) or not stat.S_ISREG(node.entry.mode):
+            return 0
+        return node.entry.size if size is None else min(size, node.entry.size)
+
+    def blocking(self, node: Node) -> bool:
+        """Whether reading ``node``'s data may wait (a layer whose bytes are still arriving:
+        its ``blocking`` attribute)."""
+        return bool(getattr(self.view.layers[node.layer], "blocking", False))
+
+    def open_file(self, node: Node, writable: bool) -> int | None:
+        """A descriptor of ``node``'s data for a handle: the upper file (read-write when
+        ``writable``; write-only where the owner may not read it), a directory layer's file,
+        or None where the layer serves reads itself (tar layers)."""
+        if self.in_upper(node):
+            up = self._up()
+            if not writable:
+                return up.open_path(node.path, os.O_RDONLY)
+            try:
+                return up.open_path(node.path, os.O_RDWR)
+            except PermissionError:
+                return up.open_path(node.path, os.O_WRONLY)
+        opener = getattr(self.layer_of(node), "open_file", None)
+        if opener is None or self.blocking(node):
+            return None
+        return int(opener(node.entry))
+
+    def fstat(self, node: Node, fd: int) -> Node:
+        """``node`` (an upper file no name reaches any more) with the attributes of its open
+        descriptor ``fd``."""
+        upper = self._up()
+        got = restat(node.entry, os.fstat(fd), mode=upper.is_root)
+        return node if got is node.entry else Node(node.path, got, node.layer, node.stack)
+
     # -- attributes ------------------------------------------------------------------------------
 
     def setattr(self, path: str, *, mode: int | None = None, uid: int | None = None,
@@ -432,7 +542,7 @@ class Union:
             return None
         if self.in_upper(node) and self.upper is not None:
             try:
-                return os.getxattr(self.upper.abs(node.path), name, follow_symlinks=False)
+                return self.upper.getxattr(node.path, name)
             except OSError as exc:
                 if exc.errno in (errno.ENODATA, errno.ENOTSUP):
                     return None

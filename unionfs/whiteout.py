@@ -12,7 +12,8 @@ Three encodings meet here:
   when mknod is refused, and writes ``.wh..wh..opq`` files; both are read here as well.
 
 Seams: ``classify_tar_name`` for the tar indexer, ``is_whiteout_stat``/``opaque_from_xattrs`` for
-directory layers, ``make_whiteout``/``make_opaque`` for the upper (the only writer), and
+directory layers, ``make_whiteout*``/``drop_whiteout_file``/``make_opaque`` for the upper (the
+only writer; nothing else encodes a whiteout), and
 ``is_private_xattr`` for every place that must hide or drop overlay-private attributes.
 
 Caveats:
@@ -118,19 +119,14 @@ def whiteout_from_xattrs(names: list[str]) -> bool:
     return any(key in names for key in OVERLAY_WHITEOUT_XATTRS)
 
 
-def path_is_opaque(path: str) -> bool:
-    """Read the opaque state of the directory at ``path`` (no symlinks followed)."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        names = []
-    if opaque_from_xattrs(names, lambda k: os.getxattr(path, k, follow_symlinks=False)):
-        return True
-    return os.path.lexists(os.path.join(path, OPAQUE_MARKER))
-
-
 def _overlay_xattr_prefix() -> str:
     return "trusted.overlay." if os.geteuid() == 0 else "user.overlay."
+
+
+def make_whiteout_device(dir_fd: int, name: str) -> None:
+    """Create the kernel's whiteout, a character device 0/0, as ``name`` in ``dir_fd``;
+    PermissionError where mknod is refused (no CAP_MKNOD)."""
+    os.mknod(name, 0o600 | stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
 
 
 def make_whiteout(dir_fd: int, name: str) -> None:
@@ -140,51 +136,30 @@ def make_whiteout(dir_fd: int, name: str) -> None:
     fuse-overlayfs fallback).  Not idempotent: the name must not exist.
     """
     try:
-        os.mknod(name, 0o600 | stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+        make_whiteout_device(dir_fd, name)
     except PermissionError:
-        fd = os.open(WH_PREFIX + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=dir_fd)
+        fd = os.open(WH_PREFIX + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
         os.close(fd)
 
 
-def remove_whiteout(dir_fd: int, name: str) -> bool:
-    """Remove a whiteout of ``name`` in any directory form; True if one was there."""
-    removed = False
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        pass
-    else:
-        if is_whiteout_stat(st) or (stat.S_ISREG(st.st_mode) and st.st_size == 0
-                                    and _fd_whiteout_xattr(dir_fd, name)):
-            os.unlink(name, dir_fd=dir_fd)
-            removed = True
-    try:
+def drop_whiteout_file(dir_fd: int, name: str) -> None:
+    """Remove the ``.wh.NAME`` file that hides ``name`` in ``dir_fd``, if there is one."""
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(WH_PREFIX + name, dir_fd=dir_fd)
-        removed = True
-    except FileNotFoundError:
-        pass
-    return removed
 
 
-def _fd_whiteout_xattr(dir_fd: int, name: str) -> bool:
+def make_opaque(dir_fd: int, name: str) -> None:
+    """Mark the directory ``name`` of ``dir_fd`` opaque (overlay xattr; the marker file where
+    xattrs are refused)."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except OSError:
-        return False
-    try:
-        return whiteout_from_xattrs(os.listxattr(fd))
-    finally:
-        os.close(fd)
-
-
-def make_opaque(path: str) -> None:
-    """Mark the directory at ``path`` opaque (overlay xattr; marker file if xattrs fail)."""
-    try:
-        os.setxattr(path, _overlay_xattr_prefix() + "opaque", b"y", follow_symlinks=False)
+        os.setxattr(f"/proc/self/fd/{dir_fd}/{name}", _overlay_xattr_prefix() + "opaque", b"y",
+                    follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
             raise
-        fd = os.open(os.path.join(path, OPAQUE_MARKER), os.O_CREAT | os.O_WRONLY, 0o600)
+        fd = os.open(f"{name}/{OPAQUE_MARKER}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
         os.close(fd)
 
 
