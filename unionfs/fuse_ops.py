@@ -242,11 +242,12 @@ class Operations(pyfuse3.Operations):
         return self._fh
 
     async def _changing(self, path: str, fn: Callable[..., T], *args: Any,
-                        size: int | None = None) -> T:
-        """``fn(*args)``, a union mutation that may copy ``path`` up (truncated to ``size``):
-        in a worker thread when that copy is big, so other requests go on.  Read handles on
-        the lower file then read the upper copy, as overlayfs's do."""
-        if self.union.copy_cost(path, size) > BIG_COPY:
+                        size: int | None = None, rename: bool = False) -> T:
+        """``fn(*args)``, a union mutation that may copy ``path`` up (truncated to ``size``;
+        with its tree for a ``rename``): in a worker thread when that copy is big, so other
+        requests go on.  Read handles on the lower file then read the upper copy, as
+        overlayfs's do."""
+        if self.union.copy_cost(path, size, rename) > BIG_COPY:
             got = await trio.to_thread.run_sync(lambda: fn(*args), limiter=self.limiter)
         else:
             got = fn(*args)
@@ -382,17 +383,24 @@ class Operations(pyfuse3.Operations):
         """A listing is made at offset 0 (the first readdir, or a rewinddir: fresh, as in
         overlayfs) and kept while the directory is open; offsets are the children's cookies,
         so a reader resumes after the name it saw last in any listing.  "." and ".." come
-        first and, as pyfuse3 asks, add no lookup count."""
+        first and, as pyfuse3 asks, add no lookup count.  The kernel applies the attributes
+        it gets here to inodes it holds, so a listing made by an earlier call answers with
+        what upper files are now (data written since must not read back as lost)."""
         d = self.dirs[fh]
-        if d.listing is None or start_id == 0:
+        made = d.listing is None or start_id == 0
+        if made:
             d.listing = self._listing(d.inode)
+        assert d.listing is not None
         dots, offsets, entries = d.listing
+        fresh = self.union.fresh
         for i in range(start_id, len(dots)):
             if not pyfuse3.readdir_reply(token, dots[i][0], dots[i][1], i + 1):
                 return
         ref, attr, reply, encode = self.inodes.ref, self._attr, pyfuse3.readdir_reply, os.fsencode
         for i in range(bisect.bisect_right(offsets, start_id), len(entries)):
             name, node = entries[i]
+            if not made:
+                node = fresh(node)
             inode = ref(node, 0)
             if not reply(token, encode(name), attr(inode, node), offsets[i]):
                 self.inodes.forget(inode.ino, 0)
@@ -464,7 +472,7 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             moved, replaced = await self._changing(src, self.union.rename, src_parent,
                                                    _name(name_old), dst_parent,
-                                                   _name(name_new), flags)
+                                                   _name(name_new), flags, rename=True)
         if not moved:
             return
         if flags & pyfuse3.RENAME_EXCHANGE:

@@ -5,7 +5,8 @@ Every call takes a union path (relative POSIX, ``""`` for the root) and goes thr
 counts against PATH_MAX: a path of 4095 bytes inside the mount works as on kernel overlayfs,
 however deep the layer directory itself lives (DESIGN.md decision 11).  A path too long for
 one call (``WALK_FROM`` bytes and more) is reached by opening its parent directories one
-component at a time (``O_PATH | O_NOFOLLOW``), so trees deeper than PATH_MAX work too.
+component at a time (``O_PATH | O_NOFOLLOW``, never through a symlink), so trees deeper than
+PATH_MAX work too.
 Extended attributes go through ``/proc/self/fd/N/NAME`` (Linux has no ``*xattrat`` before
 6.13), which is short for the same reason.
 
@@ -83,19 +84,11 @@ class HostDir:
             os.close(fd)
 
     def _walk(self, path: str) -> int:
-        """An O_PATH descriptor of the directory ``path``, opened without following
-        symlinks, in steps below WALK_FROM bytes."""
+        """An O_PATH descriptor of the directory ``path``, opened one component at a time
+        without following a symlink (only paths past WALK_FROM bytes come here)."""
         fd = os.dup(self.fd)
-        rest = path
         try:
-            while rest:
-                if len(rest) < WALK_FROM:
-                    step, rest = rest, ""
-                else:
-                    cut = rest.rfind("/", 0, WALK_FROM)
-                    if cut <= 0:
-                        raise OSError(36, os.strerror(36), path)  # ENAMETOOLONG
-                    step, rest = rest[:cut], rest[cut + 1:]
+            for step in path.split("/"):
                 nfd = os.open(step, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nfd

@@ -469,15 +469,15 @@ class Union:
             return self.setattr(path, size=0)  # times change even at size 0, as POSIX says
         return self.copy_up(path)
 
-    def copy_cost(self, path: str, size: int | None = None) -> int:
+    def copy_cost(self, path: str, size: int | None = None, rename: bool = False) -> int:
         """How many bytes a copy-up of ``path`` (truncated to ``size``) would copy now: 0 for
-        an upper object, a file's size, and for a directory whose rename copies its tree up,
-        more than any file (the caller runs big copies off its request loop)."""
+        an upper object, a file's size, and for a directory whose ``rename`` copies its tree
+        up, more than any file (the caller runs big copies off its request loop)."""
         node = self.find(path)
         if node is None or self.upper is None:
             return 0
         if node.is_dir:
-            return sys.maxsize if self._needs_tree_copy(node) else 0
+            return sys.maxsize if rename and self._needs_tree_copy(node) else 0
         if self.in_upper(node) or not stat.S_ISREG(node.entry.mode):
             return 0
         return node.entry.size if size is None else min(size, node.entry.size)

@@ -143,3 +143,47 @@ async def test_fallocate_goes_to_the_upper_file_and_waits_for_a_thaw(ops: Operat
     assert exc.value.errno == errno.EOPNOTSUPP
     for fh in (reader.fh, writer.fh):
         await ops.release(fh)
+
+
+async def test_lookup_and_readdir_answer_what_was_written(ops: Operations) -> None:
+    """The kernel applies the attributes of a LOOKUP (sent again for exclusive creates and
+    rename targets) and of READDIRPLUS to inodes it holds: they must carry the data written
+    through open handles, or the file reads back empty (issue 13, item 1)."""
+    fi, attr = await ops.create(ROOT_INO, b"new", 0o100644, os.O_RDWR, CTX)
+    await ops.write(fi.fh, 0, b"data")
+    await ops.release(fi.fh)
+    with pytest.raises(pyfuse3.FUSEError) as exc:  # what O_CREAT|O_EXCL sends
+        await ops.create(ROOT_INO, b"new", 0o100644, os.O_RDWR | os.O_EXCL, CTX)
+    assert exc.value.errno == errno.EEXIST
+    again = await ops.lookup(ROOT_INO, b"new", CTX)
+    assert (again.st_ino, again.st_size) == (attr.st_ino, 4)
+    # a listing made before a write, continued after it
+    for name in (b"f1", b"f2", b"f3"):
+        fi, _ = await ops.create(ROOT_INO, name, 0o100644, os.O_RDWR, CTX)
+        await ops.release(fi.fh)
+    fh = await ops.opendir(ROOT_INO, CTX)
+    fh = fh.fh if isinstance(fh, pyfuse3.FileInfo) else fh
+    seen: list[tuple[bytes, int, int]] = []
+
+    def collect(token: object, name: bytes, a: pyfuse3.EntryAttributes, off: int) -> bool:
+        seen.append((name, a.st_size, off))
+        return len(seen) != 3  # the kernel's buffer is full after two entries
+
+    real = pyfuse3.readdir_reply
+    pyfuse3.readdir_reply = collect  # type: ignore[assignment]
+    try:
+        await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+        last = seen[-2][2]
+        for name in (b"new", b"f1", b"f2", b"f3"):
+            node = ops.union.resolve(name.decode())
+            wfd = ops.union.open_file(node, True)
+            assert wfd is not None
+            os.write(wfd, b"more data")
+            os.close(wfd)
+        seen.clear()
+        await ops.readdir(fh, last, None)  # type: ignore[arg-type]
+    finally:
+        pyfuse3.readdir_reply = real  # type: ignore[assignment]
+    written = [size for name, size, _ in seen if name in (b"new", b"f1", b"f2", b"f3")]
+    assert written and all(size == 9 for size in written)
+    await ops.releasedir(fh)

@@ -243,3 +243,44 @@ def test_the_cache_index_lets_removed_files_go(union: Union) -> None:
         union.create("d", f"tmp{i}", 0o644, 0, 0)
         union.unlink("d", f"tmp{i}")
     assert not any(k.startswith("d/tmp") for k in union._kids.get("d", set()))
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_TRUNC,
+                                   os.O_RDWR | os.O_TRUNC | os.O_APPEND])
+def test_o_trunc_truncates_whatever_the_access_mode(union: Union, tmp_path: Path,
+                                                   flags: int) -> None:
+    node = union.open("g", flags)
+    assert node.entry.size == 0 and union.in_upper(node)
+    assert (tmp_path / "upper/g").read_bytes() == b""
+    assert stat.S_IMODE(os.stat(tmp_path / "upper/g").st_mode) == 0o751  # copied up first
+
+
+def test_a_read_only_open_changes_nothing(union: Union, tmp_path: Path) -> None:
+    node = union.open("g", os.O_RDONLY)
+    assert node.entry.size == 6 and not union.in_upper(node)
+    assert not os.path.lexists(tmp_path / "upper/g")
+
+
+def test_stat_sees_data_written_through_a_descriptor(union: Union) -> None:
+    """What the kernel's LOOKUP gets: a write through an open upper file changes its size and
+    times without the union knowing; ``stat`` must not answer the snapshot it cached."""
+    node = union.create("", "new", 0o644, 0, 0)
+    fd = union.open_file(node, True)
+    assert fd is not None
+    os.write(fd, b"data")
+    os.close(fd)
+    assert union.resolve("new").entry.size == 0  # the cached snapshot
+    assert union.stat("new").entry.size == 4
+    with pytest.raises(UnionError) as exc:
+        union.create("", "new", 0o644, 0, 0)
+    assert exc.value.code == errno.EEXIST
+    assert union.stat("new").entry.size == 4
+
+
+def test_copy_cost_counts_what_a_copy_up_copies(union: Union) -> None:
+    assert union.copy_cost("g") == 6
+    assert union.copy_cost("g", size=2) == 2
+    assert union.copy_cost("d/sub") == 0  # a chmod copies the directory alone
+    assert union.copy_cost("d/sub", rename=True) > 1 << 40  # a rename copies its tree up
+    union.copy_up("g")
+    assert union.copy_cost("g") == 0
