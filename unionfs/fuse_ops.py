@@ -341,14 +341,24 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        upper = self.union.upper
-        st = os.statvfs(upper.dir.fd if upper is not None else "/")
+        """The upper's file system; for a union of layers that know their size (an image),
+        a full read-only file system of that size: its bytes as blocks, its entries as
+        inodes, none free; else the top layer's file system."""
         out = pyfuse3.StatvfsData()
-        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                     "f_ffree", "f_favail"):
-            setattr(out, name, getattr(st, name) if upper is not None else 0)
-        out.f_bsize = out.f_bsize or 4096
-        out.f_frsize = out.f_frsize or 4096
+        usage = self.union.usage()
+        if usage is not None:
+            size, entries = usage
+            out.f_bsize = out.f_frsize = 4096
+            out.f_blocks = (size + 4095) // 4096
+            out.f_files = entries
+            out.f_bfree = out.f_bavail = out.f_ffree = out.f_favail = 0
+        else:
+            top = self.union.upper or self.union.view.layers[0]
+            fd = getattr(getattr(top, "dir", None), "fd", None)
+            st = os.statvfs(fd if fd is not None else "/")
+            for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                         "f_ffree", "f_favail"):
+                setattr(out, name, getattr(st, name))
         out.f_namemax = 255
         return out
 

@@ -92,7 +92,22 @@ def restat(e: Entry, st: os.stat_result, mode: bool) -> Entry:
 
 
 class LowerLayer(Protocol):
-    """A read-only layer.  Every method is side-effect free and safe to call concurrently."""
+    """A read-only layer.  Every method is side-effect free and safe to call concurrently.
+
+    Threading contract (what the FUSE adapter and the union do with a layer):
+
+    * ``entry``, ``children``, ``xattrs`` and ``hardlinks`` are called on the mount's request
+      loop (its one trio thread) and must answer from local data, promptly: a layer whose
+      index lives elsewhere fetches it before it is mounted.
+    * ``read`` and ``copy_data`` may run in worker threads, several at once (large reads,
+      copy-ups of large files).  A layer whose bytes may still be arriving sets the class
+      attribute ``blocking = True``: then every ``read`` and ``copy_data`` of it runs in a
+      worker thread, and the layer itself bounds how long one may wait (a timeout, then
+      ``OSError(EIO)``; the next read tries again).
+    * Optional: ``open_file(entry) -> fd`` lets a handle read the file's descriptor directly
+      (directory layers); ``usage() -> (bytes, entries)`` sizes the layer for ``statfs``.
+    * ``close`` is called once, after the mount has ended.
+    """
 
     def entry(self, path: str) -> Entry | None:
         """The entry at ``path`` in this layer (a whiteout entry for a hidden name), or None."""

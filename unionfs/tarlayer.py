@@ -490,6 +490,10 @@ class TarLayer:
     def entries(self) -> int:
         return int(self._index.stats[0])
 
+    def usage(self) -> tuple[int, int]:
+        """(bytes, entries) of the layer, for ``statfs``: the tar's size and its entries."""
+        return os.fstat(self._fd).st_size, self.entries
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -55,9 +55,13 @@ class Union:
         # the paths either cache may hold below each directory, so that forgetting a tree
         # costs its size, not the caches' (may name paths already forgotten)
         self._kids: dict[str, set[str]] = {}
-        # upper host inode -> the identity of the lower object it was copied up from, so a
-        # copied-up object keeps its inode number (overlayfs keeps an origin)
-        self.origins: dict[int, tuple[int, int]] = {}
+        # each layer's identity for inode numbers, by position in the view: 0 for the upper,
+        # 1.. for the lowers, top down (stable if layers are ever added or rotated)
+        self.ids = list(range(len(self.view.layers))) if upper is not None else list(
+            range(1, len(self.view.layers) + 1))
+        # (layer id, upper host inode) -> the identity of the lower object it was copied up
+        # from, so a copied-up object keeps its inode number (overlayfs keeps an origin)
+        self.origins: dict[tuple[int, int], tuple[int, int]] = {}
 
     @property
     def writable(self) -> bool:
@@ -107,11 +111,10 @@ class Union:
         return node
 
     def identity(self, node: Node) -> tuple[int, int]:
-        """What ``node`` is: ``(layer, object in that layer)``; a copied-up object is what
-        it was copied from.  ``inodes`` numbers objects by it."""
-        if node.layer == 0 and self.upper is not None:
-            return self.origins.get(node.entry.obj, (0, node.entry.obj))
-        return node.layer, node.entry.obj
+        """What ``node`` is: ``(layer id, object in that layer)``; a copied-up object is
+        what it was copied from.  ``inodes`` numbers objects by it."""
+        ident = (self.ids[node.layer], node.entry.obj)
+        return self.origins.get(ident, ident)
 
     def find(self, path: str) -> Node | None:
         try:
@@ -227,7 +230,7 @@ class Union:
     def _origin(self, path: str, origin: tuple[int, int]) -> Node:
         """Record that the upper object now at ``path`` was copied up from ``origin``."""
         node = self.resolve(path)
-        self.origins[node.entry.obj] = origin
+        self.origins[(self.ids[0], node.entry.obj)] = origin
         return node
 
     def _link_group(self, node: Node) -> None:
@@ -285,7 +288,8 @@ class Union:
         if node is None:
             return self.resolve(path)
         if new:
-            self.origins.pop(node.entry.obj, None)  # a host inode number used again
+            # a new object: its host inode number may have been someone's before
+            self.origins.pop((self.ids[0], node.entry.obj), None)
         self._remember(path, node)
         return node
 
@@ -448,6 +452,21 @@ class Union:
         self._changed(dst, tree=a.is_dir or b.is_dir)
         return b
 
+    def usage(self) -> tuple[int, int] | None:
+        """(bytes, entries) of a union without an upper whose layers all say (``usage``):
+        what ``df`` shows for an image mount, as for a read-only file system of that size;
+        None otherwise (the upper's file system answers then)."""
+        if self.upper is not None:
+            return None
+        total = entries = 0
+        for layer in self.view.layers:
+            usage = getattr(layer, "usage", None)
+            if usage is None:
+                return None
+            size, count = usage()
+            total, entries = total + size, entries + count
+        return total, entries
+
     # -- opening ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -480,6 +499,8 @@ class Union:
             return sys.maxsize if rename and self._needs_tree_copy(node) else 0
         if self.in_upper(node) or not stat.S_ISREG(node.entry.mode):
             return 0
+        if self.blocking(node):
+            return sys.maxsize  # its bytes may have to come over the network
         return node.entry.size if size is None else min(size, node.entry.size)
 
     def blocking(self, node: Node) -> bool:

@@ -187,3 +187,25 @@ async def test_lookup_and_readdir_answer_what_was_written(ops: Operations) -> No
     written = [size for name, size, _ in seen if name in (b"new", b"f1", b"f2", b"f3")]
     assert written and all(size == 9 for size in written)
     await ops.releasedir(fh)
+
+
+async def test_statfs_of_an_image_counts_its_layers(tmp_path: Path) -> None:
+    """df on an image mount shows the layers' bytes and entries, as a full read-only file
+    system would (issue 13, item 9), and symlinks of a tar show 0777 (item 6)."""
+    from tests import builders as b
+    from unionfs.tarlayer import TarLayer, build_index
+
+    layers = []
+    for i, entries in enumerate([[b.d("etc"), b.file("etc/a", b"x" * 10000)],
+                                 [b.sym("link", "etc/a", mode=0o644), b.file("b", b"y")]]):
+        path = tmp_path / f"l{i}.tar"
+        path.write_bytes(b.tar_bytes(entries))
+        build_index(str(path)).dump(str(tmp_path / f"l{i}.idx"))
+        layers.append(TarLayer(str(path), str(tmp_path / f"l{i}.idx")))
+    ops = Operations(Union(layers[::-1]))
+    st = await ops.statfs(CTX)
+    size = sum(os.path.getsize(tmp_path / f"l{i}.tar") for i in range(2))
+    assert (st.f_blocks, st.f_bfree, st.f_bavail) == ((size + 4095) // 4096, 0, 0)
+    assert st.f_files == sum(layer.entries for layer in layers) and st.f_ffree == 0
+    link = await ops.lookup(ROOT_INO, b"link", CTX)
+    assert link.st_mode == 0o120777
