@@ -42,7 +42,7 @@ from .errors import UnionError
 from .inodes import ROOT_INO, Inode, InodeTable
 from .resolve import Node
 from .union import Union
-from .upper import fallocate
+from .upper import UpperLayer, fallocate
 from .whiteout import is_private_xattr
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,31 @@ class Operations(pyfuse3.Operations):
             self._thawed.set()
             self._thawed = None
             self.lock.release()
+
+    async def rotate(self, upper: UpperLayer) -> None:
+        """The writable layer becomes the top read-only one and ``upper`` the new writable
+        layer (``Union.rotate``), once no handle is open for writing (EBUSY otherwise: a
+        write through it would change a read-only layer).  Holds the mutation lock, so it
+        waits for a change in flight; call it frozen to also hold off data writes."""
+        if any(h.writable for h in self.handles.values()):
+            raise UnionError(errno.EBUSY, "a file is open for writing")
+        if self._thawed is None:
+            async with self.lock:
+                self._rotate(upper)
+        else:
+            self._rotate(upper)
+
+    def _rotate(self, upper: UpperLayer) -> None:
+        self.union.rotate(upper)
+        for h in self.handles.values():  # nodes name layers by position: look them up again
+            if h.inode.path is not None:
+                h.node = self.union.find(h.inode.path) or h.node
+        for inode in self.inodes:
+            inode.attr_of = None
+            if inode.path is not None:
+                inode.node = self.union.find(inode.path)
+        for d in self.dirs.values():
+            d.listing = None  # made again at the next readdir, resumed by cookie
 
     # -- plumbing ----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from . import whiteout as wh
 from .errors import UnionError
-from .layers import Entry, LowerLayer, join, restat, split
+from .layers import DirLayer, Entry, LowerLayer, join, restat, split
 from .resolve import Node, UnionView, merge
 from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Attrs, UpperLayer
 
@@ -66,6 +66,21 @@ class Union:
     @property
     def writable(self) -> bool:
         return self.upper is not None
+
+    def rotate(self, upper: UpperLayer) -> LowerLayer:
+        """Turn the writable layer into the top read-only one and write to ``upper`` (empty)
+        from now on: a build's step is done.  Inode numbers stay what they were (the old
+        upper keeps its layer id).  Returns the layer that was the upper, now a lower."""
+        old = self._up()
+        lower = DirLayer(old.root)
+        old.close()
+        self.upper = upper
+        self.view = UnionView([upper, lower, *self.view.layers[1:]])
+        self.ids = [max(self.ids) + 1, *self.ids]
+        self._cache.clear()
+        self._dirs.clear()
+        self._kids.clear()
+        return lower
 
     # -- reading -----------------------------------------------------------------------------
 

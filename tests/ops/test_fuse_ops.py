@@ -209,3 +209,28 @@ async def test_statfs_of_an_image_counts_its_layers(tmp_path: Path) -> None:
     assert st.f_files == sum(layer.entries for layer in layers) and st.f_ffree == 0
     link = await ops.lookup(ROOT_INO, b"link", CTX)
     assert link.st_mode == 0o120777
+
+
+async def test_rotate_makes_the_upper_a_layer_and_keeps_inode_numbers(ops: Operations,
+                                                                      tmp_path: Path) -> None:
+    """A build step ends: the writable layer becomes read-only, a fresh one takes its place,
+    in the same mount (issue 17), and nothing the kernel holds changes its number."""
+    fi, new = await ops.create(ROOT_INO, b"new", 0o100644, os.O_RDWR, CTX)
+    await ops.write(fi.fh, 0, b"step 1")
+    a = await ops.lookup(ROOT_INO, b"a", CTX)
+    with pytest.raises(OSError) as busy:  # a file open for writing: not now
+        await ops.rotate(UpperLayer(str(tmp_path / "up2"), str(tmp_path / "wk2")))
+    assert busy.value.errno == errno.EBUSY
+    await ops.release(fi.fh)
+    await ops.rotate(UpperLayer(str(tmp_path / "up2"), str(tmp_path / "wk2")))
+    again = await ops.lookup(ROOT_INO, b"new", CTX)
+    assert (again.st_ino, again.st_size) == (new.st_ino, 6)
+    assert (await ops.lookup(ROOT_INO, b"a", CTX)).st_ino == a.st_ino
+    fi = await ops.open(again.st_ino, os.O_WRONLY | os.O_APPEND, CTX)  # copied up from step 1
+    await ops.write(fi.fh, 6, b", step 2")
+    await ops.release(fi.fh)
+    assert (tmp_path / "up/new").read_bytes() == b"step 1"  # the finished step is untouched
+    assert (tmp_path / "up2/new").read_bytes() == b"step 1, step 2"
+    assert (await ops.getattr(new.st_ino, CTX)).st_size == 14
+    await ops.unlink(ROOT_INO, b"a", CTX)
+    assert os.path.exists(tmp_path / "up2/a") and not os.path.exists(tmp_path / "up/a")
