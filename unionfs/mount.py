@@ -73,6 +73,9 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
 
     from .fuse_ops import Operations
 
+    if options.allow_other and os.geteuid() != 0 and not user_allow_other():
+        raise MountError("-o allow_other needs 'user_allow_other' in /etc/fuse.conf for users "
+                         "other than root")
     ops = Operations(union, timeout=options.timeout)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options())
@@ -88,6 +91,15 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
     return ops.errors
+
+
+def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
+    """Whether fusermount3 lets users other than root mount with ``allow_other``."""
+    try:
+        with open(conf) as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 async def _control(ops: Operations, path: str) -> None:
