@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 base = sys.argv[1]
 home = os.path.join(base, "home")
@@ -41,9 +42,9 @@ must("tag", image, "nonroot:1")
 must("mount", "nonroot:1", mp)
 try:
     seen["image_shadow"] = stat_of(f"{mp}/etc/shadow")
-    seen["image_motd"] = open(f"{mp}/etc/motd").read()
+    seen["image_motd"] = Path(f"{mp}/etc/motd").read_text()
     try:
-        open(f"{mp}/etc/shadow").read()
+        Path(f"{mp}/etc/shadow").read_text()
         seen["image_shadow_read"] = 0
     except OSError as exc:
         seen["image_shadow_read"] = exc.errno
@@ -60,9 +61,10 @@ try:
         f.write("appended\n")
     seen["new"] = stat_of(f"{mp}/tmp/new")
     seen["tmp_in_mount"] = stat_of(f"{mp}/tmp")
-    seen["notes"] = open(f"{mp}/home/user/notes").read()
+    seen["notes"] = Path(f"{mp}/home/user/notes").read_text()
     try:
-        open(f"{mp}/etc/motd", "a").write("no")
+        with open(f"{mp}/etc/motd", "a") as f:
+            f.write("no")
         seen["motd_write"] = 0
     except OSError as exc:
         seen["motd_write"] = exc.errno
@@ -82,7 +84,7 @@ must("mount", "nonroot:2", mp)
 try:
     seen["committed_tmp"] = stat_of(f"{mp}/tmp")
     seen["committed_new"] = stat_of(f"{mp}/tmp/new")
-    seen["committed_notes"] = open(f"{mp}/home/user/notes").read()
+    seen["committed_notes"] = Path(f"{mp}/home/user/notes").read_text()
 finally:
     must("umount", mp)
 seen["mounts_left"] = must("mounts", "-q").split()

@@ -5,8 +5,9 @@ refused with one line unless /etc/fuse.conf allows it.
 
 The user exists only inside a private mount namespace (``unshare -m``) where a copy of
 /etc/passwd that names them is bind-mounted (fusermount3 needs a name), and /dev/fuse has its
-usual mode 0666: nothing on the host changes.  The session runs with the system's Python 3 over this checkout and the virtualenv's
-packages, both bind-mounted where the user may read them."""
+usual mode 0666: nothing on the host changes.  The session runs with the system's Python 3
+over this checkout and the virtualenv's packages, both bind-mounted where the user may read
+them."""
 
 from __future__ import annotations
 
