@@ -50,7 +50,7 @@ class MemLayer:
             self.entries[path] = e
         for path in opaque:
             e = self.entries[path]
-            self.entries[path] = Entry(**{**_fields(e), "flags": e.flags | OPAQUE})
+            self.entries[path] = e._replace(flags=e.flags | OPAQUE)
 
     def _ensure(self, path: str) -> None:
         if path in self.entries:
@@ -80,10 +80,6 @@ class MemLayer:
 
     def close(self) -> None:
         pass
-
-
-def _fields(e: Entry) -> dict[str, object]:
-    return {f: getattr(e, f) for f in Entry.__slots__}  # type: ignore[attr-defined]
 
 
 __all__ = ["DIR", "OPQ", "WH", "Link", "MemLayer", "WHITEOUT"]

@@ -21,8 +21,7 @@ import os
 import stat
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from . import whiteout as wh
 from .hostdir import HostDir
@@ -34,12 +33,12 @@ IMPLICIT = 4  # a directory that exists only because a layer entry lives below i
 CHUNK = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """What one layer holds at one path.
 
     ``ref`` locates the data inside the layer (an index for tars, a path for directories);
     ``obj`` identifies the object within the layer: names of one hardlink group share it.
+    A named tuple: a listing makes one per name and layer, and a tuple is made fastest.
     """
 
     mode: int
@@ -86,9 +85,9 @@ def restat(e: Entry, st: os.stat_result, mode: bool) -> Entry:
             and st.st_atime_ns == e.atime_ns and st.st_nlink == e.nlink
             and st.st_blocks == e.blocks and new_mode == e.mode):
         return e
-    return replace(e, mode=new_mode, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                   ctime_ns=st.st_ctime_ns, atime_ns=st.st_atime_ns, nlink=st.st_nlink,
-                   blocks=st.st_blocks)
+    return e._replace(mode=new_mode, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                      ctime_ns=st.st_ctime_ns, atime_ns=st.st_atime_ns, nlink=st.st_nlink,
+                      blocks=st.st_blocks)
 
 
 class LowerLayer(Protocol):

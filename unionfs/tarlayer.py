@@ -378,9 +378,9 @@ def _entry_of(row: tuple[Any, ...], path: str) -> Entry:
     mode = row[0]
     if stat.S_ISLNK(mode):
         mode = stat.S_IFLNK | 0o777  # a symlink's mode on Linux, whatever its tar header says
-    return Entry(mode=mode, uid=row[1], gid=row[2], size=row[3], mtime_ns=row[4],
-                 rdev=row[5], nlink=row[6], target=row[10], flags=row[9], ref=path,
-                 obj=row[8])
+    # positional, in Entry's field order: mode uid gid size mtime rdev nlink target flags ref obj
+    return Entry(mode, row[1], row[2], row[3], row[4], row[5], row[6], row[10], row[9], path,
+                 row[8])
 
 
 class TarLayer:
