@@ -191,10 +191,11 @@ class Store(_store.Store):
         if format not in ("docker", "oci"):
             raise Unsupported(f"unknown archive format {format!r} (docker or oci)")
         items = [images] if isinstance(images, str | Image) else list(images)
-        targets = save_targets(self, items)
         write = archive.save_oci if format == "oci" else archive.save_docker
-        with _output(dest, "the archive") as sink:
-            write(self, targets, sink)
+        with self.reading():  # an rmi meanwhile cannot collect what is being saved
+            targets = save_targets(self, items)
+            with _output(dest, "the archive") as sink:
+                write(self, targets, sink)
 
     def export(self, target: ImageLike | Container, dest: Output) -> None:
         """The flattened rootfs of an image or a container (a container's writable layer
@@ -202,18 +203,19 @@ class Store(_store.Store):
         a container first, then an image, as ``strata export``.  Raises ``ImageNotFound``,
         ``ContainerNotFound``, ``MountFailed`` (pausing failed), ``OutputError``."""
         cs = Containers(self)
-        container = target if isinstance(target, Container) else \
-            cs.find(target) if isinstance(target, str) else None
-        if container is None:
-            assert not isinstance(target, Container)
-            image = self._image_of(target)
-            with _output(dest, "the export") as sink, self.layers_of(image) as layers:
-                archive.export_rootfs(UnionView(layers), sink)
-            return
-        c = cs.get(container.id)
-        with _output(dest, "the export") as sink, cs.paused(c), \
-                self.layers_of(self.image(c.image)) as layers:  # type: ignore[arg-type]
-            archive.export_rootfs(UnionView([DirLayer(c.upper), *layers]), sink)
+        with self.reading():  # an rmi meanwhile cannot collect what is being exported
+            container = target if isinstance(target, Container) else \
+                cs.find(target) if isinstance(target, str) else None
+            if container is None:
+                assert not isinstance(target, Container)
+                image = self._image_of(target)
+                with _output(dest, "the export") as sink, self.layers_of(image) as layers:
+                    archive.export_rootfs(UnionView(layers), sink)
+                return
+            c = cs.get(container.id)
+            with _output(dest, "the export") as sink, cs.paused(c), \
+                    self.layers_of(self.image(c.image)) as layers:  # type: ignore[arg-type]
+                archive.export_rootfs(UnionView([DirLayer(c.upper), *layers]), sink)
 
     # -- containers ----------------------------------------------------------------------------
 

@@ -273,3 +273,41 @@ def test_public_names_resolve() -> None:
     assert issubclass(imagestore.RegistryError, StoreError)
     with pytest.raises(AttributeError):
         imagestore.NoSuchThing  # noqa: B018
+
+
+class _RemovingSink(io.BytesIO):
+    """An output whose first write runs ``rmi`` of the image being written, through a second
+    ``Store`` of the same root (its own lock descriptors, as another process would have), and
+    records whether the layer was still stored right after it."""
+
+    def __init__(self, root: Path, name: str, diff_id: str) -> None:
+        super().__init__()
+        self.root, self.name, self.diff_id = root, name, diff_id
+        self.kept: bool | None = None
+
+    def write(self, data: object) -> int:
+        if self.kept is None:
+            other = Store(str(self.root))
+            other.remove(self.name)
+            self.kept = other.layers.has(self.diff_id)  # type: ignore[arg-type]
+        return super().write(data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("operation", ["save", "export"])
+def test_gh15_save_and_export_hold_off_garbage_collection(store_root: Path, tmp_path: Path,
+                                                          operation: str) -> None:
+    """An ``rmi`` while the API writes an archive untags at once but leaves the collection to
+    the next prune: nothing being read is deleted under the reader (as the CLI promises)."""
+    s = open_store(store_root)
+    image = s.import_rootfs(io.BytesIO(ROOTFS), "demo:1")
+    sink = _RemovingSink(store_root, "demo:1", image.diff_ids[0])
+    getattr(s, operation)("demo:1", sink)
+    assert sink.kept is True, "the layer was collected while it was being read"
+    assert s.images() == []
+    if operation == "save":  # the archive is whole
+        (tmp_path / "saved.tar").write_bytes(sink.getvalue())
+        [loaded] = open_store(tmp_path / "other").load(tmp_path / "saved.tar")
+        assert loaded.image.id == image.id
+    else:
+        assert names(sink.getvalue()) == ["bin", "bin/tool", "etc", "etc/link", "etc/motd"]
+    assert s.prune().reclaimed > 0  # the next prune collects what the rmi left
