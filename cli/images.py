@@ -8,9 +8,7 @@ import re
 import sys
 from typing import Any
 
-from imagestore import reference, timefmt
-from imagestore.errors import InvalidImage, StoreError
-from imagestore.store import Image, Removed
+from imagestore import Image, InvalidImage, Removed, StoreError, reference, timefmt
 
 from .common import UserError, confirm, store_of
 from .output import go_time, human_size, print_formatted, rfc3339, since, table
@@ -221,18 +219,16 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    image = store.resolve(args.image)
-    rows = store.history(image)
+    rows = store_of(args).history(args.image)
     out = []
-    for i, r in enumerate(rows):
+    for r in rows:
         created_by = r["created_by"].replace("\t", " ")
         if not args.no_trunc and len(created_by) > 45:
             created_by = created_by[:44] + "…"
         created = r["created"]
         ts = timefmt.parse(created)
         out.append({
-            "ID": _short(image.id, args.no_trunc) if i == 0 else "<missing>",
+            "ID": _short(r["id"], args.no_trunc) if r["id"] else "<missing>",
             # docker shows no age for dates before 2000 (unset ones)
             "CreatedSince": (since(created) if ts is not None and ts > _EPOCH_2000 else "")
             if args.human else rfc3339(created),
@@ -263,7 +259,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     status = 0
     for name in args.names:
         try:
-            found.append(store.inspect(store.resolve(name)))
+            found.append(store.inspect(name))
         except StoreError as exc:
             print(f"Error: {exc}", file=sys.stderr)
             status = 1

@@ -8,16 +8,17 @@ import mmap
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cli.mount import wait_gone
-from imagestore.containers import process_alive
+from imagestore import Store, mounting
+from imagestore.mounting import wait_gone
+from imagestore.mounts import process_alive
 from tests.builders import diff_trees, tree_of_dir, tree_of_tar
 from tests.conftest import REPO, Mounter, Strata, force_unmount, is_mounted
+from tests.integration.apihelpers import daemons
 
 pytestmark = pytest.mark.fuse
 
@@ -136,16 +137,7 @@ def test_mount_umount_many_times_leaks_nothing(strata: Strata, mounter: Mounter,
 
 def _strata_daemons(root: Path) -> set[int]:
     """Mount daemons serving this store (other tests may run beside this one)."""
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"\0mount\0" in cmd and str(root).encode() in cmd:
-                out.add(int(pid))
-    return out
+    return set(daemons(Store(str(root))))
 
 
 def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, sample_image: str) -> None:
@@ -210,15 +202,17 @@ def test_a_daemon_orphaned_before_it_is_ready_leaves_no_mount(strata: Strata, mo
     """The process that started a mount dies at once (its lifeline closed before the daemon
     runs): the daemon must unmount and exit, not wait forever on its own readiness check of a
     mount nobody serves (which hung every process that touched the mountpoint)."""
+    store = Store(str(strata.root))
     for i in range(8):
         mp = mounter.mountpoint(f"m{i}")
+        plan = mounting.plan(store, sample_image, mp)
         r, w = os.pipe()
         os.close(w)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "--root", str(strata.root), "mount", "-f",
-             "--lifeline-fd", str(r), sample_image, str(mp)],
-            pass_fds=(r,), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spec = plan.spec_fd(lifeline_fd=r)
+        proc = subprocess.Popen(plan.command(spec), pass_fds=(r, spec), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.close(r)
+        os.close(spec)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

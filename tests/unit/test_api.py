@@ -28,7 +28,6 @@ from imagestore import (
     progress,
 )
 from imagestore.errors import Conflict, MountFailed
-from imagestore.registry.events import Event
 from tests.builders import d, file, oci_layout, sym, tar_bytes
 
 ROOTFS = tar_bytes([d("etc"), file("etc/motd", b"welcome\n"), sym("etc/link", "motd"),
@@ -183,19 +182,6 @@ def test_container_diff_commit_export_unmounted(store_root: Path) -> None:
     assert not os.path.exists(c.root)
 
 
-def test_registry_events_become_progress_events() -> None:
-    got: list[ProgressEvent] = []
-    forward = progress.from_registry("pull", got.append)
-    forward(Event("latest", "Pulling from library/busybox"))
-    forward(Event("0123456789ab", "Pulling fs layer"))
-    forward(Event("0123456789ab", "Downloading", 10, 100))
-    assert got == [
-        ProgressEvent("pull", "", "latest: Pulling from library/busybox"),
-        ProgressEvent("pull", "0123456789ab", "Pulling fs layer"),
-        ProgressEvent("pull", "0123456789ab", "Downloading", 10, 100),
-    ]
-
-
 def test_byte_counter_throttles_and_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
@@ -243,8 +229,7 @@ def test_mount_checks_the_target_and_mountpoint_first(store_root: Path, tmp_path
 
 def test_daemon_failures_become_typed_errors(tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
-    plan = mounting._Plan(str(tmp_path), ("x",), str(tmp_path / "mnt"), False, str(log),
-                          "image x")
+    plan = mounting.Plan({}, str(tmp_path / "mnt"), False, str(log), "image x")
     log.write_text("old noise: permission denied\n")
     start = log.stat().st_size
     with open(log, "a") as f:
@@ -254,8 +239,6 @@ def test_daemon_failures_become_typed_errors(tmp_path: Path) -> None:
     assert str(err) == "FUSE is not usable here: fusermount3: mount failed: Operation not permitted"
     err = plan.failure("open /store/layers/x/layer.tar: Permission denied", 1, log.stat().st_size)
     assert type(err) is MountFailed  # not FUSE's refusal: no reason to skip
-    err = plan.failure("container c is already mounted at /elsewhere", 1, log.stat().st_size)
-    assert type(err) is Conflict
     err = plan.failure("No such image: x", 1, log.stat().st_size)
     assert type(err) is MountFailed
     assert str(err) == f"cannot mount image x at {tmp_path / 'mnt'}: No such image: x " \
