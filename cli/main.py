@@ -82,11 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_received: list[int] = []
+
+
 def _interrupted(signum: int, frame: FrameType | None) -> None:
     """SIGTERM and SIGHUP (``timeout``, a CI runner, a closed terminal) end a command as
     Ctrl-C does, through whatever handles SIGINT at that moment (trio's, which raises
     KeyboardInterrupt only where it is safe; a mount teardown's, which holds it), so every
-    cleanup on the way out runs."""
+    cleanup on the way out runs; the exit status is 128 + the signal's number."""
+    _received.append(signum)
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
@@ -117,8 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        signum = _received[0] if _received else signal.SIGINT
+        print("interrupted" + (f" ({signal.Signals(signum).name})" if _received else ""),
+              file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -119,6 +119,45 @@ def test_login_logout(strata: Strata, basic_registry: rh.RegistryProcess,
     assert host in json.loads(auth_file.read_text())["auths"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_gh13_sigterm_and_sighup_end_a_pull_as_ctrl_c_does(
+        strata: Strata, registry_images: dict[str, Any], registry: rh.RegistryProcess,
+        fault_proxy: rh.FaultProxy, registry_env: Any, sig: int) -> None:
+    """``timeout``, CI runners and closed terminals send SIGTERM or SIGHUP: the pull cleans up
+    as on Ctrl-C (no ``tmp/layer-*`` left, ``strata check`` clean, the partial download kept
+    for the next pull) and exits with 128 + the signal's number."""
+    info = registry_images["oci-gzip"]
+    big = str(info["layers"][0])
+    release = threading.Event()
+    fault_proxy.add("GET", f"/blobs/{big}", "cut", after=250_000)
+    fault_proxy.add("GET", f"/blobs/{big}", "hang", event=release)
+    ref = f"{fault_proxy.host}/test/oci-gzip:1"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--root", str(strata.root),
+                             "pull", ref], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    tmp = strata.root / "tmp"
+    try:
+        deadline = time.monotonic() + 30
+        while len(fault_proxy.requests("GET", f"/blobs/{big}")) < 2 or \
+                not any(n.startswith("layer-") for n in os.listdir(tmp)):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err.decode()
+    assert err.decode() == f"interrupted ({signal.Signals(sig).name})\n"
+    left = os.listdir(tmp)  # resumable downloads only (other layers may have begun too)
+    assert f"partial-{big[7:]}" in left and all(n.startswith("partial-") for n in left), left
+    strata("check")
+    assert strata.out("pull", "-q", ref) == ref + "\n"
+
+
 def test_ctrl_c_keeps_a_partial_file_and_the_next_pull_resumes(
         strata: Strata, registry_images: dict[str, Any], registry: rh.RegistryProcess,
         fault_proxy: rh.FaultProxy, registry_env: Any) -> None:
