@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        signum = _received[0] if _received else signal.SIGINT
+        signum = _received[0] if _received else int(signal.SIGINT)
         print("interrupted" + (f" ({signal.Signals(signum).name})" if _received else ""),
               file=sys.stderr)
         return 128 + signum
