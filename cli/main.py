@@ -121,10 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        signum = _received[0] if _received else int(signal.SIGINT)
-        print("interrupted" + (f" ({signal.Signals(signum).name})" if _received else ""),
+        got = _received[0] if _received else int(signal.SIGINT)
+        print("interrupted" + (f" ({signal.Signals(got).name})" if _received else ""),
               file=sys.stderr)
-        return 128 + signum
+        return 128 + got
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
