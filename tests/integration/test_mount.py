@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -223,3 +226,43 @@ def test_a_daemon_orphaned_before_it_is_ready_leaves_no_mount(strata: Strata, mo
             assert proc.stderr is not None
             proc.stderr.close()
         assert not is_mounted(mp), f"run {i}: left mounted"
+
+
+def test_gh13_df_of_an_image_mount_counts_its_layers(strata: Strata, mounter: Mounter,
+                                                     sample_image: str) -> None:
+    """As a read-only file system would: the layers' file data as blocks, their entries as
+    inodes, nothing free."""
+    mp = mounter.mount(sample_image, at=mounter.mountpoint("df"))
+    store = Store(str(strata.root))
+    image = store.resolve(sample_image)
+    infos = [store.layers.info(d) for d in image.diff_ids]
+    st = os.statvfs(mp)
+    assert st.f_blocks == -(-sum(i.content for i in infos) // st.f_frsize) > 0
+    assert st.f_files == sum(i.entries for i in infos) > 0
+    assert (st.f_bfree, st.f_bavail, st.f_ffree) == (0, 0, 0)
+    df = subprocess.run(["df", "--output=size,itotal", str(mp)], capture_output=True,
+                        text=True, check=True).stdout.split()
+    assert int(df[-1]) == st.f_files and int(df[-2]) > 0
+
+
+def test_gh13_a_refused_mount_is_one_line_in_the_log(tmp_path: Path) -> None:
+    """In a user namespace the kernel refuses FUSE mounts: ``strata mount`` says why in one
+    line, and the daemon's log holds one error line of its own (beside fusermount3's), no
+    traceback."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-U", "-r", "true"]).returncode != 0:
+        pytest.skip("user namespaces are not available (unshare -U -r)")
+    root, lower, mp = tmp_path / "store", tmp_path / "lower", tmp_path / "mp"
+    lower.mkdir()
+    mp.mkdir()
+    proc = subprocess.run([unshare, "-U", "-r", sys.executable, "-m", "cli.main", "--root",
+                           str(root), "mount", "--lower", str(lower), str(mp)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert re.search("operation not permitted|permission denied", proc.stderr.lower())
+    [log] = (root / "mounts").glob("*.log")
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert [line for line in text.splitlines() if not line.startswith("fusermount")] == [
+        f"ERROR unionfs.mount: cannot mount {mp}: fuse_session_mount failed"], text
+    assert not is_mounted(mp)
