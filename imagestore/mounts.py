@@ -198,7 +198,9 @@ def describe(rec: MountRecord) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    """True while ``pid`` runs: a zombie waiting to be reaped counts as gone, but not a
+    thread-group leader that has exited while other threads of it still run (the daemon's
+    worker threads hold its descriptors, and with them a container's mount lock)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -206,7 +208,14 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().split(") ")[-1][:1] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
