@@ -61,7 +61,7 @@ async def test_push_round_trip_read_by_skopeo_and_umoci(
     raw = _raw_manifest(str(dest))
     assert raw == image.manifest.raw and res.digest == sha256_bytes(raw)
     assert res.size == len(raw)
-    assert store.resolve(str(dest.with_digest(res.digest))).id == image.id  # RepoDigest
+    assert store.resolve(f"{dest.name}@{res.digest}").id == image.id  # RepoDigest
     assert not diff_trees(ri.exported_tree(store, image), ri.umoci_tree(str(dest), tmp_path))
 
 
