@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from imagestore import Store
+from imagestore import Store, StoreError
 
 
 class UserError(Exception):
@@ -48,6 +49,19 @@ def output(path: str | None, what: str) -> str | BinaryIO:
 def source(path: str) -> str | BinaryIO:
     """A file argument, or stdin for ``-``."""
     return sys.stdin.buffer if path == "-" else path
+
+
+def each(items: Sequence[str], act: Callable[[str], object]) -> int:
+    """``act`` on every item, as docker's ``rm``/``rmi`` do: an error is one line on stderr
+    and makes the exit status 1, and the other items go on."""
+    status = 0
+    for item in items:
+        try:
+            act(item)
+        except StoreError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            status = 1
+    return status
 
 
 def confirm(question: str) -> bool:

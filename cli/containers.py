@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from typing import Any
 
-from imagestore import Container, StoreError
+from imagestore import Container
 
-from .common import store_of
+from .common import each, store_of
 from .output import print_formatted, since, table
 
 
@@ -98,12 +97,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     store = store_of(args)
-    status = 0
-    for name in args.containers:
-        try:
-            store.remove_container(name, force=args.force)
-            print(name)
-        except StoreError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
-    return status
+
+    def remove(name: str) -> None:
+        store.remove_container(name, force=args.force)
+        print(name)
+
+    return each(args.containers, remove)

@@ -8,9 +8,9 @@ import re
 import sys
 from typing import Any
 
-from imagestore import Image, InvalidImage, Removed, StoreError, reference, timefmt
+from imagestore import Image, InvalidImage, Removed, reference, timefmt
 
-from .common import UserError, confirm, store_of
+from .common import UserError, confirm, each, store_of
 from .output import go_time, human_size, print_formatted, rfc3339, since, table
 
 
@@ -208,14 +208,7 @@ def _print_removed(r: Removed, lower: bool = False) -> None:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     store = store_of(args)
-    status = 0
-    for name in args.images:
-        try:
-            _print_removed(store.remove(name, force=args.force))
-        except StoreError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
-    return status
+    return each(args.images, lambda name: _print_removed(store.remove(name, force=args.force)))
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -255,14 +248,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = store_of(args)
-    found = []
-    status = 0
-    for name in args.names:
-        try:
-            found.append(store.inspect(name))
-        except StoreError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
+    found: list[dict[str, Any]] = []
+    status = each(args.names, lambda name: found.append(store.inspect(name)))
     if args.format:
         print_formatted(args.format, found)
     else:

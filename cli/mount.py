@@ -8,12 +8,11 @@ process becomes the daemon (``Store.serve_mount``).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from imagestore import Directories, MountRecord, StoreError
+from imagestore import Directories, MountRecord
 
-from .common import UserError, store_of
+from .common import UserError, each, store_of
 from .output import since, table
 
 _KNOWN_OPTS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
@@ -81,14 +80,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     store = store_of(args)
-    status = 0
-    for mp in args.mountpoints:
-        try:
-            store.unmount(mp, lazy=args.lazy)
-        except StoreError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
-    return status
+    return each(args.mountpoints, lambda mp: store.unmount(mp, lazy=args.lazy))
 
 
 def _state(r: MountRecord) -> str:
