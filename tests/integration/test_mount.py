@@ -266,3 +266,36 @@ def test_gh13_a_refused_mount_is_one_line_in_the_log(tmp_path: Path) -> None:
     assert [line for line in text.splitlines() if not line.startswith("fusermount")] == [
         f"ERROR unionfs.mount: cannot mount {mp}: fuse_session_mount failed"], text
     assert not is_mounted(mp)
+
+
+def test_mount_f_serves_in_the_foreground_and_ends_on_sigterm(strata: Strata, mounter: Mounter,
+                                                              sample_image: str) -> None:
+    """``strata mount -f --debug``: the command becomes the daemon (its pid is the record's),
+    logs every request to its stderr, and SIGTERM unmounts and ends it with status 0."""
+    cid = strata.out("create", sample_image).strip()
+    mp = mounter.mountpoint("fg")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--root", str(strata.root),
+                             "mount", "-f", "--debug", cid, str(mp)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not strata.out("mounts", "-q"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        mounter.active.append(mp)
+        assert int(strata.out("mounts").splitlines()[1].split()[3]) == proc.pid
+        (mp / "written").write_text("fg\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "DEBUG" in log and "Traceback" not in log, log
+    assert not is_mounted(mp)
+    mounter.active.remove(mp)
+    assert strata.out("mounts", "-q") == ""
+    assert (strata.root / "containers" / cid / "upper/written").read_text() == "fg\n"
