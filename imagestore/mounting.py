@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 READY_TIMEOUT = 60.0
 EXIT_TIMEOUT = 10.0
+SETTLE = 0.5  # a daemon whose mount nobody else holds ends well within this after an unmount
 BUSY_RETRIES = 10
 BUSY_DELAY = 0.1
 # in a line of the daemon's error or log that mentions fuse, words saying FUSE itself is
@@ -552,7 +553,12 @@ def release(root: str, rec: MountRecord) -> None:
 
 def _settle(mounts: Mounts, rec: MountRecord, stop: bool) -> None:
     """After an unmount here: wait for the daemon to end, unless another mount namespace
-    holds the mount (then it serves on, or with ``stop`` is stopped)."""
+    holds the mount (then it serves on, or with ``stop`` is stopped).  Other namespaces are
+    looked for only when the daemon does not end at once (reading every process's
+    ``mountinfo`` costs more than the usual wait)."""
+    _wait_gone(rec.pid, SETTLE)
+    if not process_alive(rec.pid):
+        return
     if rec.dev and holders(rec.dev):
         if stop:
             _terminate(rec)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
 from .layers import DirLayer, LowerLayer
@@ -62,6 +61,8 @@ def _field(desc: Description, key: str) -> str:
 def installed() -> dict[str, Callable[[], Opener]]:
     """The kinds installed distributions declare in the ``strata.layers`` group: name ->
     a loader of the opener (loaded only when a layer of that kind is opened)."""
+    from importlib.metadata import entry_points  # 10 ms: only when a foreign kind is asked
+
     return {ep.name: ep.load for ep in entry_points(group=GROUP)}
 
 
