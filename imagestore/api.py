@@ -344,7 +344,8 @@ class Store:
             if c is None:
                 assert not isinstance(target, Container)
                 image = self._image_of(target)
-                layers = stack.enter_context(self.layers.opened(image.diff_ids))
+                layers = stack.enter_context(
+                    self.layers.opened(self.layers.stack(image.diff_ids)))
             else:
                 stack.enter_context(cs.mounts.paused(c.id))
                 layers = stack.enter_context(cs.layers(c, upper=True))

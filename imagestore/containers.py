@@ -17,11 +17,10 @@ import os
 import random
 import re
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from unionfs.layers import DirLayer, LowerLayer
+from unionfs.layers import LowerLayer
 from unionfs.resolve import UnionView
 from unionfs.upper import remove_tree
 
@@ -131,21 +130,25 @@ class Containers:
         return self.get(cid)
 
     def _copy_root_attrs(self, image: Image, upper: str) -> None:
-        with self.store.layers.opened(image.diff_ids) as layers:
+        with self.store.layers.opened(self.store.layers.stack(image.diff_ids)) as layers:
             root = UnionView(layers).root().entry
         if os.geteuid() == 0:
             os.chown(upper, root.uid, root.gid)
         os.chmod(upper, root.mode & 0o7777)
         os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
 
-    @contextlib.contextmanager
-    def layers(self, container: Container, upper: bool = True) -> Iterator[list[LowerLayer]]:
-        """The container's layers, top first, closed after the block: with ``upper`` its
-        writable layer (read as a plain directory), then its image's.  The one recipe of a
-        container's rootfs outside a mount (export, commit, diff)."""
+    def describe(self, container: Container, upper: bool = True) -> list[dict[str, str]]:
+        """The container's layers as descriptions, top first: with ``upper`` its writable
+        layer (read as a plain directory), then its image's.  The one recipe of a container's
+        rootfs outside a writable mount: export, commit, diff and read-only mounts use it."""
         image = self.store.image(container.image)
-        with self.store.layers.opened(image.diff_ids) as layers:
-            yield [DirLayer(container.upper), *layers] if upper else layers
+        top = [{"kind": "dir", "path": container.upper}] if upper else []
+        return top + self.store.layers.stack(image.diff_ids)
+
+    def layers(self, container: Container,
+               upper: bool = True) -> contextlib.AbstractContextManager[list[LowerLayer]]:
+        """``describe``'s layers, opened for the block."""
+        return self.store.layers.opened(self.describe(container, upper))
 
     def remove(self, container: Container) -> None:
         where = self.mounts.where(container.id, container.root)

@@ -114,30 +114,37 @@ class LayerStore:
         return {"kind": "tar", "tar": os.path.join(d, "layer.tar"),
                 "index": os.path.join(d, "index"), "name": diff_id}
 
-    def open(self, diff_id: Digest) -> LowerLayer:
-        """The layer as a ``LowerLayer`` (keeps its files open until ``close``).  Raises
-        ``ImageNotFound`` (not stored) and ``InvalidLayer``; an index of an older format is
-        built again."""
-        desc = self.describe(diff_id)
+    def stack(self, diff_ids: Sequence[Digest]) -> list[dict[str, str]]:
+        """The descriptions of an image's layers (``diff_ids`` bottom first), top first: the
+        order of a mount spec's layers."""
+        return [self.describe(d) for d in reversed(diff_ids)]
+
+    def open(self, desc: dict[str, str]) -> LowerLayer:
+        """The layer ``desc`` describes as a ``LowerLayer`` (keeps its files open until
+        ``close``).  Raises ``ImageNotFound`` (not stored) and ``InvalidLayer``; the index of
+        a stored layer in an older format is built again."""
+        name = desc.get("name", "")
         try:
             try:
                 return open_layer(desc)
             except LayerError:
-                self.rebuild_index(diff_id)  # an index of an older format: build it again
+                if desc.get("kind") != "tar" or not self.has(Digest(name)):
+                    raise
+                self.rebuild_index(Digest(name))  # an index of an older format
                 return open_layer(desc)
         except FileNotFoundError:
-            raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
+            raise ImageNotFound(f"layer {name or desc} is missing from the store") from None
         except LayerError as exc:
-            raise InvalidLayer(f"layer {diff_id}: {exc}") from None
+            raise InvalidLayer(f"layer {name}: {exc}") from None
 
     @contextlib.contextmanager
-    def opened(self, diff_ids: Sequence[Digest]) -> Iterator[list[LowerLayer]]:
-        """The layers ``diff_ids`` (an image's, bottom first) opened as lower layers, top
-        first, and closed when the block ends."""
+    def opened(self, descs: Sequence[dict[str, str]]) -> Iterator[list[LowerLayer]]:
+        """The layers ``descs`` describe (``stack``: an image's), opened, in the same order,
+        and closed when the block ends."""
         layers: list[LowerLayer] = []
         try:
-            for diff_id in reversed(diff_ids):
-                layers.append(self.open(diff_id))
+            for desc in descs:
+                layers.append(self.open(desc))
             yield layers
         finally:
             for layer in layers:

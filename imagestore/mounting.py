@@ -177,12 +177,15 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
     lock: int | None = None
     container = None
     if isinstance(target, Directories):
+        if target.upper and not target.work and not read_only:
+            raise MountFailed("a writable upper directory needs a work directory")
         for d in (*target.lower, target.upper, target.work):
             if d is not None and not os.path.isdir(d):
                 raise MountFailed(f"directory {d} does not exist")
-        layers = [{"kind": "dir", "path": os.path.abspath(d)} for d in target.lower]
-        upper, work = (os.path.abspath(target.upper) if target.upper else None,
-                       os.path.abspath(target.work) if target.work else None)
+        dirs = [target.upper] if target.upper and read_only else []  # read-only: on top
+        layers = [{"kind": "dir", "path": os.path.abspath(d)} for d in [*dirs, *target.lower]]
+        if target.upper and not read_only:
+            upper, work = os.path.abspath(target.upper), os.path.abspath(str(target.work))
         kind, ident, name = "dirs", ":".join(target.lower), ":".join(target.lower)
         what = f"directory {name}"
         read_only = read_only or upper is None
@@ -193,10 +196,11 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
         elif isinstance(target, str):
             container = cs.find(target)
         if container is not None:
-            image = store.image(container.image)
             kind, ident, name = "container", container.id, container.name
             what = f"container {container.name}"
-            upper, work = container.upper, container.work
+            layers = cs.describe(container, upper=read_only)  # read-only: the upper on top
+            if not read_only:
+                upper, work = container.upper, container.work
         else:
             try:
                 image = store.image(target.id) if isinstance(target, Image) else \
@@ -209,7 +213,7 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
             name = image.tags[0].familiar if image.tags else image.short_id
             what = f"image {target if isinstance(target, str) else image.short_id}"
             read_only = True
-        layers = [store.layers.describe(d) for d in reversed(image.diff_ids)]
+            layers = store.layers.stack(image.diff_ids)
         if container is not None:
             lock = mounts.lock(container.root, container.name)
     try:

@@ -136,7 +136,7 @@ def exported_tree(store: Any, image: Any) -> dict[str, tuple[Any, ...]]:
     from .builders import tree_of_tar
 
     buf = io.BytesIO()
-    with store.layers.opened(image.diff_ids) as layers:
+    with store.layers.opened(store.layers.stack(image.diff_ids)) as layers:
         changeset.export_rootfs(UnionView(layers), buf.write)
     return tree_of_tar(buf.getvalue())
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from .control import short_address
 from .errors import MountError
 from .layerkinds import open_layer
-from .layers import DirLayer, LowerLayer
+from .layers import LowerLayer
 from .tarheaders import LayerError
 
 if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (start-up time)
@@ -266,8 +266,8 @@ def _readahead(dev: int, kb: int) -> None:
 
 
 def build(spec: MountSpec, stack: contextlib.ExitStack) -> Union:
-    """The union the spec describes; its layers are closed when ``stack`` ends.  A read-only
-    mount of an upper serves the upper as its top layer."""
+    """The union the spec describes; its layers are closed when ``stack`` ends.  (A read-only
+    view of an upper is one more layer, ``{"kind": "dir"}``, on top: the spawner's choice.)"""
     from .union import Union
     from .upper import UpperLayer
 
@@ -281,10 +281,6 @@ def build(spec: MountSpec, stack: contextlib.ExitStack) -> Union:
     for desc in spec.layers:
         layers.append(open_layer(desc))
     if spec.upper is None or spec.work is None:
-        return Union(layers)
-    if spec.options.read_only:
-        top = DirLayer(spec.upper)
-        layers.insert(0, top)
         return Union(layers)
     return Union(layers, UpperLayer(spec.upper, spec.work))
 

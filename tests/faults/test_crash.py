@@ -66,7 +66,7 @@ def assert_undamaged(strata: Warm) -> bool:
     for tag in store.state.read().tags:
         image = store.resolve(tag)
         assert image.config.diff_ids is not None
-        with store.layers.opened(image.diff_ids) as layers:
+        with store.layers.opened(store.layers.stack(image.diff_ids)) as layers:
             assert len(layers) == len(image.diff_ids)
     return bool(lines)
 

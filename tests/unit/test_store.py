@@ -50,7 +50,7 @@ def do_import(store: Store, data: bytes, tag: str | None = None, **kw: Any) -> I
 
 def export(store: Store, image: Image) -> bytes:
     out = io.BytesIO()
-    with store.layers.opened(image.diff_ids) as layers:
+    with store.layers.opened(store.layers.stack(image.diff_ids)) as layers:
         changeset.export_rootfs(UnionView(layers), out.write)
     return out.getvalue()
 
