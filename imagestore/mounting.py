@@ -560,14 +560,14 @@ def _settle(mounts: Mounts, rec: MountRecord, stop: bool) -> None:
     holds the mount (then it serves on, or with ``stop`` is stopped).  Other namespaces are
     looked for only when the daemon does not end at once (reading every process's
     ``mountinfo`` costs more than the usual wait)."""
-    _wait_gone(rec.pid, SETTLE)
+    wait_gone(rec.pid, SETTLE)
     if not process_alive(rec.pid):
         return
     if rec.dev and holders(rec.dev):
         if stop:
             _terminate(rec)
         return
-    _wait_gone(rec.pid, EXIT_TIMEOUT)
+    wait_gone(rec.pid, EXIT_TIMEOUT)
 
 
 def _terminate(rec: MountRecord) -> None:
@@ -575,23 +575,19 @@ def _terminate(rec: MountRecord) -> None:
     then sees ENOTCONN) and wait for it."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(rec.pid, signal.SIGTERM)
-    _wait_gone(rec.pid, EXIT_TIMEOUT)
+    wait_gone(rec.pid, EXIT_TIMEOUT)
     if process_alive(rec.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(rec.pid, signal.SIGKILL)
-        _wait_gone(rec.pid, EXIT_TIMEOUT)
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    """Wait until the daemon ``pid`` has exited (not our child, or not reaped by us)."""
-    deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+        wait_gone(rec.pid, EXIT_TIMEOUT)
 
 
 def wait_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> None:
-    """Wait (up to ``timeout`` s) until process ``pid`` has exited."""
-    _wait_gone(pid, timeout)
+    """Wait (up to ``timeout`` s) until the daemon ``pid`` has exited (not our child, or not
+    reaped by us: ``process_alive``)."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 __all__: Sequence[str] = ["Directories", "Plan", "exec_foreground", "fuse_missing", "mounted",
