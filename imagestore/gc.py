@@ -2,7 +2,7 @@
 
 Three locks make it safe beside other commands (``state.py``): collection holds ``gc.lock``
 exclusively, so it waits for (or, with ``wait=False``, gives way to) every command adding
-content or reading images, which hold it shared (``Store.ingesting``, ``Store.reading``);
+content or reading images, which hold it shared (``ingesting`` here, ``Store.reading``);
 ``tmp/`` is emptied only while ``lock`` is held too, because a state transaction writes its
 temp file there.
 

@@ -23,7 +23,7 @@ Caveats:
 * Foreign layers (``urls``) are fetched from the registry like any other blob.
 * A partial file whose content turns out wrong is deleted and the layer is fetched once more
   from the start; content that is wrong on a fresh download is an error.
-* Awaits separate "this layer is already stored" from the ``add_image`` that relies on it;
+* Awaits separate "this layer is already stored" from the ``images.record`` that relies on it;
   ``gc.ingesting`` is what keeps garbage collection from deleting it in between.
 * Layers completed before a failure stay stored (verified, named by no image) so a retry
   skips them; the next garbage collection removes them if no pull claims them.
