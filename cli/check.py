@@ -1,4 +1,4 @@
-"""``strata check [--repair]``: verify the store (imagestore.check) and print one line per
+"""``strata check [--repair]``: verify the store (``Store.check``) and print one line per
 problem; the exit status is 1 while any problem is left."""
 
 from __future__ import annotations
@@ -23,20 +23,8 @@ def register(sub: Any, image_sub: Any) -> None:
     p.set_defaults(func=cmd_check)
 
 
-def _unmount(mountpoint: str) -> None:
-    from unionfs.mount import MountError, unmount
-
-    try:
-        unmount(mountpoint, lazy=True)
-    except MountError as exc:
-        raise OSError(str(exc)) from None
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    from imagestore.check import check  # loaded only when checking
-    from unionfs.mount import is_mounted
-
-    report = check(store_of(args), repair=args.repair, is_mounted=is_mounted, unmount=_unmount)
+    report = store_of(args).check(repair=args.repair)
     fixed = {id(p) for p in report.repaired}
     failed = {id(p): why for p, why in report.failed}
     for p in report.problems:

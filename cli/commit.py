@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 from typing import Any
 
-from imagestore import changeset, reference
-from imagestore.commit import commit
 from imagestore.compress import LAYER_COMPRESSIONS
-from imagestore.containers import Container, Containers
-from unionfs.resolve import UnionView
 
 from .common import UserError, store_of
 from .images import _bool
@@ -40,32 +35,18 @@ def register(sub: Any, image_sub: Any) -> None:
     p.set_defaults(func=cmd_commit)
 
 
-def paused(cs: Containers, c: Container, pause: bool) -> contextlib.AbstractContextManager[None]:
-    """Hold writes through the container's mount, if it is mounted writable."""
-    return cs.paused(c, pause)
-
-
 def cmd_diff(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    cs = Containers(store)
-    c = cs.get(args.container)
-    with store.layers_of(store.image(c.image)) as layers:  # type: ignore[arg-type]
-        for kind, path in changeset.changes(c.upper, UnionView(layers)):
-            print(f"{kind} {path}")
+    for kind, path in store_of(args).diff(args.container):
+        print(f"{kind} {path}")
     return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    cs = Containers(store)
-    c = cs.get(args.container)
-    tag = reference.parse_repo_tag(args.repository) if args.repository else None
     if args.timestamp is not None and args.timestamp < 0:
         raise UserError("--timestamp must be a number of seconds since the epoch")
-    with paused(cs, c, args.pause), store.layers_of(
-            store.image(c.image)) as layers:  # type: ignore[arg-type]
-        image = commit(store, c, layers, tag=tag, author=args.author, message=args.message,
-                       changes=args.change, squash=args.squash, compression=args.compression,
-                       oci_format=args.format == "oci", epoch=args.timestamp)
+    image = store_of(args).commit(
+        args.container, args.repository, author=args.author, message=args.message,
+        changes=args.change, squash=args.squash, compression=args.compression,
+        format=args.format, timestamp=args.timestamp, pause=args.pause)
     print(image.id)
     return 0

@@ -1,15 +1,14 @@
-"""Shared CLI plumbing: the store from ``--root``, user errors, and output files."""
+"""Shared CLI plumbing: the store from ``--root``, user errors, and where files come from and
+go to (a path, or ``-`` for stdin/stdout)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
-from imagestore.store import Store
+from imagestore import Store, StoreError
 
 
 class UserError(Exception):
@@ -34,40 +33,35 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-@contextlib.contextmanager
-def output_sink(path: str | None, what: str) -> Iterator[Callable[[bytes], object]]:
-    """Where an archive goes: ``path`` (written to a temp file, renamed on success, so a failure
-    never leaves a partial file) or stdout when ``path`` is None or ``-``."""
-    if path in (None, "-"):
-        if sys.stdout.isatty():
-            raise UserError(f"cowardly refusing to save {what} to a terminal. "
-                            "Use the -o flag or redirect")
-        out = sys.stdout.buffer
-        yield out.write
-        out.flush()
-        return
-    assert path is not None
-    if os.path.isdir(path):
-        raise UserError(f"invalid output path: {path} is a directory")
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".strata-")
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f.write
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+def output(path: str | None, what: str) -> str | BinaryIO:
+    """Where an archive goes: ``path``, or stdout when ``path`` is None or ``-`` (refused on a
+    terminal, as docker does)."""
+    if path not in (None, "-"):
+        assert path is not None
+        return path
+    if sys.stdout.isatty():
+        raise UserError(f"cowardly refusing to save {what} to a terminal. "
+                        "Use the -o flag or redirect")
+    sys.stdout.flush()
+    return sys.stdout.buffer
+
+
+def source(path: str) -> str | BinaryIO:
+    """A file argument, or stdin for ``-``."""
+    return sys.stdin.buffer if path == "-" else path
+
+
+def each(items: Sequence[str], act: Callable[[str], object]) -> int:
+    """``act`` on every item, as docker's ``rm``/``rmi`` do: an error is one line on stderr
+    and makes the exit status 1, and the other items go on."""
+    status = 0
+    for item in items:
         try:
-            os.rename(tmp, path)
-        except OSError as exc:
-            raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            act(item)
+        except StoreError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            status = 1
+    return status
 
 
 def confirm(question: str) -> bool:

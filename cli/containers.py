@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import re
 from typing import Any
 
-from imagestore.containers import Containers
-from imagestore.errors import StoreError
+from imagestore import Container
 
-from .common import store_of
+from .common import each, store_of
 from .output import print_formatted, since, table
 
 
@@ -42,25 +41,41 @@ def register(sub: Any, image_sub: Any) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    c = Containers(store_of(args)).create(args.image, args.name)
-    print(c.id)
+    print(store_of(args).create_container(args.image, args.name).id)
     return 0
 
 
+def image_column(c: Container, no_trunc: bool) -> str:
+    """What ``ps`` shows as the image: the name it was created from, or, for one created by
+    ID (or ID prefix), the image's short ID, as docker does."""
+    hexid = c.image.partition(":")[2]
+    given = c.image_name.removeprefix("sha256:")
+    if not given or (re.fullmatch(r"[0-9a-f]{1,64}", given) and hexid.startswith(given)):
+        return hexid if no_trunc else hexid[:12]
+    return c.image_name
+
+
+def status(c: Container) -> str:
+    if c.mount is None:
+        return "Created"
+    if c.mount.elsewhere:
+        return (f"Mounted in another mount namespace only (unmounted from "
+                f"{c.mount.mountpoint} here)")
+    return f"Mounted at {c.mount.mountpoint}"
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
-    cs = Containers(store_of(args))
-    mounts = {m.target: m.mountpoint for m in cs.mounts() if m.kind == "container"}
     rows = []
-    for c in cs.all():
+    for c in store_of(args).containers():
         rows.append({
             "ID": c.id if args.no_trunc else c.short_id,
             "Names": c.name,
-            "Image": c.image_name or c.image[7:19],
+            "Image": image_column(c, args.no_trunc),
             "ImageID": c.image,
             "CreatedAt": c.created,
             "RunningFor": since(c.created),
-            "Mounts": mounts.get(c.id, ""),
-            "Status": f"Mounted at {mounts[c.id]}" if c.id in mounts else "Created",
+            "Mounts": c.mount.mountpoint if c.mount is not None else "",
+            "Status": status(c),
         })
     if args.quiet:
         for r in rows:
@@ -81,24 +96,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from unionfs.mount import MountError, unmount
+    store = store_of(args)
 
-    cs = Containers(store_of(args))
-    status = 0
-    for name in args.containers:
-        try:
-            c = cs.get(name)
-            where = cs.mounted_at(c)
-            if where is not None and args.force:
-                rec = next((m for m in cs.mounts() if m.target == c.id), None)
-                if rec is not None:
-                    unmount(rec.mountpoint)
-                    from .mount import wait_gone
+    def remove(name: str) -> None:
+        store.remove_container(name, force=args.force)
+        print(name)
 
-                    wait_gone(rec.pid)
-            cs.remove(c)
-            print(name)
-        except (StoreError, MountError) as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
-    return status
+    return each(args.containers, remove)

@@ -8,11 +8,9 @@ import re
 import sys
 from typing import Any
 
-from imagestore import reference, timefmt
-from imagestore.errors import InvalidImage, StoreError
-from imagestore.store import Image, Removed
+from imagestore import Image, InvalidImage, Removed, reference, timefmt
 
-from .common import UserError, confirm, store_of
+from .common import UserError, confirm, each, store_of
 from .output import go_time, human_size, print_formatted, rfc3339, since, table
 
 
@@ -210,29 +208,20 @@ def _print_removed(r: Removed, lower: bool = False) -> None:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     store = store_of(args)
-    status = 0
-    for name in args.images:
-        try:
-            _print_removed(store.remove(name, force=args.force))
-        except StoreError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
-    return status
+    return each(args.images, lambda name: _print_removed(store.remove(name, force=args.force)))
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    image = store.resolve(args.image)
-    rows = store.history(image)
+    rows = store_of(args).history(args.image)
     out = []
-    for i, r in enumerate(rows):
+    for r in rows:
         created_by = r["created_by"].replace("\t", " ")
         if not args.no_trunc and len(created_by) > 45:
             created_by = created_by[:44] + "…"
         created = r["created"]
         ts = timefmt.parse(created)
         out.append({
-            "ID": _short(image.id, args.no_trunc) if i == 0 else "<missing>",
+            "ID": _short(r["id"], args.no_trunc) if r["id"] else "<missing>",
             # docker shows no age for dates before 2000 (unset ones)
             "CreatedSince": (since(created) if ts is not None and ts > _EPOCH_2000 else "")
             if args.human else rfc3339(created),
@@ -259,14 +248,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = store_of(args)
-    found = []
-    status = 0
-    for name in args.names:
-        try:
-            found.append(store.inspect(store.resolve(name)))
-        except StoreError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
+    found: list[dict[str, Any]] = []
+    status = each(args.names, lambda name: found.append(store.inspect(name)))
     if args.format:
         print_formatted(args.format, found)
     else:

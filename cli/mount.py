@@ -1,34 +1,20 @@
 """Mount commands: mount, umount, mounts.
 
-Without ``-f`` the command starts the mount daemon (this same command with ``-f``) in its own
-session, logging to ``<root>/mounts/<key>.log``, and returns only once the mount answers — or
-exits non-zero with the daemon's error.
+``strata mount`` asks the store to start the mount daemon (``Store.start_mount``: it returns
+once the mount answers, and the daemon logs to ``<root>/mounts/<key>.log``); with ``-f`` this
+process becomes the daemon (``Store.serve_mount``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
-import select
-import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
-from imagestore import timefmt
-from imagestore.containers import Containers, MountRecord, process_alive
-from imagestore.store import Store
-from unionfs.layers import DirLayer, LowerLayer
-from unionfs.mount import MountError, MountOptions, check_mountpoint, serve, unmount
-from unionfs.union import Union
-from unionfs.upper import UpperLayer
+from imagestore import Directories, MountRecord
 
-from .common import UserError, store_of
+from .common import UserError, each, store_of
 from .output import since, table
 
-READY_TIMEOUT = 60.0
 _KNOWN_OPTS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
 
 
@@ -36,7 +22,8 @@ def register(sub: Any, image_sub: Any) -> None:
     p = sub.add_parser("mount", help="mount an image (read-only), a container, or directories",
                        description="strata mount IMAGE|CONTAINER MOUNTPOINT, or "
                                    "strata mount --lower DIR[:DIR...] [--upper DIR --work DIR] "
-                                   "MOUNTPOINT")
+                                   "MOUNTPOINT.  Returns once the mount answers; the daemon "
+                                   "serves it until strata umount (or fusermount3 -u).")
     p.add_argument("args", nargs="+", metavar="[IMAGE|CONTAINER] MOUNTPOINT")
     p.add_argument("--lower", help="lower directories, leftmost on top (as mount -t overlay)")
     p.add_argument("--upper", help="upper directory (writable layer) for --lower")
@@ -45,11 +32,13 @@ def register(sub: Any, image_sub: Any) -> None:
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="allow_other, ro, suid, dev (comma-separated)")
-    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     for name in ("umount", "unmount"):
-        p = sub.add_parser(name, help="unmount a strata mount")
+        p = sub.add_parser(name, help="unmount a strata mount",
+                           description="Unmount strata mounts; also clears a mount whose "
+                                       "daemon died.  A mount another mount namespace still "
+                                       "holds is unmounted here; unmounting it again ends "
+                                       "its daemon.")
         p.add_argument("mountpoints", nargs="+", metavar="MOUNTPOINT")
         p.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
         p.set_defaults(func=cmd_umount)
@@ -58,15 +47,14 @@ def register(sub: Any, image_sub: Any) -> None:
     p.set_defaults(func=cmd_mounts)
 
 
-def _options(args: argparse.Namespace) -> MountOptions:
+def _options(raw: list[str]) -> set[str]:
     opts: set[str] = set()
-    for raw in args.options:
-        for o in raw.split(","):
+    for text in raw:
+        for o in text.split(","):
             if o and o not in _KNOWN_OPTS:
                 raise UserError(f"unknown mount option {o!r} (known: {', '.join(_KNOWN_OPTS)})")
             opts.add(o)
-    return MountOptions(allow_other="allow_other" in opts, read_only="ro" in opts,
-                        suid="suid" in opts, dev="dev" in opts, debug=args.debug)
+    return opts
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -78,206 +66,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError("--upper and --work go together")
     if args.upper and not args.lower:
         raise UserError("--upper needs --lower")
-    options = _options(args)
+    opts = _options(args.options)
+    target: str | Directories = args.args[0] if not args.lower else Directories(
+        tuple(args.lower.split(":")), args.upper, args.work)
+    kw = {"read_only": "ro" in opts, "allow_other": "allow_other" in opts,
+          "suid": "suid" in opts, "dev": "dev" in opts, "debug": args.debug}
     store = store_of(args)
-    try:
-        mountpoint = check_mountpoint(args.args[-1])
-    except MountError as exc:
-        raise UserError(str(exc)) from None
-    if not args.foreground:
-        return _spawn(args, store, mountpoint)
-    return _serve(args, store, mountpoint, options)
-
-
-def _spawn(args: argparse.Namespace, store: Store, mountpoint: str) -> int:
-    cs = Containers(store)
-    log_path = cs.log_path(mountpoint)
-    read_end, write_end = os.pipe()
-    args.ready_fd, args.foreground = write_end, True
-    for name in ("lower", "upper", "work"):
-        value = getattr(args, name)
-        if value:
-            setattr(args, name, ":".join(os.path.abspath(d) for d in value.split(":")))
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the intermediate child and the daemon
-        os.close(read_end)
-        _daemonize(log_path)
-        code = 1
-        try:
-            code = _serve(args, store, mountpoint, _options(args))
-        except BaseException:
-            logging.getLogger("strata").exception("the mount daemon failed")
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    os.waitpid(pid, 0)  # the intermediate child exits at once; the daemon is re-parented
-    message = _wait_ready(read_end)
-    if message != "ready":
-        raise UserError(message or f"the mount daemon exited before the mount was ready; "
-                                   f"see {log_path}")
+    if args.foreground:
+        store.serve_mount(target, args.args[-1], **kw)
+    store.start_mount(target, args.args[-1], **kw)
     return 0
-
-
-def _daemonize(log_path: str) -> None:
-    """Detach (new session, double fork so nobody has to reap us), log to ``log_path``.  The
-    daemon reuses this process's imports: no second interpreter start-up."""
-    os.setsid()
-    if os.fork() != 0:
-        os._exit(0)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    os.close(null)
-    os.chdir("/")
-
-
-@contextlib.contextmanager
-def _profiled(path: str | None) -> Iterator[None]:
-    """Run the block under cProfile and write its statistics to ``path`` (if given)."""
-    if not path:
-        yield
-        return
-    import cProfile
-
-    with cProfile.Profile() as prof:
-        yield
-    prof.dump_stats(path)
-
-
-def _wait_ready(fd: int) -> str:
-    """The daemon's first line: ``ready`` or its error (EOF: it died)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    buf = b""
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                buf += chunk
-                if buf.endswith(b"\n"):
-                    break
-        else:
-            return f"the mount did not become ready within {READY_TIMEOUT:.0f}s"
-    finally:
-        os.close(fd)
-    return buf.decode(errors="replace").strip()
-
-
-@contextlib.contextmanager
-def _closing(layers: list[LowerLayer]) -> Iterator[list[LowerLayer]]:
-    try:
-        yield layers
-    finally:
-        for layer in layers:
-            layer.close()
-
-
-def _serve(args: argparse.Namespace, store: Store, mountpoint: str,
-           options: MountOptions) -> int:
-    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
-    cs = Containers(store)
-    try:
-        with contextlib.ExitStack() as stack:
-            union, kind, target, name, options = _build(args, store, cs, options, stack)
-
-            control = cs.control_path(mountpoint) if union.writable else None
-
-            def ready() -> None:
-                cs.record(MountRecord(mountpoint, os.getpid(), kind, target, name,
-                                      cs.log_path(mountpoint), timefmt.now(), options.read_only,
-                                      control or ""))
-                _tell(args.ready_fd, "ready")
-
-            stack.callback(cs.unrecord, mountpoint)
-            with _profiled(os.environ.get("STRATA_PROFILE")):  # scripts/bench --profile
-                errors = serve(union, mountpoint, options, on_ready=ready, control=control,
-                               lifeline=args.lifeline_fd)
-            if errors:
-                logging.getLogger("strata").warning("%d handler errors (see above)", errors)
-    except Exception as exc:
-        _tell(args.ready_fd, f"{exc}")
-        raise
-    return 0
-
-
-def _tell(fd: int | None, message: str) -> None:
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, message.encode() + b"\n")
-        os.close(fd)
-
-
-def _build(args: argparse.Namespace, store: Store, cs: Containers, options: MountOptions,
-           stack: contextlib.ExitStack) -> tuple[Union, str, str, str, MountOptions]:
-    if args.lower:
-        lowers: list[LowerLayer] = []
-        for d in args.lower.split(":"):
-            if not os.path.isdir(d):
-                raise UserError(f"lower directory {d} does not exist")
-            lowers.append(DirLayer(os.path.abspath(d)))
-        if args.upper and options.read_only:  # the upper, read-only: just the top layer
-            return (Union([DirLayer(args.upper), *lowers]), "dirs", args.lower, args.lower,
-                    options)
-        upper = UpperLayer(args.upper, args.work) if args.upper else None
-        return (Union(lowers, upper), "dirs", args.lower, args.lower,
-                _with_ro(options, upper is None))
-    target = args.args[0]
-    container = cs.find(target)
-    if container is not None:
-        stack.enter_context(cs.mount_lock(container))
-        layers = stack.enter_context(_closing(cs.open_layers(container)))
-        if options.read_only:
-            union = Union([DirLayer(container.upper), *layers])
-        else:
-            union = Union(layers, UpperLayer(container.upper, container.work))
-        return union, "container", container.id, container.name, options
-    image = store.resolve(target)
-    layers = stack.enter_context(_closing(store.open_layers(image)))
-    name = image.tags[0].familiar if image.tags else image.short_id
-    return Union(layers), "image", image.id, name, _with_ro(options, True)
-
-
-def _with_ro(options: MountOptions, ro: bool) -> MountOptions:
-    return MountOptions(options.allow_other, ro, options.suid, options.dev, options.debug)
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> None:
-    """Wait until the daemon ``pid`` has exited (it is not our child: a double fork)."""
-    deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    cs = Containers(store_of(args))
-    status = 0
-    for mp in args.mountpoints:
-        rec = cs.record_for(mp)
-        try:
-            unmount(mp, lazy=args.lazy)
-        except MountError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        if rec is not None:
-            wait_gone(rec.pid)
-        cs.unrecord(mp)
-    return status
+    store = store_of(args)
+    return each(args.mountpoints, lambda mp: store.unmount(mp, lazy=args.lazy))
+
+
+def _state(r: MountRecord) -> str:
+    return "another mount namespace only" if r.elsewhere else "mounted"
 
 
 def cmd_mounts(args: argparse.Namespace) -> int:
-    recs = Containers(store_of(args)).mounts()
+    recs = store_of(args).mounts()
     if args.quiet:
         for r in recs:
             print(r.mountpoint)
         return 0
-    table([["MOUNTPOINT", "TYPE", "NAME", "PID", "MODE", "MOUNTED"]] + [
+    table([["MOUNTPOINT", "TYPE", "NAME", "PID", "MODE", "MOUNTED", "STATE"]] + [
         [r.mountpoint, r.kind, r.name, str(r.pid), "ro" if r.read_only else "rw",
-         since(r.started)] for r in recs])
+         since(r.started), _state(r)] for r in recs])
     return 0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 from .output import human_size
 
 if TYPE_CHECKING:
-    from imagestore.registry import Event
+    from imagestore import ProgressEvent
 
 BAR_WIDTH = 50
 PLAIN_INTERVAL = 1.0
@@ -31,7 +31,8 @@ def bar(current: int, total: int) -> str:
 
 
 class ProgressPrinter:
-    """An ``EventFn`` writing progress to ``out`` (a terminal or not)."""
+    """A ``ProgressFn`` writing progress to ``out`` (a terminal or not), one line per layer
+    (``ProgressEvent.layer``); events about the whole image are lines of their own."""
 
     def __init__(self, out: TextIO | None = None, tty: bool | None = None) -> None:
         self.out = out or sys.stdout
@@ -39,36 +40,36 @@ class ProgressPrinter:
         self.lines: list[str] = []
         self.last: dict[str, tuple[str, float]] = {}
 
-    def __call__(self, ev: Event) -> None:
+    def __call__(self, ev: ProgressEvent) -> None:
         if self.tty:
             self._terminal(ev)
         else:
             self._plain(ev)
 
-    def _terminal(self, ev: Event) -> None:
+    def _terminal(self, ev: ProgressEvent) -> None:
         text = ev.status
-        if ev.current is not None and ev.total is not None:
-            text = f"{ev.status} {bar(ev.current, ev.total)}"
-        line = f"{ev.id}: {text}" if ev.id else text
-        if not ev.id or ev.id not in self.lines:
-            if ev.id:
-                self.lines.append(ev.id)
+        if ev.done_bytes is not None and ev.total_bytes is not None:
+            text = f"{ev.status} {bar(ev.done_bytes, ev.total_bytes)}"
+        line = f"{ev.layer}: {text}" if ev.layer else text
+        if not ev.layer or ev.layer not in self.lines:
+            if ev.layer:
+                self.lines.append(ev.layer)
             self.out.write(line + "\n")
         else:
-            up = len(self.lines) - self.lines.index(ev.id)
+            up = len(self.lines) - self.lines.index(ev.layer)
             self.out.write(f"\x1b[{up}A\r\x1b[2K{line}\x1b[{up}B\r")
         self.out.flush()
 
-    def _plain(self, ev: Event) -> None:
+    def _plain(self, ev: ProgressEvent) -> None:
         now = time.monotonic()
         text = ev.status
-        if ev.current is not None and ev.total is not None:
-            prev = self.last.get(ev.id)
-            done = ev.current >= ev.total
+        if ev.done_bytes is not None and ev.total_bytes is not None:
+            prev = self.last.get(ev.layer)
+            done = ev.done_bytes >= ev.total_bytes
             if prev is not None and prev[0] == ev.status and not done and \
                     now - prev[1] < PLAIN_INTERVAL:
                 return
-            text = f"{ev.status} {human_size(ev.current)}/{human_size(ev.total)}"
-        self.last[ev.id] = (ev.status, now)
-        self.out.write(f"{ev.id}: {text}\n" if ev.id else text + "\n")
+            text = f"{ev.status} {human_size(ev.done_bytes)}/{human_size(ev.total_bytes)}"
+        self.last[ev.layer] = (ev.status, now)
+        self.out.write(f"{ev.layer}: {text}\n" if ev.layer else text + "\n")
         self.out.flush()

@@ -7,20 +7,21 @@ The registry client (httpx, trio, ssl) is imported when one of these commands ru
 from __future__ import annotations
 
 import argparse
-import functools
 import getpass
 import sys
 from typing import Any
-
-from imagestore import oci, reference
-from imagestore.errors import InvalidReference
 
 from .common import UserError, store_of
 
 
 def register(sub: Any, image_sub: Any) -> None:
     for parent in (sub, image_sub):
-        p = parent.add_parser("pull", help="download an image from a registry")
+        p = parent.add_parser(
+            "pull", help="download an image from a registry",
+            description="Download an image from a registry (distribution API v2), verifying "
+                        "every digest, and record it with its RepoDigest.  Layers already "
+                        "stored are skipped; an interrupted download resumes.  A mirror or an "
+                        "insecure registry is set in registries.json (see the README).")
         p.add_argument("name", metavar="NAME[:TAG|@DIGEST]")
         p.add_argument("--platform", help="OS/ARCH[/VARIANT] to pull from a multi-platform "
                                           "image (default: the host's)")
@@ -28,14 +29,20 @@ def register(sub: Any, image_sub: Any) -> None:
                        help="print only the image reference")
         p.set_defaults(func=cmd_pull)
     for parent in (sub, image_sub):
-        p = parent.add_parser("push", help="upload an image to a registry")
+        p = parent.add_parser(
+            "push", help="upload an image to a registry",
+            description="Upload an image to a registry with its blobs exactly as stored, so a "
+                        "pulled image keeps its digests; blobs the registry has are skipped, "
+                        "blobs in another repository of it are mounted.")
         p.add_argument("name", metavar="NAME[:TAG]", help="the image to push")
         p.add_argument("dest", nargs="?", metavar="DEST",
                        help="where to push it (default: NAME)")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="print only the pushed reference")
         p.set_defaults(func=cmd_push)
-    p = sub.add_parser("login", help="log in to a registry")
+    p = sub.add_parser("login", help="log in to a registry",
+                       description="Check credentials against a registry and store them as "
+                                   "docker does (config.json or a credential helper).")
     p.add_argument("server", nargs="?", default="docker.io", metavar="SERVER")
     p.add_argument("-u", "--username")
     p.add_argument("-p", "--password", help="the password (prefer --password-stdin)")
@@ -46,66 +53,28 @@ def register(sub: Any, image_sub: Any) -> None:
     p.set_defaults(func=cmd_logout)
 
 
-def _parse(name: str) -> reference.Reference:
-    try:
-        return reference.parse(name)
-    except InvalidReference as exc:
-        raise UserError(str(exc)) from None
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
-    import trio
-
-    from imagestore import registry
-
     from .progress import ProgressPrinter
 
-    store = store_of(args)
-    ref = _parse(args.name)
-    platform = None
-    if args.platform:
-        try:
-            platform = oci.Platform.parse(args.platform)
-        except InvalidReference as exc:
-            raise UserError(str(exc)) from None
-    if not args.quiet and reference.parse(args.name, default_tag=False).tag is None \
-            and ref.digest is None:
-        print(f"Using default tag: {ref.tag}")
     printer = None if args.quiet else ProgressPrinter()
-    result = trio.run(functools.partial(registry.pull, store, ref, platform=platform,
-                                        events=printer))
+    result = store_of(args).pull(args.name, platform=args.platform, progress=printer)
     if not args.quiet:
         print(f"Digest: {result.digest}")
         status = "Image is up to date" if result.up_to_date else "Downloaded newer image"
-        print(f"Status: {status} for {ref.familiar}")
-    print(ref)
+        print(f"Status: {status} for {result.ref.familiar}")
+    print(result.ref)
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    import trio
-
-    from imagestore import registry
-
     from .progress import ProgressPrinter
 
-    store = store_of(args)
-    image = store.resolve(args.name)
-    if args.dest is None:
-        ref = _parse(args.name)
-        if ref not in image.tags and ref.digest is None:
-            raise UserError(f"An image does not exist locally with the tag: {ref.familiar}")
-        dest = ref
-    else:
-        dest = _parse(args.dest)
-    if not args.quiet:
-        print(f"The push refers to repository [{dest.name}]")
     printer = None if args.quiet else ProgressPrinter()
-    result = trio.run(functools.partial(registry.push, store, image, dest, events=printer))
+    result = store_of(args).push(args.name, args.dest, progress=printer)
     if args.quiet:
-        print(dest)
+        print(result.ref)
     else:
-        label = f"{dest.tag}: " if dest.tag else ""
+        label = f"{result.ref.tag}: " if result.ref.tag else ""
         print(f"{label}digest: {result.digest} size: {result.size}")
     return 0
 
@@ -117,12 +86,8 @@ def _prompt(text: str, secret: bool = False) -> str:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    import trio
-
     from imagestore import registry
-    from imagestore.registry import credentials
 
-    host = credentials.normalize_host(args.server)
     if args.password_stdin:
         if args.password:
             raise UserError("--password and --password-stdin are mutually exclusive")
@@ -140,19 +105,14 @@ def cmd_login(args: argparse.Namespace) -> int:
         password = _prompt("Password: ", secret=True)
     if not username or not password:
         raise UserError("username and password are required")
-    creds = credentials.Credentials(username, password)
-    trio.run(registry.check_login, host, creds)
-    credentials.store_login(host, creds)
+    registry.login(args.server, username, password)
     print("Login Succeeded")
     return 0
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
-    from imagestore.registry import credentials
+    from imagestore import registry
 
-    host = credentials.normalize_host(args.server)
-    if credentials.erase_login(host):
-        print(f"Removing login credentials for {credentials.server_key(host)}")
-    else:
-        print(f"Not logged in to {credentials.server_key(host)}")
+    key, removed = registry.logout(args.server)
+    print(f"Removing login credentials for {key}" if removed else f"Not logged in to {key}")
     return 0

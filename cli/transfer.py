@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from imagestore import archive, oci, reference
-from imagestore.containers import Containers
-from imagestore.errors import InvalidReference, StoreError
-from imagestore.store import open_input
-from unionfs.layers import DirLayer
-from unionfs.resolve import UnionView
-
-from .common import UserError, output_sink, store_of
+from .common import UserError, output, source, store_of
 
 
 def register(sub: Any, image_sub: Any) -> None:
@@ -44,69 +38,29 @@ def register(sub: Any, image_sub: Any) -> None:
         p.set_defaults(func=cmd_load)
 
 
-def _platform(text: str | None) -> oci.Platform | None:
-    if text is None:
-        return None
-    try:
-        return oci.Platform.parse(text)
-    except InvalidReference as exc:
-        raise UserError(str(exc)) from None
-
-
 def cmd_import(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    tag = reference.parse_repo_tag(args.repository) if args.repository else None
-    src = open_input(args.file)
-    try:
-        image = store.import_tar(src, source=args.file, tag=tag, changes=args.change,
-                                 message=args.message, platform=_platform(args.platform))
-    finally:
-        if args.file != "-":
-            src.close()
+    image = store_of(args).import_rootfs(source(args.file), args.repository,
+                                         changes=args.change, message=args.message,
+                                         platform=args.platform)
     print(image.id)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A container's merged rootfs (held still while it is read), or an image's."""
-    from .commit import paused
-
-    store = store_of(args)
-    cs = Containers(store)
-    container = cs.find(args.name)
-    with store.reading():
-        if container is None:
-            image = store.resolve(args.name)
-            with output_sink(args.output, "the export") as sink, \
-                    store.layers_of(image) as layers:
-                archive.export_rootfs(UnionView(layers), sink)
-            return 0
-        with output_sink(args.output, "the export") as sink, paused(cs, container, True), \
-                store.layers_of(store.image(container.image)) as layers:  # type: ignore[arg-type]
-            archive.export_rootfs(UnionView([DirLayer(container.upper), *layers]), sink)
+    store_of(args).export(args.name, output(args.output, "the export"))
+    sys.stdout.flush()
     return 0
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from imagestore.api import save_targets  # the API (and trio) only when saving
-
-    store = store_of(args)
-    with store.reading():  # an rmi meanwhile cannot collect what is being saved
-        targets = save_targets(store, args.images)
-        write = archive.save_oci if args.format == "oci" else archive.save_docker
-        with output_sink(args.output, "the archive") as sink:
-            write(store, targets, sink)
+    store_of(args).save(args.images, output(args.output, "the archive"), format=args.format)
+    sys.stdout.flush()
     return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    try:
-        loaded = archive.load(store, args.input, platform=_platform(args.platform))
-    except FileNotFoundError as exc:
-        raise UserError(f"open {args.input}: no such file or directory") from exc
-    except StoreError:
-        raise
+    loaded = store_of(args).load(source(args.input), platform=args.platform)
     if not loaded:
         raise UserError("the archive holds no images")
     for item in loaded:

@@ -1,9 +1,11 @@
 """imagestore: a content-addressed image store (OCI and Docker formats), a registry client, and
 the public Python API of strata.
 
-``Store`` (``api.py``) is the entry point: ``Store(root=None)`` opens a store and offers pull,
-push, load, import, tag, remove, save, export, containers, commit and mounts.  The values it
-returns and the errors it raises are exported here; ``docs/api.md`` is the reference.
+``Store`` (``api.py``) is the entry point, the one public class: ``Store(root=None)`` opens a
+store and offers everything the ``strata`` command does — pull, push, load, import, tag,
+remove, save, export, containers, commit, mounts, check.  The values it returns and the errors
+it raises are exported here; ``docs/api.md`` is the reference, ``docs/architecture.md`` the map
+of the modules behind it.
 
 Caveats:
 * The names below are imported on first use (PEP 562), so that importing a submodule — the
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .api import Store
     from .archive import Loaded
-    from .containers import Container, MountRecord
+    from .containers import Container
     from .errors import (
         Ambiguous,
         Conflict,
@@ -36,15 +38,17 @@ if TYPE_CHECKING:
         StoreFull,
         Unsupported,
     )
+    from .images import Image, Removed
+    from .mounting import Directories
+    from .mounts import MountRecord
     from .progress import ProgressEvent, ProgressFn
     from .reference import Reference
     from .registry import AuthError, NotFound, PullResult, PushResult, RegistryError
-    from .store import Image, Removed
 
 _WHERE = {
-    "Store": "api", "Loaded": "archive", "Container": "containers", "MountRecord": "containers",
-    "ProgressEvent": "progress", "ProgressFn": "progress", "Reference": "reference",
-    "Image": "store", "Removed": "store",
+    "Store": "api", "Loaded": "archive", "Container": "containers", "MountRecord": "mounts",
+    "Directories": "mounting", "ProgressEvent": "progress", "ProgressFn": "progress",
+    "Reference": "reference", "Image": "images", "Removed": "images",
     **dict.fromkeys(("AuthError", "NotFound", "PullResult", "PushResult", "RegistryError"),
                     "registry"),
     **dict.fromkeys(("Ambiguous", "Conflict", "ContainerNotFound", "DigestMismatch",
@@ -55,7 +59,7 @@ _WHERE = {
 
 __all__ = [
     "Ambiguous", "AuthError", "Conflict", "Container", "ContainerNotFound", "DigestMismatch",
-    "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
+    "Directories", "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
     "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
     "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",
     "Removed", "Store", "StoreError", "StoreFull", "Unsupported",

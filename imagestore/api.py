@@ -1,68 +1,213 @@
-"""The public Python API: ``imagestore.Store`` with everything the ``strata`` command does.
+"""The public Python API: ``imagestore.Store``, the one class behind every ``strata`` command.
 
-``Store`` here is the store of ``store.py`` plus the operations a program (or a test suite)
-wants without shelling out: pull, push, load, import, tag, remove, save, export, containers,
-commit, and mounts as context managers.  Each method takes names (``"busybox"``,
+A ``Store`` is one store directory and every operation a program (or a test suite, or the CLI)
+wants: images, tags, removal, pull and push, load, import, save and export, containers, diff
+and commit, mounts (as context managers, or detached as ``strata mount`` makes them), and the
+store check.  Each ``strata`` command is one call here.  Methods take names (``"busybox"``,
 ``"localhost:5000/app:v1"``, an ID or ID prefix) or the values other methods returned
-(``Image``, ``Container``), returns frozen dataclasses, and raises ``StoreError`` subclasses
-(``errors.py``), never bare strings or ``OSError``.  ``docs/api.md`` is the reference.
+(``Image``, ``Container``), return frozen dataclasses, and raise ``StoreError`` subclasses
+(``errors.py``), never bare strings or ``OSError``.  ``docs/api.md`` is the reference;
+``docs/architecture.md`` says which module does the work behind each method.
 
-Seams: this module holds no policy of its own; it parses arguments into the internal types and
-calls the same functions the CLI calls (``archive``, ``commit``, ``containers``, ``registry``,
-``mounting``), so the CLI and the API cannot drift.  The registry client (httpx) is imported
-only when ``pull``/``push`` run.
+Layout under the root (``root``, ``$STRATA_ROOT``, ``/var/lib/strata`` for root, else
+``$XDG_DATA_HOME/strata``)::
+
+    blobs/sha256/<hex>          manifests, configs, layer blobs as received
+    layers/sha256/<hex>/        per diff_id: layer.tar, index, meta.json
+    state.json                  tags, images (manifest, repo digests), containers
+    lock, gc.lock               flock files (state.py)
+    containers/<id>/            upper/ and work/ of a container, mount.lock
+    mounts/<key>.json .log .sock    a live mount's record, its daemon's log, control socket
+    blob-sources.json           repositories each blob came from or went to (push mounts)
+    tmp/                        in-progress writes (same file system, so renames are atomic)
+
+Seams: the class holds argument handling and locking order only.  ``layers`` (a
+``LayerStore``, which owns the ``BlobStore`` ``blobs``) and ``state`` (``StateFile``) are the
+storage; ``images`` (records, names, docker's removal rules), ``gc`` (collection, ingesting),
+``archive``, ``commit``, ``changeset``, ``containers``, ``mounts``, ``mounting`` (the only
+spawner of the mount daemon), ``check`` and ``registry`` do the work.  The registry client
+(httpx, trio) is imported only when ``pull``/``push`` run.
 
 Caveats:
 * ``pull``/``push`` run their own trio loop; in trio code use ``pull_async``/``push_async``.
   The other methods block; trio code can call them through ``trio.to_thread.run_sync``.
-* ``mount`` starts a daemon process per mount (about half a second); see ``mounting``.
+* A mount starts a daemon process (about half a second); see ``mounting``.
+* Removal never blocks on an in-flight pull: when content is being added, ``remove`` drops
+  refs and leaves blob collection to the next ``prune``.  Readers of content (save, export,
+  push, and whoever holds ``reading()``) keep collection away the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
-from unionfs.layers import DirLayer
 from unionfs.resolve import UnionView
 
-from . import archive, changeset, mounting, oci, reference
+from . import archive, changeset, gc, images, mounting, oci, reference
 from . import commit as _commit
-from . import store as _store
-from .compress import LAYER_COMPRESSIONS
-from .containers import Container, Containers, MountRecord
-from .errors import InvalidImage, InvalidReference, OutputError, Unsupported
-from .progress import ByteCounter, ProgressFn, from_registry, short
+from .compress import LAYER_COMPRESSIONS, parse_size
+from .containers import Container, Containers
+from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, Unsupported
+from .fsutil import output_sink
+from .images import Image, Removed
+from .layerstore import LayerStore
+from .mounting import Directories
+from .mounts import MountRecord, Mounts
+from .progress import ByteCounter, ProgressEvent, ProgressFn, short
 from .reference import Reference
-from .store import Image, Removed
+from .state import StateFile
 
 if TYPE_CHECKING:
+    from .check import Report
     from .registry import PullResult, PushResult
 
 ImageLike = str | Image
 ContainerLike = str | Container
+MountTarget = ImageLike | Container | Directories
 PathLike = str | os.PathLike[str]
 Output = PathLike | BinaryIO
 
-__all__ = ["Container", "ContainerLike", "Image", "ImageLike", "MountRecord", "Output",
-           "PathLike", "Removed", "Store", "save_targets"]
+__all__ = ["Container", "ContainerLike", "Directories", "Image", "ImageLike", "MountRecord",
+           "Output", "PathLike", "Removed", "Store", "default_root"]
+
+DEFAULT_MAX_LAYER_SIZE = 64 << 30
 
 
-class Store(_store.Store):
+def default_root() -> str:
+    env = os.environ.get("STRATA_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/strata"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return os.path.join(data, "strata")
+
+
+def default_max_layer_size() -> int:
+    """``STRATA_MAX_LAYER_SIZE`` (``10G``, ``512M``…), else 64 GiB."""
+    env = os.environ.get("STRATA_MAX_LAYER_SIZE")
+    if not env:
+        return DEFAULT_MAX_LAYER_SIZE
+    try:
+        return parse_size(env)
+    except ValueError as exc:
+        raise InvalidReference(f"STRATA_MAX_LAYER_SIZE: {exc}") from None
+
+
+class Store:
     """An image store (``root``: a directory, created if missing; default ``$STRATA_ROOT``,
     else ``/var/lib/strata`` for root, else ``$XDG_DATA_HOME/strata``).  Safe to use from
     several threads and processes at once; every method is atomic (a failure leaves the store
-    as it was).  Inherited and public: ``root``, ``images()``, ``resolve(name)``,
-    ``history(image)``, ``inspect(image)``, ``prune(all_images=False)``."""
+    as it was).  ``max_layer_size`` bounds what one layer (or a compressed archive given to
+    ``load``) may decompress to, so a decompression bomb stops with ``InvalidImage``."""
 
-    # -- images ------------------------------------------------------------------------------
+    def __init__(self, root: str | None = None, max_layer_size: int | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+        os.makedirs(self.root, exist_ok=True)
+        self.max_layer_size = max_layer_size or default_max_layer_size()
+        self.layers = LayerStore(self.root, self.max_layer_size)
+        self.blobs = self.layers.blobs
+        self.state = StateFile(self.root)
+
+    # -- images --------------------------------------------------------------------------------
+
+    def images(self, damaged: Callable[[InvalidImage], object] | None = None) -> list[Image]:
+        """Every image.  One that is damaged raises ``InvalidImage``, or with ``damaged`` is
+        passed there and left out."""
+        st = self.state.read()
+        out = []
+        for image_id in sorted(st.images):
+            try:
+                image = self._unless_removed(st, image_id)
+            except InvalidImage as exc:
+                if damaged is None:
+                    raise
+                damaged(exc)
+                continue
+            if image is not None:
+                out.append(image)
+        return out
+
+    def _unless_removed(self, st: Any, image_id: str) -> Image | None:
+        return images.image_unless_removed(self.blobs, st, image_id,
+                                           lambda i: i in self.state.read().images)
+
+    def image(self, image_id: str) -> Image:
+        """The image with the full ID ``image_id``.  Raises ``ImageNotFound``."""
+        st = self.state.read()
+        image = self._unless_removed(st, image_id) if image_id in st.images else None
+        if image is None:
+            raise ImageNotFound(f"No such image: {image_id}")
+        return image
+
+    def resolve(self, name: str) -> Image:
+        """The image ``name`` means: a tag, ``repo@digest``, an ID or a unique ID prefix.
+        Raises ``ImageNotFound``, ``Ambiguous``, ``InvalidReference``."""
+        st = self.state.read()
+        image = self._unless_removed(st, images.resolve_id(st, name))
+        if image is None:
+            raise ImageNotFound(f"No such image: {name}")
+        return image
 
     def _image_of(self, image: ImageLike) -> Image:
         return self.image(image.id) if isinstance(image, Image) else self.resolve(image)
+
+    def tag(self, src: str | Image, dst: str) -> Reference:
+        """Name the image ``src`` also ``dst`` (``repo[:tag]``, default tag ``latest``);
+        returns the new reference.  Raises ``ImageNotFound``, ``InvalidReference``,
+        ``Ambiguous``."""
+        ref = reference.parse_repo_tag(dst)
+        with self.state.transaction() as st:
+            st.tags[str(ref)] = images.resolve_id(st, src.id if isinstance(src, Image) else src)
+        return ref
+
+    def remove(self, name: str | Image, force: bool = False) -> Removed:
+        """``docker rmi``: untag ``name``; the image is deleted with its last name.  An
+        ``Image`` (or an ID) deletes the image with all its names, which needs ``force`` when
+        it has several.  Raises ``ImageNotFound``, ``Conflict`` (a container uses it, or
+        ``force`` is needed)."""
+        with self.state.transaction() as st:
+            untagged, deleted = images.remove(st, name.id if isinstance(name, Image) else name,
+                                              force)
+        if deleted is None:
+            return Removed(tuple(untagged), (), 0)
+        layers, freed = gc.collect(self, wait=False)
+        return Removed(tuple(untagged), (deleted, *layers), freed)
+
+    def prune(self, all_images: bool = False) -> Removed:
+        """``docker image prune``: delete dangling images (every image no container uses with
+        ``all_images``) and collect what no image needs."""
+        with self.state.transaction() as st:
+            untagged, deleted = images.prune(st, all_images)
+        layers, freed = gc.collect(self, wait=True)
+        return Removed(tuple(untagged), (*deleted, *layers), freed)
+
+    def history(self, image: ImageLike) -> list[dict[str, Any]]:
+        """``docker history``: rows newest first, with ``created``, ``created_by``,
+        ``comment``, ``author``, ``empty_layer``, ``size`` (what the layer adds) and
+        ``layer`` (its diff_id or None)."""
+        img = self._image_of(image)
+        return images.history(img, lambda d: self.layers.info(d).content
+                              if self.layers.has(d) else 0)
+
+    def inspect(self, image: ImageLike) -> dict[str, Any]:
+        """docker's ``image inspect`` document (``Id``, ``RepoTags``, ``Config``...)."""
+        return images.inspect(self._image_of(image))
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold while reading stored images' blobs and layers yourself: garbage collection
+        waits, and a ``remove`` meanwhile leaves the collection to the next ``prune``, so
+        nothing being read is deleted under the reader.  Resolve names inside it."""
+        with self.state.ingesting():
+            yield
+
+    # -- registries ----------------------------------------------------------------------------
 
     def pull(self, name: str, *, platform: str | None = None,
              progress: ProgressFn | None = None) -> PullResult:
@@ -80,14 +225,17 @@ class Store(_store.Store):
         from . import registry
 
         ref = reference.parse(name)
-        events = from_registry("pull", progress) if progress is not None else None
-        return await registry.pull(self, ref, platform=_platform(platform), events=events)
+        if progress is not None and ref.digest is None and \
+                reference.parse(name, default_tag=False).tag is None:
+            progress(ProgressEvent("pull", "", f"Using default tag: {ref.tag}"))
+        return await registry.pull(self, ref, platform=_platform(platform), events=progress)
 
     def push(self, image: ImageLike, dest: str | None = None, *,
              progress: ProgressFn | None = None) -> PushResult:
-        """Upload ``image`` to ``dest`` (default: the name given, or the image's first tag),
-        with its blobs exactly as stored.  Raises ``ImageNotFound``, ``InvalidReference``,
-        ``registry.RegistryError``, ``DigestMismatch``."""
+        """Upload ``image`` to ``dest`` (default: the name given, which must be a local tag,
+        or an ``Image``'s first tag), with its blobs exactly as stored.  Raises
+        ``ImageNotFound``, ``InvalidReference``, ``registry.RegistryError``,
+        ``DigestMismatch``."""
         import trio
 
         return trio.run(lambda: self.push_async(image, dest, progress=progress))
@@ -109,16 +257,19 @@ class Store(_store.Store):
             if ref not in img.tags and ref.digest is None:
                 raise InvalidReference(
                     f"An image does not exist locally with the tag: {ref.familiar}")
-        events = from_registry("push", progress) if progress is not None else None
-        return await registry.push(self, img, ref, events=events)
+        if progress is not None:
+            progress(ProgressEvent("push", "", f"The push refers to repository [{ref.name}]"))
+        return await registry.push(self, img, ref, events=progress)
 
-    def load(self, source: PathLike, *, platform: str | None = None,
+    # -- archives ------------------------------------------------------------------------------
+
+    def load(self, source: PathLike | BinaryIO, *, platform: str | None = None,
              progress: ProgressFn | None = None) -> list[archive.Loaded]:
         """``docker load``: every image of a docker-archive or OCI layout (a tar, compressed
-        or not, or a directory), tagged as the archive names them.  Raises ``InvalidImage``
-        (also for a missing or unreadable file), ``DigestMismatch``, ``Unsupported``,
-        ``StoreFull``."""
-        path = os.fspath(source)
+        or not, as a path or a binary file object, or a directory), tagged as the archive
+        names them.  Raises ``InvalidImage`` (also for a missing or unreadable file),
+        ``DigestMismatch``, ``Unsupported``, ``StoreFull``."""
+        path = source if not isinstance(source, str | os.PathLike) else os.fspath(source)
         counters: list[ByteCounter] = []
 
         def factory(diff_id: str, size: int | None) -> ByteCounter | None:
@@ -131,7 +282,7 @@ class Store(_store.Store):
         try:
             loaded = archive.load(self, path, platform=_platform(platform), progress=factory)
         except OSError as exc:
-            raise _input_error(path, exc) from None
+            raise _input_error(path if isinstance(path, str) else "-", exc) from None
         for c in counters:
             c.finish()
         return loaded
@@ -146,39 +297,23 @@ class Store(_store.Store):
         ``InvalidLayer``, ``InvalidReference``, ``Unsupported``, ``StoreFull``."""
         tag = reference.parse_repo_tag(ref) if ref is not None else None
         plat = _platform(platform)
-        if isinstance(source, str | os.PathLike):
-            path = os.fspath(source)
-            with _store.open_input(path) as f:
-                total = os.fstat(f.fileno()).st_size or None
-                return self._import(f, path, tag, changes, message, plat, total, progress)
-        return self._import(source, "-", tag, changes, message, plat, None, progress)
-
-    def _import(self, f: BinaryIO, name: str, tag: Reference | None, changes: Sequence[str],
-                message: str | None, plat: oci.Platform | None, total: int | None,
-                progress: ProgressFn | None) -> Image:
-        counter = ByteCounter(progress, "import", "", "Importing", total, "Imported") \
-            if progress is not None else None
-        try:
-            image = self.import_tar(f, source=name, tag=tag, changes=changes, message=message,
-                                    platform=plat, progress=counter)
-        except OSError as exc:
-            raise _input_error(name, exc) from None
+        with contextlib.ExitStack() as stack:
+            name = "-"
+            if isinstance(source, str | os.PathLike):
+                name = os.fspath(source)
+                source = stack.enter_context(archive.open_input(name))
+            total = _size_of(source)
+            counter = ByteCounter(progress, "import", "", "Importing", total, "Imported") \
+                if progress is not None else None
+            try:
+                image = _commit.import_rootfs(self, source, source=name, tag=tag,
+                                              changes=changes, message=message, platform=plat,
+                                              progress=counter)
+            except OSError as exc:
+                raise _input_error(name, exc) from None
         if counter is not None:
             counter.finish(short(image.diff_ids[-1]))
         return image
-
-    def tag(self, src: str | Image, dst: str) -> Reference:
-        """Name the image ``src`` also ``dst`` (``repo[:tag]``, default tag ``latest``);
-        returns the new reference.  Raises ``ImageNotFound``, ``InvalidReference``,
-        ``Ambiguous``."""
-        return super().tag(src.id if isinstance(src, Image) else src, dst)
-
-    def remove(self, name: str | Image, force: bool = False) -> Removed:
-        """``docker rmi``: untag ``name``; the image is deleted with its last name.  An
-        ``Image`` (or an ID) deletes the image with all its names, which needs ``force`` when
-        it has several.  Raises ``ImageNotFound``, ``Conflict`` (a container uses it, or
-        ``force`` is needed)."""
-        return super().remove(name.id if isinstance(name, Image) else name, force)
 
     def save(self, images: ImageLike | Sequence[ImageLike], dest: Output, *,
              format: str = "docker") -> None:
@@ -191,10 +326,11 @@ class Store(_store.Store):
         if format not in ("docker", "oci"):
             raise Unsupported(f"unknown archive format {format!r} (docker or oci)")
         items = [images] if isinstance(images, str | Image) else list(images)
-        targets = save_targets(self, items)
         write = archive.save_oci if format == "oci" else archive.save_docker
-        with _output(dest, "the archive") as sink:
-            write(self, targets, sink)
+        with self.reading():  # an rmi meanwhile cannot collect what is being saved
+            targets = archive.save_targets(self, items)
+            with output_sink(dest, "the archive") as sink:
+                write(self, targets, sink)
 
     def export(self, target: ImageLike | Container, dest: Output) -> None:
         """The flattened rootfs of an image or a container (a container's writable layer
@@ -202,18 +338,19 @@ class Store(_store.Store):
         a container first, then an image, as ``strata export``.  Raises ``ImageNotFound``,
         ``ContainerNotFound``, ``MountFailed`` (pausing failed), ``OutputError``."""
         cs = Containers(self)
-        container = target if isinstance(target, Container) else \
-            cs.find(target) if isinstance(target, str) else None
-        if container is None:
-            assert not isinstance(target, Container)
-            image = self._image_of(target)
-            with _output(dest, "the export") as sink, self.layers_of(image) as layers:
-                archive.export_rootfs(UnionView(layers), sink)
-            return
-        c = cs.get(container.id)
-        with _output(dest, "the export") as sink, cs.paused(c), \
-                self.layers_of(self.image(c.image)) as layers:  # type: ignore[arg-type]
-            archive.export_rootfs(UnionView([DirLayer(c.upper), *layers]), sink)
+        with self.reading(), contextlib.ExitStack() as stack:
+            c = cs.get(target.id) if isinstance(target, Container) else \
+                cs.find(target) if isinstance(target, str) else None
+            if c is None:
+                assert not isinstance(target, Container)
+                image = self._image_of(target)
+                layers = stack.enter_context(
+                    self.layers.opened(self.layers.stack(image.diff_ids)))
+            else:
+                stack.enter_context(cs.mounts.paused(c.id))
+                layers = stack.enter_context(cs.layers(c, upper=True))
+            with output_sink(dest, "the export") as sink:
+                changeset.export_rootfs(UnionView(layers), sink)
 
     # -- containers ----------------------------------------------------------------------------
 
@@ -225,35 +362,33 @@ class Store(_store.Store):
         return Containers(self).create(ref, name)
 
     def container(self, name: str) -> Container:
-        """The container named ``name`` (its name, ID or a unique ID prefix).  Raises
-        ``ContainerNotFound``, ``Ambiguous``."""
+        """The container named ``name`` (its name, ID or a unique ID prefix), with its
+        ``mount`` as it is now.  Raises ``ContainerNotFound``, ``Ambiguous``."""
         return Containers(self).get(name)
 
     def containers(self) -> list[Container]:
-        """Every container, newest first."""
+        """Every container, newest first, each with its ``mount`` as it is now."""
         return Containers(self).all()
 
     def _container_of(self, container: ContainerLike) -> Container:
-        return Containers(self).get(container.id if isinstance(container, Container)
-                                    else container)
+        return self.container(container.id if isinstance(container, Container) else container)
 
     def remove_container(self, container: ContainerLike, *, force: bool = False) -> None:
         """Delete a container and its writable layer.  A mounted container is refused
-        (``Conflict``) unless ``force``, which unmounts it first.  Raises
-        ``ContainerNotFound``, ``Conflict``, ``MountFailed``."""
-        cs = Containers(self)
+        (``Conflict``) unless ``force``, which ends its mount first (here, and a daemon still
+        serving another mount namespace).  Raises ``ContainerNotFound``, ``Conflict``,
+        ``MountFailed``."""
         c = self._container_of(container)
-        rec = cs.mount_of(c)
-        if rec is not None and force:
-            mounting.unmount_record(rec)
-        cs.remove(c)
+        if c.mount is not None and force:
+            mounting.release(self.root, c.mount)
+        Containers(self).remove(c)
 
     def diff(self, container: ContainerLike) -> list[tuple[str, str]]:
         """The container's changes as ``(kind, path)``, ``kind`` one of ``"A"`` (added),
         ``"C"`` (changed), ``"D"`` (deleted), sorted by path, as ``strata diff``.  Raises
         ``ContainerNotFound``, ``Ambiguous``."""
         c = self._container_of(container)
-        with self.layers_of(self.image(c.image)) as layers:  # type: ignore[arg-type]
+        with Containers(self).layers(c, upper=False) as layers:
             return changeset.changes(c.upper, UnionView(layers))
 
     def commit(self, container: ContainerLike, ref: str | None = None, *, author: str = "",
@@ -275,13 +410,11 @@ class Store(_store.Store):
         if timestamp is not None and timestamp < 0:
             raise Unsupported("timestamp must be a number of seconds since the epoch")
         tag = reference.parse_repo_tag(ref) if ref is not None else None
-        cs = Containers(self)
         c = self._container_of(container)
         counter = ByteCounter(progress, "commit", "", "Writing layer", None, "Committed") \
             if progress is not None else None
-        with cs.paused(c, pause), \
-                self.layers_of(self.image(c.image)) as layers:  # type: ignore[arg-type]
-            image = _commit.commit(self, c, layers, tag=tag, author=author, message=message,
+        with Mounts(self.root).paused(c.id, pause):
+            image = _commit.commit(self, c, tag=tag, author=author, message=message,
                                    changes=changes, squash=squash, compression=compression,
                                    oci_format=format == "oci", epoch=timestamp,
                                    progress=counter)
@@ -289,41 +422,76 @@ class Store(_store.Store):
             counter.finish(short(image.manifest.layers[-1].digest))
         return image
 
-    # -- mounts ----------------------------------------------------------------------------------
+    # -- mounts --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def mount(self, target: ImageLike | Container, mountpoint: PathLike | None = None, *,
+    def mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
               read_only: bool = False, allow_other: bool = False, suid: bool = False,
               dev: bool = False, timeout: float = mounting.READY_TIMEOUT) -> Iterator[Path]:
-        """Mount an image (always read-only) or a container (writable unless ``read_only``)
-        for the ``with`` block and yield the mountpoint: ``mountpoint`` (created if missing)
-        or a new temporary directory, removed afterwards.  A string names a container first,
-        then an image, as ``strata mount``.  Mounts are ``nosuid,nodev`` unless ``suid`` or
-        ``dev``; ``allow_other`` lets other users in.  The daemon runs in a child process; the
-        mount is taken down when the block ends, raises or is interrupted.  Raises
-        ``FuseUnavailable``, ``MountFailed``, ``ImageNotFound``, ``ContainerNotFound``,
-        ``Conflict`` (the container is mounted elsewhere)."""
+        """Mount an image (always read-only), a container (writable unless ``read_only``) or
+        ``Directories`` for the ``with`` block and yield the mountpoint: ``mountpoint``
+        (created if missing) or a new temporary directory, removed afterwards.  A string
+        names a container first, then an image, as ``strata mount``.  Mounts are
+        ``nosuid,nodev`` unless ``suid`` or ``dev``; ``allow_other`` lets other users in.
+        The daemon runs in a child process; the mount is taken down when the block ends,
+        raises or is interrupted.  Raises ``FuseUnavailable``, ``MountFailed``,
+        ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted)."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev)
-        with mounting.mount_plan(p, timeout) as path:
+        with mounting.mounted(p, timeout) as path:
             yield path
 
     @contextlib.asynccontextmanager
-    async def open_mount(self, target: ImageLike | Container,
-                         mountpoint: PathLike | None = None, *, read_only: bool = False,
-                         allow_other: bool = False, suid: bool = False, dev: bool = False,
+    async def open_mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
+                         read_only: bool = False, allow_other: bool = False,
+                         suid: bool = False, dev: bool = False,
                          timeout: float = mounting.READY_TIMEOUT) -> AsyncIterator[Path]:
         """``mount`` for trio code: ``async with store.open_mount("busybox") as root:``.
         The event loop never blocks on the daemon; the teardown runs shielded from
         cancellation."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev)
-        async with mounting.open_mount_plan(p, timeout) as path:
+        async with mounting.open_mounted(p, timeout) as path:
             yield path
 
+    def start_mount(self, target: MountTarget, mountpoint: PathLike, *,
+                    read_only: bool = False, allow_other: bool = False, suid: bool = False,
+                    dev: bool = False, debug: bool = False,
+                    timeout: float = mounting.READY_TIMEOUT) -> MountRecord:
+        """Mount as ``mount`` does, but for good (``strata mount``): returns once the mount
+        answers, and the daemon serves on after this process exits, logging to
+        ``<root>/mounts/<key>.log`` (every request with ``debug``), until ``unmount``,
+        ``fusermount3 -u`` or SIGTERM.  The mountpoint must be an existing directory."""
+        p = mounting.plan(self, target, mountpoint, read_only=read_only,
+                          allow_other=allow_other, suid=suid, dev=dev, debug=debug,
+                          make_mountpoint=False)
+        mounting.start(p, timeout)
+        rec = Mounts(self.root).record_for(p.mountpoint)
+        if rec is None:  # unmounted already, by someone else
+            raise MountFailed(f"{p.mountpoint} was unmounted as soon as it was ready")
+        return rec
+
+    def serve_mount(self, target: MountTarget, mountpoint: PathLike, *,
+                    read_only: bool = False, allow_other: bool = False, suid: bool = False,
+                    dev: bool = False, debug: bool = False) -> NoReturn:
+        """Serve a mount in this very process until it is unmounted or signalled
+        (``strata mount -f``): the process becomes the mount daemon (``exec``), logging to
+        its stderr.  Checks and errors are those of ``start_mount``."""
+        p = mounting.plan(self, target, mountpoint, read_only=read_only,
+                          allow_other=allow_other, suid=suid, dev=dev, debug=debug,
+                          make_mountpoint=False)
+        mounting.exec_foreground(p)
+
+    def unmount(self, mountpoint: PathLike, *, lazy: bool = False) -> None:
+        """``strata umount``: unmount here and wait for the daemon; ``lazy`` detaches a busy
+        mount; a mount whose daemon died (``ENOTCONN``) is detached and forgotten.  A mount
+        another mount namespace still holds is served on there (``mounts()`` shows it as
+        ``elsewhere``); unmounting it again stops its daemon.  Raises ``MountFailed``."""
+        mounting.unmount(self.root, os.fspath(mountpoint), lazy)
+
     def mounts(self) -> list[MountRecord]:
-        """The mounts of this store that are alive (``strata mounts``)."""
-        return Containers(self).mounts()
+        """The live mounts of this store, whoever made them (``strata mounts``)."""
+        return Mounts(self.root).records()
 
     def check_fuse(self) -> None:
         """Mount and unmount an empty directory: raises ``FuseUnavailable`` with the reason
@@ -331,97 +499,27 @@ class Store(_store.Store):
         cannot work here, ``MountFailed`` for another failure."""
         mounting.probe(self)
 
+    # -- the store itself ----------------------------------------------------------------------
 
-# -- helpers ---------------------------------------------------------------------------------------
+    def check(self, repair: bool = False) -> Report:
+        """``strata check``: verify every blob, layer, image, tag, container, mount record and
+        ``tmp/``; with ``repair`` fix what can be fixed without losing what an image needs."""
+        from . import check
+
+        return check.check(self, repair)
 
 
 def _platform(text: str | None) -> oci.Platform | None:
     return oci.Platform.parse(text) if text is not None else None
 
 
+def _size_of(f: BinaryIO) -> int | None:
+    try:
+        return os.fstat(f.fileno()).st_size or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _input_error(path: str, exc: OSError) -> InvalidImage:
     reason = (exc.strerror or str(exc)).lower()
     return InvalidImage(f"open {path}: {reason}")
-
-
-def save_targets(store: _store.Store, names: Sequence[ImageLike]
-                 ) -> list[tuple[Image, list[Reference]]]:
-    """What ``docker save`` writes for ``names``: a tag saves that tag, a bare repository every
-    tag of it, an ID the image without tags, an ``Image`` the image with all its tags."""
-    out: dict[str, tuple[Image, list[Reference]]] = {}
-
-    def add(image: Image, ref: Reference | None) -> None:
-        entry = out.setdefault(image.id, (image, []))
-        if ref is not None and ref not in entry[1]:
-            entry[1].append(ref)
-
-    for name in names:
-        if isinstance(name, Image):
-            for t in name.tags or (None,):
-                add(name, t)
-            continue
-        try:
-            ref: Reference | None = reference.parse(name, default_tag=False)
-        except InvalidReference:
-            ref = None
-        if ref is not None and ref.digest is None and ref.tag is None:
-            tagged = [(i, t) for i in store.images() for t in i.tags if t.name == ref.name]
-            for image, t in tagged:
-                add(image, t)
-            if tagged:
-                continue
-        image = store.resolve(name)
-        named = ref is not None and ref.digest is None and ref.with_tag(
-            ref.tag or "latest") in image.tags
-        add(image, ref.with_tag(ref.tag or "latest") if named and ref else None)
-    return list(out.values())
-
-
-@contextlib.contextmanager
-def _output(dest: Output, what: str) -> Iterator[Callable[[bytes], object]]:
-    """A sink writing to ``dest``: a file object as is, or a path through a temp file in the
-    same directory, renamed into place on success (a failure leaves nothing behind).  Errors
-    writing it are ``OutputError``; errors of the block pass unchanged."""
-    if not isinstance(dest, str | os.PathLike):
-        out = dest
-
-        def write_to(data: bytes) -> None:
-            try:
-                out.write(data)
-            except OSError as exc:
-                raise OutputError(f"cannot write {what}: {exc.strerror or exc}") from None
-
-        yield write_to
-        return
-    path = os.fspath(dest)
-    if os.path.isdir(path):
-        raise OutputError(f"invalid output path: {path} is a directory")
-
-    def fail(exc: OSError) -> OutputError:
-        return OutputError(f"cannot write {path}: {exc.strerror or exc}")
-
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".strata-")
-    except OSError as exc:
-        raise fail(exc) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-
-            def write(data: bytes) -> None:
-                try:
-                    f.write(data)
-                except OSError as exc:
-                    raise fail(exc) from None
-
-            yield write
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)
-                os.rename(tmp, path)
-            except OSError as exc:
-                raise fail(exc) from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

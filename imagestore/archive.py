@@ -1,4 +1,4 @@
-"""Image archives: ``save``/``load`` (docker-archive and OCI layout) and ``export`` (a rootfs tar).
+"""Image archives: ``save``/``load`` (docker-archive and OCI layout).
 
 Load reads every form ``docker load`` reads: the classic docker-archive (``manifest.json`` +
 ``<v1id>/layer.tar``), skopeo's variant with in-archive symlinks, Docker 25+'s (an OCI layout
@@ -28,25 +28,26 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from unionfs.resolve import UnionView
 from unionfs.tarlayer import CheckedTarInfo
 
-from . import oci, reference
+from . import gc, images, oci, reference
 from .compress import NONE, DecompressReader, sniff
 from .digest import Digest, Hasher, parse_digest, sha256_bytes
 from .errors import DigestMismatch, InvalidImage, InvalidReference, StoreError, Unsupported
 from .fsutil import disk_full_guard
-from .layerstore import Progress
+from .images import Image
+from .progress import ProgressFactory
 from .reference import Reference
-from .store import Image, Store
-from .tarstream import DIR, LINK, REG, TarEntry, TarWriter, typeflag_for
+from .tarstream import DIR, REG, TarEntry, TarWriter
+
+if TYPE_CHECKING:
+    from .api import Store
 
 Sink = Callable[[bytes], object]
 # called with a layer's diff_id and the size of its blob in the archive; returns the callback
 # that gets the size of every chunk read (or None)
-ProgressFactory = Callable[[str, int | None], Progress | None]
 _MAX_LINK_HOPS = 40
 
 
@@ -233,33 +234,27 @@ class Loaded:
 
 
 @contextlib.contextmanager
-def _open_source(store: Store, path: str) -> Iterator[_Source]:
-    if path != "-" and os.path.isdir(path):
-        yield _DirSource(path)
+def _open_source(store: Store, source: str | BinaryIO) -> Iterator[_Source]:
+    """The archive ``source`` (a path, a directory, or a stream) as a ``_Source``; a
+    compressed archive or a stream is spooled, decompressed, into tmp/ first."""
+    if isinstance(source, str) and os.path.isdir(source):
+        yield _DirSource(source)
         return
     spooled: str | None = None
     try:
-        if path == "-":
-            import sys
-
-            stream: BinaryIO = sys.stdin.buffer
-        else:
-            try:
-                stream = open(path, "rb")  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
+        stream = source if not isinstance(source, str) else open_input(source)
         try:
             head = stream.read(8)
             reader = DecompressReader(stream, head=head, limit=store.max_layer_size)
-            if reader.kind == NONE and path != "-":
-                tar_path = path
+            if reader.kind == NONE and isinstance(source, str):
+                tar_path = source
             else:
                 fd, spooled = tempfile.mkstemp(dir=store.blobs.tmp_dir, prefix="load-")
                 with disk_full_guard("the archive"), os.fdopen(fd, "wb") as out:
                     shutil.copyfileobj(reader, out, 1 << 20)
                 tar_path = spooled
         finally:
-            if path != "-":
+            if isinstance(source, str):
                 stream.close()
         src = _TarSource(tar_path)
         try:
@@ -272,10 +267,22 @@ def _open_source(store: Store, path: str) -> Iterator[_Source]:
                 os.unlink(spooled)
 
 
-def load(store: Store, path: str, platform: oci.Platform | None = None,
+def open_input(path: str) -> BinaryIO:
+    """A file argument as a binary stream; ``InvalidImage`` when it cannot be read."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InvalidImage(f"open {path}: no such file or directory") from None
+    except IsADirectoryError:
+        raise InvalidImage(f"{path} is a directory") from None
+    except OSError as exc:
+        raise InvalidImage(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
+
+
+def load(store: Store, source: str | BinaryIO, platform: oci.Platform | None = None,
          progress: ProgressFactory | None = None) -> list[Loaded]:
-    """``docker load``: every image in the archive at ``path`` (``-`` for stdin)."""
-    with store.ingesting(), _open_source(store, path) as src:
+    """``docker load``: every image in the archive ``source`` (a path or a stream)."""
+    with gc.ingesting(store), _open_source(store, source) as src:
         if src.exists("manifest.json"):
             return _load_docker(store, src, progress)
         if src.exists("index.json"):
@@ -298,7 +305,7 @@ def _ingest_layer(store: Store, src: _Source, name: str, diff_id: Digest,
         return oci.Descriptor(oci.layer_media_type(kind), desc.digest, desc.size)
     cb = progress(diff_id, src.size(name)) if progress else None
     with src.open(name) as f:
-        got = store.layers.ingest(store.blobs, f, digest=desc.digest if desc else None,
+        got = store.layers.ingest(f, digest=desc.digest if desc else None,
                                   size=desc.size if desc else None, diff_id=diff_id,
                                   progress=cb)
     media = desc.media_type if desc and typed else oci.layer_media_type(got.compression)
@@ -368,7 +375,7 @@ def _load_docker(store: Store, src: _Source,
         if not isinstance(raw_tags, list) or not all(isinstance(t, str) for t in raw_tags):
             raise InvalidImage("manifest.json RepoTags must be a list of strings")
         tags = tuple(reference.parse_repo_tag(t) for t in raw_tags)
-        image = store.add_image(manifest_raw, media, tags=tags)
+        image = images.record(store, manifest_raw, media, tags=tags)
         out.append(Loaded(image, tags))
     return out
 
@@ -429,9 +436,42 @@ def _load_oci(store: Store, src: _Source, want: oci.Platform,
         store.blobs.put(config_raw)
         name = _oci_name(top)
         tags = (name,) if name else ()
-        image = store.add_image(manifest.raw, manifest.media_type, tags=tags)
+        image = images.record(store, manifest.raw, manifest.media_type, tags=tags)
         out.append(Loaded(image, tags))
     return out
+
+
+def save_targets(store: Store, names: Sequence[str | Image]
+                 ) -> list[tuple[Image, list[Reference]]]:
+    """What ``docker save`` writes for ``names``: a tag saves that tag, a bare repository every
+    tag of it, an ID the image without tags, an ``Image`` the image with all its tags."""
+    out: dict[str, tuple[Image, list[Reference]]] = {}
+
+    def add(image: Image, ref: Reference | None) -> None:
+        entry = out.setdefault(image.id, (image, []))
+        if ref is not None and ref not in entry[1]:
+            entry[1].append(ref)
+
+    for name in names:
+        if isinstance(name, Image):
+            for t in name.tags or (None,):
+                add(name, t)
+            continue
+        try:
+            ref: Reference | None = reference.parse(name, default_tag=False)
+        except InvalidReference:
+            ref = None
+        if ref is not None and ref.digest is None and ref.tag is None:
+            tagged = [(i, t) for i in store.images() for t in i.tags if t.name == ref.name]
+            for image, t in tagged:
+                add(image, t)
+            if tagged:
+                continue
+        image = store.resolve(name)
+        named = ref is not None and ref.digest is None and ref.with_tag(
+            ref.tag or "latest") in image.tags
+        add(image, ref.with_tag(ref.tag or "latest") if named and ref else None)
+    return list(out.values())
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -552,47 +592,3 @@ def save_oci(store: Store, images: Sequence[tuple[Image, Sequence[Reference]]],
                                           plat if plat.os else None))
     _file(w, "index.json", oci.index_bytes(entries))
     w.close()
-
-
-# -- export --------------------------------------------------------------------------------------
-
-
-def export_rootfs(view: UnionView, sink: Sink, epoch: int | None = None) -> None:
-    """The merged tree of ``view`` as one flat tar: no whiteouts, hardlinks kept, symlink
-    targets verbatim, xattrs (overlay-private ones excluded) as PAX records; ``epoch`` clamps
-    mtimes (reproducible squashed commits)."""
-    w = TarWriter(sink)
-
-    def mtime(ns: int) -> int:
-        sec = ns // 10**9
-        return min(sec, epoch) if epoch is not None else sec
-
-    first_name: dict[tuple[int, int], str] = {}
-    for node in view.walk():
-        if not node.path:
-            continue
-        e = node.entry
-        if not node.is_dir and e.nlink > 1:
-            prior = first_name.get(node.key)
-            if prior is not None:
-                w.add(TarEntry(name=node.path, typeflag=LINK, mode=e.mode & 0o7777, uid=e.uid,
-                               gid=e.gid, mtime=mtime(e.mtime_ns), linkname=prior))
-                continue
-            first_name[node.key] = node.path
-        entry = TarEntry(
-            name=node.path, typeflag=typeflag_for(e.mode), mode=e.mode & 0o7777, uid=e.uid,
-            gid=e.gid, size=e.size if typeflag_for(e.mode) == REG else 0,
-            mtime=mtime(e.mtime_ns), linkname=e.target, devmajor=os.major(e.rdev),
-            devminor=os.minor(e.rdev), xattrs=view.xattrs(node))
-        w.add(entry, _chunks(view, node) if entry.typeflag == REG else ())
-    w.close()
-
-
-def _chunks(view: UnionView, node: Any) -> Iterator[bytes]:
-    offset = 0
-    while offset < node.entry.size:
-        data = view.read(node, offset, 1 << 20)
-        if not data:
-            raise StoreError(f"short read exporting {node.path}")
-        offset += len(data)
-        yield data

@@ -1,9 +1,9 @@
 """BlobStore: content-addressed bytes under ``blobs/sha256/<hex>``.
 
-It knows bytes and digests only (JSON is oci.py's, policy is store.py's).  Every blob is written
-to a temp file under ``tmp/`` (same file system), hashed and size-checked while it is written,
-fsynced, and renamed into place only when it matches: a blob that is visible is complete and
-verified.  ``put``/``delete`` are idempotent.
+It knows bytes and digests only (JSON is oci.py's, policy the ``Store``'s).  Every blob is
+written to a temp file under ``tmp/`` (same file system), hashed and size-checked while it is
+written, fsynced, and renamed into place only when it matches: a blob that is visible is
+complete and verified.  ``put``/``delete`` are idempotent.
 
 Caveats:
 * Reads trust what is in ``blobs/`` (it was verified on the way in); ``verify`` re-hashes for

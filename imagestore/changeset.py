@@ -1,5 +1,6 @@
 """Changesets: walk a container's upper directory once -> ``UpperEntry`` values -> A/C/D changes
-(``strata diff``) or an OCI layer tar (``strata commit``).
+(``strata diff``) or an OCI layer tar (``strata commit``); and ``export_rootfs``, a merged view
+as one flat tar (``strata export``, ``commit --squash``).
 
 The walk reads the upper in every overlayfs form (FORMATS.md b): a whiteout is a char device
 0/0, an empty ``.wh.NAME`` file or a zero-size file with an overlay whiteout xattr; an opaque
@@ -22,12 +23,15 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from unionfs import whiteout as wh
 from unionfs.resolve import UnionView
 
 from .errors import StoreError
 from .tarstream import LINK, REG, TarEntry, TarWriter, typeflag_for
+
+Sink = Callable[[bytes], object]
 
 CHUNK = 1 << 20
 
@@ -208,3 +212,47 @@ def write_layer(upper_root: str, sink: Callable[[bytes], object],
                            mtime=e.mtime))
     w.close()
     return n
+
+
+# -- a flat rootfs ---------------------------------------------------------------------------------
+
+
+def export_rootfs(view: UnionView, sink: Sink, epoch: int | None = None) -> None:
+    """The merged tree of ``view`` as one flat tar: no whiteouts, hardlinks kept, symlink
+    targets verbatim, xattrs (overlay-private ones excluded) as PAX records; ``epoch`` clamps
+    mtimes (reproducible squashed commits)."""
+    w = TarWriter(sink)
+
+    def mtime(ns: int) -> int:
+        sec = ns // 10**9
+        return min(sec, epoch) if epoch is not None else sec
+
+    first_name: dict[tuple[int, int], str] = {}
+    for node in view.walk():
+        if not node.path:
+            continue
+        e = node.entry
+        if not node.is_dir and e.nlink > 1:
+            prior = first_name.get(node.key)
+            if prior is not None:
+                w.add(TarEntry(name=node.path, typeflag=LINK, mode=e.mode & 0o7777, uid=e.uid,
+                               gid=e.gid, mtime=mtime(e.mtime_ns), linkname=prior))
+                continue
+            first_name[node.key] = node.path
+        entry = TarEntry(
+            name=node.path, typeflag=typeflag_for(e.mode), mode=e.mode & 0o7777, uid=e.uid,
+            gid=e.gid, size=e.size if typeflag_for(e.mode) == REG else 0,
+            mtime=mtime(e.mtime_ns), linkname=e.target, devmajor=os.major(e.rdev),
+            devminor=os.minor(e.rdev), xattrs=view.xattrs(node))
+        w.add(entry, _chunks(view, node) if entry.typeflag == REG else ())
+    w.close()
+
+
+def _chunks(view: UnionView, node: Any) -> Iterator[bytes]:
+    offset = 0
+    while offset < node.entry.size:
+        data = view.read(node, offset, 1 << 20)
+        if not data:
+            raise StoreError(f"short read exporting {node.path}")
+        offset += len(data)
+        yield data

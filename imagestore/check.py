@@ -12,12 +12,15 @@ What is checked, one ``Problem`` per finding:
 * **containers** — every container record names a recorded image; its ``upper`` exists and
   can be read all the way down; ``work/`` holds no leftovers (unless it is mounted); no
   container directory lacks a record.
-* **mounts** — no record of a daemon that is gone, and no FUSE mount left without its daemon.
+* **mounts** — no record of a daemon that is gone, no FUSE mount left without its daemon, and
+  no daemon left serving only another mount namespace (unmounted here, still holding its
+  container).
 * **tmp/** — nothing but resumable downloads (``partial-<hex>`` of a blob not yet stored).
 
 Repairs touch only what no ref needs: a corrupt blob or layer no image uses is deleted, an index
 that disagrees with a sound tar is rebuilt, a tag naming no image is dropped; leftovers (tmp/,
-work/, orphan container directories, stale mount records, dead mounts) are removed.  A blob or
+work/, orphan container directories, stale mount records, dead mounts) are removed, and a
+daemon serving only another mount namespace is stopped.  A blob or
 layer an image uses is never removed: that problem stays reported (pull or load the image
 again).  Content no image names (layers kept by an interrupted pull) is valid: it is counted,
 not reported; ``strata image prune`` collects it.
@@ -30,30 +33,36 @@ Caveats:
 * A process killed with SIGKILL cannot clean up: its temp files stay in tmp/ and its
   copy-up in the container's work dir.  They are reported as leftovers until ``--repair``;
   every writing command also sweeps tmp/ leftovers when it is the only one running
-  (``Store.ingesting``), and mounting a container empties its work dir.
+  (``gc.ingesting``), and mounting a container empties its work dir.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
+from unionfs.control import is_mounted, unmount
+from unionfs.errors import MountError
 from unionfs.upper import remove_tree
 
-from . import oci, reference
+from . import gc, mounting, oci, reference
 from .cas import BlobStore
-from .containers import Containers, MountRecord
+from .containers import Containers
 from .digest import Digest, parse_digest
 from .errors import InvalidReference, StoreError
+from .gc import PARTIAL
 from .layerstore import LayerStore
+from .mounts import MountRecord, Mounts
 from .state import State
-from .store import PARTIAL, Store
+
+if TYPE_CHECKING:
+    from .api import Store
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -86,26 +95,16 @@ class Report:
         return len(self.repaired) == len(self.problems) and not self.failed
 
 
-MountProbe = Callable[[str], bool]
-Unmount = Callable[[str], None]
-
-
-def check(store: Store, repair: bool = False, *, is_mounted: MountProbe | None = None,
-          unmount: Unmount | None = None) -> Report:
-    """Check ``store``; with ``repair`` fix what can be fixed (see the module docstring).
-    ``is_mounted``/``unmount`` (from ``unionfs.mount``, which the store may not import) find
-    and clear mounts whose daemon is gone."""
+def check(store: Store, repair: bool = False) -> Report:
+    """Check ``store``; with ``repair`` fix what can be fixed (see the module docstring)."""
     report = Report()
     with store.state.collecting(wait=True):
-        _Checker(store, report, is_mounted, unmount).run(repair)
+        _Checker(store, report).run(repair)
     return report
 
 
 class _Checker:
-    def __init__(self, store: Store, report: Report, is_mounted: MountProbe | None,
-                 unmount: Unmount | None) -> None:
-        self.is_mounted = is_mounted
-        self.unmount = unmount
+    def __init__(self, store: Store, report: Report) -> None:
         self.store = store
         self.blobs: BlobStore = store.blobs
         self.layers: LayerStore = store.layers
@@ -127,7 +126,7 @@ class _Checker:
             except StoreError as exc:
                 self.add("state", "state.json", str(exc))
                 return
-            keep_blobs, keep_layers = self.store.referenced(st)
+            keep_blobs, keep_layers = gc.referenced(self.store, st)
             self._mark_needed(keep_blobs, keep_layers)
             self.report.counts["images"] = self._images(st)
             self._tags(st)
@@ -287,7 +286,7 @@ class _Checker:
 
     def _containers(self, st: State) -> int:
         cs = Containers(self.store)
-        root = self.store.containers_dir
+        root = Containers(self.store).dir
         for cid, rec in sorted(st.containers.items()):
             path = os.path.join(root, cid)
             if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
@@ -306,7 +305,7 @@ class _Checker:
                 self.add("container", cid, "its work directory is missing",
                          partial(os.makedirs, work, exist_ok=True))
                 continue
-            if cs.mounted_at(cs.of_record(cid, rec)) is None:  # a mount owns its work dir
+            if not cs.mounts.where(cid, path):  # a mount owns its work dir
                 left = os.listdir(os.path.join(work, "work")) if os.path.isdir(
                     os.path.join(work, "work")) else []
                 if left:
@@ -319,30 +318,36 @@ class _Checker:
         return len(st.containers)
 
     def _mounts(self) -> None:
-        cs = Containers(self.store)
-        alive = {r.mountpoint for r in cs.mounts()}
-        for name in sorted(os.listdir(cs.mounts_dir)):
-            path = os.path.join(cs.mounts_dir, name)
-            if not name.endswith(".json"):
-                continue
+        mounts = Mounts(self.store.root)
+        live = {r.mountpoint: r for r in mounts.records()}
+        for path in mounts.files():
             try:
-                with open(path) as f:
-                    rec = MountRecord(**json.load(f))
+                rec = mounts.read(path)
             except (OSError, ValueError, TypeError):
-                self.add("mount", name, "unreadable mount record", _remover(path))
+                self.add("mount", os.path.basename(path), "unreadable mount record",
+                         _remover(path))
                 continue
-            if rec.mountpoint in alive:
+            now = live.get(rec.mountpoint)
+            if now is not None and now.elsewhere:
+                self.add("mount", rec.mountpoint,
+                         f"unmounted here, but its daemon (pid {rec.pid}) still serves it to "
+                         f"another mount namespace, holding its {rec.kind}; `strata umount` "
+                         "again (or --repair) stops it",
+                         partial(mounting.release, self.store.root, now))
+                continue
+            if now is not None:
                 continue
             message = f"record of a mount whose daemon (pid {rec.pid}) is gone"
-            if self.is_mounted is not None and self.is_mounted(rec.mountpoint):
+            if is_mounted(rec.mountpoint, rec.dev or None):
                 message += f"; {rec.mountpoint} is still mounted (strata umount clears it)"
-            self.add("mount", rec.mountpoint, message,
-                     partial(self._clear_mount, rec, path))
+            self.add("mount", rec.mountpoint, message, partial(self._clear_mount, rec, path))
 
     def _clear_mount(self, rec: MountRecord, path: str) -> None:
-        if self.is_mounted is not None and self.unmount is not None and self.is_mounted(
-                rec.mountpoint):
-            self.unmount(rec.mountpoint)
+        if is_mounted(rec.mountpoint, rec.dev or None):
+            try:
+                unmount(rec.mountpoint, lazy=True)
+            except MountError as exc:
+                raise OSError(str(exc)) from None
         for p in (path, path[: -len(".json")] + ".sock"):
             _remover(p)()
 
@@ -351,7 +356,7 @@ class _Checker:
         for name in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, name)
             if name.startswith(PARTIAL) and _HEX64.match(name[len(PARTIAL):]) and _is_file(path):
-                if self.store.resumable(name):
+                if gc.resumable(self.store, name):
                     continue
                 self.add("tmp", name, "partial download of a blob that is stored",
                          _remover(path))

@@ -1,10 +1,12 @@
-"""Commit: a container's upper (or, with ``squash``, its whole merged rootfs) becomes a new image.
+"""New local images from one layer: ``commit`` (a container's upper or, with ``squash``, its
+whole merged rootfs) and ``import_rootfs`` (a rootfs tarball, ``docker import``).
 
 The transform is pure: ``committed_config`` and ``committed_manifest`` return new documents
 built from the parent's (unknown config keys kept, ``-c`` changes applied, one diff_id and one
-history entry appended) and never touch disk.  ``commit`` streams the layer through
-``LayerStore.ingest_produced`` (diff_id, tar, compressed blob and digest in one pass), stores
-config and manifest, and names the image — exactly as a pulled image lands.
+history entry appended) and never touch disk.  Both then take the same steps
+(``_new_image``): the layer goes through ``LayerStore`` (diff_id, tar, compressed blob and
+digest in one pass), then config and manifest, and ``images.record`` names the image —
+exactly as a pulled image lands.
 
 Caveats:
 * ``SOURCE_DATE_EPOCH`` (or ``epoch``) clamps file mtimes and sets ``created``, so the same
@@ -13,21 +15,25 @@ Caveats:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from unionfs.layers import DirLayer, LowerLayer
 from unionfs.resolve import UnionView
 
-from . import archive, changeset, oci, timefmt
-from .containers import Container
+from . import changeset, gc, images, oci, timefmt
+from .compress import NONE
+from .containers import Container, Containers
 from .digest import Digest
+from .images import Image
 from .instructions import apply_changes
 from .layerstore import Ingested, Progress
 from .reference import Reference
-from .store import Image, Store
+
+if TYPE_CHECKING:
+    from .api import Store
 
 _DOCKER_OF = {
     oci.OCI_LAYER: oci.DOCKER_LAYER, oci.OCI_LAYER_GZIP: oci.DOCKER_LAYER_GZIP,
@@ -78,47 +84,93 @@ def committed_manifest(parent: Image | None, config: oci.Descriptor, layer: oci.
     return oci.manifest_bytes(cfg, typed, oci=oci_format)
 
 
-def commit(store: Store, container: Container, layers: list[LowerLayer], *,
-           tag: Reference | None = None, author: str = "", message: str = "",
-           changes: Sequence[str] = (), squash: bool = False, compression: str = "gzip",
-           oci_format: bool = True, epoch: int | None = None,
-           progress: Progress | None = None) -> Image:
-    """Commit ``container`` (whose image ``layers`` are open, top first).  ``progress`` is
-    called with the size of each chunk of the uncompressed layer tar as it is written."""
-    parent = store.image(Digest(container.image))
+def commit(store: Store, container: Container, *, tag: Reference | None = None,
+           author: str = "", message: str = "", changes: Sequence[str] = (),
+           squash: bool = False, compression: str = "gzip", oci_format: bool = True,
+           epoch: int | None = None, progress: Progress | None = None) -> Image:
+    """Commit ``container`` (the caller holds its mount paused).  ``progress`` is called with
+    the size of each chunk of the uncompressed layer tar as it is written."""
+    parent = store.image(container.image)
     if epoch is None:
         epoch = timefmt.source_date_epoch()
     created = timefmt.format_ns(epoch * 10**9 if epoch is not None else time.time_ns())
-    produce: Callable[[Callable[[bytes], None]], object]
-    if squash:
-        view = UnionView([DirLayer(container.upper), *layers])
+    with contextlib.ExitStack() as stack:
+        produce: Callable[[Callable[[bytes], None]], object]
+        if squash:
+            layers = stack.enter_context(Containers(store).layers(container, upper=True))
+            view = UnionView(layers)
 
-        def produce(sink: Callable[[bytes], None]) -> None:
-            archive.export_rootfs(view, sink, epoch)
-    else:
+            def produce(sink: Callable[[bytes], None]) -> None:
+                changeset.export_rootfs(view, sink, epoch)
+        else:
 
-        def produce(sink: Callable[[bytes], None]) -> None:
-            changeset.write_layer(container.upper, sink, epoch)
+            def produce(sink: Callable[[bytes], None]) -> None:
+                changeset.write_layer(container.upper, sink, epoch)
 
-    if progress is not None:
-        write = produce
+        def config(diff_id: Digest) -> dict[str, Any]:
+            return committed_config(
+                parent.config, diff_id, created=created, changes=changes, author=author,
+                comment=message, created_by=f"strata commit {container.name}", squash=squash)
 
-        def produce(sink: Callable[[bytes], None]) -> None:
-            def counted(data: bytes) -> None:
-                sink(data)
-                progress(len(data))
+        return _new_image(store, produce, compression, config, None if squash else parent,
+                          tag, oci_format, progress, replace=True)
 
-            write(counted)
 
-    with store.ingesting():
-        got: Ingested = store.layers.ingest_produced(store.blobs, produce, compression)
-        config = committed_config(
-            parent.config, got.layer.diff_id, created=created, changes=changes, author=author,
-            comment=message, created_by=f"strata commit {container.name}", squash=squash)
-        raw = oci.dumps(config)
+def import_rootfs(store: Store, src: BinaryIO, *, source: str = "-",
+                  tag: Reference | None = None, changes: Sequence[str] = (),
+                  message: str | None = None, platform: oci.Platform | None = None,
+                  progress: Progress | None = None) -> Image:
+    """``docker import``: a one-layer image from a rootfs tar (raw or compressed), stored
+    uncompressed (the blob is the layer tar itself)."""
+    container_config = apply_changes({}, changes)
+    plat = platform or oci.host_platform()
+    created = timefmt.now()
+    comment = message if message is not None else f"Imported from {source}"
+
+    def config(diff_id: Digest) -> dict[str, Any]:
+        doc: dict[str, Any] = {"architecture": plat.architecture, "os": plat.os}
+        if plat.variant:
+            doc["variant"] = plat.variant
+        doc.update({"created": created, "config": container_config,
+                    "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                    "history": [{"created": created, "comment": comment}]})
+        return doc
+
+    return _new_image(store, src, NONE, config, None, tag, True, progress, canonical=True)
+
+
+def _new_image(store: Store, layer: Callable[[Callable[[bytes], None]], object] | BinaryIO,
+               compression: str, config: Callable[[Digest], dict[str, Any]],
+               parent: Image | None, tag: Reference | None, oci_format: bool,
+               progress: Progress | None, replace: bool = False,
+               canonical: bool = False) -> Image:
+    """The steps every new local image takes: store its layer (``layer`` writes it, or is
+    a stream to ingest as received), then its config and manifest, and record it — all
+    under ``gc.ingesting``, so a failure leaves nothing behind."""
+    with gc.ingesting(store):
+        if callable(layer):
+            produce = layer if progress is None else _counted(layer, progress)
+            got: Ingested = store.layers.ingest_produced(produce, compression)
+        else:
+            got = store.layers.ingest(layer, keep_blob=False, progress=progress)
+            store.blobs.link(store.layers.tar_path(got.layer.diff_id), got.layer.diff_id)
+            got = Ingested(got.layer.diff_id, got.layer.size, NONE, got.layer)
+        doc = config(got.layer.diff_id)
+        raw = oci.canonical_config(doc) if canonical else oci.dumps(doc)
         cdigest = store.blobs.put(raw)
-        layer = oci.Descriptor(oci.layer_media_type(got.compression), got.digest, got.size)
-        manifest = committed_manifest(None if squash else parent,
-                                      oci.Descriptor(oci.OCI_CONFIG, cdigest, len(raw)), layer,
-                                      oci_format)
-        return store.add_image(manifest, tags=[tag] if tag else [], replace=True)
+        desc = oci.Descriptor(oci.layer_media_type(got.compression), got.digest, got.size)
+        manifest = committed_manifest(parent, oci.Descriptor(oci.OCI_CONFIG, cdigest, len(raw)),
+                                      desc, oci_format)
+        return images.record(store, manifest, tags=[tag] if tag else [], replace=replace)
+
+
+def _counted(produce: Callable[[Callable[[bytes], None]], object], progress: Progress
+             ) -> Callable[[Callable[[bytes], None]], object]:
+    def counted_produce(sink: Callable[[bytes], None]) -> None:
+        def counted(data: bytes) -> None:
+            sink(data)
+            progress(len(data))
+
+        produce(counted)
+
+    return counted_produce

@@ -1,13 +1,9 @@
-"""Containers and mount records.
+"""Containers: an image plus a writable layer.
 
-A container is an image plus a writable layer: ``containers/<id>/upper`` and ``work`` (an
-overlayfs upper and work dir) and a record in ``state.json`` (image ID, name, created).  The
-container keeps its image: ``rmi`` refuses, ``prune`` skips it.
-
-A mount is recorded in ``mounts/<key>.json`` by the process serving it (pid, mountpoint, what is
-mounted, log file) and removed when it ends; records of dead processes are dropped when read.
-A mounted container holds ``containers/<id>/mount.lock`` exclusively for as long as it is
-mounted, so it cannot be mounted twice, removed, or committed without the daemon's help.
+A container is ``containers/<id>/upper`` and ``work`` (an overlayfs upper and work dir) and a
+record in ``state.json`` (image ID, name, created).  The container keeps its image: ``rmi``
+refuses, ``prune`` skips it.  Whether and where it is mounted is ``mounts.py``'s business (its
+mount lock and the mount records); ``remove`` asks it.
 
 Caveats:
 * The upper's root directory takes the image root's mode, owner and mtime at create time, so
@@ -17,27 +13,25 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
 import os
 import random
 import re
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from unionfs.control import frozen
-from unionfs.errors import MountError
 from unionfs.layers import LowerLayer
 from unionfs.resolve import UnionView
 from unionfs.upper import remove_tree
 
 from . import timefmt
-from .errors import Ambiguous, Conflict, ContainerNotFound, InvalidReference, MountFailed
-from .fsutil import atomic_write
-from .store import Image, Store
+from .digest import Digest
+from .errors import Ambiguous, Conflict, ContainerNotFound, InvalidReference
+from .mounts import MountRecord, Mounts
+
+if TYPE_CHECKING:
+    from .api import Store
+    from .images import Image
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _LEFT = ("amazing", "bold", "brave", "calm", "clever", "eager", "gifted", "happy", "jolly",
@@ -50,10 +44,11 @@ _RIGHT = ("babbage", "curie", "darwin", "euler", "fermi", "galois", "hopper", "k
 class Container:
     id: str
     name: str
-    image: str  # image ID
+    image: Digest  # image ID
     image_name: str  # as given to create
     created: str
     root: str  # containers/<id>
+    mount: MountRecord | None = field(default=None, compare=False)  # when it was read
 
     @property
     def upper(self) -> str:
@@ -68,28 +63,19 @@ class Container:
         return self.id[:12]
 
 
-@dataclass(frozen=True)
-class MountRecord:
-    mountpoint: str
-    pid: int
-    kind: str  # image, container or dirs
-    target: str  # image ID, container ID, or the lower dirs
-    name: str
-    log: str
-    started: str
-    read_only: bool
-    control: str = ""  # the daemon's control socket (freeze for commit)
-
-
 class Containers:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.mounts_dir = os.path.join(store.root, "mounts")
-        os.makedirs(self.mounts_dir, exist_ok=True)
+        self.dir = os.path.join(store.root, "containers")
+        os.makedirs(self.dir, exist_ok=True)
+        self.mounts = Mounts(store.root)
 
-    def _from(self, cid: str, rec: dict[str, Any]) -> Container:
-        return Container(cid, rec["name"], rec["image"], rec.get("imageName", ""),
-                         rec.get("created", ""), os.path.join(self.store.containers_dir, cid))
+    def _from(self, cid: str, rec: dict[str, Any],
+              mounts: dict[str, MountRecord] | None = None) -> Container:
+        mount = self.mounts.of_container(cid) if mounts is None else mounts.get(cid)
+        return Container(cid, rec["name"], Digest(rec["image"]), rec.get("imageName", ""),
+                         rec.get("created", ""), os.path.join(self.dir, cid),
+                         mount)
 
     def of_record(self, cid: str, rec: dict[str, Any]) -> Container:
         """The container a ``state.json`` record describes."""
@@ -97,7 +83,8 @@ class Containers:
 
     def all(self) -> list[Container]:
         st = self.store.state.read()
-        return sorted((self._from(c, r) for c, r in st.containers.items()),
+        mounts = {r.target: r for r in self.mounts.records() if r.kind == "container"}
+        return sorted((self._from(c, r, mounts) for c, r in st.containers.items()),
                       key=lambda c: c.created, reverse=True)
 
     def get(self, name: str) -> Container:
@@ -126,7 +113,7 @@ class Containers:
             raise InvalidReference(f"Invalid container name ({name}), only "
                                    "[a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
         cid = secrets.token_hex(32)
-        root = os.path.join(self.store.containers_dir, cid)
+        root = os.path.join(self.dir, cid)
         with self.store.state.transaction() as st:
             if image.id not in st.images:
                 raise Conflict(f"image {image.short_id} was removed meanwhile")
@@ -143,138 +130,34 @@ class Containers:
         return self.get(cid)
 
     def _copy_root_attrs(self, image: Image, upper: str) -> None:
-        with self.store.layers_of(image) as layers:
+        with self.store.layers.opened(self.store.layers.stack(image.diff_ids)) as layers:
             root = UnionView(layers).root().entry
         if os.geteuid() == 0:
             os.chown(upper, root.uid, root.gid)
         os.chmod(upper, root.mode & 0o7777)
         os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
 
+    def describe(self, container: Container, upper: bool = True) -> list[dict[str, str]]:
+        """The container's layers as descriptions, top first: with ``upper`` its writable
+        layer (read as a plain directory), then its image's.  The one recipe of a container's
+        rootfs outside a writable mount: export, commit, diff and read-only mounts use it."""
+        image = self.store.image(container.image)
+        top = [{"kind": "dir", "path": container.upper}] if upper else []
+        return top + self.store.layers.stack(image.diff_ids)
+
+    def layers(self, container: Container,
+               upper: bool = True) -> contextlib.AbstractContextManager[list[LowerLayer]]:
+        """``describe``'s layers, opened for the block."""
+        return self.store.layers.opened(self.describe(container, upper))
+
     def remove(self, container: Container) -> None:
-        if self.mounted_at(container) is not None:
-            raise Conflict(f"container {container.name} is mounted at "
-                           f"{self.mounted_at(container)}; unmount it first (or use -f)")
+        where = self.mounts.where(container.id, container.root)
+        if where:
+            raise Conflict(f"container {container.name} is mounted {where}; unmount it first "
+                           "(or use -f)")
         with self.store.state.transaction() as st:
             st.containers.pop(container.id, None)
         remove_tree(container.root)
-
-    def open_layers(self, container: Container) -> list[LowerLayer]:
-        return self.store.open_layers(self.store.image(container.image))  # type: ignore[arg-type]
-
-    # -- mount lock and records ----------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def mount_lock(self, container: Container) -> Iterator[None]:
-        """Held by the process serving a container mount."""
-        path = os.path.join(container.root, "mount.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                where = self.mounted_at(container) or "another process"
-                raise Conflict(f"container {container.name} is already mounted at {where}"
-                               ) from None
-            yield
-        finally:
-            os.close(fd)
-
-    def mounted_at(self, container: Container) -> str | None:
-        for rec in self.mounts():
-            if rec.kind == "container" and rec.target == container.id:
-                return rec.mountpoint
-        path = os.path.join(container.root, "mount.lock")
-        if not os.path.exists(path):
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return "an unknown mountpoint"
-        finally:
-            os.close(fd)
-        return None
-
-    @contextlib.contextmanager
-    def paused(self, container: Container, pause: bool = True) -> Iterator[None]:
-        """Hold every write through the container's mount while the block runs, if it is
-        mounted writable (``docker commit --pause``); a no-op otherwise or when ``pause`` is
-        false.  Raises ``MountFailed`` when the mount does not pause."""
-        rec = self.mount_of(container) if pause else None
-        with contextlib.ExitStack() as stack:
-            if rec is not None and rec.control:
-                try:
-                    stack.enter_context(frozen(rec.mountpoint, rec.control))
-                except MountError as exc:
-                    raise MountFailed(str(exc)) from None
-            yield
-
-    def _record_path(self, mountpoint: str) -> str:
-        key = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:20]
-        return os.path.join(self.mounts_dir, key + ".json")
-
-    def log_path(self, mountpoint: str) -> str:
-        return self._record_path(mountpoint)[: -len(".json")] + ".log"
-
-    def control_path(self, mountpoint: str) -> str:
-        return self._record_path(mountpoint)[: -len(".json")] + ".sock"
-
-    def mount_of(self, container: Container) -> MountRecord | None:
-        for rec in self.mounts():
-            if rec.kind == "container" and rec.target == container.id:
-                return rec
-        return None
-
-    def record(self, rec: MountRecord) -> None:
-        # under the writers' lock: garbage collection and check empty tmp/ only while they
-        # hold it, so the temp file of the record cannot vanish before its rename
-        with self.store.state.locked():
-            atomic_write(self._record_path(rec.mountpoint),
-                         json.dumps(rec.__dict__, indent=1).encode(),
-                         tmp_dir=self.store.blobs.tmp_dir)
-
-    def unrecord(self, mountpoint: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._record_path(mountpoint))
-
-    def mounts(self) -> list[MountRecord]:
-        out = []
-        for name in sorted(os.listdir(self.mounts_dir)):
-            if not name.endswith(".json"):
-                continue
-            path = os.path.join(self.mounts_dir, name)
-            try:
-                with open(path) as f:
-                    rec = MountRecord(**json.load(f))
-            except (OSError, ValueError, TypeError):
-                continue
-            if not process_alive(rec.pid):
-                continue
-            out.append(rec)
-        return out
-
-    def record_for(self, mountpoint: str) -> MountRecord | None:
-        full = os.path.abspath(mountpoint)
-        for rec in self.mounts():
-            if rec.mountpoint == full:
-                return rec
-        return None
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
-
 
 def _random_name(taken: set[str]) -> str:
     for _ in range(100):

@@ -1,4 +1,5 @@
-"""Atomic file operations for the store: temp file in the same file system, fsync, rename.
+"""Atomic file operations for the store: temp file in the same file system, fsync, rename;
+and ``output_sink``, where an archive or export goes (a path written the same way, or a file).
 
 Caveats:
 * ``ENOSPC``/``EDQUOT`` become ``StoreFull`` so the CLI prints one line; the temp file is
@@ -11,9 +12,10 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
-from .errors import StoreFull
+from .errors import OutputError, StoreFull
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -67,3 +69,54 @@ def unshared_size(path: str) -> int:
                 if st.st_nlink == 1:
                     total += st.st_size
     return total
+
+
+@contextlib.contextmanager
+def output_sink(dest: str | os.PathLike[str] | BinaryIO,
+                what: str) -> Iterator[Callable[[bytes], object]]:
+    """A sink writing to ``dest``: a file object as is, or a path through a temp file in the
+    same directory, renamed into place on success (a failure leaves nothing behind).  Errors
+    writing it are ``OutputError``; errors of the block pass unchanged."""
+    if not isinstance(dest, str | os.PathLike):
+        out = dest
+
+        def write_to(data: bytes) -> None:
+            try:
+                out.write(data)
+            except OSError as exc:
+                raise OutputError(f"cannot write {what}: {exc.strerror or exc}") from None
+
+        yield write_to
+        return
+    path = os.fspath(dest)
+    if os.path.isdir(path):
+        raise OutputError(f"invalid output path: {path} is a directory")
+
+    def fail(exc: OSError) -> OutputError:
+        return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".strata-")
+    except OSError as exc:
+        raise fail(exc) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+
+            def write(data: bytes) -> None:
+                try:
+                    f.write(data)
+                except OSError as exc:
+                    raise fail(exc) from None
+
+            yield write
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.rename(tmp, path)
+            except OSError as exc:
+                raise fail(exc) from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

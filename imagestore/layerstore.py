@@ -5,8 +5,15 @@ once by ``unionfs.tarlayer``) and ``meta.json`` (sizes).  The directory is assem
 ``tmp/`` and renamed into place, so a visible layer is always complete and verified.
 
 ``ingest`` takes a layer stream as received (compressed or not), and in one pass keeps the
-compressed blob (verified against its digest and size), decompresses, hashes the diff_id and
-writes the tar.  An uncompressed layer is stored once: its blob is a hardlink of the tar.
+compressed blob (verified against its digest and size) in the store's ``BlobStore``, which the
+``LayerStore`` owns, decompresses, hashes the diff_id and writes the tar.  An uncompressed
+layer is stored once: its blob is a hardlink of the tar.
+
+The seam to the union: ``describe`` gives a stored layer as a layer description
+(``unionfs.layerkinds``), which is what a mount spec lists, and ``open`` opens that description
+as a ``LowerLayer``.  Whoever reads a layer — the mount daemon, export, diff, commit — sees the
+protocol only, so a layer of another kind (fetched lazily, being built) can be described and
+returned here without a change to any of them.
 
 Caveats:
 * Concurrent ingests of the same layer both do the work; the first rename wins and the loser
@@ -15,15 +22,18 @@ Caveats:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from unionfs.tarlayer import LayerError, LayerIndex, TarLayer, build_index
+from unionfs.layerkinds import open_layer
+from unionfs.layers import LowerLayer
+from unionfs.tarlayer import LayerError, LayerIndex, build_index
 
 from .cas import BlobStore, BlobWriter
 from .compress import NONE, Compressor, DecompressReader
@@ -68,10 +78,13 @@ class _Tee:
 
 
 class LayerStore:
-    """``limit``: the most bytes a layer may decompress to (None: no limit)."""
+    """The layers of the store at ``root``, and its blobs (``blobs``: the layers' compressed
+    blobs go there as they are ingested).  ``limit``: the most bytes a layer may decompress to
+    (None: no limit)."""
 
     def __init__(self, root: str, limit: int | None = None) -> None:
         self.limit = limit
+        self.blobs = BlobStore(root)
         self.dir = os.path.join(root, "layers", "sha256")
         self.tmp_dir = os.path.join(root, "tmp")
         os.makedirs(self.dir, exist_ok=True)
@@ -94,20 +107,48 @@ class LayerStore:
             raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
         return LayerInfo(diff_id, int(d["size"]), int(d["content"]), int(d["entries"]))
 
-    def open(self, diff_id: Digest) -> TarLayer:
-        """The layer as a ``LowerLayer`` (keeps its tar open until ``close``)."""
+    def describe(self, diff_id: Digest) -> dict[str, str]:
+        """The stored layer as a layer description (``unionfs.layerkinds``): what a mount spec
+        lists and ``open`` opens."""
         d = self.path(diff_id)
-        tar, index = os.path.join(d, "layer.tar"), os.path.join(d, "index")
+        return {"kind": "tar", "tar": os.path.join(d, "layer.tar"),
+                "index": os.path.join(d, "index"), "name": diff_id}
+
+    def stack(self, diff_ids: Sequence[Digest]) -> list[dict[str, str]]:
+        """The descriptions of an image's layers (``diff_ids`` bottom first), top first: the
+        order of a mount spec's layers."""
+        return [self.describe(d) for d in reversed(diff_ids)]
+
+    def open(self, desc: dict[str, str]) -> LowerLayer:
+        """The layer ``desc`` describes as a ``LowerLayer`` (keeps its files open until
+        ``close``).  Raises ``ImageNotFound`` (not stored) and ``InvalidLayer``; the index of
+        a stored layer in an older format is built again."""
+        name = desc.get("name", "")
         try:
             try:
-                return TarLayer.open(tar, index, name=diff_id)
+                return open_layer(desc)
             except LayerError:
-                self.rebuild_index(diff_id)  # an index of an older format: build it again
-                return TarLayer.open(tar, index, name=diff_id)
+                if desc.get("kind") != "tar" or not self.has(Digest(name)):
+                    raise
+                self.rebuild_index(Digest(name))  # an index of an older format
+                return open_layer(desc)
         except FileNotFoundError:
-            raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
+            raise ImageNotFound(f"layer {name or desc} is missing from the store") from None
         except LayerError as exc:
-            raise InvalidLayer(f"layer {diff_id}: {exc}") from None
+            raise InvalidLayer(f"layer {name}: {exc}") from None
+
+    @contextlib.contextmanager
+    def opened(self, descs: Sequence[dict[str, str]]) -> Iterator[list[LowerLayer]]:
+        """The layers ``descs`` describe (``stack``: an image's), opened, in the same order,
+        and closed when the block ends."""
+        layers: list[LowerLayer] = []
+        try:
+            for desc in descs:
+                layers.append(self.open(desc))
+            yield layers
+        finally:
+            for layer in layers:
+                layer.close()
 
     def diff_ids(self) -> list[Digest]:
         return [Digest("sha256:" + n) for n in sorted(os.listdir(self.dir)) if len(n) == 64]
@@ -122,7 +163,6 @@ class LayerStore:
 
     def ingest(
         self,
-        blobs: BlobStore,
         src: BinaryIO,
         *,
         digest: Digest | None = None,
@@ -138,7 +178,7 @@ class LayerStore:
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
         writer: BlobWriter | None = None
         try:
-            writer = blobs.writer(digest, size) if keep_blob else None
+            writer = self.blobs.writer(digest, size) if keep_blob else None
             blob_hash = Hasher()
 
             def on_data(data: bytes) -> None:
@@ -170,7 +210,7 @@ class LayerStore:
             if writer is not None:
                 if reader.kind == NONE:
                     writer.abort()
-                    blobs.link(self.tar_path(got_diff), blob_digest)
+                    self.blobs.link(self.tar_path(got_diff), blob_digest)
                 else:
                     writer.commit()
             return Ingested(blob_digest, blob_hash.size, reader.kind, info)
@@ -179,14 +219,13 @@ class LayerStore:
                 writer.abort()
             shutil.rmtree(work, ignore_errors=True)
 
-    def ingest_produced(self, blobs: BlobStore, produce: Callable[[Sink], object],
-                        compression: str) -> Ingested:
+    def ingest_produced(self, produce: Callable[[Sink], object], compression: str) -> Ingested:
         """Store a layer that ``produce(sink)`` writes as an uncompressed tar: one pass hashes
         the diff_id and writes ``layer.tar`` while a second thread compresses and hashes the
         blob (zlib and zstd release the GIL, so both cores work); never the whole layer in
         memory."""
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="layer-")
-        writer = blobs.writer() if compression != NONE else None
+        writer = self.blobs.writer() if compression != NONE else None
         comp = Compressor(compression)
         try:
             diff_hash = Hasher()
@@ -208,7 +247,7 @@ class LayerStore:
                 os.fsync(out.fileno())
             info = self._install(work, diff_hash.digest)
             if writer is None:
-                blobs.link(self.tar_path(info.diff_id), info.diff_id)
+                self.blobs.link(self.tar_path(info.diff_id), info.diff_id)
                 return Ingested(info.diff_id, info.size, NONE, info)
             digest = writer.commit()
             return Ingested(digest, writer.hasher.size, compression, info)

@@ -457,20 +457,6 @@ class ImageConfig:
         return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
 
-def chain_ids(diff_ids: Sequence[Digest]) -> list[Digest]:
-    """ChainID(L0) = DiffID(L0); ChainID(L0..n) = sha256(ChainID(L0..n-1) + " " + DiffID(Ln))."""
-    import hashlib
-
-    out: list[Digest] = []
-    for d in diff_ids:
-        if not out:
-            out.append(d)
-        else:
-            h = hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest()
-            out.append(Digest("sha256:" + h))
-    return out
-
-
 # image-spec 1.1.0-rc2 as vendored by skopeo 1.9 (Debian 12): variant sits before os
 _CONFIG_ORDER = ("created", "author", "architecture", "variant", "os", "os.version",
                  "os.features", "config", "rootfs", "history")

@@ -1,10 +1,10 @@
 """Progress events of the public API: one typed event for pull, push, load, import and commit.
 
 A caller passes ``progress=fn`` and ``fn`` gets ``ProgressEvent`` values to draw its own
-progress from.  The events come from the hooks that already exist: the registry client's
-``Event`` stream for pull and push (docker's words, unchanged), and the byte callbacks of
-``LayerStore.ingest`` (load, import) and of the layer writer of ``commit``.  This module only
-translates and throttles; it never reads or writes content.
+progress from (the CLI draws docker's lines from them, ``cli/progress.py``).  The registry
+client emits them for pull and push in docker's words; ``ByteCounter`` makes them from the byte
+callbacks of ``LayerStore.ingest`` (load, import) and of the layer writer of ``commit``.  This
+module only translates and throttles; it never reads or writes content.
 
 Caveats:
 * Byte events are throttled (at most one every ``INTERVAL`` seconds per layer, plus the final
@@ -20,10 +20,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .registry.events import Event
 
 INTERVAL = 0.1
 
@@ -49,6 +45,8 @@ class ProgressEvent:
 
 
 ProgressFn = Callable[[ProgressEvent], None]
+ByteFn = Callable[[int], None]  # called with the size of each chunk of bytes processed
+ProgressFactory = Callable[[str, int | None], ByteFn | None]  # (diff_id, size) -> per layer
 
 
 def short(digest: str) -> str:
@@ -56,18 +54,8 @@ def short(digest: str) -> str:
     return digest.partition(":")[2][:12]
 
 
-def from_registry(operation: str, fn: ProgressFn) -> Callable[[Event], None]:
-    """An ``EventFn`` for ``registry.pull``/``push`` that forwards to ``fn``.  A pull's header
-    line (id: the tag or digest pulled, status ``Pulling from REPO``) becomes an image event,
-    ``layer=""`` and ``status="TAG: Pulling from REPO"`` as docker prints it."""
-
-    def forward(ev: Event) -> None:
-        if ev.status.startswith("Pulling from "):
-            fn(ProgressEvent(operation, "", f"{ev.id}: {ev.status}" if ev.id else ev.status))
-            return
-        fn(ProgressEvent(operation, ev.id, ev.status, ev.current, ev.total))
-
-    return forward
+def ignore(event: ProgressEvent) -> None:
+    """A ``ProgressFn`` that drops everything."""
 
 
 class ByteCounter:

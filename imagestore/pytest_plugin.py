@@ -44,7 +44,7 @@ from .errors import FuseUnavailable, ImageNotFound, InvalidReference, MountFaile
 if TYPE_CHECKING:  # the API is imported when a fixture is used, not when pytest starts
     from .api import Store
     from .containers import Container
-    from .store import Image
+    from .images import Image
 
 __all__ = ["ContainerFactory", "ContainerRootfs", "ImageRootfs", "require_fuse"]
 

@@ -71,9 +71,6 @@ class Reference:
     def with_tag(self, tag: str) -> Reference:
         return Reference(self.domain, self.path, tag, None)
 
-    def with_digest(self, digest: Digest) -> Reference:
-        return Reference(self.domain, self.path, None, digest)
-
     @property
     def api_host(self) -> str:
         """The host the registry API lives on (``registry-1.docker.io`` for Docker Hub)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagestore.store import Store
+from imagestore import Store
 from tests.forkserver import ForkServer, Warm
 
 REPO = Path(__file__).resolve().parent.parent

@@ -130,14 +130,14 @@ def exported_tree(store: Any, image: Any) -> dict[str, tuple[Any, ...]]:
     """The tree of ``strata export`` of ``image`` (the same code path, in process)."""
     import io
 
-    from imagestore import archive
+    from imagestore import changeset
     from unionfs.resolve import UnionView
 
     from .builders import tree_of_tar
 
     buf = io.BytesIO()
-    with store.layers_of(image) as layers:
-        archive.export_rootfs(UnionView(layers), buf.write)
+    with store.layers.opened(store.layers.stack(image.diff_ids)) as layers:
+        changeset.export_rootfs(UnionView(layers), buf.write)
     return tree_of_tar(buf.getvalue())
 
 

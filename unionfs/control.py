@@ -3,12 +3,14 @@
 These are the client halves of ``mount``: whether a path is a mount point, a clean (or lazy)
 unmount through ``fusermount3``, and ``frozen`` (the client of the daemon's control socket that
 holds every change while a commit reads the upper).  They need neither pyfuse3 nor trio, so the
-image store may use them (DESIGN.md: ``imagestore`` uses the ``unionfs`` core only);
-``unionfs.mount`` re-exports them.
+image store may use them (``imagestore`` uses the ``unionfs`` core only, and starts the daemon
+``unionfs.mount`` only as a process; docs/architecture.md).
 
 Caveats:
-* ``is_mounted`` reads ``/proc/self/mountinfo``: a mount made in another mount namespace is
-  invisible.
+* ``is_mounted`` reads ``/proc/self/mountinfo``: it tells what is true in this mount
+  namespace.  A mount another namespace still holds after an unmount here (an ``unshare -m``
+  made while it was mounted) is found by ``holders``, which reads every process's
+  ``mountinfo``.
 * ``frozen`` holds changes only for as long as its socket is open: a client that dies thaws
   the mount, so a commit can never leave it frozen.
 """
@@ -34,18 +36,55 @@ def check_mountpoint(path: str) -> str:
     return full
 
 
-def is_mounted(path: str) -> bool:
-    full = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
+def _mounts(mountinfo: str) -> Iterator[tuple[str, str]]:
+    """(device ``major:minor``, mountpoint) of every mount a ``mountinfo`` file lists."""
+    with open(mountinfo) as f:
         for line in f:
-            if _unescape(line.split()[4]) == full:
-                return True
-    return False
+            fields = line.split()
+            if len(fields) > 4:
+                yield fields[2], _unescape(fields[4])
+
+
+def is_mounted(path: str, dev: str | None = None) -> bool:
+    """Is ``path`` a mount point in this mount namespace (of device ``dev`` when given: the
+    ``major:minor`` of one particular mount)?"""
+    full = os.path.realpath(path)
+    return any(mp == full and (dev is None or d == dev)
+               for d, mp in _mounts("/proc/self/mountinfo"))
 
 
 def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
         "\\134", "\\")
+
+
+def holders(dev: str) -> list[int]:
+    """Processes of *other* mount namespaces that still hold a mount of device ``dev`` (one
+    pid per namespace): after an unmount here, what keeps a FUSE file system — and its
+    daemon — alive.  Processes we may not inspect are skipped."""
+    own = _namespace("self")
+    seen = {own}
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        ns = _namespace(name)
+        if ns is None or ns in seen:
+            continue
+        seen.add(ns)
+        try:
+            if any(d == dev for d, _ in _mounts(f"/proc/{name}/mountinfo")):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def _namespace(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -70,16 +109,19 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def frozen(mountpoint: str, control: str, timeout: float = 60.0) -> Iterator[None]:
+def frozen(mountpoint: str, control: str, timeout: float = 60.0,
+           sync: bool = True) -> Iterator[None]:
     """Hold every change to a mounted union while the block runs (``docker commit --pause``):
-    flush the kernel's dirty pages to the daemon, then ask it to freeze."""
+    flush the kernel's dirty pages to the daemon (``sync``: the mount is in this namespace),
+    then ask it to freeze."""
     import socket
 
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _libc_syncfs(fd)
-    finally:
-        os.close(fd)
+    if sync:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _libc_syncfs(fd)
+        finally:
+            os.close(fd)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:

@@ -1,30 +1,58 @@
-"""Mount lifecycle: init, serve under one nursery, signals, readiness, clean unmount.
+"""The mount daemon: ``python -m unionfs.mount SPEC`` serves one union at one mountpoint.
 
-``serve`` mounts a ``Union`` at a mountpoint and serves it until the file system is unmounted
-(``fusermount3 -u``, ``umount``) or the process gets SIGTERM/SIGINT/SIGHUP, which unmount
-cleanly.  ``on_ready`` is called once the mount answers a request (a ``stat`` of the mountpoint
-from a worker thread), so a parent process can return only when the mount is usable.
+This is the only entry point of a strata mount; ``imagestore.mounting`` is the only code that
+starts it (``strata mount`` goes through there too).  It never opens an image store: all it
+needs is in ``SPEC``, the path of a JSON *mount spec* (the spawner writes it to a memfd and
+passes ``/dev/fd/N``; a plain file works as well, for debugging).  The spawner adds the
+mountpoint as a second argument, checked against the spec, so ``ps`` shows what a daemon
+serves::
 
-The other side (``check_mountpoint``, ``is_mounted``, ``unmount``, the ``frozen`` client of the
-control socket) lives in ``control``, which needs no pyfuse3; it is re-exported here.
+    {"mountpoint": "/abs/path",
+     "options": {"allow_other": false, "ro": false, "suid": false, "dev": false,
+                 "debug": false, "fsname": "strata"},
+     "layers": [DESCRIPTION, ...],      lower layers, top first (``unionfs.layerkinds``)
+     "upper": PATH, "work": PATH,       the writable layer and its work dir, or null
+     "control": PATH,                   Unix socket answering ``freeze`` (writable mounts), or null
+     "ready_fd": N,                     gets ``ready`` or the one-line error, then is closed
+     "lifeline_fd": N,                  read end of a pipe only the parent holds: EOF unmounts
+     "hold_fds": [N, ...],              kept open while serving (a container's mount lock)
+     "record": {"path": PATH, "data": {...}}}   written with "pid" and "dev" once the mount
+                                        answers, removed when it ends (the store's mounts/)
+
+Every key but ``mountpoint`` and ``layers`` may be left out.  The daemon mounts, answers
+``ready`` once a ``stat`` of the mountpoint (from a worker thread) has been answered, and
+serves until the file system is unmounted (``fusermount3 -u``, ``umount``, ``strata umount``)
+or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.  It logs to stderr (the spawner
+points it at ``<root>/mounts/<key>.log``); a mount it cannot make is one ``ERROR`` line there
+and on the ready pipe, exit status 1; only a bug writes a traceback.  docs/architecture.md
+tells the life of a mount from spawn to unmount.
 
 Caveats:
 * Mount options: ``default_permissions`` always (the kernel checks modes against the image's
   owners), ``nosuid``/``nodev`` unless asked for, ``ro`` for image mounts.
+* When another mount namespace holds the mount (an ``unshare -m`` made while it was mounted),
+  an unmount here does not end the file system: the daemon serves the other namespace until
+  it lets go too.  The record then names a mount that is not here (``imagestore.mounts``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .control import check_mountpoint, frozen, is_mounted, short_address, unmount
+from .control import short_address
 from .errors import MountError
+from .layerkinds import open_layer
+from .layers import LowerLayer
+from .tarheaders import LayerError
 
 if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (start-up time)
     import trio
@@ -32,10 +60,9 @@ if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (star
     from .fuse_ops import Operations
     from .union import Union
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("unionfs.mount")  # also when run as __main__
 
-__all__ = ["MountError", "MountOptions", "check_mountpoint", "frozen", "is_mounted", "serve",
-           "unmount"]
+__all__ = ["MountOptions", "MountSpec", "main", "serve", "user_allow_other"]
 
 
 @dataclass(frozen=True)
@@ -61,11 +88,47 @@ class MountOptions:
         return opts
 
 
+@dataclass(frozen=True)
+class MountSpec:
+    """A parsed mount spec (see the module docstring)."""
+
+    mountpoint: str
+    layers: Sequence[dict[str, Any]]
+    options: MountOptions = MountOptions()
+    upper: str | None = None
+    work: str | None = None
+    control: str | None = None
+    ready_fd: int | None = None
+    lifeline_fd: int | None = None
+    hold_fds: Sequence[int] = ()
+    record: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any]) -> MountSpec:
+        o = doc.get("options") or {}
+        options = MountOptions(allow_other=bool(o.get("allow_other")), read_only=bool(o.get("ro")),
+                               suid=bool(o.get("suid")), dev=bool(o.get("dev")),
+                               debug=bool(o.get("debug")), fsname=str(o.get("fsname") or "strata"))
+        if not isinstance(doc.get("mountpoint"), str) or not isinstance(doc.get("layers"), list):
+            raise MountError("a mount spec needs 'mountpoint' and 'layers'")
+        if bool(doc.get("upper")) != bool(doc.get("work")):
+            raise MountError("a mount spec's 'upper' and 'work' go together")
+        return cls(doc["mountpoint"], doc["layers"], options, doc.get("upper"), doc.get("work"),
+                   doc.get("control"), doc.get("ready_fd"), doc.get("lifeline_fd"),
+                   tuple(doc.get("hold_fds") or ()), doc.get("record"))
+
+    @classmethod
+    def load(cls, path: str) -> MountSpec:
+        with open(path, "rb") as f:
+            return cls.parse(json.loads(f.read()))
+
+
 def serve(union: Union, mountpoint: str, options: MountOptions,
-          on_ready: Callable[[], None] | None = None, control: str | None = None,
+          on_ready: Callable[[int], None] | None = None, control: str | None = None,
           lifeline: int | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the number of handler errors.
-    ``control``: a Unix socket path where ``freeze`` requests are answered (see ``frozen``).
+    ``on_ready(dev)`` runs once the mount answers (``dev``: its device number).
+    ``control``: a Unix socket path where ``freeze`` requests are answered.
     ``lifeline``: the read end of a pipe whose write end only the parent process holds; when
     it closes (the parent exited, even by SIGKILL) the mount ends as on SIGTERM."""
     import pyfuse3
@@ -142,7 +205,7 @@ async def _watch(fd: int) -> None:
             return
 
 
-async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | None,
+async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None] | None,
                control: str | None, lifeline: int | None = None) -> None:
     import pyfuse3
     import trio
@@ -181,7 +244,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[], None] | 
         _readahead(st.st_dev, READAHEAD_KB)
         log.info("mounted %s", mountpoint)
         if on_ready is not None:
-            on_ready()
+            on_ready(st.st_dev)
 
 
 READAHEAD_KB = 1024
@@ -197,3 +260,157 @@ def _readahead(dev: int, kb: int) -> None:
             f.write(str(kb))
     except OSError as exc:
         log.debug("read-ahead left at the default: %s", exc)
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+
+
+def build(spec: MountSpec, stack: contextlib.ExitStack) -> Union:
+    """The union the spec describes; its layers are closed when ``stack`` ends.  (A read-only
+    view of an upper is one more layer, ``{"kind": "dir"}``, on top: the spawner's choice.)"""
+    from .union import Union
+    from .upper import UpperLayer
+
+    layers: list[LowerLayer] = []
+
+    def close() -> None:
+        for layer in layers:
+            layer.close()
+
+    stack.callback(close)
+    for desc in spec.layers:
+        layers.append(open_layer(desc))
+    if spec.upper is None or spec.work is None:
+        return Union(layers)
+    return Union(layers, UpperLayer(spec.upper, spec.work))
+
+
+def _tell(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode() + b"\n")
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _write_record(record: dict[str, Any], dev: int) -> None:
+    """The mount record, atomically (temp file in its directory, rename)."""
+    data = {**record["data"], "pid": os.getpid(), "dev": f"{os.major(dev)}:{os.minor(dev)}"}
+    path = record["path"]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".record-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _drop_record(record: dict[str, Any] | None) -> None:
+    """Remove the record if it is still this daemon's (a later mount may have replaced it)."""
+    if record is None:
+        return
+    with contextlib.suppress(OSError, ValueError), open(record["path"]) as f:
+        if json.load(f).get("pid") != os.getpid():
+            return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(record["path"])
+
+
+@contextlib.contextmanager
+def _profiled(path: str | None) -> Iterator[None]:
+    """Run the block under cProfile and write its statistics to ``path`` (if given)."""
+    if not path:
+        yield
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        yield
+    prof.dump_stats(path)
+
+
+def _spec_fd(path: str) -> int | None:
+    """The inherited descriptor ``path`` names (``/dev/fd/N``, ``/proc/self/fd/N``), if any."""
+    for prefix in ("/dev/fd/", "/proc/self/fd/"):
+        if path.startswith(prefix) and path[len(prefix):].isdigit():
+            return int(path[len(prefix):])
+    return None
+
+
+def run(spec: MountSpec) -> int:
+    """Serve ``spec`` until the mount ends; the exit status (0, or 1 with one error line)."""
+    logging.getLogger().setLevel(logging.DEBUG if spec.options.debug else logging.INFO)
+    for fd in spec.hold_fds:
+        os.set_inheritable(fd, False)  # held here only, not by fusermount3 and friends
+    mounted = False
+
+    def ready(dev: int) -> None:
+        nonlocal mounted
+        if spec.record is not None:
+            _write_record(spec.record, dev)
+        mounted = True
+        _tell(spec.ready_fd, "ready")
+
+    try:
+        with contextlib.ExitStack() as stack:
+            union = build(spec, stack)
+            stack.callback(_drop_record, spec.record)
+            control = spec.control if union.writable else None
+            with _profiled(os.environ.get("STRATA_PROFILE")):  # scripts/bench --profile
+                errors = serve(union, spec.mountpoint, spec.options, on_ready=ready,
+                               control=control, lifeline=spec.lifeline_fd)
+            if errors:
+                log.warning("%d handler errors (see above)", errors)
+    except (MountError, LayerError, OSError) as exc:
+        message = str(exc) if isinstance(exc, MountError) else \
+            f"cannot mount {spec.mountpoint}: {_reason(exc)}"
+        log.error("%s", message)
+        if not mounted:
+            _tell(spec.ready_fd, message)
+        return 1
+    return 0
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return str(exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if len(args) not in (1, 2) or args[0].startswith("-"):
+        print("usage: python -m unionfs.mount SPEC [MOUNTPOINT]  (SPEC: a JSON mount spec, "
+              "see the module docstring; MOUNTPOINT, if given, must be the spec's)",
+              file=sys.stderr)
+        return 2
+    try:
+        spec = MountSpec.load(args[0])
+    except (OSError, ValueError, KeyError, TypeError, MountError) as exc:
+        log.error("cannot read the mount spec %s: %s", args[0], exc)
+        return 2
+    finally:
+        fd = _spec_fd(args[0])
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if len(args) == 2 and os.path.abspath(args[1]) != os.path.abspath(spec.mountpoint):
+        log.error("the mount spec is for %s, not %s", spec.mountpoint, args[1])
+        return 2
+    return run(spec)
+
+
+if __name__ == "__main__":
+    status = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: the mount is gone and the record dropped, and whoever waits
+    # for this process (strata umount, a container's lock) should not wait for a GC pass
+    os._exit(status)

@@ -3,26 +3,26 @@
 Modules: ``config`` (mirrors, insecure registries), ``credentials`` (docker config.json,
 containers auth.json, credential helpers), ``auth`` (challenges, Basic, Bearer tokens),
 ``client`` (HTTP: retries, redirects, errors), ``pull``, ``push``, ``sources`` (where blobs
-came from, for cross-repository mounts), ``events`` (progress).  The store's policy stays in
-``Store``; this package speaks the protocol.
+came from, for cross-repository mounts).  Progress is reported as ``imagestore.ProgressEvent``
+values.  The store's policy stays in ``Store``; this package speaks the protocol.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+from . import credentials
 from .client import Registry, RetryPolicy, Transport, open_transport
 from .config import RegistriesConfig, load_config
 from .credentials import Credentials
 from .errors import AuthError, NotFound, RegistryError
-from .events import Event, EventFn
 from .pull import PullResult, pull
 from .push import PushResult, push
 
-__all__ = ["AuthError", "Credentials", "Event", "EventFn", "NotFound", "PullResult",
+__all__ = ["AuthError", "Credentials", "NotFound", "PullResult",
            "PushResult", "RegistriesConfig", "Registry", "RegistryError", "RetryPolicy",
-           "Transport", "api_host", "check_login", "load_config", "open_transport", "pull",
-           "push"]
+           "Transport", "api_host", "check_login", "load_config", "login", "logout",
+           "open_transport", "pull", "push"]
 
 
 def api_host(host: str) -> str:
@@ -52,3 +52,21 @@ async def check_login(host: str, creds: Credentials,
                                 "password", 401, err.code)
             raise err
 
+
+
+def login(server: str, username: str, password: str) -> None:
+    """``strata login``: check the credentials against the registry ``server`` (raises
+    ``AuthError`` when refused) and store them as docker does (``credentials``)."""
+    import trio
+
+    host = credentials.normalize_host(server)
+    creds = Credentials(username, password)
+    trio.run(check_login, host, creds)
+    credentials.store_login(host, creds)
+
+
+def logout(server: str) -> tuple[str, bool]:
+    """``strata logout``: forget the credentials of ``server``; returns the key they were
+    stored under and whether there were any."""
+    host = credentials.normalize_host(server)
+    return credentials.server_key(host), credentials.erase_login(host)

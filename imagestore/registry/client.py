@@ -26,6 +26,7 @@ import contextlib
 import email.utils
 import importlib.metadata
 import logging
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -188,16 +189,25 @@ async def open_transport(config: RegistriesConfig | None = None,
 
 
 def _describe(exc: BaseException) -> str:
-    """A transport error in words, with the TLS reason when there is one."""
+    """A transport error in words, with the TLS reason when there is one, and the socket's
+    own reason (``connection refused``: nothing listens there) when the transport's words
+    hide it ("all attempts to connect ... failed")."""
     seen: BaseException | None = exc
+    reasons: list[str] = []
     for _ in range(8):
         if seen is None:
             break
         if isinstance(seen, ssl.SSLError):
             return f"TLS error: {seen.reason or seen}"
+        inner = getattr(seen, "exceptions", None)  # trio's ExceptionGroup of every attempt
+        for e in inner if isinstance(inner, tuple | list) else ():
+            reason = os.strerror(e.errno).lower() if isinstance(e, OSError) and e.errno else ""
+            if reason and reason not in reasons:
+                reasons.append(reason)
         seen = seen.__cause__ or seen.__context__
-    text = str(exc)
-    return text if text else type(exc).__name__
+    text = str(exc) or type(exc).__name__
+    missing = [r for r in reasons if r not in text.lower()]
+    return f"{text} ({', '.join(missing)})" if missing else text
 
 
 async def read_limited(resp: httpx.Response, limit: int) -> bytes:

@@ -12,10 +12,10 @@
    (``_BlobStream``) and are appended to ``tmp/partial-<hex>`` on the way, so a cut
    connection resumes with ``Range`` inside the same pass and an interrupted command resumes
    from the partial file next time.  The partial file becomes the stored blob by rename.
-4. ``Store.add_image`` with the tag and the RepoDigest (``NAME@DIGEST`` of what the reference
+4. ``images.record`` with the tag and the RepoDigest (``NAME@DIGEST`` of what the reference
    named: the index for a multi-platform image).  Nothing is visible before this step.
 
-``Store.ingesting()`` is held throughout, so garbage collection never sees a half-pulled image.
+``gc.ingesting`` is held throughout, so garbage collection never sees a half-pulled image.
 
 Caveats:
 * Blobs come from the endpoint that served the manifest; a failing mirror is left only at the
@@ -23,8 +23,8 @@ Caveats:
 * Foreign layers (``urls``) are fetched from the registry like any other blob.
 * A partial file whose content turns out wrong is deleted and the layer is fetched once more
   from the start; content that is wrong on a fresh download is an error.
-* Awaits separate "this layer is already stored" from the ``add_image`` that relies on it;
-  ``Store.ingesting()`` is what keeps garbage collection from deleting it in between.
+* Awaits separate "this layer is already stored" from the ``images.record`` that relies on it;
+  ``gc.ingesting`` is what keeps garbage collection from deleting it in between.
 * Layers completed before a failure stay stored (verified, named by no image) so a retry
   skips them; the next garbage collection removes them if no pull claims them.
 """
@@ -37,23 +37,27 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
 
-from .. import oci
+from .. import gc, images, oci
 from ..cas import BlobStore
 from ..compress import NONE
 from ..digest import Digest, Hasher, new_hasher, parse_digest, sha256_hex
 from ..errors import DigestMismatch, InvalidImage, InvalidReference, StoreError, Unsupported
 from ..fsutil import disk_full_guard
+from ..images import Image
 from ..layerstore import CHUNK, Ingested
+from ..progress import ProgressEvent, ProgressFn, ignore, short
 from ..reference import Reference
-from ..store import Image, Store
 from .client import Registry, RetryPolicy, Transport, open_transport, read_limited
 from .errors import RegistryError, first_error
-from .events import Event, EventFn, ignore, short
 from .sources import BlobSources
+
+if TYPE_CHECKING:
+    from ..api import Store
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ class _BlobStream:
     the request with ``Range`` after a cut connection (the worker thread calls ``chunk``)."""
 
     def __init__(self, reg: Registry, path: str, desc: oci.Descriptor,
-                 scopes: tuple[str, ...], retry: RetryPolicy, emit: EventFn) -> None:
+                 scopes: tuple[str, ...], retry: RetryPolicy, emit: ProgressFn) -> None:
         self.reg, self.path, self.desc, self.scopes = reg, path, desc, scopes
         self.retry = retry
         self.emit = emit
@@ -199,7 +203,7 @@ class _BlobStream:
         now = trio.current_time()
         if done or now - self._last >= PROGRESS_INTERVAL:
             self._last = now
-            self.emit(Event(self.sid, "Downloading", current, self.desc.size))
+            self.emit(ProgressEvent("pull", self.sid, "Downloading", current, self.desc.size))
 
     async def _exhaust(self) -> bytes:
         """Read the response to its end (bytes past the blob's size are returned, for the
@@ -352,7 +356,7 @@ def _open_partial(path: str, blobs: BlobStore, digest: Digest) -> int | None:
 
 class _Puller:
     def __init__(self, store: Store, transport: Transport, ref: Reference,
-                 platform: oci.Platform | None, emit: EventFn, concurrency: int) -> None:
+                 platform: oci.Platform | None, emit: ProgressFn, concurrency: int) -> None:
         self.store, self.transport, self.ref = store, transport, ref
         self.platform = platform
         self.emit = emit
@@ -408,8 +412,8 @@ class _Puller:
 
     async def run(self) -> PullResult:
         ref = self.ref
-        self.emit(Event(ref.tag if ref.digest is None and ref.tag else str(ref.digest),
-                        f"Pulling from {ref.path}"))
+        named = ref.tag if ref.digest is None and ref.tag else str(ref.digest)
+        self.emit(ProgressEvent("pull", "", f"{named}: Pulling from {ref.path}"))
         reg, top, top_digest = await self._resolve()
         manifest = await self._choose(reg, top)
         if self.store.blobs.has(manifest.config.digest):
@@ -430,11 +434,11 @@ class _Puller:
         todo: dict[Digest, tuple[oci.Descriptor, Digest]] = {}
         for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
             if self.store.blobs.has(desc.digest) and self.store.layers.has(diff_id):
-                self.emit(Event(short(desc.digest), "Already exists"))
+                self.emit(ProgressEvent("pull", short(desc.digest), "Already exists"))
             else:
                 todo.setdefault(desc.digest, (desc, diff_id))
         for digest in todo:
-            self.emit(Event(short(digest), "Pulling fs layer"))
+            self.emit(ProgressEvent("pull", short(digest), "Pulling fs layer"))
         with first_error():
             async with trio.open_nursery() as nursery:
                 for desc, diff_id in todo.values():
@@ -442,7 +446,7 @@ class _Puller:
         self.store.blobs.put(config_raw, manifest.config.digest)
         tags = [ref] if ref.digest is None else []
         repo_digest = f"{ref.name}@{top_digest}"
-        image = self.store.add_image(manifest.raw, manifest.media_type, tags=tags,
+        image = images.record(self.store, manifest.raw, manifest.media_type, tags=tags,
                                      repo_digest=repo_digest)
         BlobSources(self.store.root).add(
             ref.name, [manifest.config.digest, *(d.digest for d in manifest.layers)],
@@ -465,7 +469,7 @@ class _Puller:
         async with self.limiter:
             if self.store.blobs.has(desc.digest):
                 await trio.to_thread.run_sync(self._ingest_local, desc, diff_id)
-                self.emit(Event(sid, "Pull complete"))
+                self.emit(ProgressEvent("pull", sid, "Pull complete"))
                 return
             for _ in range(2):
                 stream = _BlobStream(reg, self.ref.path, desc, self.scopes,
@@ -482,13 +486,13 @@ class _Puller:
                 raise DigestMismatch(f"layer {desc.digest}: the content is wrong")
             if stream.fetched or resumed:
                 self.downloaded += 1
-            self.emit(Event(sid, "Verifying Checksum"))
-            self.emit(Event(sid, "Download complete"))
-            self.emit(Event(sid, "Pull complete"))
+            self.emit(ProgressEvent("pull", sid, "Verifying Checksum"))
+            self.emit(ProgressEvent("pull", sid, "Download complete"))
+            self.emit(ProgressEvent("pull", sid, "Pull complete"))
 
     def _ingest_local(self, desc: oci.Descriptor, diff_id: Digest) -> None:
         with self.store.blobs.open(desc.digest) as f:
-            self.store.layers.ingest(self.store.blobs, f, digest=desc.digest, size=desc.size,
+            self.store.layers.ingest(f, digest=desc.digest, size=desc.size,
                                      diff_id=diff_id, keep_blob=False)
 
     def _download(self, stream: _BlobStream, desc: oci.Descriptor,
@@ -532,7 +536,7 @@ class _Puller:
     def _ingest(self, reader: _PartialReader, desc: oci.Descriptor,
                 diff_id: Digest) -> Ingested:
         try:
-            return self.store.layers.ingest(self.store.blobs, reader,  # type: ignore[arg-type]
+            return self.store.layers.ingest(reader,  # type: ignore[arg-type]
                                             digest=desc.digest, size=desc.size,
                                             diff_id=diff_id, keep_blob=False)
         except InvalidImage as exc:
@@ -546,13 +550,13 @@ class _Puller:
 
 
 async def pull(store: Store, ref: Reference, *, platform: oci.Platform | None = None,
-               transport: Transport | None = None, events: EventFn | None = None,
+               transport: Transport | None = None, events: ProgressFn | None = None,
                concurrency: int = 3) -> PullResult:
     """Pull ``ref`` into ``store`` (see the module docstring)."""
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
             transport = await stack.enter_async_context(open_transport())
-        with store.ingesting():
+        with gc.ingesting(store):
             puller = _Puller(store, transport, ref, platform, events or ignore,
                              concurrency)
             return await puller.run()

@@ -30,20 +30,24 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urljoin
 
 import httpx
 import trio
 
-from .. import oci
+from .. import gc, images, oci
 from ..digest import Digest, parse_digest, sha256_bytes
 from ..errors import DigestMismatch, InvalidReference
+from ..images import Image
+from ..progress import ProgressEvent, ProgressFn, ignore, short
 from ..reference import Reference
-from ..store import Image, Store
 from .client import Registry, Transport, open_transport
 from .errors import RegistryError, first_error
-from .events import Event, EventFn, ignore, short
 from .sources import BlobSources
+
+if TYPE_CHECKING:
+    from ..api import Store
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ def _read(path: str, offset: int, size: int) -> bytes:
 
 class _Pusher:
     def __init__(self, store: Store, transport: Transport, image: Image, dest: Reference,
-                 emit: EventFn, concurrency: int, chunk_size: int) -> None:
+                 emit: ProgressFn, concurrency: int, chunk_size: int) -> None:
         self.store, self.image, self.dest = store, image, dest
         self.emit = emit
         self.limiter = trio.CapacityLimiter(max(1, concurrency))
@@ -105,7 +109,7 @@ class _Pusher:
         for desc in manifest.layers:
             layers.setdefault(desc.digest, desc)
         for digest in layers:
-            self.emit(Event(short(digest), "Preparing"))
+            self.emit(ProgressEvent("push", short(digest), "Preparing"))
         with first_error():
             async with trio.open_nursery() as nursery:
                 for desc in layers.values():
@@ -124,7 +128,7 @@ class _Pusher:
         self._check_digest(resp, digest, "the manifest")
         self.sources.add(self.dest.name, [manifest.config.digest, *layers],
                          exists=lambda d: self.store.blobs.has(parse_digest(d)))
-        self.store.add_image(raw, manifest.media_type,
+        images.record(self.store, raw, manifest.media_type,
                              repo_digest=f"{self.dest.name}@{digest}")
         return PushResult(self.dest, digest, len(raw), self.counts["pushed"],
                           self.counts["mounted"], self.counts["existed"])
@@ -158,20 +162,20 @@ class _Pusher:
         emit = self.emit if shown else ignore
         async with self.limiter:
             if await self._exists(desc):
-                emit(Event(sid, "Layer already exists"))
+                emit(ProgressEvent("push", sid, "Layer already exists"))
                 self.counts["existed"] += shown
                 return
             location = None
             for src in self._mount_sources(desc.digest):
                 location = await self._mount(desc, src)
                 if location is None:
-                    emit(Event(sid, f"Mounted from {src}"))
+                    emit(ProgressEvent("push", sid, f"Mounted from {src}"))
                     self.counts["mounted"] += shown
                     return
                 if location:
                     break
             await self._upload(desc, location or None, emit)
-            emit(Event(sid, "Pushed"))
+            emit(ProgressEvent("push", sid, "Pushed"))
             self.counts["pushed"] += shown
 
     async def _mount(self, desc: oci.Descriptor, src: str) -> str | None:
@@ -197,7 +201,7 @@ class _Pusher:
         await resp.aclose()
         return urljoin(str(resp.request.url), resp.headers["location"])
 
-    async def _upload(self, desc: oci.Descriptor, location: str | None, emit: EventFn) -> None:
+    async def _upload(self, desc: oci.Descriptor, location: str | None, emit: ProgressFn) -> None:
         path = self.store.blobs.path(desc.digest)
         why = ""
         for _ in range(MAX_RESTARTS + 1):
@@ -257,7 +261,7 @@ class _Pusher:
         return new, end if end is not None and end > 1 else 0
 
     async def _chunks(self, desc: oci.Descriptor, location: str, path: str,
-                      emit: EventFn) -> None:
+                      emit: ProgressFn) -> None:
         offset = 0
         sid = short(desc.digest)
         while offset < desc.size:
@@ -271,7 +275,7 @@ class _Pusher:
                 location = urljoin(location, resp.headers.get("location", location))
                 end = _range_end(resp)
                 offset = end if end is not None and end > 1 else offset + n
-                emit(Event(sid, "Pushing", offset, desc.size))
+                emit(ProgressEvent("push", sid, "Pushing", offset, desc.size))
                 continue
             if resp is not None:
                 await resp.aclose()
@@ -287,13 +291,13 @@ class _Pusher:
 
 
 async def push(store: Store, image: Image, dest: Reference, *,
-               transport: Transport | None = None, events: EventFn | None = None,
+               transport: Transport | None = None, events: ProgressFn | None = None,
                concurrency: int = 3, chunk_size: int = CHUNK_SIZE) -> PushResult:
     """Push ``image`` to ``dest`` (see the module docstring)."""
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
             transport = await stack.enter_async_context(open_transport())
-        with store.ingesting():
+        with gc.ingesting(store):
             pusher = _Pusher(store, transport, image, dest, events or ignore, concurrency,
                              chunk_size)
             return await pusher.run()

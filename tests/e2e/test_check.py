@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imagestore.store import Store
+from imagestore import Store
 from tests.builders import busybox_entries, file, oci_layout, tar_bytes
 from tests.forkserver import Warm, WarmMount, mounted
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagestore import oci
-from imagestore.store import Store
+from imagestore import Store, images, oci
 from tests.builders import (
     busybox_entries,
     d,
@@ -90,7 +89,7 @@ def test_images_table_is_docker_s(strata: Strata, rootfs: Path, layered: str) ->
     # newest first; one row per tag
     assert rows[0][:3] == ["localhost:5000/some/long-repository-name", "v1.2.3",
                            new_id.strip()[7:19]]
-    assert re.fullmatch(r"(Less than a second|\d+ seconds) ago", rows[0][3])
+    assert re.fullmatch(r"(Less than a second|\d+ seconds?) ago", rows[0][3])
     assert re.fullmatch(r"\d(\.\d+)?MB", rows[0][4])
     assert [r[:2] for r in rows[1:]] == [["web", "1"], ["web", "latest"]]
     assert rows[1][2] == layered[7:19] and re.fullmatch(r"\d+ (months|years) ago", rows[1][3])
@@ -118,7 +117,7 @@ def test_images_quiet_no_trunc_digests_and_positional(strata: Strata, store: Sto
         ["app", "1"], ["other", "1"]]
     # a digest recorded for the image (as a pull records it) shows under --digests
     image = store.resolve("other:1")
-    store.add_image(image.manifest.raw, image.manifest.media_type,
+    images.record(store, image.manifest.raw, image.manifest.media_type,
                     repo_digest=f"docker.io/library/other@{image.manifest_desc.digest}")
     lines = strata.out("images", "--digests").splitlines()
     assert columns(lines[0]) == ["REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "CREATED", "SIZE"]

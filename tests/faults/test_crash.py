@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from imagestore.store import Store
+from imagestore import Store
 from tests.builders import busybox_entries, d, file, oci_layout, tar_bytes
 from tests.forkserver import Result, Warm, WarmMount, mounted
 from tests.registry_images import upload_layout
@@ -66,7 +66,7 @@ def assert_undamaged(strata: Warm) -> bool:
     for tag in store.state.read().tags:
         image = store.resolve(tag)
         assert image.config.diff_ids is not None
-        with store.layers_of(image) as layers:
+        with store.layers.opened(store.layers.stack(image.diff_ids)) as layers:
             assert len(layers) == len(image.diff_ids)
     return bool(lines)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagestore import archive
+from imagestore import changeset
 from tests.builders import tree_of_tar
 from tests.hostile.corpus import Case, layer_cases
 from unionfs.resolve import UnionView
@@ -42,7 +42,7 @@ def test_hostile_layer(tmp_path: Path, name: str) -> None:
     layers = open_layers(tmp_path, case)
     try:
         out = io.BytesIO()
-        archive.export_rootfs(UnionView(list(reversed(layers))), out.write)
+        changeset.export_rootfs(UnionView(list(reversed(layers))), out.write)
     finally:
         for layer in layers:
             layer.close()

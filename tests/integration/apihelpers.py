@@ -6,14 +6,15 @@ import os
 from pathlib import Path
 
 from imagestore import Store
-from imagestore.containers import process_alive
+from imagestore.mounts import process_alive
 
 # the skip reason of a mount the kernel refuses (in a user namespace), in fusermount3's words
 REFUSED = r"FUSE is not usable here: fusermount3: .*(Operation not permitted|Permission denied)"
 
 
 def daemons(store: Store) -> list[int]:
-    """Live mount daemons of ``store`` (by their command line)."""
+    """Live mount daemons of ``store``: ``python -m unionfs.mount`` processes logging into
+    the store's ``mounts/``."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -21,9 +22,11 @@ def daemons(store: Store) -> list[int]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
+            log = os.readlink(f"/proc/{pid}/fd/2")
         except OSError:
             continue
-        if b"cli.main" in args and store.root.encode() in args and process_alive(int(pid)):
+        if b"unionfs.mount" in args and log.startswith(os.path.join(store.root, "mounts")) \
+                and process_alive(int(pid)):
             out.append(int(pid))
     return out
 

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from imagestore import Conflict, FuseUnavailable, MountFailed, Store, mounting
-from imagestore.containers import process_alive
+from imagestore.mounts import process_alive
 from tests.builders import busybox_entries, d, file, tar_bytes
 from tests.conftest import is_mounted, require_fuse
 from tests.integration.apihelpers import REFUSED, daemons
@@ -229,15 +229,25 @@ def test_mounts_end_with_a_killed_parent(api_store: Store, sig: int, tmp_path: P
     assert api_store.diff(c) == [("C", "/etc"), ("A", "/etc/written")]
 
 
+def broken_plan(mp: Path, log: Path) -> mounting.Plan:
+    """A plan whose daemon fails: its only layer's tar does not exist."""
+    missing = str(mp.parent / "missing")
+    spec = {"mountpoint": str(mp), "layers": [{"kind": "tar", "tar": missing,
+                                                 "index": missing}]}
+    return mounting.Plan(spec, str(mp), False, str(log), "image zero")
+
+
 def test_the_daemon_s_own_error_is_raised(api_store: Store, tmp_path: Path) -> None:
     (tmp_path / "mp").mkdir()
-    plan = mounting._Plan(api_store.root, ("sha256:" + "0" * 64,), str(tmp_path / "mp"),
-                          False, str(tmp_path / "daemon.log"), "image zero")
-    with pytest.raises(MountFailed, match="No such image") as exc, mounting.mount_plan(plan):
+    plan = broken_plan(tmp_path / "mp", tmp_path / "daemon.log")
+    with pytest.raises(MountFailed, match="No such file or directory") as exc, \
+            mounting.mounted(plan):
         pass
     assert type(exc.value) is MountFailed
     assert str(tmp_path / "daemon.log") in str(exc.value)
-    assert "No such image" in (tmp_path / "daemon.log").read_text()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "No such file or directory" in log
+    assert "Traceback" not in log and len(log.splitlines()) == 1, log  # one line, no traceback
     assert_gone(api_store, tmp_path / "mp")
 
 
@@ -286,9 +296,8 @@ async def test_open_mount_unmounts_when_cancelled(api_store: Store) -> None:
 
 
 async def test_open_mount_raises_the_daemon_s_error(api_store: Store, tmp_path: Path) -> None:
-    plan = mounting._Plan(api_store.root, ("sha256:" + "0" * 64,), str(tmp_path), False,
-                          str(tmp_path / "x.log"), "image zero")
-    with pytest.raises(MountFailed, match="No such image"):
-        async with mounting.open_mount_plan(plan):
+    plan = broken_plan(tmp_path, tmp_path / "x.log")
+    with pytest.raises(MountFailed, match="No such file or directory"):
+        async with mounting.open_mounted(plan):
             pass
     assert_gone(api_store, tmp_path)

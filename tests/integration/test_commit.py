@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from imagestore.store import Store
+from imagestore import Store
 from tests.builders import diff_trees, file, listing, tar_bytes, tree_of_dir, tree_of_tar
 from tests.conftest import Mounter, Strata, fill, require_root
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cli.mount import wait_gone
-from imagestore.containers import process_alive
+from imagestore import Store, mounting
+from imagestore.mounting import wait_gone
+from imagestore.mounts import process_alive
 from tests.builders import diff_trees, tree_of_dir, tree_of_tar
 from tests.conftest import REPO, Mounter, Strata, force_unmount, is_mounted
+from tests.integration.apihelpers import daemons
 
 pytestmark = pytest.mark.fuse
 
@@ -136,16 +140,7 @@ def test_mount_umount_many_times_leaks_nothing(strata: Strata, mounter: Mounter,
 
 def _strata_daemons(root: Path) -> set[int]:
     """Mount daemons serving this store (other tests may run beside this one)."""
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"\0mount\0" in cmd and str(root).encode() in cmd:
-                out.add(int(pid))
-    return out
+    return set(daemons(Store(str(root))))
 
 
 def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, sample_image: str) -> None:
@@ -210,15 +205,17 @@ def test_a_daemon_orphaned_before_it_is_ready_leaves_no_mount(strata: Strata, mo
     """The process that started a mount dies at once (its lifeline closed before the daemon
     runs): the daemon must unmount and exit, not wait forever on its own readiness check of a
     mount nobody serves (which hung every process that touched the mountpoint)."""
+    store = Store(str(strata.root))
     for i in range(8):
         mp = mounter.mountpoint(f"m{i}")
+        plan = mounting.plan(store, sample_image, mp)
         r, w = os.pipe()
         os.close(w)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "--root", str(strata.root), "mount", "-f",
-             "--lifeline-fd", str(r), sample_image, str(mp)],
-            pass_fds=(r,), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spec = plan.spec_fd(lifeline_fd=r)
+        proc = subprocess.Popen(plan.command(spec), pass_fds=(r, spec), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.close(r)
+        os.close(spec)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -229,3 +226,76 @@ def test_a_daemon_orphaned_before_it_is_ready_leaves_no_mount(strata: Strata, mo
             assert proc.stderr is not None
             proc.stderr.close()
         assert not is_mounted(mp), f"run {i}: left mounted"
+
+
+def test_gh13_df_of_an_image_mount_counts_its_layers(strata: Strata, mounter: Mounter,
+                                                     sample_image: str) -> None:
+    """As a read-only file system would: the layers' tars as blocks, their entries as inodes,
+    nothing free (through the daemon the spawner starts, from the stored layers' own numbers)."""
+    mp = mounter.mount(sample_image, at=mounter.mountpoint("df"))
+    store = Store(str(strata.root))
+    image = store.resolve(sample_image)
+    infos = [store.layers.info(d) for d in image.diff_ids]
+    st = os.statvfs(mp)
+    assert st.f_blocks == -(-sum(i.size for i in infos) // st.f_frsize) > 0
+    assert st.f_files == sum(i.entries for i in infos) > 0
+    assert (st.f_bfree, st.f_bavail, st.f_ffree) == (0, 0, 0)
+    df = subprocess.run(["df", "--output=size,itotal", str(mp)], capture_output=True,
+                        text=True, check=True).stdout.split()
+    assert int(df[-1]) == st.f_files and int(df[-2]) > 0
+
+
+def test_gh13_a_refused_mount_is_one_line_in_the_log(tmp_path: Path) -> None:
+    """In a user namespace the kernel refuses FUSE mounts: ``strata mount`` says why in one
+    line, and the daemon's log holds one error line of its own (beside fusermount3's), no
+    traceback."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-U", "-r", "true"]).returncode != 0:
+        pytest.skip("user namespaces are not available (unshare -U -r)")
+    root, lower, mp = tmp_path / "store", tmp_path / "lower", tmp_path / "mp"
+    lower.mkdir()
+    mp.mkdir()
+    proc = subprocess.run([unshare, "-U", "-r", sys.executable, "-m", "cli.main", "--root",
+                           str(root), "mount", "--lower", str(lower), str(mp)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert re.search("operation not permitted|permission denied", proc.stderr.lower())
+    [log] = (root / "mounts").glob("*.log")
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert [line for line in text.splitlines() if not line.startswith("fusermount")] == [
+        f"ERROR unionfs.mount: cannot mount {mp}: fuse_session_mount failed"], text
+    assert not is_mounted(mp)
+
+
+def test_mount_f_serves_in_the_foreground_and_ends_on_sigterm(strata: Strata, mounter: Mounter,
+                                                              sample_image: str) -> None:
+    """``strata mount -f --debug``: the command becomes the daemon (its pid is the record's),
+    logs every request to its stderr, and SIGTERM unmounts and ends it with status 0."""
+    cid = strata.out("create", sample_image).strip()
+    mp = mounter.mountpoint("fg")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--root", str(strata.root),
+                             "mount", "-f", "--debug", cid, str(mp)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not strata.out("mounts", "-q"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        mounter.active.append(mp)
+        assert int(strata.out("mounts").splitlines()[1].split()[3]) == proc.pid
+        (mp / "written").write_text("fg\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "DEBUG" in log and "Traceback" not in log, log
+    assert not is_mounted(mp)
+    mounter.active.remove(mp)
+    assert strata.out("mounts", "-q") == ""
+    assert (strata.root / "containers" / cid / "upper/written").read_text() == "fg\n"

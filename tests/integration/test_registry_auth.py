@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from imagestore import reference
+from imagestore import ProgressEvent, Store, reference
 from imagestore.registry import (
     AuthError,
     Credentials,
-    Event,
     Registry,
     RegistryError,
     RetryPolicy,
@@ -27,7 +26,6 @@ from imagestore.registry import (
 )
 from imagestore.registry import credentials as creds_mod
 from imagestore.registry.config import Endpoint
-from imagestore.store import Store
 from tests import registry_helpers as rh
 from tests import registry_images as ri
 from tests.conftest import REGISTRY_USERS
@@ -79,7 +77,7 @@ async def test_push_with_credentials_mounts_across_repositories(
     host = auth_registry.host
     _docker_config(registry_env, {"auths": {host: {"auth": _auth("alice", ALICE.password)}}})
     pulled = await pull(store, reference.parse(f"{host}/private/img:1"))
-    events: list[Event] = []
+    events: list[ProgressEvent] = []
     res = await push(store, pulled.image, reference.parse(f"{host}/private/copy:1"),
                      events=events.append)
     assert res.digest == pulled.digest and res.mounted == 1

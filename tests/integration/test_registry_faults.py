@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import trio
 
-from imagestore import reference
+from imagestore import Store, gc, reference
 from imagestore.digest import Digest, parse_digest
 from imagestore.errors import DigestMismatch, InvalidImage, Unsupported
 from imagestore.registry import RetryPolicy, open_transport, pull
-from imagestore.store import Store
 from tests import registry_helpers as rh
 from tests.builders import listing
 from tests.conftest import REGISTRY_USERS
@@ -88,7 +87,7 @@ async def test_interrupted_pull_resumes_from_the_partial_file(
     partial = Path(store.blobs.tmp_dir, f"partial-{big[7:]}")
     assert partial.stat().st_size == CUT
     assert [n for n in os.listdir(store.blobs.tmp_dir) if not n.startswith("partial-")] == []
-    store.collect(wait=True)  # garbage collection keeps partial files
+    gc.collect(store, wait=True)  # garbage collection keeps partial files
     assert partial.exists()
     before = len(fault_proxy.requests("GET", f"/blobs/{big}"))
     await pull(store, ref)

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from imagestore import oci, reference
+from imagestore import ProgressEvent, Store, oci, reference
 from imagestore.errors import Unsupported
-from imagestore.registry import Event, NotFound, pull
-from imagestore.store import Store
+from imagestore.registry import NotFound, pull
 from tests.builders import diff_trees
 from tests.conftest import require_root, require_tool
 from tests.registry_images import exported_tree, umoci_tree
@@ -35,7 +34,7 @@ async def test_pull_matches_skopeo_and_umoci(name: str, store: Store, tmp_path: 
     require_root()  # umoci keeps owners only as root
     info = registry_images[name]
     ref = reference.parse(info["ref"])
-    events: list[Event] = []
+    events: list[ProgressEvent] = []
     result = await pull(store, ref, events=events.append)
     image = result.image
     manifest_type, layer_type = MEDIA[name]
@@ -62,10 +61,10 @@ async def test_pull_twice_is_up_to_date_and_by_digest(store: Store, registry_env
     info = registry_images["oci-gzip"]
     first = await pull(store, reference.parse(info["ref"]))
     assert first.digest == info["manifest"]
-    events: list[Event] = []
+    events: list[ProgressEvent] = []
     again = await pull(store, reference.parse(info["ref"]), events=events.append)
     assert again.up_to_date and again.downloaded == 0 and again.image.id == first.image.id
-    assert [e.status for e in events if e.id != "1"] == ["Already exists"] * 3
+    assert [e.status for e in events if e.layer] == ["Already exists"] * 3
     name = info["ref"].rpartition(":")[0]
     by_digest = await pull(store, reference.parse(f"{name}@{first.digest}"))
     assert by_digest.image.id == first.image.id and by_digest.up_to_date
@@ -76,7 +75,7 @@ async def test_pull_twice_is_up_to_date_and_by_digest(store: Store, registry_env
     # skopeo's v2s2 conversion keeps the config bytes: the same image ID, another manifest
     assert res.image.id == first.image.id and res.digest != first.digest
     assert res.downloaded == 0 and len(res.image.repo_digests) == 2
-    assert {e.status for e in events if e.id != "1"} == {"Already exists"}
+    assert {e.status for e in events if e.layer} == {"Already exists"}
 
 
 async def test_pull_by_wrong_digest_and_unknown_tag(store: Store, registry_env: Any,

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from imagestore import archive, oci, reference
+from imagestore import Image, ProgressEvent, Store, archive, oci, reference
 from imagestore.digest import sha256_bytes
-from imagestore.registry import Event, RetryPolicy, open_transport, pull, push
-from imagestore.store import Image, Store
+from imagestore.registry import RetryPolicy, open_transport, pull, push
 from tests import builders as b
 from tests import registry_helpers as rh
 from tests import registry_images as ri
@@ -56,13 +55,13 @@ async def test_push_round_trip_read_by_skopeo_and_umoci(
     image = _loaded(store, tmp_path, [b.tar_bytes(b.busybox_entries()),
                                       b.tar_bytes([b.file("etc/motd", b"pushed\n", uid=7)])])
     dest = reference.parse(f"{registry.host}/push/roundtrip:1")
-    events: list[Event] = []
+    events: list[ProgressEvent] = []
     res = await push(store, image, dest, events=events.append)
     assert [e.status for e in events].count("Pushed") == 2
     raw = _raw_manifest(str(dest))
     assert raw == image.manifest.raw and res.digest == sha256_bytes(raw)
     assert res.size == len(raw)
-    assert store.resolve(str(dest.with_digest(res.digest))).id == image.id  # RepoDigest
+    assert store.resolve(f"{dest.name}@{res.digest}").id == image.id  # RepoDigest
     assert not diff_trees(ri.exported_tree(store, image), ri.umoci_tree(str(dest), tmp_path))
 
 
@@ -73,7 +72,7 @@ async def test_repush_of_a_pulled_image_keeps_its_digest_and_mounts(
     pulled = await pull(store, reference.parse(info["ref"]))
     assert pulled.image.manifest_desc.media_type == oci.DOCKER_MANIFEST
     dest = reference.parse(f"{registry.host}/push/copy-of-docker:2")
-    events: list[Event] = []
+    events: list[ProgressEvent] = []
     res = await push(store, pulled.image, dest, events=events.append)
     assert res.digest == pulled.digest and res.mounted == 3 and res.pushed == 0
     assert {e.status for e in events} == {"Preparing", "Mounted from test/docker-gzip"}
@@ -91,7 +90,7 @@ async def test_push_of_an_imported_image(store: Store, tmp_path: Path,
     require_root()
     rootfs = b.tar_bytes([b.d("etc"), b.file("etc/hostname", b"imported\n"),
                           b.sym("etc/alias", "hostname")])
-    image = store.import_tar(io.BytesIO(rootfs), tag=reference.parse("imported:1"))
+    image = store.import_rootfs(io.BytesIO(rootfs), "imported:1")
     assert image.manifest.layers[0].media_type == oci.OCI_LAYER
     dest = reference.parse(f"{registry.host}/push/imported:1")
     await push(store, image, dest)

@@ -105,10 +105,3 @@ def test_canonical_config_is_go_shaped() -> None:
         b'"config":{"Cmd":["sh"],"Labels":{"a":"1","b":"\\u003c\\u0026\\u003e"}},'
         b'"rootfs":{"type":"layers","diff_ids":["' + D.encode() + b'"]},'
         b'"history":[{"created":"2024-01-01T00:00:00Z","comment":"c"}]}')
-
-
-def test_chain_ids() -> None:
-    a, b = Digest("sha256:" + "1" * 64), Digest("sha256:" + "2" * 64)
-    ids = oci.chain_ids([a, b])
-    assert ids[0] == a
-    assert ids[1] == sha256_bytes(f"{a} {b}".encode())

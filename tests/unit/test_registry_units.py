@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli.progress import ProgressPrinter, bar
-from imagestore.registry import Event
+from imagestore import ProgressEvent
 from imagestore.registry import credentials as cr
 from imagestore.registry.auth import merge_scopes, parse_challenges
 from imagestore.registry.config import ConfigError, load_config
@@ -151,13 +151,18 @@ def test_credential_helpers(registry_env: dict[str, Path], monkeypatch: pytest.M
         cr.lookup("reg.example")
 
 
+def Event(layer: str, status: str, done: int | None = None,  # noqa: N802
+          total: int | None = None) -> ProgressEvent:
+    return ProgressEvent("pull", layer, status, done, total)
+
+
 def test_progress_lines() -> None:
     assert bar(0, 100) == "[>" + " " * 49 + "]  0B/100B"
     assert bar(50, 100) == "[" + "=" * 25 + ">" + " " * 24 + "]  50B/100B"
     assert bar(100, 100) == "[" + "=" * 50 + "]  100B/100B"
     out = io.StringIO()
     p = ProgressPrinter(out, tty=False)
-    for e in (Event("1", "Pulling from t/x"), Event("abc", "Pulling fs layer"),
+    for e in (Event("", "1: Pulling from t/x"), Event("abc", "Pulling fs layer"),
               Event("abc", "Downloading", 0, 2_000_000), Event("abc", "Downloading", 5, 2_000_000),
               Event("abc", "Downloading", 2_000_000, 2_000_000), Event("abc", "Pull complete")):
         p(e)

@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from imagestore import archive, oci, reference
+from imagestore import Image, Store, archive, changeset, commit, gc, images, oci, reference
 from imagestore.digest import sha256_bytes
 from imagestore.errors import Ambiguous, Conflict, ImageNotFound, InvalidImage, InvalidReference
 from imagestore.instructions import InvalidChange
-from imagestore.store import Image, Store
 from tests.builders import (
     busybox_entries,
     compress,
@@ -45,14 +44,14 @@ def small_tar(tag: str) -> bytes:
 
 
 def do_import(store: Store, data: bytes, tag: str | None = None, **kw: Any) -> Image:
-    return store.import_tar(io.BytesIO(data), source="test.tar",
-                            tag=reference.parse_repo_tag(tag) if tag else None, **kw)
+    return commit.import_rootfs(store, io.BytesIO(data), source="test.tar",
+                                tag=reference.parse_repo_tag(tag) if tag else None, **kw)
 
 
 def export(store: Store, image: Image) -> bytes:
     out = io.BytesIO()
-    with store.layers_of(image) as layers:
-        archive.export_rootfs(UnionView(layers), out.write)
+    with store.layers.opened(store.layers.stack(image.diff_ids)) as layers:
+        changeset.export_rootfs(UnionView(layers), out.write)
     return out.getvalue()
 
 
@@ -232,7 +231,7 @@ def test_name_at_digest_resolves_by_repo_digest_and_manifest_digest(store: Store
     other = oci.manifest_bytes(image.manifest.config, image.manifest.layers,
                                annotations={"k": "v"})
     odigest = sha256_bytes(other)
-    store.add_image(other, oci.OCI_MANIFEST, repo_digest=f"localhost:5000/bb@{odigest}")
+    images.record(store, other, oci.OCI_MANIFEST, repo_digest=f"localhost:5000/bb@{odigest}")
     assert store.resolve(f"localhost:5000/bb@{odigest}").id == image.id
     assert store.image(image.id).repo_digests == (f"localhost:5000/bb@{odigest}",)
     with pytest.raises(ImageNotFound):
@@ -288,7 +287,7 @@ def test_rmi_by_id_with_one_tag_untags_and_deletes(store: Store) -> None:
 
 def test_rmi_of_the_last_tag_drops_repo_digests_of_that_repository(store: Store) -> None:
     image = do_import(store, ROOTFS, "localhost:5000/bb:1")
-    store.add_image(image.manifest.raw, oci.OCI_MANIFEST,
+    images.record(store, image.manifest.raw, oci.OCI_MANIFEST,
                     repo_digest=f"localhost:5000/bb@{image.manifest_desc.digest}")
     r = store.remove("localhost:5000/bb:1")
     assert r.untagged == ("localhost:5000/bb:1",
@@ -299,7 +298,7 @@ def test_rmi_of_the_last_tag_drops_repo_digests_of_that_repository(store: Store)
 def test_rmi_keeps_an_image_another_repository_still_references(store: Store) -> None:
     image = do_import(store, ROOTFS, "a:1")
     pinned = f"localhost:5000/b@{image.manifest_desc.digest}"
-    store.add_image(image.manifest.raw, oci.OCI_MANIFEST, repo_digest=pinned)
+    images.record(store, image.manifest.raw, oci.OCI_MANIFEST, repo_digest=pinned)
     r = store.remove("a:1")
     assert (r.untagged, r.deleted) == (("a:1",), ())
     assert store.resolve(pinned).id == image.id
@@ -393,7 +392,7 @@ def test_prune_deletes_dangling_images_only_and_gc_keeps_what_others_need(
         assert tree_of_tar(export(store, store.image(images[key].id))) == exports[key]
     assert_consistent(store)
     # exactly what the remaining images name is left
-    keep_blobs, keep_layers = store.referenced(store.state.read())
+    keep_blobs, keep_layers = gc.referenced(store, store.state.read())
     assert stored_content(store) == (keep_blobs, keep_layers)
     assert os.listdir(store.blobs.tmp_dir) == []
     assert store.prune().deleted == ()
@@ -419,7 +418,7 @@ def test_rmi_one_by_one_never_breaks_the_remaining_images(store: Store, tmp_path
         for rest in order[n + 1:]:
             assert tree_of_tar(export(store, store.image(images[rest].id))) == exports[rest]
         assert_consistent(store)
-        assert stored_content(store) == store.referenced(store.state.read())
+        assert stored_content(store) == gc.referenced(store, store.state.read())
     assert stored_content(store) == (set(), set())
 
 
@@ -481,7 +480,7 @@ def test_concurrent_processes_leave_a_consistent_store(store: Store) -> None:
         assert tree_of_tar(export(store, image))
     store.prune()
     assert_consistent(store)
-    assert stored_content(store) == store.referenced(store.state.read())
+    assert stored_content(store) == gc.referenced(store, store.state.read())
     assert os.listdir(store.blobs.tmp_dir) == []
 
 

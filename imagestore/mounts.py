@@ -1,0 +1,221 @@
+"""Mount records, container mount locks, and the freeze client: what the store knows of mounts.
+
+A mount's daemon (``unionfs.mount``) writes ``mounts/<key>.json`` once its mount answers
+(pid, mountpoint, what is mounted, its log, its control socket, the mount's device) and
+removes it when the mount ends; ``<key>`` is a hash of the mountpoint, and ``<key>.log`` and
+``<key>.sock`` are the daemon's log and control socket.  ``Mounts.records`` reads them back
+as ``MountRecord`` values and tells the truth of *this* mount namespace:
+
+* a record whose daemon is gone is not listed (``strata check`` reports the file);
+* a record whose mount is gone from here while its daemon lives on, because another mount
+  namespace still holds the mount (an ``unshare -m`` started while it was mounted), is listed
+  with ``elsewhere`` set: not mounted here, but the container is still in use;
+* a daemon that is just ending (unmounted here, nobody else holds it) is not listed.
+
+A container being mounted has ``containers/<id>/mount.lock`` locked exclusively: the spawner
+takes the lock and hands the descriptor to the daemon, which holds it for as long as it
+serves, so a container is never mounted twice nor removed under its mount.
+
+``paused`` is the client of the daemon's control socket: it holds every change through a
+writable mount while a commit or export reads the upper (``unionfs.control.frozen``).
+
+Caveats:
+* Telling "held by another namespace" from "ending" reads ``/proc/*/mountinfo``
+  (``unionfs.control.holders``): only for records whose mount is not here, which is rare.
+* Records live in the store: a mount made by another store (``--root``) is not listed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from unionfs.control import frozen, holders, is_mounted
+from unionfs.errors import MountError
+
+from .errors import Conflict, MountFailed
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    """A live mount of the store (``strata mounts``)."""
+
+    mountpoint: str
+    pid: int  # the daemon
+    kind: str  # image, container or dirs
+    target: str  # image ID, container ID, or the lower dirs
+    name: str
+    log: str
+    started: str
+    read_only: bool
+    control: str = ""  # the daemon's control socket (freeze for commit)
+    dev: str = ""  # the mount's device, major:minor as /proc/self/mountinfo shows it
+    elsewhere: bool = False  # gone from this mount namespace, held by another one
+
+
+class Mounts:
+    """The mount records and locks of the store at ``root``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.dir = os.path.join(root, "mounts")
+        os.makedirs(self.dir, exist_ok=True)
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def key(self, mountpoint: str) -> str:
+        return hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:20]
+
+    def record_path(self, mountpoint: str) -> str:
+        return os.path.join(self.dir, self.key(mountpoint) + ".json")
+
+    def log_path(self, mountpoint: str) -> str:
+        return os.path.join(self.dir, self.key(mountpoint) + ".log")
+
+    def control_path(self, mountpoint: str) -> str:
+        return os.path.join(self.dir, self.key(mountpoint) + ".sock")
+
+    # -- records -------------------------------------------------------------------------------
+
+    def read(self, path: str) -> MountRecord:
+        """The record in file ``path`` as written (``ValueError``/``TypeError`` if damaged)."""
+        with open(path) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        fields = {f.name for f in dataclasses.fields(MountRecord)} - {"elsewhere"}
+        return MountRecord(**{k: v for k, v in doc.items() if k in fields})
+
+    def files(self) -> list[str]:
+        return [os.path.join(self.dir, n) for n in sorted(os.listdir(self.dir))
+                if n.endswith(".json")]
+
+    def records(self) -> list[MountRecord]:
+        """The live mounts: daemon alive, and mounted here or held by another mount namespace
+        (``elsewhere``)."""
+        out = []
+        for path in self.files():
+            try:
+                rec = self.read(path)
+            except (OSError, ValueError, TypeError):
+                continue
+            state = self.state(rec)
+            if state == "here":
+                out.append(rec)
+            elif state == "elsewhere":
+                out.append(dataclasses.replace(rec, elsewhere=True))
+        return out
+
+    def state(self, rec: MountRecord) -> str:
+        """``here``, ``elsewhere`` (only another mount namespace holds it), or ``gone``
+        (the daemon is dead, or ending)."""
+        if not process_alive(rec.pid):
+            return "gone"
+        if not rec.dev or is_mounted(rec.mountpoint, rec.dev):
+            return "here"
+        return "elsewhere" if holders(rec.dev) else "gone"
+
+    def record_for(self, mountpoint: str) -> MountRecord | None:
+        full = os.path.abspath(mountpoint)
+        return next((r for r in self.records() if r.mountpoint == full), None)
+
+    def of_container(self, container_id: str) -> MountRecord | None:
+        return next((r for r in self.records()
+                     if r.kind == "container" and r.target == container_id), None)
+
+    def unrecord(self, mountpoint: str) -> None:
+        """Forget a mount whose daemon is gone (its record and control socket)."""
+        for path in (self.record_path(mountpoint), self.control_path(mountpoint)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # -- container locks -----------------------------------------------------------------------
+
+    def lock(self, container_root: str, name: str) -> int:
+        """Lock ``containers/<id>/mount.lock`` for a mount of the container; returns the
+        descriptor that holds the lock (to be handed to the daemon).  Raises ``Conflict``
+        when the container is mounted already."""
+        fd = os.open(os.path.join(container_root, "mount.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            where = self.where(os.path.basename(container_root), container_root)
+            raise Conflict(f"container {name} is already mounted {where}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def where(self, container_id: str, container_root: str) -> str:
+        """Where a container is mounted, in words (``at /mnt``, ``in another mount
+        namespace (unmounted from /mnt)``), or "" when it is not."""
+        rec = self.of_container(container_id)
+        if rec is not None:
+            return describe(rec)
+        path = os.path.join(container_root, "mount.lock")
+        if not os.path.exists(path):
+            return ""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "by a daemon without a record (strata check tells more)"
+        finally:
+            os.close(fd)
+        return ""
+
+    # -- freeze --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def paused(self, container_id: str, pause: bool = True) -> Iterator[None]:
+        """Hold every write through the container's mount while the block runs, if it is
+        mounted writable (``docker commit --pause``); a no-op otherwise or when ``pause`` is
+        false.  Raises ``MountFailed`` when the mount does not pause."""
+        rec = self.of_container(container_id) if pause else None
+        with contextlib.ExitStack() as stack:
+            if rec is not None and rec.control:
+                try:
+                    stack.enter_context(frozen(rec.mountpoint, rec.control,
+                                               sync=not rec.elsewhere))
+                except MountError as exc:
+                    raise MountFailed(str(exc)) from None
+            yield
+
+
+def describe(rec: MountRecord) -> str:
+    """Where ``rec`` is mounted, in words."""
+    if rec.elsewhere:
+        return f"in another mount namespace only (unmounted from {rec.mountpoint} here)"
+    return f"at {rec.mountpoint}"
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs: a zombie waiting to be reaped counts as gone, but not a
+    thread-group leader that has exited while other threads of it still run (the daemon's
+    worker threads hold its descriptors, and with them a container's mount lock)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().split(") ")[-1][:1] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
