@@ -198,6 +198,19 @@ def compare(k0: Observation, k1: Observation, s0: Observation, s1: Observation,
     return out + dino_problems(k1, "kernel") + dino_problems(s1, "strata")
 
 
+class Reported:
+    """Differences reported so far: a field that differs stays different step after step and
+    is reported once, at the first step that shows it."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def new(self, problems: list[str]) -> list[str]:
+        out = [p for p in problems if p not in self.seen]
+        self.seen.update(out)
+        return out
+
+
 def stable(before: Observation, after: Observation, tag: str) -> list[str]:
     """What changed between two observations of one mount with nothing done in between."""
     out = []

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Mounter, require_root
-from tests.integration.observe import compare, observe, settle
+from tests.integration.observe import Reported, compare, observe, settle
 from tests.integration.pair import mounted_pair
 from tests.integration.unionops import renameat2
 
@@ -177,17 +177,15 @@ def _compare_ops(kfd: int, sfd: int, kroot: int, sroot: int,
     """Each operation on both mounts, then both trees; a difference is reported once, at the
     first step that shows it."""
     kb, sb = observe(kroot), observe(sroot)
-    seen = set(compare(kb, kb, sb, sb))
-    problems = [f"before any operation: {p}" for p in sorted(seen)]
+    reported = Reported()
+    problems = [f"before any operation: {p}" for p in reported.new(compare(kb, kb, sb, sb))]
     for what, fn in ops:
         settle(kb, sb)
         rk, rs = _run(what, fn, kfd), _run(what, fn, sfd)
         if rk != rs:
             problems.append(f"{what}: kernel {_fmt(rk)}, strata {_fmt(rs)}")
         ka, sa = observe(kroot), observe(sroot)
-        new = [p for p in compare(kb, ka, sb, sa) if p not in seen]
-        seen.update(new)
-        problems += [f"after {what}: {p}" for p in new]
+        problems += [f"after {what}: {p}" for p in reported.new(compare(kb, ka, sb, sa))]
         kb, sb = ka, sa
     return problems
 
