@@ -23,11 +23,12 @@ import contextlib
 import errno
 import os
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import Mounter
+from tests.conftest import Mounter, force_unmount
 from tests.integration.observe import Observation, compare, observe, settle, stable
 from tests.integration.reclaim import Reclaimer
 from tests.integration.unionops import Actor, Op, Outcome
@@ -148,18 +149,32 @@ def make_dirs(base: Path, *names: str) -> list[Path]:
     return out
 
 
+def unmount_kernel(mounter: Mounter, at: Path) -> None:
+    """Unmount a kernel overlay (``Mounter.umount`` also waits for a strata daemon, which
+    costs a CLI start)."""
+    if at in mounter.active:
+        mounter.active.remove(at)
+    if subprocess.run(["umount", str(at)], capture_output=True).returncode != 0:
+        force_unmount(at)
+
+
 @contextlib.contextmanager
 def mounted_pair(mounter: Mounter, lowers: list[Path], reclaim: bool = False,
                  kernel_opts: str = KERNEL_OPTS, strata_opts: tuple[str, ...] = (),
-                 base: Path | None = None) -> Iterator[Pair]:
+                 base: Path | None = None, engine: str = "strata") -> Iterator[Pair]:
     """Kernel overlayfs and strata over ``lowers`` with fresh uppers (in ``base``, default a
-    new directory of the test's tmp), both unmounted at the end."""
+    new directory of the test's tmp), both unmounted at the end.  ``engine="kernel"`` mounts
+    a second kernel overlay in strata's place: the harness checking itself (the oracle
+    against itself must show no difference)."""
     base = base or Path(tempfile.mkdtemp(dir=mounter.tmp))
     ku, kw, su, sw, km, sm = make_dirs(base, "ku", "kw", "su", "sw", "km", "sm")
     mounter.overlay(lowers, km, ku, kw, kernel_opts)
     try:
-        mounter.mount("--lower", ":".join(map(str, lowers)), "--upper", str(su), "--work",
-                      str(sw), *strata_opts, at=sm)
+        if engine == "kernel":
+            mounter.overlay(lowers, sm, su, sw, kernel_opts)
+        else:
+            mounter.mount("--lower", ":".join(map(str, lowers)), "--upper", str(su), "--work",
+                          str(sw), *strata_opts, at=sm)
         pair = None
         try:
             with Reclaimer() if reclaim else contextlib.nullcontext() as r:
@@ -168,6 +183,9 @@ def mounted_pair(mounter: Mounter, lowers: list[Path], reclaim: bool = False,
         finally:
             if pair is not None:
                 pair.close()
-            mounter.umount(sm)
+            if engine == "kernel":
+                unmount_kernel(mounter, sm)
+            else:
+                mounter.umount(sm)
     finally:
-        mounter.umount(km)
+        unmount_kernel(mounter, km)

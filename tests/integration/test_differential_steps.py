@@ -82,8 +82,9 @@ ops = st.one_of(
 )
 
 
-def run(mounter: Mounter, lowers: list[Path], seq: list[Op], reclaim: bool) -> None:
-    with mounted_pair(mounter, lowers, reclaim=reclaim) as pair:
+def run(mounter: Mounter, lowers: list[Path], seq: list[Op], reclaim: bool,
+        engine: str = "strata") -> None:
+    with mounted_pair(mounter, lowers, reclaim=reclaim, engine=engine) as pair:
         pair.run(seq)
         for s in range(3):
             pair.step(Op("close", (s,)))

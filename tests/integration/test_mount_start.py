@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, Mounter, force_unmount, is_mounted, require_root
+from tests.integration.pair import unmount_kernel
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -108,7 +109,7 @@ def expected(tmp: Path, mounter: Mounter, lower: Path) -> dict[str, object]:
         w = _start_watcher(d / "m")  # the mount is already there: it acts at once
         out, _ = w.communicate(timeout=TIMEOUT)
     finally:
-        mounter.umount(d / "m")
+        unmount_kernel(mounter, d / "m")
     got: dict[str, object] = json.loads(out)
     got.pop("seen")
     return got

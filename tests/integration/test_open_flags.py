@@ -75,10 +75,17 @@ def _fd_outcome(actor: Actor, slot: int, flags: int) -> tuple[object, ...]:
 @pytest.mark.parametrize("access", ["RDONLY", "WRONLY", "RDWR"])
 def test_open_flag_matrix(tmp_path: Path, mounter: Mounter, access: str) -> None:
     require_root()
+    problems = open_matrix(tmp_path, mounter, access)
+    assert not problems, f"{len(problems)} differences:\n" + "\n".join(problems[:60])
+
+
+def open_matrix(tmp_path: Path, mounter: Mounter, access: str,
+                engine: str = "strata") -> list[str]:
+    """The differences the matrix of one access mode finds."""
     lowers = build_lower(tmp_path / "lowers")
     flag_sets = [f for f in FLAGS if flag_names(f).split("|")[0] == access]
     problems: list[str] = []
-    with mounted_pair(mounter, lowers) as pair:
+    with mounted_pair(mounter, lowers, engine=engine) as pair:
         actors = (pair.k, pair.s)
         kb, sb = pair.kobs, pair.sobs
         settle(kb, sb)
@@ -110,7 +117,7 @@ def test_open_flag_matrix(tmp_path: Path, mounter: Mounter, access: str) -> None
                     a.close_all()
             ka, sa = observe(pair.k.root, c), observe(pair.s.root, c)
             problems += [f"{flag_names(flags)}: {p}" for p in compare(kb, ka, sb, sa)]
-    assert not problems, f"{len(problems)} differences:\n" + "\n".join(problems[:60])
+    return problems
 
 
 def _err(outcome: tuple[int, object]) -> str:

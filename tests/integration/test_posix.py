@@ -58,10 +58,17 @@ def _fmt(o: tuple[int, object]) -> str:
 @pytest.mark.parametrize("who", ["root", "user"])
 def test_posix_calls_same_as_kernel(lowers: list[Path], mounter: Mounter, reachable: Path,
                                     who: str) -> None:
+    problems = posix_pass(lowers, mounter, reachable, who)
+    assert not problems, f"as {who}, {len(problems)} differences:\n" + "\n".join(problems)
+
+
+def posix_pass(lowers: list[Path], mounter: Mounter, base: Path, who: str,
+               engine: str = "strata") -> list[str]:
+    """Every case as ``who`` on both mounts; the differences found."""
     uid = None if who == "root" else pc.USER
     problems: list[str] = []
-    with mounted_pair(mounter, lowers, strata_opts=("-o", "allow_other"),
-                      base=reachable) as pair:
+    with mounted_pair(mounter, lowers, strata_opts=("-o", "allow_other"), base=base,
+                      engine=engine) as pair:
         kroot, sroot = str(pair.k.root), str(pair.s.root)
         kb, sb = pair.kobs, pair.sobs
         reported = Reported()
@@ -75,4 +82,4 @@ def test_posix_calls_same_as_kernel(lowers: list[Path], mounter: Mounter, reacha
             problems += [f"{label} ({_fmt(rk)}): {p}"
                          for p in reported.new(compare(kb, ka, sb, sa))]
             kb, sb = ka, sa
-    assert not problems, f"as {who}, {len(problems)} differences:\n" + "\n".join(problems)
+    return problems
