@@ -112,7 +112,9 @@ class Pair:
         if problems:
             history = "\n".join(f"  {i}: {s}" for i, s in enumerate(self.done))
             more = f"\n... and {len(problems) - 40} more" if len(problems) > 40 else ""
-            raise AssertionError(f"after step {len(self.done) - 1} ({op}):\n"
+            how = (f" (caches reclaimed after every step: {self.reclaimer.method})"
+                   if self.reclaimer is not None else "")
+            raise AssertionError(f"after step {len(self.done) - 1} ({op}){how}:\n"
                                  + "\n".join(problems[:40]) + more + f"\nsteps:\n{history}")
         return rk
 

@@ -2,11 +2,13 @@
 FUSE ``FORGET`` and the next ``LOOKUP`` are exercised between two steps.
 
 ``Reclaimer`` is a context manager: on entry this process moves into a private memory cgroup
-(cgroup v1's memory hierarchy, or cgroup v2 where the memory controller is enabled for a child),
-so what it looks up afterwards is charged there; ``reclaim()`` then empties that cgroup
-(``memory.force_empty`` on v1, ``memory.reclaim`` on v2).  Nothing outside the test is evicted.
-Where neither works, ``reclaim()`` falls back to ``echo 2 > /proc/sys/vm/drop_caches`` (global:
-every file system's dentries and inodes).  ``method`` says which is in use.
+(cgroup v2 where the memory controller is enabled for a child, else cgroup v1's memory
+hierarchy), so what it looks up afterwards is charged there; ``reclaim()`` then empties that
+cgroup (``memory.reclaim`` on v2, ``memory.force_empty`` on v1): nothing outside the test is
+evicted.  Where no child can be made, a cgroup v2 process that is not in the root cgroup asks
+its own cgroup to reclaim (``memory.reclaim``: the test's job or session, not the machine);
+the last resort is ``echo 2 > /proc/sys/vm/drop_caches`` (every file system's dentries and
+inodes).  ``method`` says which is in use.
 
 Caveats:
 * Enter it *after* the mounts are made: processes started inside (a strata daemon) would keep
@@ -53,13 +55,26 @@ class Reclaimer:
         self._child: Path | None = None
         self._knob = ""
         self._value = ""
+        self._own: Path | None = None
 
     def __enter__(self) -> Reclaimer:
-        for setup in (self._v2, self._v1):
+        for setup in (self._v2, self._v1, self._v2_own):
             with contextlib.suppress(OSError):
                 if setup():
                     return self
         return self
+
+    def _v2_own(self) -> bool:
+        path = _own_cgroup("")
+        mnt = next((m for m, _ in _mounts("cgroup2")), None)
+        if not path or path == "/" or mnt is None:
+            return False
+        knob = Path(mnt + path) / "memory.reclaim"
+        if not knob.exists():
+            return False
+        self._own, self._knob, self._value = knob, "memory.reclaim", "1G"
+        self.method = f"cgroup v2, own cgroup {knob.parent}"
+        return True
 
     def _v1(self) -> bool:
         path = _own_cgroup("memory")
@@ -94,12 +109,13 @@ class Reclaimer:
         return True
 
     def reclaim(self) -> None:
-        if self._child is None:
+        knob = self._own or (self._child / self._knob if self._child is not None else None)
+        if knob is None:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("2")
             return
         # memory.reclaim answers EAGAIN when it found less than asked: everything is gone
-        with contextlib.suppress(BlockingIOError), open(self._child / self._knob, "w") as f:
+        with contextlib.suppress(BlockingIOError), open(knob, "w") as f:
             f.write(self._value)
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
