@@ -132,14 +132,14 @@ class Pair:
         if op.name == "rename" and outcome[0] == 0:
             tops = [op.args[0] + "/", op.args[1] + "/"]
             out |= {n for n in after if any(n.startswith(t) for t in tops)}
-        target = op.args[0] if op.args and isinstance(op.args[0], str) else None
-        o = before.get(target) if target is not None else None
-        if o is not None and o.nlink > 1 and not o.mode.startswith("d"):
-            for name, other in before.items():
-                if other.ino == o.ino:
-                    while name:
-                        name = name.rpartition("/")[0]
-                        out.add(name)
+        for target in op.args[:2]:  # the object, and what a rename or link replaces
+            o = before.get(target) if isinstance(target, str) else None
+            if o is not None and o.nlink > 1 and not o.mode.startswith("d"):
+                for name, other in before.items():
+                    if other.ino == o.ino:
+                        while name:
+                            name = name.rpartition("/")[0]
+                            out.add(name)
         return out
 
 
