@@ -81,10 +81,17 @@ def _pids_with(text: str) -> list[int]:
 
 
 def _start_watcher(mp: Path) -> subprocess.Popen[str]:
+    """The watcher, once it is polling.  Its first line is read byte by byte from the pipe:
+    ``communicate`` reads the descriptor itself and would miss what a buffered reader took."""
     w = subprocess.Popen([sys.executable, "-c", WATCHER, str(mp)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert w.stdout is not None
-    assert w.stdout.readline().strip() == "watching"
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(w.stdout.fileno(), 1)
+        assert byte, "the watcher died before it started"
+        line += byte
+    assert line == b"watching\n"
     return w
 
 
