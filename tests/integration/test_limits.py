@@ -165,7 +165,7 @@ def operations(p: str, q: str, low: str, d: str) -> list[tuple[str, Callable[[in
     ]
 
 
-def _run(name_: str, fn: Callable[[int], Any], fd: int) -> tuple[int, Any]:
+def _run(fn: Callable[[int], Any], fd: int) -> tuple[int, Any]:
     try:
         return 0, fn(fd)
     except OSError as exc:
@@ -181,7 +181,7 @@ def _compare_ops(kfd: int, sfd: int, kroot: int, sroot: int,
     problems = [f"before any operation: {p}" for p in reported.new(compare(kb, kb, sb, sb))]
     for what, fn in ops:
         settle(kb, sb)
-        rk, rs = _run(what, fn, kfd), _run(what, fn, sfd)
+        rk, rs = _run(fn, kfd), _run(fn, sfd)
         if rk != rs:
             problems.append(f"{what}: kernel {_fmt(rk)}, strata {_fmt(rs)}")
         ka, sa = observe(kroot), observe(sroot)
