@@ -76,10 +76,12 @@ class MutationLock:
     """``trio.Lock`` without the scheduling points of an uncontended acquire: trio's yields
     twice, once while already holding the lock, so concurrent requests piled up behind every
     mutation (parking and waking cost more than the mutations in W8).  Held across awaits like
-    trio's; only the free case skips the checkpoints."""
+    trio's; only the free case skips the checkpoints.  ``settle`` runs before each release
+    (what a mutation leaves to tell the kernel)."""
 
-    def __init__(self) -> None:
+    def __init__(self, settle: Callable[[], None] = lambda: None) -> None:
         self._lock = trio.Lock()
+        self._settle = settle
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -91,7 +93,10 @@ class MutationLock:
             self._lock.acquire_nowait()
 
     def release(self) -> None:
-        self._lock.release()
+        try:
+            self._settle()
+        finally:
+            self._lock.release()
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -163,7 +168,8 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._fh = 0
-        self.lock = MutationLock()
+        self.lock = MutationLock(self._settle)
+        self.notify = False  # set by the mount: the kernel's caches can be told of changes
         self.limiter = trio.CapacityLimiter(2)
         self.readers = trio.CapacityLimiter(4)
         self.errors = 0
@@ -225,6 +231,20 @@ class Operations(pyfuse3.Operations):
         self.inodes.refresh(inode, node)
         return node
 
+    def _settle(self) -> None:
+        """Tell the kernel that names a copy-up changed behind its back (the copy's ctime,
+        the ctime of the directory it went into) have attributes it must fetch again, as
+        overlayfs shows them at once."""
+        for path in self.union.take_touched():
+            inode = self.inodes.at(path)
+            if inode is None or not self.notify:
+                continue
+            try:
+                pyfuse3.invalidate_inode(inode.ino, attr_only=True)
+            except OSError as exc:  # the kernel no longer holds it: nothing to tell
+                if exc.errno != errno.ENOENT:
+                    raise
+
     def _nameless(self, inode: Inode) -> Node:
         """An unlinked file kept alive by open handles: fstat one of them."""
         assert inode.node is not None
@@ -250,7 +270,7 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
         a.st_mode = e.mode
-        a.st_nlink = 0 if inode.path is None else node.nlink
+        a.st_nlink = 0 if inode.path is None else self.union.nlink(node)
         a.st_uid, a.st_gid, a.st_rdev = e.uid, e.gid, e.rdev
         a.st_size = e.size
         a.st_blksize = 4096

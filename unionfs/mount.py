@@ -144,6 +144,7 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
         pyfuse3.init(ops, mountpoint, options.fuse_options())
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+    ops.notify = True  # a session exists: the kernel's caches may be told of changes
     try:
         trio.run(_run, ops, mountpoint, on_ready, control, lifeline)
     finally:

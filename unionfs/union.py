@@ -62,6 +62,12 @@ class Union:
         # (layer id, upper host inode) -> the identity of the lower object it was copied up
         # from, so a copied-up object keeps its inode number (overlayfs keeps an origin)
         self.origins: dict[tuple[int, int], tuple[int, int]] = {}
+        # names whose attributes a copy-up changed behind the caller's back (the object's
+        # ctime, the ctime of the directory it went into): ``take_touched`` hands them over
+        self.touched: list[str] = []
+        # (layer id, host inode) of directories with lower content renamed (their tree copied
+        # up): overlayfs keeps such a directory merged through a redirect
+        self.renamed: set[tuple[int, int]] = set()
 
     @property
     def writable(self) -> bool:
@@ -124,6 +130,15 @@ class Union:
         node = Node(node.path, got, 0, ((0, got), *node.stack[1:]))
         self._cache[node.path] = node
         return node
+
+    def nlink(self, node: Node) -> int:
+        """The link count ``stat`` shows: 1 for a directory that merges layers, as overlayfs
+        shows every merged directory, and for a renamed one with lower content (overlayfs's
+        stays merged through its redirect), else the object's own."""
+        if node.is_dir and (node.merged or (self.ids[node.layer], node.entry.obj)
+                            in self.renamed):
+            return 1
+        return node.entry.nlink
 
     def identity(self, node: Node) -> tuple[int, int]:
         """What ``node`` is: ``(layer id, object in that layer)``; a copied-up object is
@@ -225,22 +240,33 @@ class Union:
         node = self.resolve(path)
         if self.in_upper(node):
             return node
+        parent = split(path)[0]
         if path:
-            self.copy_up(split(path)[0])
+            self.copy_up(parent)
         e = node.entry
         attrs = self.attrs_of(node)
         origin = self.identity(node)
+        # a copy-up is no change of the directory it lands in: its times stay (as overlayfs
+        # keeps them); only its ctime moves
+        kept = upper.times(parent)
         if node.is_dir:
             upper.make_dir(path, attrs, over=self._whiteout_in_upper(path))
         elif stat.S_ISREG(e.mode):
             upper.make_file(path, attrs, (self.layer_of(node), e), size=size)
-            self._changed(path)
-            self._origin(path, origin)
-            self._link_group(node)
         else:
             upper.make_special(path, attrs, stat.S_IFMT(e.mode), e.rdev, e.target)
+        upper.set_times(parent, kept)
+        self.touched += (path, parent)
         self._changed(path, tree=node.is_dir)
-        return self._origin(path, origin)
+        copied = self._origin(path, origin)
+        if stat.S_ISREG(e.mode):
+            self._link_group(node)
+        return copied
+
+    def take_touched(self) -> list[str]:
+        """The names whose attributes copy-ups changed since the last call."""
+        got, self.touched = self.touched, []
+        return got
 
     def _origin(self, path: str, origin: tuple[int, int]) -> Node:
         """Record that the upper object now at ``path`` was copied up from ``origin``."""
@@ -259,8 +285,12 @@ class Union:
             n = self.find(other)
             if n is None or n.key != node.key:
                 continue
-            self.copy_up(split(other)[0])
+            parent = split(other)[0]
+            self.copy_up(parent)
+            kept = upper.times(parent)
             upper.link(node.path, other, over=self._whiteout_in_upper(other))
+            upper.set_times(parent, kept)
+            self.touched += (other, parent)
             self._changed(other)
 
     def copy_up_tree(self, path: str) -> None:
@@ -275,6 +305,15 @@ class Union:
         return node.is_dir and (len(node.stack) > 1 or not self.in_upper(node))
 
     # -- creating --------------------------------------------------------------------------------
+
+    def _owned(self, parent_path: str, mode: int, gid: int, is_dir: bool) -> tuple[int, int]:
+        """The mode and group of a new object in ``parent_path``: in a setgid directory it
+        takes the directory's group, and a new directory the setgid bit too (the kernel
+        leaves this to the file system)."""
+        parent = self.resolve(parent_path).entry
+        if parent.mode & stat.S_ISGID:
+            return (mode | stat.S_ISGID if is_dir else mode), parent.gid
+        return mode, gid
 
     def _prepare_new(self, parent_path: str,
                      name: str) -> tuple[str, bool, list[tuple[int, Entry]]]:
@@ -309,12 +348,14 @@ class Union:
         return node
 
     def mkdir(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
+        mode, gid = self._owned(parent_path, mode, gid, True)
         path, over, lower = self._prepare_new(parent_path, name)
         opaque = _dirs_join(lower)
         self._up().make_dir(path, Attrs(mode, uid, gid), opaque=opaque, over=over)
         return self._made(path, lower)
 
     def create(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
+        mode, gid = self._owned(parent_path, mode, gid, False)
         path, over, lower = self._prepare_new(parent_path, name)
         self._up().make_file(path, Attrs(mode, uid, gid), over=over)
         return self._made(path, lower)
@@ -328,12 +369,14 @@ class Union:
             raise UnionError(errno.EINVAL, f"mknod of type {oct(kind)}")
         if kind == stat.S_IFCHR and rdev == 0:
             raise UnionError(errno.EPERM, "a 0/0 character device is a whiteout")
+        mode, gid = self._owned(parent_path, mode, gid, False)
         path, over, lower = self._prepare_new(parent_path, name)
         self._up().make_special(path, Attrs(stat.S_IMODE(mode), uid, gid), kind, rdev,
                                 over=over)
         return self._made(path, lower)
 
     def symlink(self, parent_path: str, name: str, target: str, uid: int, gid: int) -> Node:
+        _, gid = self._owned(parent_path, 0, gid, False)
         path, over, lower = self._prepare_new(parent_path, name)
         self._up().make_special(path, Attrs(0o777, uid, gid), stat.S_IFLNK, target=target,
                                 over=over)
@@ -425,7 +468,8 @@ class Union:
                 return False, None  # two names of one file: rename does nothing
             if not target.is_dir and target.entry.nlink > 1:
                 self.copy_up(dst)  # its other names lose a link
-        if self._needs_tree_copy(node):
+        tree = self._needs_tree_copy(node)
+        if tree:
             self.copy_up_tree(src)
         else:
             self.copy_up(src)
@@ -449,6 +493,8 @@ class Union:
             upper.set_opaque(dst)
         self._changed(src, tree=node.is_dir)
         self._changed(dst, tree=node.is_dir or (target is not None and target.is_dir))
+        if tree:
+            self.renamed.add((self.ids[0], self.resolve(dst).entry.obj))
         return True, target
 
     def _exchange(self, sp: Node, src: str, a: Node, dp: Node, dst: str, b: Node) -> Node:

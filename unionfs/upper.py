@@ -331,6 +331,14 @@ class UpperLayer(DirLayer):
             mtime = st.st_mtime_ns if times[1] is None else times[1]
             self.dir.utime(path, (atime, mtime))
 
+    def times(self, path: str) -> tuple[int, int]:
+        """(atime, mtime) of ``path`` in ns."""
+        st = self.dir.lstat(path)
+        return st.st_atime_ns, st.st_mtime_ns
+
+    def set_times(self, path: str, times: tuple[int, int]) -> None:
+        self.dir.utime(path, times)
+
     def getxattr(self, path: str, name: str) -> bytes:
         return self.dir.getxattr(path, name)
 

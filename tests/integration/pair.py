@@ -126,20 +126,28 @@ class Pair:
     def _no_ctime(op: Op, outcome: Outcome, after: Observation, before: Observation) -> set[str]:
         """Names whose ctime change is not compared after ``op``: what strata copies up where
         the kernel does not, by design (README, "How strata differs").  A directory with lower
-        content renamed: the tree below it.  A hardlinked lower file copied up: strata copies
+        content renamed: the tree below it (and the other names of hardlinked files in it,
+        which its copy-up copies up too).  A hardlinked lower file copied up: strata copies
         up every name of its group, and so the directories holding them."""
         out: set[str] = set()
+        groups: list[tuple[str, bool]] = []  # a hardlinked name, and whether its names count
         if op.name == "rename" and outcome[0] == 0:
             tops = [op.args[0] + "/", op.args[1] + "/"]
             out |= {n for n in after if any(n.startswith(t) for t in tops)}
-        for target in op.args[:2]:  # the object, and what a rename or link replaces
-            o = before.get(target) if isinstance(target, str) else None
-            if o is not None and o.nlink > 1 and not o.mode.startswith("d"):
-                for name, other in before.items():
-                    if other.ino == o.ino:
-                        while name:
-                            name = name.rpartition("/")[0]
-                            out.add(name)
+            groups += [(n, True) for n in before if any(n.startswith(t) for t in tops)]
+        # the object, and what a rename or link replaces
+        groups += [(t, False) for t in op.args[:2] if isinstance(t, str)]
+        for target, names_too in groups:
+            o = before.get(target)
+            if o is None or o.nlink < 2 or o.mode.startswith("d"):
+                continue
+            for name, other in before.items():
+                if other.ino == o.ino:
+                    if names_too:
+                        out.add(name)
+                    while name:
+                        name = name.rpartition("/")[0]
+                        out.add(name)
         return out
 
 

@@ -128,7 +128,8 @@ def _mv(src: str, dst: str) -> int:
 
 
 def snapshot(root: Path, with_nlink: bool = True) -> Snapshot:
-    """path -> (type, mode, uid, gid, size, sha256, link target, user xattrs, nlink)."""
+    """path -> (type, mode, uid, gid, size, sha256, link target, user xattrs, nlink of a
+    non-directory)."""
     out: Snapshot = {}
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
@@ -148,8 +149,11 @@ def snapshot(root: Path, with_nlink: bool = True) -> Snapshot:
                 names = sorted(n for n in os.listxattr(full, follow_symlinks=False)
                                if n.startswith("user."))
                 xattrs = tuple((n, os.getxattr(full, n, follow_symlinks=False)) for n in names)
+            # a directory's link count depends on how a rename was done (redirect or copy):
+            # test_differential_steps compares it against redirect_dir=on
+            nlink = st.st_nlink if with_nlink and not stat.S_ISDIR(st.st_mode) else 0
             out[rel] = (stat.filemode(st.st_mode), st.st_uid, st.st_gid, size, digest, target,
-                        xattrs, st.st_nlink if with_nlink else 0)
+                        xattrs, nlink)
     return out
 
 
