@@ -1,6 +1,6 @@
 """Union: a ``UnionView`` plus the upper layer, and every mutation with overlayfs's copy-up rules.
 
-Reads resolve union paths (cached until the next mutation).  Mutations follow the kernel:
+Reads are ``Lookup``'s (lookup.py: caches, identities, data).  Mutations follow the kernel:
 
 * the first change to a lower object copies it up (data, owner, mode, times, xattrs) through the
   work directory; parents are copied up first; a hardlinked lower file is copied up with every
@@ -24,11 +24,11 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Sequence
 
 from . import whiteout as wh
 from .errors import UnionError
-from .layers import DirLayer, Entry, LowerLayer, join, restat, split
+from .layers import DirLayer, Entry, LowerLayer, join, split
+from .lookup import Lookup
 from .resolve import Node, UnionView, merge
 from .upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Attrs, UpperLayer
 
@@ -44,34 +44,9 @@ def check_name(name: str) -> None:
         raise UnionError(errno.EINVAL, name)
 
 
-class Union:
-    """The merged tree of ``lowers`` (top first) under an optional writable ``upper``."""
-
-    def __init__(self, lowers: Sequence[LowerLayer], upper: UpperLayer | None = None) -> None:
-        self.upper = upper
-        self.view = UnionView(([upper] if upper is not None else []) + list(lowers))
-        self._cache: dict[str, Node | None] = {}
-        self._dirs: dict[str, tuple[Node, list[tuple[str, Node]]]] = {}
-        # the paths either cache may hold below each directory, so that forgetting a tree
-        # costs its size, not the caches' (may name paths already forgotten)
-        self._kids: dict[str, set[str]] = {}
-        # each layer's identity for inode numbers, by position in the view: 0 for the upper,
-        # 1.. for the lowers, top down (stable if layers are ever added or rotated)
-        self.ids = list(range(len(self.view.layers))) if upper is not None else list(
-            range(1, len(self.view.layers) + 1))
-        # (layer id, upper host inode) -> the identity of the lower object it was copied up
-        # from, so a copied-up object keeps its inode number (overlayfs keeps an origin)
-        self.origins: dict[tuple[int, int], tuple[int, int]] = {}
-        # names whose attributes a copy-up changed behind the caller's back (the object's
-        # ctime, the ctime of the directory it went into): ``take_touched`` hands them over
-        self.touched: list[str] = []
-        # (layer id, host inode) of directories with lower content renamed (their tree copied
-        # up): overlayfs keeps such a directory merged through a redirect
-        self.renamed: set[tuple[int, int]] = set()
-
-    @property
-    def writable(self) -> bool:
-        return self.upper is not None
+class Union(Lookup):
+    """The merged tree of ``lowers`` (top first) under an optional writable ``upper``, with
+    every mutation (reading: ``Lookup``)."""
 
     def rotate(self, upper: UpperLayer) -> LowerLayer:
         """Turn the writable layer into the top read-only one and write to ``upper`` (empty)
@@ -88,127 +63,7 @@ class Union:
         self._kids.clear()
         return lower
 
-    # -- reading -----------------------------------------------------------------------------
-
-    def resolve(self, path: str) -> Node:
-        """The node at ``path``; raises ENOENT (or ENOTDIR for a non-directory parent)."""
-        if path in self._cache:
-            node = self._cache[path]
-        elif not path:
-            node = self._remember(path, self.view.root())
-        else:
-            parent, name = split(path)
-            pnode = self.resolve(parent)
-            if not pnode.is_dir:
-                raise UnionError(errno.ENOTDIR, parent)
-            node = self._remember(path, self.view.lookup(pnode, name))
-        if node is None:
-            raise UnionError(errno.ENOENT, path)
-        return node
-
-    def stat(self, path: str) -> Node:
-        """``resolve`` with the attributes the object has now: data written through open
-        descriptors changes an upper file's size and times behind the union's back, and a
-        stale answer to the kernel's LOOKUP would make it drop what was written."""
-        return self.fresh(self.resolve(path))
-
-    def fresh(self, node: Node) -> Node:
-        """``node`` as its upper object is now (lower objects never change)."""
-        if self.upper is None or node.stack[0][0] != 0:
-            return node
-        try:
-            st = self.upper.dir.lstat(node.path)
-        except (FileNotFoundError, NotADirectoryError):
-            return node
-        e = node.entry
-        if st.st_ino != e.obj:  # replaced (cannot happen but through this union): look again
-            self._changed(node.path)
-            return self.resolve(node.path)
-        got = restat(e, st, mode=self.upper.is_root)
-        if got is e:
-            return node
-        node = Node(node.path, got, 0, ((0, got), *node.stack[1:]))
-        self._cache[node.path] = node
-        return node
-
-    def nlink(self, node: Node) -> int:
-        """The link count ``stat`` shows: 1 for a directory that merges layers, as overlayfs
-        shows every merged directory, and for a renamed one with lower content (overlayfs's
-        stays merged through its redirect), else the object's own."""
-        if node.is_dir and (node.merged or (self.ids[node.layer], node.entry.obj)
-                            in self.renamed):
-            return 1
-        return node.entry.nlink
-
-    def identity(self, node: Node) -> tuple[int, int]:
-        """What ``node`` is: ``(layer id, object in that layer)``; a copied-up object is
-        what it was copied from.  ``inodes`` numbers objects by it."""
-        ident = (self.ids[node.layer], node.entry.obj)
-        return self.origins.get(ident, ident)
-
-    def find(self, path: str) -> Node | None:
-        try:
-            return self.resolve(path)
-        except UnionError as exc:
-            if exc.code in (errno.ENOENT, errno.ENOTDIR):
-                return None
-            raise
-
-    def listdir(self, node: Node) -> list[tuple[str, Node]]:
-        """Visible children, sorted.  Listings of directories the upper does not have are
-        kept (their layers never change; a copy-up drops them): a second walk is dict hits."""
-        cached = self._dirs.get(node.path)
-        if cached is not None and cached[0] is node:
-            return cached[1]
-        children = self.view.listdir(node)
-        for _, child in children:
-            self._cache.setdefault(child.path, child)
-        self._kids.setdefault(node.path, set()).update(child.path for _, child in children)
-        if not self.in_upper(node):
-            self._dirs[node.path] = (node, children)
-        return children
-
-    def read(self, node: Node, offset: int, size: int) -> bytes:
-        return self.view.read(node, offset, size)
-
-    def xattrs(self, node: Node) -> dict[str, bytes]:
-        return self.view.xattrs(node)
-
-    def layer_of(self, node: Node) -> LowerLayer:
-        return self.view.layers[node.layer]
-
-    def in_upper(self, node: Node) -> bool:
-        return self.upper is not None and node.stack[0][0] == 0
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _up(self) -> UpperLayer:
-        if self.upper is None:
-            raise UnionError(errno.EROFS)
-        return self.upper
-
-    def _remember(self, path: str, node: Node | None) -> Node | None:
-        self._cache[path] = node
-        if path:
-            self._kids.setdefault(split(path)[0], set()).add(path)
-        return node
-
-    def _changed(self, path: str, tree: bool = False) -> None:
-        """``path`` resolves differently now; with ``tree`` everything below it does too (a
-        directory copied up, removed or moved).  The cache keeps everything else."""
-        self._cache.pop(path, None)
-        self._dirs.pop(path, None)
-        parent = split(path)[0]
-        self._dirs.pop(parent, None)
-        if path not in self._kids:  # nothing cached below: the index can let it go
-            self._kids.get(parent, set()).discard(path)
-        if tree:
-            below = [path]
-            while below:
-                for key in self._kids.pop(below.pop(), ()):
-                    self._cache.pop(key, None)
-                    self._dirs.pop(key, None)
-                    below.append(key)
+    # -- rules of the mutations ---------------------------------------------------------------
 
     def _lower_candidates(self, parent: Node, path: str) -> list[tuple[int, Entry]]:
         return [(li, e) for li, e in self.view.candidates(parent.stack, path)
@@ -513,21 +368,6 @@ class Union:
         self._changed(dst, tree=a.is_dir or b.is_dir)
         return b
 
-    def usage(self) -> tuple[int, int] | None:
-        """(bytes, entries) of a union without an upper whose layers all say (``usage``):
-        what ``df`` shows for an image mount, as for a read-only file system of that size;
-        None otherwise (the upper's file system answers then)."""
-        if self.upper is not None:
-            return None
-        total = entries = 0
-        for layer in self.view.layers:
-            usage = getattr(layer, "usage", None)
-            if usage is None:
-                return None
-            size, count = usage()
-            total, entries = total + size, entries + count
-        return total, entries
-
     # -- opening ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -563,35 +403,6 @@ class Union:
         if self.blocking(node):
             return sys.maxsize  # its bytes may have to come over the network
         return node.entry.size if size is None else min(size, node.entry.size)
-
-    def blocking(self, node: Node) -> bool:
-        """Whether reading ``node``'s data may wait (a layer whose bytes are still arriving:
-        its ``blocking`` attribute)."""
-        return bool(getattr(self.view.layers[node.layer], "blocking", False))
-
-    def open_file(self, node: Node, writable: bool) -> int | None:
-        """A descriptor of ``node``'s data for a handle: the upper file (read-write when
-        ``writable``; write-only where the owner may not read it), a directory layer's file,
-        or None where the layer serves reads itself (tar layers)."""
-        if self.in_upper(node):
-            up = self._up()
-            if not writable:
-                return up.open_path(node.path, os.O_RDONLY)
-            try:
-                return up.open_path(node.path, os.O_RDWR)
-            except PermissionError:
-                return up.open_path(node.path, os.O_WRONLY)
-        opener = getattr(self.layer_of(node), "open_file", None)
-        if opener is None or self.blocking(node):
-            return None
-        return int(opener(node.entry))
-
-    def fstat(self, node: Node, fd: int) -> Node:
-        """``node`` (an upper file no name reaches any more) with the attributes of its open
-        descriptor ``fd``."""
-        upper = self._up()
-        got = restat(node.entry, os.fstat(fd), mode=upper.is_root)
-        return node if got is node.entry else Node(node.path, got, node.layer, node.stack)
 
     # -- attributes ------------------------------------------------------------------------------
 
