@@ -32,18 +32,17 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from .errors import UnionError
+from .handles import DirHandle, Handle, Listing, MutationLock, cookies
 from .inodes import ROOT_INO, Inode, InodeTable
 from .resolve import Node
 from .union import Union
-from .upper import UpperLayer, fallocate
-from .whiteout import is_private_xattr
+from .upper import UpperLayer, fallocate, fd_xattrs, set_open_attrs
 
 log = logging.getLogger(__name__)
 
@@ -72,83 +71,12 @@ def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
-class MutationLock:
-    """``trio.Lock`` without the scheduling points of an uncontended acquire: trio's yields
-    twice, once while already holding the lock, so concurrent requests piled up behind every
-    mutation (parking and waking cost more than the mutations in W8).  Held across awaits like
-    trio's; only the free case skips the checkpoints.  ``settle`` runs before each release
-    (what a mutation leaves to tell the kernel)."""
-
-    def __init__(self, settle: Callable[[], None] = lambda: None) -> None:
-        self._lock = trio.Lock()
-        self._settle = settle
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def acquire(self) -> None:
-        if self._lock.locked():
-            await self._lock.acquire()
-        else:
-            self._lock.acquire_nowait()
-
-    def release(self) -> None:
-        try:
-            self._settle()
-        finally:
-            self._lock.release()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
-
-@dataclass
-class Handle:
-    inode: Inode
-    fd: int | None  # the file's data (upper or directory layer); None: the layer reads
-    node: Node | None
-    writable: bool
-    lower: bool  # reads a lower layer's file: switched to the upper copy after a copy-up
-
-
 # A pyfuse3 built with ``patches/pyfuse3-cache-readdir.patch`` lets ``opendir`` ask the kernel
 # to cache listings; the stock one takes only a number there.
 CACHE_READDIR = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 # ``patches/pyfuse3-plain-readdir.patch``: the kernel may send plain READDIR requests (names,
 # numbers and types; no attributes, no lookup counts) where it does not need attributes.
 READDIR_PLAIN = bool(getattr(pyfuse3, "READDIR_PLAIN", False))
-
-
-# "." and ".." with their attributes; the children with their cookies (increasing) and nodes
-Listing = tuple[list[tuple[bytes, pyfuse3.EntryAttributes]], list[int], list[tuple[str, Node]]]
-
-_COOKIE_MASK = (1 << 62) - 1
-
-
-def cookies(entries: list[tuple[str, Node]]) -> tuple[list[int], list[tuple[str, Node]]]:
-    """Each child's readdir offset from its name alone (a hash, unique within the listing),
-    with the children in that order.  The kernel keeps one cached listing per directory for
-    every open of it and resumes a reader at an offset it got earlier, perhaps from a listing
-    made before a change: an offset must name the same place in every listing, or a reader
-    skips or repeats names a change did not touch.  (Positions would shift when an earlier
-    name goes.)  1 and 2 are "." and ".."; a collision takes the next free number."""
-    keyed = sorted((((hash(name) & _COOKIE_MASK) + 3, name, node) for name, node in entries),
-                   key=lambda t: (t[0], t[1]))
-    out: list[int] = []
-    last = 2
-    for c, _, _ in keyed:
-        last = c if c > last else last + 1
-        out.append(last)
-    return out, [(name, node) for _, name, node in keyed]
-
-
-@dataclass
-class DirHandle:
-    inode: Inode
-    listing: Listing | None = None  # made by the first readdir, again by a rewind
 
 
 def _name(raw: bytes) -> str:
@@ -371,14 +299,10 @@ class Operations(pyfuse3.Operations):
                                 fields: pyfuse3.SetattrFields,
                                 h: Handle) -> pyfuse3.EntryAttributes:
         assert h.fd is not None
-        if fields.update_size:
-            os.ftruncate(h.fd, attr.st_size)
-        if fields.update_mode:
-            os.fchmod(h.fd, stat.S_IMODE(attr.st_mode))
-        if fields.update_atime or fields.update_mtime:
-            st = os.fstat(h.fd)
-            os.utime(h.fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                               attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+        set_open_attrs(h.fd, size=attr.st_size if fields.update_size else None,
+                       mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+                       atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                       mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
         return self._attr(i, self._node(i))
 
     @handler
@@ -390,25 +314,9 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        """The upper's file system; for a union of layers that know their size (an image),
-        a full read-only file system of that size: its bytes as blocks, its entries as
-        inodes, none free; else the top layer's file system."""
         out = pyfuse3.StatvfsData()
-        usage = self.union.usage()
-        if usage is not None:
-            size, entries = usage
-            out.f_bsize = out.f_frsize = 4096
-            out.f_blocks = (size + 4095) // 4096
-            out.f_files = entries
-            out.f_bfree = out.f_bavail = out.f_ffree = out.f_favail = 0
-        else:
-            top = self.union.upper or self.union.view.layers[0]
-            fd = getattr(getattr(top, "dir", None), "fd", None)
-            st = os.statvfs(fd if fd is not None else "/")
-            for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                         "f_ffree", "f_favail"):
-                setattr(out, name, getattr(st, name))
-        out.f_namemax = 255
+        for name, value in self.union.statfs().items():
+            setattr(out, name, value)
         return out
 
     # -- directories ---------------------------------------------------------------------------
@@ -672,20 +580,14 @@ class Operations(pyfuse3.Operations):
         if fd is None:
             assert i.node is not None
             return self.union.xattr(i.node, name)
-        try:
-            return os.getxattr(fd, name)
-        except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-                return None
-            raise
+        return fd_xattrs(fd).get(name)
 
     @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         i = self._inode(inode)
         fd = self._upper_fd(i) if i.path is None else None
-        if fd is not None:
-            return [os.fsencode(n) for n in os.listxattr(fd) if not is_private_xattr(n)]
-        return [os.fsencode(n) for n in self.union.xattrs(self._node(i))]
+        names = fd_xattrs(fd) if fd is not None else self.union.xattrs(self._node(i))
+        return [os.fsencode(n) for n in names]
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes,

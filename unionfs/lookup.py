@@ -180,6 +180,25 @@ class Lookup:
                     self._dirs.pop(key, None)
                     below.append(key)
 
+    def statfs(self) -> dict[str, int]:
+        """``statvfs`` fields for the union: the upper's file system; for a union of layers
+        that know their size (an image), a full read-only file system of that size (its
+        bytes as blocks, its entries as inodes, none free); else the top layer's."""
+        out = {"f_namemax": 255}
+        usage = self.usage()
+        if usage is not None:
+            size, entries = usage
+            return {**out, "f_bsize": 4096, "f_frsize": 4096, "f_blocks": (size + 4095) // 4096,
+                    "f_files": entries, "f_bfree": 0, "f_bavail": 0, "f_ffree": 0,
+                    "f_favail": 0}
+        top = self.upper or self.view.layers[0]
+        fd = getattr(getattr(top, "dir", None), "fd", None)
+        st = os.statvfs(fd if fd is not None else "/")
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail"):
+            out[name] = getattr(st, name)
+        return out
+
     def usage(self) -> tuple[int, int] | None:
         """(bytes, entries) of a union without an upper whose layers all say (``usage``):
         what ``df`` shows for an image mount, as for a read-only file system of that size;

@@ -56,6 +56,30 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise errno_error()
 
 
+def set_open_attrs(fd: int, *, size: int | None = None, mode: int | None = None,
+                   atime_ns: int | None = None, mtime_ns: int | None = None) -> None:
+    """truncate/chmod/utimens through an open descriptor (a file no name reaches any more);
+    None leaves that attribute."""
+    if size is not None:
+        os.ftruncate(fd, size)
+    if mode is not None:
+        os.fchmod(fd, mode)
+    if atime_ns is not None or mtime_ns is not None:
+        st = os.fstat(fd)
+        os.utime(fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                         st.st_mtime_ns if mtime_ns is None else mtime_ns))
+
+
+def fd_xattrs(fd: int) -> dict[str, bytes]:
+    """The extended attributes of an open file, overlay-private ones excluded."""
+    out: dict[str, bytes] = {}
+    for name in os.listxattr(fd):
+        if not wh.is_private_xattr(name):
+            with contextlib.suppress(OSError):
+                out[name] = os.getxattr(fd, name)
+    return out
+
+
 @dataclass(frozen=True)
 class Attrs:
     """What a new upper object gets: owner, permission bits, times, xattrs."""
