@@ -6,10 +6,11 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from imagestore.store import Store
+if TYPE_CHECKING:  # imported when used: start-up time of the commands that need no store
+    from imagestore.store import Store
 
 
 class UserError(Exception):
@@ -21,6 +22,8 @@ class UserError(Exception):
 
 
 def store_of(args: argparse.Namespace) -> Store:
+    from imagestore.store import Store
+
     return Store(args.root, max_layer_size=getattr(args, "max_layer_size", None))
 
 
@@ -38,6 +41,8 @@ def size_arg(text: str) -> int:
 def output_sink(path: str | None, what: str) -> Iterator[Callable[[bytes], object]]:
     """Where an archive goes: ``path`` (written to a temp file, renamed on success, so a failure
     never leaves a partial file) or stdout when ``path`` is None or ``-``."""
+    import tempfile
+
     if path in (None, "-"):
         if sys.stdout.isatty():
             raise UserError(f"cowardly refusing to save {what} to a terminal. "

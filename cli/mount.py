@@ -3,30 +3,39 @@
 Without ``-f`` the command starts the mount daemon (this same command with ``-f``) in its own
 session, logging to ``<root>/mounts/<key>.log``, and returns only once the mount answers — or
 exits non-zero with the daemon's error.
+
+Caveats:
+* Start-up time: the store, the union and the daemon's modules are imported by the functions
+  that use them, and ``strata umount`` (cli.main loads only this group for it) imports none of
+  them: it finds the daemon's mount record by the store's rules (``_store_root``,
+  ``_record_path``; a unit test holds them equal to ``Store`` and ``Containers``) and waits
+  for the daemon on a pidfd, so it costs about the interpreter's start-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
+import hashlib
+import json
 import os
 import select
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagestore import timefmt
-from imagestore.containers import Containers, MountRecord, process_alive
-from imagestore.store import Store
-from unionfs.layers import DirLayer, LowerLayer
-from unionfs.mount import MountError, MountOptions, check_mountpoint, serve, unmount
-from unionfs.union import Union
-from unionfs.upper import UpperLayer
+from unionfs.control import unmount
+from unionfs.errors import MountError
 
 from .common import UserError, store_of
-from .output import since, table
+
+if TYPE_CHECKING:
+    from imagestore.containers import Containers
+    from imagestore.store import Store
+    from unionfs.layers import LowerLayer
+    from unionfs.mount import MountOptions
+    from unionfs.union import Union
 
 READY_TIMEOUT = 60.0
 _KNOWN_OPTS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
@@ -59,6 +68,8 @@ def register(sub: Any, image_sub: Any) -> None:
 
 
 def _options(args: argparse.Namespace) -> MountOptions:
+    from unionfs.mount import MountOptions
+
     opts: set[str] = set()
     for raw in args.options:
         for o in raw.split(","):
@@ -78,6 +89,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError("--upper and --work go together")
     if args.upper and not args.lower:
         raise UserError("--upper needs --lower")
+    from unionfs.mount import check_mountpoint
+
     options = _options(args)
     store = store_of(args)
     try:
@@ -90,6 +103,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _spawn(args: argparse.Namespace, store: Store, mountpoint: str) -> int:
+    from imagestore.containers import Containers
+
     cs = Containers(store)
     log_path = cs.log_path(mountpoint)
     read_end, write_end = os.pipe()
@@ -106,6 +121,8 @@ def _spawn(args: argparse.Namespace, store: Store, mountpoint: str) -> int:
         try:
             code = _serve(args, store, mountpoint, _options(args))
         except BaseException:
+            import logging
+
             logging.getLogger("strata").exception("the mount daemon failed")
         finally:
             os._exit(code)
@@ -179,6 +196,12 @@ def _closing(layers: list[LowerLayer]) -> Iterator[list[LowerLayer]]:
 
 def _serve(args: argparse.Namespace, store: Store, mountpoint: str,
            options: MountOptions) -> int:
+    import logging
+
+    from imagestore import timefmt
+    from imagestore.containers import Containers, MountRecord
+    from unionfs.mount import serve
+
     logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
     cs = Containers(store)
     try:
@@ -215,6 +238,10 @@ def _tell(fd: int | None, message: str) -> None:
 
 def _build(args: argparse.Namespace, store: Store, cs: Containers, options: MountOptions,
            stack: contextlib.ExitStack) -> tuple[Union, str, str, str, MountOptions]:
+    from unionfs.layers import DirLayer
+    from unionfs.union import Union
+    from unionfs.upper import UpperLayer
+
     if args.lower:
         lowers: list[LowerLayer] = []
         for d in args.lower.split(":"):
@@ -244,34 +271,76 @@ def _build(args: argparse.Namespace, store: Store, cs: Containers, options: Moun
 
 
 def _with_ro(options: MountOptions, ro: bool) -> MountOptions:
+    from unionfs.mount import MountOptions
+
     return MountOptions(options.allow_other, ro, options.suid, options.dev, options.debug)
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> None:
-    """Wait until the daemon ``pid`` has exited (it is not our child: a double fork)."""
+    """Wait until the daemon ``pid`` has exited (it is not our child: a double fork): on a
+    pidfd, which turns readable the moment it exits, else by polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone already (ESRCH), or a kernel without pidfds
+        fd = -1
+    if fd >= 0:
+        try:
+            select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+        return
+    from imagestore.containers import process_alive
+
     deadline = time.monotonic() + timeout
     while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
+def _store_root(root: str | None) -> str:
+    """The store directory ``Store(root)`` opens (``imagestore.store.default_root``)."""
+    if not root:
+        root = os.environ.get("STRATA_ROOT")
+    if not root and os.geteuid() == 0:
+        root = "/var/lib/strata"
+    if not root:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
+                                                               ".local", "share")
+        root = os.path.join(data, "strata")
+    return os.path.abspath(root)
+
+
+def _record_path(root: str, mountpoint: str) -> str:
+    """Where the daemon of ``mountpoint`` keeps its mount record (``Containers``' rule)."""
+    key = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:20]
+    return os.path.join(root, "mounts", key + ".json")
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
-    cs = Containers(store_of(args))
+    root = _store_root(args.root)
     status = 0
     for mp in args.mountpoints:
-        rec = cs.record_for(mp)
+        record = _record_path(root, mp)
+        pid = None
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError), open(record) as f:
+            pid = int(json.load(f)["pid"])
         try:
             unmount(mp, lazy=args.lazy)
         except MountError as exc:
             print(f"Error: {exc}", file=sys.stderr)
             status = 1
             continue
-        if rec is not None:
-            wait_gone(rec.pid)
-        cs.unrecord(mp)
+        if pid is not None:
+            wait_gone(pid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(record)
     return status
 
 
 def cmd_mounts(args: argparse.Namespace) -> int:
+    from imagestore.containers import Containers
+
+    from .output import since, table
+
     recs = Containers(store_of(args)).mounts()
     if args.quiet:
         for r in recs:
