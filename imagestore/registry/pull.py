@@ -35,6 +35,8 @@ import contextlib
 import fcntl
 import logging
 import os
+import queue
+import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -285,37 +287,73 @@ class _BlobStream:
 
 
 class _PartialReader:
-    """The sync half, read by ``ingest`` in a worker thread: the bytes already in the partial
-    file, then new ones from ``fetch`` (appended to the file as they arrive)."""
+    """What ``ingest`` reads: the bytes already in the partial file, then new ones that
+    ``pump`` fetches, appends to the file and queues.
+
+    ``pump`` runs in the worker thread trio started (so a cancelled pull cancels its fetch)
+    while ``ingest`` reads on a thread of its own, at most ``AHEAD`` chunks behind: the
+    network (the trio thread), the partial file and the reader's hashing, inflating and
+    writing overlap instead of taking turns.  At the end of the blob ``pump`` syncs the
+    partial file while the reader finishes the layer.  ``finish`` (the reader is done) stops
+    the pump; ``fail`` hands the reader the pump's exception."""
+
+    AHEAD = 8
 
     def __init__(self, fd: int, desc: oci.Descriptor, fetch: Callable[[int], bytes]) -> None:
         self.fd, self.desc, self.fetch = fd, desc, fetch
-        self.have = os.fstat(fd).st_size
-        if self.have > desc.size:
+        self.resumed = os.fstat(fd).st_size  # bytes from an earlier attempt
+        if self.resumed > desc.size:
             os.ftruncate(fd, 0)
-            self.have = 0
-        self.resumed = self.have
-        self.pos = 0  # bytes obtained (read from the file or fetched and written)
+            self.resumed = 0
+        self.pos = 0  # bytes handed to the reader
         self.buf = b""
-        self.hasher = new_hasher(desc.digest)
+        self._ahead: queue.Queue[bytes | BaseException] = queue.Queue(self.AHEAD)
+        self._done = threading.Event()
+
+    def pump(self) -> None:
+        """Fetch from the end of the partial file on, append, queue, until the end of the
+        blob (then b"") or until the reader is done."""
+        off = self.resumed
+        while not self._done.is_set():
+            data = self.fetch(off)
+            if data and off + len(data) > self.desc.size:
+                raise DigestMismatch(f"blob {self.desc.digest} is larger than the "
+                                     f"{self.desc.size} bytes expected")
+            if data:
+                with disk_full_guard("a download"):
+                    os.pwrite(self.fd, data, off)
+                off += len(data)
+            else:
+                with disk_full_guard("a blob"):
+                    os.fsync(self.fd)  # while the reader finishes; publish needs it
+            self._put(data)
+            if not data:
+                return
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._done.is_set():
+            with contextlib.suppress(queue.Full):
+                self._ahead.put(item, timeout=0.1)
+                return
+
+    def fail(self, exc: BaseException) -> None:
+        self._put(exc)
+
+    def finish(self) -> None:
+        self._done.set()
 
     def _next(self, n: int) -> bytes:
-        if self.pos < self.have:
-            data = os.pread(self.fd, min(n, self.have - self.pos), self.pos)
+        if self.pos < self.resumed:
+            data = os.pread(self.fd, min(n, self.resumed - self.pos), self.pos)
             if not data:
                 raise StoreError(f"partial download of {self.desc.digest} shrank while read")
         else:
-            data = self.fetch(self.pos)
-            if not data:
-                return b""
-            if self.pos + len(data) > self.desc.size:
-                raise DigestMismatch(f"blob {self.desc.digest} is larger than the "
-                                     f"{self.desc.size} bytes expected")
-            with disk_full_guard("a download"):
-                os.pwrite(self.fd, data, self.pos)
-            self.have = self.pos + len(data)
+            item = self._ahead.get()
+            if isinstance(item, BaseException):
+                self._ahead.put(item)  # again, for a reader that reads on
+                raise item
+            data = item
         self.pos += len(data)
-        self.hasher.update(data)
         return data
 
     def read(self, n: int = -1) -> bytes:
@@ -329,6 +367,15 @@ class _PartialReader:
     def drain(self) -> None:
         while self.read(CHUNK):
             pass
+
+    def digest(self) -> Digest:
+        """What the partial file hashes to (after ``drain``: the whole blob as received)."""
+        h = new_hasher(self.desc.digest)
+        off = 0
+        while data := os.pread(self.fd, CHUNK, off):
+            h.update(data)
+            off += len(data)
+        return h.digest
 
 
 def _open_partial(path: str, blobs: BlobStore, digest: Digest) -> int | None:
@@ -514,7 +561,7 @@ class _Puller:
                 log.info("resuming %s from byte %d of its partial file", stream.sid,
                          reader.resumed)
             try:
-                got = self._ingest(reader, desc, diff_id)
+                got = self._pumped(reader, desc, diff_id)
             except RegistryError:
                 raise  # a network failure: keep the partial file for the next attempt
             except StoreError as exc:
@@ -526,12 +573,39 @@ class _Puller:
                 blobs.link(layers.tar_path(got.layer.diff_id), desc.digest)
                 os.unlink(path)
             else:
-                with disk_full_guard("a blob"):
-                    os.fsync(fd)
-                blobs.publish(path, desc.digest)
+                blobs.publish(path, desc.digest)  # (synced by the pump)
             return reader.resumed
         finally:
             os.close(fd)
+
+    def _pumped(self, reader: _PartialReader, desc: oci.Descriptor,
+                diff_id: Digest) -> Ingested:
+        """``_ingest`` on a thread of its own while this one pumps the blob into ``reader``;
+        the first failure of either is raised here (a network failure first: it keeps the
+        partial file)."""
+        out: list[Ingested] = []
+        failed: list[BaseException] = []
+
+        def ingest() -> None:
+            try:
+                out.append(self._ingest(reader, desc, diff_id))
+            except BaseException as exc:
+                failed.append(exc)
+            finally:
+                reader.finish()
+
+        thread = threading.Thread(target=ingest, name=f"ingest {short(desc.digest)}")
+        thread.start()
+        try:
+            reader.pump()
+        except BaseException as exc:
+            reader.fail(exc)
+            thread.join()
+            raise
+        thread.join()
+        if failed:
+            raise failed[0]
+        return out[0]
 
     def _ingest(self, reader: _PartialReader, desc: oci.Descriptor,
                 diff_id: Digest) -> Ingested:
@@ -543,9 +617,10 @@ class _Puller:
             if isinstance(exc, DigestMismatch):
                 raise
             reader.drain()  # a stream that does not decompress is usually the wrong blob
-            if reader.hasher.digest != desc.digest:
+            got = reader.digest()
+            if got != desc.digest:
                 raise DigestMismatch(f"layer digest mismatch: expected {desc.digest}, got "
-                                     f"{reader.hasher.digest}") from None
+                                     f"{got}") from None
             raise
 
 

@@ -121,3 +121,38 @@ def test_a_bomb_is_never_inflated_whole(kind: str, size: int, bound: int) -> Non
     finally:
         tracemalloc.stop()
     assert peak < bound, f"{kind}: peak {peak >> 20} MiB"
+
+
+def test_gzip_with_zlib_ng_and_without() -> None:
+    """gzip goes through zlib-ng when it imports, else the standard zlib: both write gzip the
+    stdlib reads, both read the stdlib's, and zlib-ng reads what either wrote."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import imagestore.compress
+
+    assert imagestore.compress.fast_zlib.__name__ == "zlib_ng.zlib_ng"  # a dependency
+    probe = (
+        "import sys, gzip, io\n"
+        "if sys.argv[1] == 'without':\n"
+        "    sys.modules['zlib_ng'] = None  # the import fails, as where it is not installed\n"
+        "from imagestore.compress import Compressor, DecompressReader, fast_zlib\n"
+        "data = bytes(range(256)) * 20000 + b'tail'\n"
+        "c = Compressor('gzip')\n"
+        "packed = c.compress(data) + c.flush()\n"
+        "assert gzip.decompress(packed) == data\n"
+        "assert DecompressReader(io.BytesIO(gzip.compress(data))).read() == data\n"
+        "sys.stdout.buffer.write(fast_zlib.__name__.encode() + b' ' + packed)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    outs = {}
+    for mode in ("with", "without"):
+        proc = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True,
+                              cwd=repo, env={**os.environ, "PYTHONPATH": repo})
+        assert proc.returncode == 0, proc.stderr.decode()
+        name, _, packed = proc.stdout.partition(b" ")
+        outs[name.decode()] = packed
+    assert set(outs) == {"zlib_ng.zlib_ng", "zlib"}
+    for packed in outs.values():
+        assert DecompressReader(io.BytesIO(packed)).read() == bytes(range(256)) * 20000 + b"tail"
