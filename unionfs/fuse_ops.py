@@ -226,6 +226,9 @@ class Operations(pyfuse3.Operations):
         with its tree for a ``rename``): in a worker thread when that copy is big, so other
         requests go on.  Read handles on the lower file then read the upper copy, as
         overlayfs's do."""
+        node = self.union.find(path)
+        if node is None or self.union.in_upper(node) and not rename:
+            return fn(*args)  # nothing to copy up
         if self.union.copy_cost(path, size, rename) > BIG_COPY:
             got = await trio.to_thread.run_sync(lambda: fn(*args), limiter=self.limiter)
         else:
@@ -505,12 +508,12 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
         async with self.lock:
-            node = self.union.create(self._path(parent_inode), _name(name), stat.S_IMODE(mode),
-                                     ctx.uid, ctx.gid)
+            node, fd = self.union.create_open(self._path(parent_inode), _name(name),
+                                              stat.S_IMODE(mode), ctx.uid, ctx.gid)
         attr = self._entry(node, new=True)
         i = self._inode(attr.st_ino)
         fh = self._new_fh()
-        self.handles[fh] = Handle(i, self.union.open_file(node, True), node, True, False)
+        self.handles[fh] = Handle(i, fd, node, True, False)
         self.inodes.opened(i)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), attr
 
