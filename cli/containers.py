@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from imagestore.containers import Containers
+from imagestore.containers import Container, Containers
 from imagestore.errors import StoreError
 
 from .common import store_of
@@ -60,7 +60,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
             "CreatedAt": c.created,
             "RunningFor": since(c.created),
             "Mounts": mounts.get(c.id, ""),
-            "Status": f"Mounted at {mounts[c.id]}" if c.id in mounts else "Created",
+            "Status": _status(c, mounts.get(c.id)),
         })
     if args.quiet:
         for r in rows:
@@ -80,6 +80,16 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(c: Container, mountpoint: str | None) -> str:
+    """Up (running), Mounted at, Exited (after a run), Created."""
+    from imagestore.run import status_line
+
+    ran = status_line(c, since)
+    if ran is not None and (ran.startswith("Up ") or mountpoint is None):
+        return ran
+    return f"Mounted at {mountpoint}" if mountpoint else "Created"
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     from unionfs.mount import MountError, unmount
 
@@ -88,6 +98,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
     for name in args.containers:
         try:
             c = cs.get(name)
+            if args.force:
+                from imagestore.run import stop
+
+                stop(c)  # a running container is killed first, as docker rm -f
             where = cs.mounted_at(c)
             if where is not None and args.force:
                 rec = next((m for m in cs.mounts() if m.target == c.id), None)

@@ -15,10 +15,10 @@ from imagestore.errors import StoreError
 from unionfs.errors import MountError
 from unionfs.tarlayer import LayerError
 
-from . import check, commit, containers, images, mount, registry, transfer
+from . import check, commit, containers, images, mount, registry, run, transfer
 from .common import UserError, size_arg
 
-GROUPS = (images, transfer, registry, containers, mount, commit, check)
+GROUPS = (images, transfer, registry, containers, mount, commit, check, run)
 
 
 def build_parser() -> argparse.ArgumentParser:

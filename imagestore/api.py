@@ -25,7 +25,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from unionfs.layers import DirLayer
 from unionfs.resolve import UnionView
@@ -42,6 +42,7 @@ from .store import Image, Removed
 
 if TYPE_CHECKING:
     from .registry import PullResult, PushResult
+    from .runner import RunResult
 
 ImageLike = str | Image
 ContainerLike = str | Container
@@ -243,6 +244,10 @@ class Store(_store.Store):
         ``ContainerNotFound``, ``Conflict``, ``MountFailed``."""
         cs = Containers(self)
         c = self._container_of(container)
+        if force:
+            from .run import stop
+
+            stop(c)  # a running container is killed first, as docker rm -f
         rec = cs.mount_of(c)
         if rec is not None and force:
             mounting.unmount_record(rec)
@@ -288,6 +293,44 @@ class Store(_store.Store):
         if counter is not None:
             counter.finish(short(image.manifest.layers[-1].digest))
         return image
+
+    # -- running -------------------------------------------------------------------------------
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[False] = ..., **options: Any) -> int: ...
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[True], **options: Any) -> RunResult: ...
+
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = None,
+            *, capture_output: bool = False, input: bytes | None = None,
+            name: str | None = None, remove: bool = False, runtime: str | None = None,
+            **options: Any) -> int | RunResult:
+        """``strata run``: run ``command`` (a list, or a string split as a shell would;
+        default: the image's Entrypoint and Cmd) in a new container of the image ``target``
+        (named ``name``; removed at the end with ``remove``) or in the existing container
+        ``target``, through the OCI runtime (crun, or ``runtime``), and return its exit status
+        (docker's: 128+N when killed by signal N).  With ``capture_output`` the result is a
+        ``RunResult`` with ``status``, ``stdout`` and ``stderr`` (bytes); otherwise the
+        command writes to this process's stdout and stderr.  ``input`` is fed to its stdin
+        (otherwise stdin is /dev/null).  ``options`` are ``run.options``'s keywords, docker's
+        flags: ``entrypoint``, ``env`` (a mapping or ``K=V`` strings), ``workdir``, ``user``,
+        ``group_add``, ``hostname``, ``network`` (``"none"`` or ``"host"``), ``volumes``
+        (``"HOST:CTR[:ro]"``), ``tmpfs``, ``cap_add``, ``cap_drop``, ``privileged``,
+        ``read_only``, ``security_opt``, ``cgroups``.  Needs root.  Raises ``RunError``
+        (``exit_status`` 125; 126/127 when the command cannot be executed or is not found),
+        ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted or
+        running), ``MountFailed``."""
+        from . import run as _run
+        from .runner import Streams
+
+        opts = _run.options(command, interactive=input is not None, **options)
+        streams = Streams(input=input, capture=capture_output)
+        result = _run.run(self, target, opts, streams, name=name, remove=remove,
+                          runtime_path=runtime)
+        return result if capture_output else result.status
 
     # -- mounts ----------------------------------------------------------------------------------
 

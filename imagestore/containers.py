@@ -30,7 +30,7 @@ from typing import Any
 
 from unionfs.control import frozen
 from unionfs.errors import MountError
-from unionfs.layers import LowerLayer
+from unionfs.layers import DirLayer, LowerLayer
 from unionfs.resolve import UnionView
 from unionfs.upper import remove_tree
 
@@ -159,7 +159,12 @@ class Containers:
         remove_tree(container.root)
 
     def open_layers(self, container: Container) -> list[LowerLayer]:
-        return self.store.open_layers(self.store.image(container.image))  # type: ignore[arg-type]
+        layers = self.store.open_layers(self.store.image(container.image))  # type: ignore[arg-type]
+        # strata run's init layer (imagestore/run.py): stubs of mount targets, above the image
+        init = os.path.join(container.root, "init")
+        if os.path.isdir(init):
+            layers.insert(0, DirLayer(init))
+        return layers
 
     # -- mount lock and records ----------------------------------------------------------------
 
