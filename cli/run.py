@@ -63,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from imagestore.runtime import RunError, read_env_file
 
     try:
+        if os.geteuid() != 0:  # before the store is opened (that would make it)
+            raise RunError(running.NOT_ROOT)
         env: list[str] = []
         for path in args.env_file:
             env += read_env_file(path, os.environ)

@@ -60,6 +60,7 @@ from .runtime import Bind, RootView, RunError, RunOptions
 from .store import Image, Store
 
 log = logging.getLogger(__name__)
+NOT_ROOT = "strata run needs root (the OCI runtime makes namespaces and mounts)"
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def run(store: Store, target: str | Image | Container, opts: RunOptions, streams
     ``MountFailed``."""
     phases = _Phases(time.perf_counter(), {})
     if os.geteuid() != 0:
-        raise RunError("strata run needs root (the OCI runtime makes namespaces and mounts)")
+        raise RunError(NOT_ROOT)
     rt = OCIRuntime.find(runtime_path, os.path.join(store.root, "runtime"),
                          cgroups=opts.cgroups)
     cs = Containers(store)

@@ -92,7 +92,7 @@ class OCIRuntime:
                 raise RuntimeMissing(f"the OCI runtime {choice} is not installed or not "
                                      "executable")
         else:
-            path = next((p for p in map(_which, ("crun", "runc")) if p), None)
+            path = next((p for p in map(shutil.which, ("crun", "runc")) if p), None)
             if path is None:
                 raise RuntimeMissing("strata run needs an OCI runtime: crun is not installed "
                                      "(Debian package crun)")
@@ -123,9 +123,6 @@ class OCIRuntime:
             self.call(log, "delete", "--force", cid, timeout=30)
 
 
-def _which(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/local/bin:"
-                                                         "/usr/sbin:/usr/bin:/sbin:/bin")
 
 
 def _hybrid_with_controllers() -> bool:
@@ -203,8 +200,9 @@ def error_status(message: str) -> int:
     if ("executable file" in low and "not found" in low) or (
             "exec" in low and "no such file or directory" in low):
         return 127
-    if ("exec" in low) and any(w in low for w in ("permission denied", "exec format error",
-                                                   "is a directory", "not a directory")):
+    if low.startswith("open executable") or ("exec" in low and any(
+            w in low for w in ("permission denied", "exec format error", "is a directory",
+                               "not a directory", "operation not permitted"))):
         return 126
     return 125
 

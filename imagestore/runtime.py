@@ -202,13 +202,21 @@ def cap_name(text: str) -> str:
 
 
 def all_caps() -> list[str]:
-    """Every capability this kernel knows."""
+    """Every capability this process may pass on: the kernel's, within its bounding set."""
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last = int(f.read())
     except (OSError, ValueError):
         last = len(_CAP_NAMES) - 1
-    return ["CAP_" + n for n in _CAP_NAMES[: last + 1]]
+    bounding = (1 << (last + 1)) - 1
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapBnd:"):
+                    bounding = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return ["CAP_" + n for i, n in enumerate(_CAP_NAMES[: last + 1]) if bounding >> i & 1]
 
 
 def capabilities(opts: RunOptions) -> list[str]:
