@@ -510,8 +510,7 @@ class _Relay:
                         status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
                         deadline = time.monotonic() + DRAIN_TIMEOUT
                         if r.feed >= 0:
-                            self.poller.unregister(r.feed)
-                            r.close(r.feed)
+                            self._stop_feeding()
                     elif fd == wake_r:
                         self._signals(wake_r, status is None)
                     elif fd == r.feed:
@@ -553,8 +552,12 @@ class _Relay:
             return
         self.pending = self.pending[n:]
         if not self.pending:
-            self.poller.unregister(self.r.feed)
-            self.r.close(self.r.feed)
+            self._stop_feeding()
+
+    def _stop_feeding(self) -> None:
+        self.poller.unregister(self.r.feed)
+        self.r.close(self.r.feed)
+        self.r.feed = -1
 
     def _from_stdin(self) -> None:
         assert self.stdin is not None
