@@ -2,8 +2,8 @@
 the public Python API of strata.
 
 ``Store`` (``api.py``) is the entry point: ``Store(root=None)`` opens a store and offers pull,
-push, load, import, tag, remove, save, export, containers, commit and mounts.  The values it
-returns and the errors it raises are exported here; ``docs/api.md`` is the reference.
+push, load, import, tag, remove, save, export, containers, commit, mounts and run.  The values
+it returns and the errors it raises are exported here; ``docs/api.md`` is the reference.
 
 Caveats:
 * The names below are imported on first use (PEP 562), so that importing a submodule — the
@@ -39,12 +39,14 @@ if TYPE_CHECKING:
     from .progress import ProgressEvent, ProgressFn
     from .reference import Reference
     from .registry import AuthError, NotFound, PullResult, PushResult, RegistryError
+    from .runner import RunResult
+    from .runtime import RunError
     from .store import Image, Removed
 
 _WHERE = {
     "Store": "api", "Loaded": "archive", "Container": "containers", "MountRecord": "containers",
     "ProgressEvent": "progress", "ProgressFn": "progress", "Reference": "reference",
-    "Image": "store", "Removed": "store",
+    "Image": "store", "Removed": "store", "RunError": "runtime", "RunResult": "runner",
     **dict.fromkeys(("AuthError", "NotFound", "PullResult", "PushResult", "RegistryError"),
                     "registry"),
     **dict.fromkeys(("Ambiguous", "Conflict", "ContainerNotFound", "DigestMismatch",
@@ -58,7 +60,7 @@ __all__ = [
     "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
     "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
     "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",
-    "Removed", "Store", "StoreError", "StoreFull", "Unsupported",
+    "Removed", "RunError", "RunResult", "Store", "StoreError", "StoreFull", "Unsupported",
 ]
 
 

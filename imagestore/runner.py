@@ -158,7 +158,7 @@ class Streams:
     capture: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunResult:
     status: int
     stdout: bytes = b""
