@@ -115,7 +115,8 @@ class OCIRuntime:
              ) -> subprocess.CompletedProcess[bytes]:
         """A runtime command with its own streams (not the container's)."""
         return subprocess.run(self.command(log, *args), stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout, preexec_fn=self.preexec())
+                              capture_output=True, timeout=timeout, preexec_fn=self.preexec(),
+                              process_group=0)
 
     def delete(self, log: str, cid: str) -> None:
         """Forget the container ``cid`` (killing what is left of it); quiet if it is gone."""
@@ -339,7 +340,12 @@ def run_bundle(rt: OCIRuntime, bundle: str, cid: str, streams: Streams, *, tty: 
     r = _Run()
     pid = -1
     try:
-        with _subreaper():
+        wake_r, wake_w = _pipe(r)
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        # signals are routed from before create: one that comes before the command starts is
+        # passed on once it has (instead of killing strata with the container half made)
+        with _signals_forwarded(wake_w, tty), _subreaper():
             pid = _create(rt, bundle, cid, log, streams, r, tty=tty)
             try:
                 started = rt.call(log, "start", cid)
@@ -347,7 +353,7 @@ def run_bundle(rt: OCIRuntime, bundle: str, cid: str, streams: Streams, *, tty: 
                     raise _failure(rt, log, "start", started.stderr)
                 if on_start is not None:
                     on_start(pid)
-                status = _Relay(pid, streams, r, tty=tty, interactive=interactive).wait()
+                status = _Relay(pid, streams, r, tty=tty, interactive=interactive).wait(wake_r)
                 pid = -1
             finally:
                 if pid > 0:
@@ -397,8 +403,10 @@ def _create(rt: OCIRuntime, bundle: str, cid: str, log: str, streams: Streams, r
         server.listen(1)
         args += ["--console-socket", "console.sock"]
     try:
+        # (a process group of its own: a Ctrl-C on the terminal is strata's to pass on)
         proc = subprocess.Popen(rt.command(log, *args, cid), stdin=stdin, stdout=stdout,
-                                stderr=err_w, cwd=bundle, preexec_fn=rt.preexec())
+                                stderr=err_w, cwd=bundle, preexec_fn=rt.preexec(),
+                                process_group=0)
         for fd in theirs:
             r.close(fd)
         said = _collect_until_exit(proc, r.err)
@@ -474,12 +482,10 @@ class _Relay:
         if size is not None:
             fcntl.ioctl(self.r.master, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
 
-    def wait(self) -> int:
+    def wait(self, wake_r: int) -> int:
+        """Relay until the init exits; ``wake_r`` delivers the numbers of signals to pass on."""
         r = self.r
         pidfd = r.keep(os.pidfd_open(self.pid))
-        wake_r, wake_w = _pipe(r)
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
         self.sinks[r.err] = self._stderr
         if r.out >= 0:
             self.sinks[r.out] = self._to(self.streams.stdout, r.stdout)
@@ -497,7 +503,7 @@ class _Relay:
         self.poller.register(wake_r, select.POLLIN)
         status: int | None = None
         deadline = 0.0
-        with _signals_forwarded(wake_w, self.tty), _raw(self.stdin):
+        with _raw(self.stdin):
             while status is None or self.sinks:
                 timeout = None
                 if status is not None:
