@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -241,13 +242,32 @@ def _run(store: Store, cs: Containers, container: Container, opts: RunOptions,
             _save_state(container, RunState("running", os.getpid(), pid, started))
             phases.done("create+start")
 
-        result = run_bundle(rt, run_dir, container.id, streams, tty=opts.tty,
-                            interactive=opts.interactive, on_start=on_start)
+        try:
+            result = run_bundle(rt, run_dir, container.id, streams, tty=opts.tty,
+                                interactive=opts.interactive, on_start=on_start)
+        finally:
+            if opts.cgroups:
+                _remove_cgroups(container.id)
         phases.done("command")
         _save_state(container, RunState("exited", os.getpid(), 0, started, timefmt.now(),
                                         result.status))
     phases.done("unmount")
     return result
+
+
+def _remove_cgroups(cid: str) -> None:
+    """Remove the container's cgroups should the runtime have left one (it removes them when
+    it deletes the container; one whose last process was still exiting can stay behind)."""
+    for path in [*glob.glob(f"/sys/fs/cgroup/*/strata/{cid}"), f"/sys/fs/cgroup/strata/{cid}"]:
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)  # EBUSY while the last task goes
+            else:
+                break
 
 
 def _write_files(container: Container, opts: RunOptions, hostname: str) -> list[Bind]:
