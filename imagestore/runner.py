@@ -425,21 +425,32 @@ def _create(rt: OCIRuntime, bundle: str, cid: str, log: str, streams: Streams, r
 
 
 def _collect_until_exit(proc: subprocess.Popen[bytes], fd: int) -> bytes:
-    """What the runtime writes to the stderr pipe until it exits."""
+    """What the runtime writes to the stderr pipe until it exits (woken by its pidfd)."""
     out = bytearray()
     deadline = time.monotonic() + CREATE_TIMEOUT
     os.set_blocking(fd, False)
-    while True:
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
+        while proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                proc.wait()
+                raise RunError("the runtime did not create the container in time")
+            for ready, _ in poller.poll(left * 1000):
+                if ready == fd:
+                    chunk = _read_available(fd)
+                    out += chunk
+                    if not chunk:  # EOF: the runtime's end is closed, only its exit is left
+                        poller.unregister(fd)
         out += _read_available(fd)
-        if proc.poll() is not None:
-            out += _read_available(fd)
-            os.set_blocking(fd, True)
-            return bytes(out)
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RunError("the runtime did not create the container in time")
-        select.select([fd], [], [], 0.01)
+    finally:
+        os.close(pidfd)
+        os.set_blocking(fd, True)
+    return bytes(out)
 
 
 def _read_available(fd: int) -> bytes:

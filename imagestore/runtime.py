@@ -222,7 +222,7 @@ def all_caps() -> list[str]:
 def capabilities(opts: RunOptions) -> list[str]:
     """docker's TweakCapabilities: the default set (or all with ``--privileged`` or
     ``--cap-add ALL``) plus ``cap_add`` minus ``cap_drop`` (``--cap-drop ALL`` keeps only the
-    added ones)."""
+    added ones).  Without cgroups (no device cgroup) the default set lacks CAP_MKNOD."""
     adds = [cap_name(c) for c in opts.cap_add]
     drops = [cap_name(c) for c in opts.cap_drop]
     known = all_caps()
@@ -231,6 +231,10 @@ def capabilities(opts: RunOptions) -> list[str]:
     if "ALL" in drops:
         return [c for c in dict.fromkeys(adds) if c in known]
     base = known if opts.privileged else list(DEFAULT_CAPS)
+    if not opts.cgroups and not opts.privileged:
+        # without a device cgroup, CAP_MKNOD would let root in the container make and open
+        # any device node of the host (podman drops it as well where it has none)
+        base.remove("CAP_MKNOD")
     caps = [c for c in base if c not in drops]
     return caps + [c for c in dict.fromkeys(adds) if c in known and c not in caps]
 

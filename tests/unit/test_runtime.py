@@ -118,6 +118,8 @@ def test_capabilities_follow_dockers_tweak() -> None:
     assert runtime.capabilities(RunOptions(cap_add=("ALL",), cap_drop=("CHOWN",))) == \
         [c for c in every if c != "CAP_CHOWN"]
     assert runtime.capabilities(RunOptions(privileged=True)) == every
+    assert "CAP_MKNOD" not in runtime.capabilities(RunOptions(cgroups=False))
+    assert "CAP_MKNOD" in runtime.capabilities(RunOptions(cgroups=False, cap_add=("MKNOD",)))
 
 
 def test_mounts_replace_defaults_and_come_parents_first(tmp_path: Path) -> None:
