@@ -5,7 +5,7 @@ end) or an existing container (run again with its writable layer), and:
 
 1. reads what the spec needs from the container's layers without mounting them (the image
    config, the user from ``/etc/passwd`` and ``/etc/group``, the working directory), through
-   ``runtime.RootView``;
+   ``runtime_user.RootView``;
 2. writes the container's **init layer** ``containers/<id>/init``: empty stubs for the mount
    targets the rootfs lacks (``/proc``, ``/dev``, ``/sys``, ``/etc/hosts``, ``/etc/hostname``,
    ``/etc/resolv.conf``, ``-v`` and ``--tmpfs`` targets), as docker's ``-init`` layer.  The
@@ -53,11 +53,12 @@ from unionfs.layers import DirLayer
 from unionfs.resolve import UnionView
 from unionfs.upper import remove_tree
 
-from . import mounting, runtime, runtime_seccomp, timefmt
+from . import mounting, runtime, runtime_seccomp, runtime_user, timefmt
 from .containers import Container, Containers, process_alive
 from .errors import Conflict, ContainerNotFound, ImageNotFound
 from .runner import OCIRuntime, RunResult, Streams, run_bundle
-from .runtime import Bind, RootView, RunError, RunOptions
+from .runtime import Bind, RunError, RunOptions
+from .runtime_user import RootView
 from .store import Image, Store
 
 log = logging.getLogger(__name__)
@@ -212,8 +213,8 @@ def _run(store: Store, cs: Containers, container: Container, opts: RunOptions,
     with store.layers_of(image) as layers:
         root = RootView(UnionView([DirLayer(container.upper), *layers]))
         spec_user = opts.user if opts.user is not None else str(config.get("User") or "")
-        user = runtime.resolve_user(spec_user, root.read("etc/passwd"), root.read("etc/group"),
-                                    opts.group_add)
+        user = runtime_user.resolve_user(spec_user, root.read("etc/passwd"),
+                                         root.read("etc/group"), opts.group_add)
         wd_path, wd_node = root.resolve(workdir)
         if wd_node is not None and not wd_node.is_dir:
             raise RunError(f"the working directory {workdir} is not a directory")

@@ -6,10 +6,9 @@ runtime config plus those options into the ``config.json`` an OCI runtime (crun,
 * process: ``Entrypoint`` + ``Cmd`` by docker's rules (``--entrypoint`` drops the image's
   ``Cmd``; a command replaces ``Cmd``), ``Env`` (image, then ``--env-file``, then ``-e``; a
   default ``PATH``, ``HOSTNAME``, ``HOME`` from the user's passwd entry, ``TERM`` with a
-  terminal), ``cwd`` (``WorkingDir`` or ``-w``), the user resolved as runc resolves it
-  (``resolve_user``: the image's ``/etc/passwd`` and ``/etc/group``, supplementary groups of a
-  user found by name), docker's default capabilities (only ``--cap-add`` ones for a non-root
-  user, as podman);
+  terminal), ``cwd`` (``WorkingDir`` or ``-w``), the user (``runtime_user``: resolved as runc
+  resolves it), docker's default capabilities (only ``--cap-add`` ones for a non-root user, as
+  podman);
 * namespaces pid, mount, ipc, uts and network (none with ``--network host``);
 * mounts: ``/proc``, ``/dev`` (tmpfs; the runtime adds the standard devices), ``/dev/pts``,
   ``/dev/shm``, ``/dev/mqueue``, ``/sys`` and ``/sys/fs/cgroup`` read-only, then the files
@@ -18,17 +17,13 @@ runtime config plus those options into the ``config.json`` an OCI runtime (crun,
 * docker's masked and read-only paths, a device cgroup that denies everything but the
   runtime's standard devices, the seccomp profile given (``runtime_seccomp``).
 
-Seams: no file system access here except ``RootView``, which reads the container's rootfs
-through a ``UnionView`` (the layers, not the mount), resolving symlinks inside the rootfs as
-runc's securejoin does, so a hostile image cannot point a read at the host.  Parsing of docker's
-flag syntax (``-v``, ``--tmpfs``, ``-e``, ``--env-file``, ``--cap-add``) lives here too, so the
-CLI and the API accept the same strings.
+Seams: no file system access here (the user comes resolved from ``runtime_user``, which reads
+the rootfs).  Parsing of docker's flag syntax (``-v``, ``--tmpfs``, ``-e``, ``--env-file``,
+``--cap-add``) lives here too, so the CLI and the API accept the same strings.
 
 Caveats:
 * ``--privileged`` gives every capability, no masked paths, ``/sys`` read-write and every
   device of the host's ``/dev``, as docker does.
-* A user that is a number absent from ``/etc/passwd`` runs with that uid, gid 0 and ``HOME=/``
-  (runc's defaults); a name that is absent is an error.
 """
 
 from __future__ import annotations
@@ -38,11 +33,12 @@ import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from unionfs.resolve import Node, UnionView
+from typing import TYPE_CHECKING, Any
 
 from .errors import StoreError
+
+if TYPE_CHECKING:
+    from .runtime_user import ExecUser
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # moby oci/caps/defaults.go
@@ -120,15 +116,6 @@ class RunOptions:
     cgroups: bool = True
     console_size: tuple[int, int] | None = None  # (rows, columns) for the terminal
     annotations: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ExecUser:
-    uid: int
-    gid: int
-    additional_gids: tuple[int, ...]
-    home: str
-    name: str
 
 
 # -- docker's flag syntax --------------------------------------------------------------------------
@@ -275,167 +262,6 @@ def environment(config: Mapping[str, Any], opts: RunOptions, user: ExecUser,
     out = {**{k: v for k, v in first.items() if k not in merged}, **merged}
     out.setdefault("HOME", user.home or "/")
     return [f"{k}={v}" for k, v in out.items()]
-
-
-# -- users -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Passwd:
-    name: str
-    uid: int
-    gid: int
-    home: str
-
-
-@dataclass(frozen=True)
-class _Group:
-    name: str
-    gid: int
-    members: tuple[str, ...]
-
-
-def _number(text: str) -> int | None:
-    if not text.isdigit():
-        return None
-    value = int(text)
-    if value > MAX_ID:
-        raise RunError(f"user or group id {text} is out of range (at most {MAX_ID})")
-    return value
-
-
-def _passwd(data: bytes | None) -> list[_Passwd]:
-    out = []
-    for line in (data or b"").decode(errors="replace").splitlines():
-        f = line.split(":")
-        if len(f) < 4 or line.startswith("#") or not f[2].isdigit() or not f[3].isdigit():
-            continue
-        out.append(_Passwd(f[0], int(f[2]), int(f[3]), f[5] if len(f) > 5 else ""))
-    return out
-
-
-def _groups(data: bytes | None) -> list[_Group]:
-    out = []
-    for line in (data or b"").decode(errors="replace").splitlines():
-        f = line.split(":")
-        if len(f) < 3 or line.startswith("#") or not f[2].isdigit():
-            continue
-        members = tuple(m.strip() for m in f[3].split(",") if m.strip()) if len(f) > 3 else ()
-        out.append(_Group(f[0], int(f[2]), members))
-    return out
-
-
-def resolve_user(spec: str, passwd: bytes | None, group: bytes | None,
-                 group_add: Sequence[str] = ()) -> ExecUser:
-    """runc's GetExecUser: ``spec`` is ``user[:group]``, each a name or a number ("" is
-    root).  A user found by name or number takes its uid, gid and home; its supplementary
-    groups are the groups listing its name, unless a group was given.  An unknown name is an
-    error, an unknown number is used as is (gid 0, home ``/``).  ``group_add`` adds groups
-    (``--group-add``)."""
-    user_arg, _, group_arg = spec.partition(":")
-    uid_arg = _number(user_arg) if user_arg else 0
-    entry = next((p for p in _passwd(passwd)
-                  if (user_arg and p.name == user_arg) or (uid_arg is not None and
-                                                           p.uid == uid_arg)), None)
-    if entry is None and uid_arg is None:
-        raise RunError(f"unable to find user {user_arg}: no matching entries in passwd file")
-    uid = entry.uid if entry else uid_arg or 0
-    gid = entry.gid if entry else 0
-    home = entry.home if entry and entry.home else "/"
-    name = entry.name if entry else ""
-    groups = _groups(group)
-    sgids: list[int] = []
-    if group_arg:
-        gid_arg = _number(group_arg)
-        found = next((g for g in groups if g.name == group_arg or
-                      (gid_arg is not None and g.gid == gid_arg)), None)
-        if found is None and gid_arg is None:
-            raise RunError(f"unable to find group {group_arg}: no matching entries in group "
-                           "file")
-        gid = found.gid if found else gid_arg or 0
-    elif name:
-        sgids = [g.gid for g in groups if name in g.members]
-    for extra in group_add:
-        number = _number(extra)
-        found = next((g for g in groups if g.name == extra), None)
-        if found is None and number is None:
-            raise RunError(f"unable to find group {extra}: no matching entries in group file")
-        sgids.append(found.gid if found else number or 0)
-    return ExecUser(uid, gid, tuple(dict.fromkeys(sgids)), home, name)
-
-
-# -- reading the rootfs ----------------------------------------------------------------------------
-
-
-class RootView:
-    """Paths of a container's rootfs as the container will see them: symlinks resolved inside
-    the rootfs (an absolute target starts again at its root, ``..`` stops at it), over a
-    ``UnionView`` of its layers (nothing here touches the host's file system)."""
-
-    MAX_LINKS = 40
-
-    def __init__(self, view: UnionView) -> None:
-        self.view = view
-
-    def resolve(self, path: str) -> tuple[str, Node | None]:
-        """``(resolved, node)``: the path with every symlink resolved (relative, no leading
-        slash) and its node, None when it does not exist; components below a missing one are
-        kept as given."""
-        todo = [p for p in path.split("/") if p not in ("", ".")]
-        todo.reverse()
-        done: list[str] = []
-        nodes: list[Node] = [self.view.root()]
-        links = 0
-        missing = False
-        while todo:
-            part = todo.pop()
-            if part == "..":
-                if done:
-                    done.pop()
-                    if not missing:
-                        nodes.pop()
-                    missing = len(nodes) <= len(done)
-                continue
-            if missing:
-                done.append(part)
-                continue
-            parent = nodes[-1]
-            child = self.view.lookup(parent, part) if parent.is_dir else None
-            if child is None:
-                done.append(part)
-                missing = True
-                continue
-            if stat.S_ISLNK(child.entry.mode):
-                links += 1
-                if links > self.MAX_LINKS:
-                    raise RunError(f"too many levels of symbolic links in {path}")
-                target = child.entry.target
-                if target.startswith("/"):
-                    done, nodes = [], [nodes[0]]
-                todo.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
-                continue
-            done.append(part)
-            nodes.append(child)
-        return "/".join(done), (None if missing else nodes[-1])
-
-    def read(self, path: str, limit: int = 16 << 20) -> bytes | None:
-        """The content of the regular file at ``path``, None if there is none."""
-        _, node = self.resolve(path)
-        if node is None or not stat.S_ISREG(node.entry.mode):
-            return None
-        return self.view.read(node, 0, min(node.entry.size, limit))
-
-    def parents(self, resolved: str) -> list[tuple[str, Node | None]]:
-        """Each ancestor of the resolved path ``resolved`` (outermost first) with its node."""
-        out: list[tuple[str, Node | None]] = []
-        node: Node | None = self.view.root()
-        parts = resolved.split("/")[:-1] if resolved else []
-        path = ""
-        for part in parts:
-            path = f"{path}/{part}" if path else part
-            node = self.view.lookup(node, part) if node is not None and node.is_dir else None
-            out.append((path, node))
-        return out
 
 
 # -- the spec --------------------------------------------------------------------------------------

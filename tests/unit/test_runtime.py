@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from imagestore import runtime, runtime_seccomp
-from imagestore.runtime import Bind, RootView, RunError, RunOptions, Tmpfs, Volume
+from imagestore import runtime, runtime_seccomp, runtime_user
+from imagestore.runtime import Bind, RunError, RunOptions, Tmpfs, Volume
+from imagestore.runtime_user import ExecUser, RootView
 from tests.memlayer import DIR, Link, MemLayer
 from unionfs.resolve import UnionView
 
@@ -47,7 +48,7 @@ def test_no_command_is_refused() -> None:
 
 
 def test_environment_merges_like_docker() -> None:
-    user = runtime.ExecUser(1000, 1000, (), "/home/alice", "alice")
+    user = ExecUser(1000, 1000, (), "/home/alice", "alice")
     config = {"Env": ["A=image", "PATH=/image/bin", "B=image"]}
     env = runtime.environment(config, RunOptions(env=("B=flag", "C=flag"), tty=True), user,
                               "host1")
@@ -70,7 +71,7 @@ def test_environment_merges_like_docker() -> None:
 ])
 def test_users_resolve_as_runc_resolves_them(spec: str,
                                               expected: tuple[object, ...]) -> None:
-    u = runtime.resolve_user(spec, PASSWD, GROUP)
+    u = runtime_user.resolve_user(spec, PASSWD, GROUP)
     assert (u.uid, u.gid, u.additional_gids, u.home, u.name) == expected
 
 
@@ -79,13 +80,13 @@ def test_unknown_names_and_bad_ids_are_errors() -> None:
                           ("alice:staff", "unable to find group staff"),
                           ("99999999999", "out of range")):
         with pytest.raises(RunError, match=message):
-            runtime.resolve_user(spec, PASSWD, GROUP)
+            runtime_user.resolve_user(spec, PASSWD, GROUP)
     with pytest.raises(RunError, match="unable to find user alice"):
-        runtime.resolve_user("alice", None, None)  # no /etc/passwd at all
-    assert runtime.resolve_user("alice", PASSWD, GROUP, ["users", "7"]).additional_gids == \
+        runtime_user.resolve_user("alice", None, None)  # no /etc/passwd at all
+    assert runtime_user.resolve_user("alice", PASSWD, GROUP, ["users", "7"]).additional_gids == \
         (10, 100, 7)
     with pytest.raises(RunError, match="unable to find group nope"):
-        runtime.resolve_user("alice", PASSWD, GROUP, ["nope"])
+        runtime_user.resolve_user("alice", PASSWD, GROUP, ["nope"])
 
 
 def test_flag_parsers(tmp_path: Path) -> None:
@@ -181,7 +182,7 @@ def test_root_view_resolves_symlinks_inside_the_rootfs() -> None:
 
 
 def test_the_spec_puts_it_together(tmp_path: Path) -> None:
-    user = runtime.ExecUser(1000, 1000, (10,), "/home/alice", "alice")
+    user = ExecUser(1000, 1000, (10,), "/home/alice", "alice")
     spec = runtime.spec({"Cmd": ["id"], "Env": ["A=1"]},
                         RunOptions(network="host", tty=True, console_size=(30, 90)),
                         rootfs=str(tmp_path), user=user, hostname="h", workdir="/w",
