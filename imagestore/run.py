@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import signal
 import socket
 import time
@@ -316,20 +315,21 @@ def _build_init(container: Container, root: RootView,
             os.mkdir(new, 0o755)
             attrs[""] = root.view.root().entry
             made = True
-        for rel, n in parents:
+        for rel, n in [*parents, (resolved, None)]:
             full = os.path.join(new, rel)
-            if not os.path.isdir(full):
-                os.mkdir(full, 0o755)
+            if rel == resolved and not is_dir:
+                if not os.path.lexists(full):
+                    os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC))
+                    os.chmod(full, 0o644)  # whatever the umask
+            elif not os.path.isdir(full):
+                os.mkdir(full)
+                os.chmod(full, 0o755)
             if n is not None:
                 attrs[rel] = n.entry
-        full = os.path.join(new, resolved)
-        if is_dir:
-            os.makedirs(full, 0o755, exist_ok=True)
-        elif not os.path.lexists(full):
-            os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
     for rel, e in attrs.items():
         full = os.path.join(new, rel) if rel else new
-        os.chown(full, e.uid, e.gid)
+        if os.geteuid() == 0:
+            os.chown(full, e.uid, e.gid)
         os.chmod(full, e.mode & 0o7777)
         os.utime(full, ns=(e.mtime_ns, e.mtime_ns))
     if os.path.isdir(init):
@@ -337,15 +337,6 @@ def _build_init(container: Container, root: RootView,
     if made:
         os.rename(new, init)
     remove_tree(old)
-
-
-def runtime_available() -> str | None:
-    """Why ``strata run`` cannot work here (not root, no runtime), None when it can."""
-    if os.geteuid() != 0:
-        return "strata run needs root"
-    if shutil.which("crun") is None and shutil.which("runc") is None:
-        return "crun is not installed (Debian package crun)"
-    return None
 
 
 def options(command: str | Sequence[str] | None = None, *,

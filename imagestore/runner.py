@@ -124,8 +124,6 @@ class OCIRuntime:
             self.call(log, "delete", "--force", cid, timeout=30)
 
 
-
-
 def _hybrid_with_controllers() -> bool:
     try:
         if os.statvfs("/sys/fs/cgroup").f_fsid == os.statvfs("/sys/fs/cgroup/unified").f_fsid:

@@ -230,3 +230,29 @@ def test_seccomp_profiles_convert_with_their_conditions() -> None:
     assert runtime_seccomp.load("unconfined", []) is None
     with pytest.raises(RunError, match="cannot read seccomp profile"):
         runtime_seccomp.load("/nonexistent.json", [])
+
+
+def test_the_init_layer_stubs_what_is_missing_where_the_rootfs_resolves_it(
+        tmp_path: Path) -> None:
+    from imagestore.containers import Container
+    from imagestore.run import _build_init
+
+    layer = MemLayer({"etc": Link("private/etc"), "private/etc/": DIR,
+                      "private/etc/hostname": b"image\n", "proc/": DIR, "file": b"x"})
+    container = Container("c" * 64, "c", "sha256:x", "i", "", str(tmp_path))
+    targets = [("/proc", True), ("/dev", True), ("/etc/hosts", False),
+               ("/etc/hostname", False), ("/data/deep", True), ("/file/x", True)]
+    _build_init(container, RootView(UnionView([layer])), targets)
+    init = tmp_path / "init"
+    found = sorted(str(p.relative_to(init)) for p in init.rglob("*"))
+    # the symlink /etc is not shadowed: the stub is where it leads; what exists gets none;
+    # nothing can go below a file
+    assert found == ["data", "data/deep", "dev", "private", "private/etc",
+                     "private/etc/hosts"]
+    assert (init / "private/etc/hosts").is_file() and (init / "dev").is_dir()
+    for d in ("private", "private/etc"):  # the image's attributes: mtime 0, 0755
+        st = (init / d).stat()
+        assert (st.st_mtime_ns, st.st_mode & 0o7777) == (0, 0o755)
+    assert (init / "data").stat().st_mtime_ns != 0  # made here, not in the image
+    _build_init(container, RootView(UnionView([layer])), [("/proc", True)])
+    assert not init.exists()  # nothing missing: no init layer at all
