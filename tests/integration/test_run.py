@@ -404,3 +404,22 @@ def test_the_spec_is_what_crun_ran(run_strata: Strata) -> None:
                                                                 "network"}
     assert [m["destination"] for m in spec["mounts"]][:3] == ["/proc", "/dev", "/sys"]
     run_strata("rm", "spec")
+
+
+def test_runc_runs_the_same_containers(run_strata: Strata) -> None:
+    """``--runtime runc``: the other runtime docker and podman use takes the same spec."""
+    from tests.conftest import require_tool
+
+    require_tool("runc")
+    assert out(run(run_strata, "--rm", "--runtime", "runc", "-u", "alice", "-w", "/made",
+                   "-e", "A=1", BUSYBOX, "sh", "-c", "id; pwd; echo $A; hostname -s | wc -c; "
+                   "ls /sys/class/net")) == (
+        "uid=1000(alice) gid=1000(alice) groups=10(wheel),100(users)\n/made\n1\n13\nlo\n")
+    assert run(run_strata, "--rm", "--runtime", "runc", BUSYBOX, "sh", "-c",
+               "exit 5").returncode == 5
+    proc = run(run_strata, "--rm", "--runtime", "runc", BUSYBOX, "nothere")
+    assert proc.returncode == 127 and proc.stderr.startswith(b"Error: runc: ")
+    assert len(proc.stderr.splitlines()) == 1
+    assert out(run(run_strata, "--rm", "-i", "--runtime", "runc", BUSYBOX, "cat",
+                   input=b"through runc\n")) == "through runc\n"
+    assert_clean(run_strata)
