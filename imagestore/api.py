@@ -240,7 +240,8 @@ class Store(_store.Store):
 
     def remove_container(self, container: ContainerLike, *, force: bool = False) -> None:
         """Delete a container and its writable layer.  A mounted container is refused
-        (``Conflict``) unless ``force``, which unmounts it first.  Raises
+        (``Conflict``) unless ``force``, which unmounts it first (and kills it first if
+        ``run`` runs it).  Raises
         ``ContainerNotFound``, ``Conflict``, ``MountFailed``."""
         cs = Containers(self)
         c = self._container_of(container)
