@@ -17,13 +17,16 @@ runtime config plus those options into the ``config.json`` an OCI runtime (crun,
 * docker's masked and read-only paths, a device cgroup that denies everything but the
   runtime's standard devices, the seccomp profile given (``runtime_seccomp``).
 
-Seams: no file system access here (the user comes resolved from ``runtime_user``, which reads
-the rootfs).  Parsing of docker's flag syntax (``-v``, ``--tmpfs``, ``-e``, ``--env-file``,
+Seams: nothing here reads the container's rootfs (the user comes resolved from
+``runtime_user``); the host is read only for what docker reads there too (``-v`` sources, the
+bounding capabilities, ``/dev`` with ``--privileged``, ``/etc/hosts`` with ``--network host``).  Parsing of docker's flag syntax (``-v``, ``--tmpfs``, ``-e``, ``--env-file``,
 ``--cap-add``) lives here too, so the CLI and the API accept the same strings.
 
 Caveats:
 * ``--privileged`` gives every capability, no masked paths, ``/sys`` read-write and every
   device of the host's ``/dev``, as docker does.
+* A ``-v`` host path must exist (docker makes a missing one a directory; podman refuses it,
+  as here).
 """
 
 from __future__ import annotations
