@@ -257,14 +257,17 @@ def test_a_written_file_shows_in_diff_and_commit_mount_targets_do_not(
     assert (host / "from-container").read_text() == "back\n"
     assert run_strata.out("diff", "w").splitlines() == ["C /srv", "A /srv/new"]
     image = run_strata.out("commit", "w", "committed:1").strip()
-    exported = tmp_path / "rootfs.tar"
-    run_strata("export", image, "-o", str(exported))
-    names = subprocess.run(["tar", "-tf", str(exported)], capture_output=True, text=True,
-                           check=True).stdout.split()
-    assert "srv/new" in names or "./srv/new" in names
-    for target in ("etc/hosts", "etc/hostname", "mnt", "mnt/data", "opt", "opt/config.ini",
-                   "scratch", "proc", "sys", "dev"):
-        assert target not in names and f"./{target}" not in names and f"{target}/" not in names
+    squashed = run_strata.out("commit", "--squash", "w", "squashed:1").strip()
+    for what in (image, squashed, "w"):  # the committed images and the container itself
+        exported = tmp_path / "rootfs.tar"
+        run_strata("export", what, "-o", str(exported))
+        names = {n.removeprefix("./").rstrip("/") for n in subprocess.run(
+            ["tar", "-tf", str(exported)], capture_output=True, text=True,
+            check=True).stdout.split()}
+        assert "srv/new" in names and "etc/passwd" in names
+        for target in ("etc/hosts", "etc/hostname", "mnt", "mnt/data", "opt",
+                       "opt/config.ini", "scratch", "proc", "sys", "dev"):
+            assert target not in names, (what, target)
     # the merged view of the container shows the image's own directories unchanged
     mp_image = mounter.mount(BUSYBOX, at=mounter.mountpoint("image"))
     mp_container = mounter.mount("w", at=mounter.mountpoint("container"))
