@@ -19,7 +19,8 @@ runtime config plus those options into the ``config.json`` an OCI runtime (crun,
 
 Seams: nothing here reads the container's rootfs (the user comes resolved from
 ``runtime_user``); the host is read only for what docker reads there too (``-v`` sources, the
-bounding capabilities, ``/dev`` with ``--privileged``, ``/etc/hosts`` with ``--network host``).  Parsing of docker's flag syntax (``-v``, ``--tmpfs``, ``-e``, ``--env-file``,
+bounding capabilities, ``/dev`` with ``--privileged``, ``/etc/hosts`` with ``--network
+host``).  Parsing of docker's flag syntax (``-v``, ``--tmpfs``, ``-e``, ``--env-file``,
 ``--cap-add``) lives here too, so the CLI and the API accept the same strings.
 
 Caveats:
