@@ -16,10 +16,10 @@ from types import FrameType
 
 from imagestore.errors import StoreError
 
-from . import check, commit, containers, images, mount, registry, transfer
+from . import check, commit, containers, images, mount, registry, run, transfer
 from .common import UserError, size_arg
 
-GROUPS = (images, transfer, registry, containers, mount, commit, check)
+GROUPS = (images, transfer, registry, containers, mount, commit, check, run)
 
 
 def version() -> str:

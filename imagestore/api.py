@@ -16,8 +16,11 @@ Layout under the root (``root``, ``$STRATA_ROOT``, ``/var/lib/strata`` for root,
     layers/sha256/<hex>/        per diff_id: layer.tar, index, meta.json
     state.json                  tags, images (manifest, repo digests), containers
     lock, gc.lock               flock files (state.py)
-    containers/<id>/            upper/ and work/ of a container, mount.lock
+    containers/<id>/            upper/ and work/ of a container, mount.lock; after a run also
+                                init/ (stubs of mount targets), hosts, hostname, resolv.conf,
+                                run/ (the runtime bundle and state.json)
     mounts/<key>.json .log .sock    a live mount's record, its daemon's log, control socket
+    runtime/<crun|runc>/<id>    the OCI runtime's state of a running container (crun --root)
     blob-sources.json           repositories each blob came from or went to (push mounts)
     tmp/                        in-progress writes (same file system, so renames are atomic)
 
@@ -25,7 +28,8 @@ Seams: the class holds argument handling and locking order only.  ``layers`` (a
 ``LayerStore``, which owns the ``BlobStore`` ``blobs``) and ``state`` (``StateFile``) are the
 storage; ``images`` (records, names, docker's removal rules), ``gc`` (collection, ingesting),
 ``archive``, ``commit``, ``changeset``, ``containers``, ``mounts``, ``mounting`` (the only
-spawner of the mount daemon), ``check`` and ``registry`` do the work.  The registry client
+spawner of the mount daemon), ``run`` (the OCI runtime), ``check`` and ``registry`` do the
+work.  The registry client
 (httpx, trio) is imported only when ``pull``/``push`` run.
 
 Caveats:
@@ -43,7 +47,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
 
 from unionfs.resolve import UnionView
 
@@ -64,6 +68,7 @@ from .state import StateFile
 if TYPE_CHECKING:
     from .check import Report
     from .registry import PullResult, PushResult
+    from .runner import RunResult
 
 ImageLike = str | Image
 ContainerLike = str | Container
@@ -375,10 +380,15 @@ class Store:
 
     def remove_container(self, container: ContainerLike, *, force: bool = False) -> None:
         """Delete a container and its writable layer.  A mounted container is refused
-        (``Conflict``) unless ``force``, which ends its mount first (here, and a daemon still
-        serving another mount namespace).  Raises ``ContainerNotFound``, ``Conflict``,
-        ``MountFailed``."""
+        (``Conflict``) unless ``force``, which first kills it if ``run`` runs it, then ends
+        its mount (here, and a daemon still serving another mount namespace).  Raises
+        ``ContainerNotFound``, ``Conflict``, ``MountFailed``."""
         c = self._container_of(container)
+        if force and c.last_run is not None:
+            from .run import stop
+
+            stop(self, c)  # as docker rm -f
+            c = self._container_of(c)
         if c.mount is not None and force:
             mounting.release(self.root, c.mount)
         Containers(self).remove(c)
@@ -421,6 +431,54 @@ class Store:
         if counter is not None:
             counter.finish(short(image.manifest.layers[-1].digest))
         return image
+
+    # -- running -------------------------------------------------------------------------------
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[False] = ..., **options: Any) -> int: ...
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[True], **options: Any) -> RunResult: ...
+
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = None,
+            *, capture_output: bool = False, input: bytes | None = None,
+            interactive: bool = False, tty: bool = False, name: str | None = None,
+            remove: bool = False, runtime: str | None = None,
+            **options: Any) -> int | RunResult:
+        """``strata run``: run ``command`` (a list, or a string split as a shell would;
+        default: the image's Entrypoint and Cmd) in a new container of the image ``target``
+        (named ``name``; removed at the end with ``remove``) or in the existing container
+        ``target``, through the OCI runtime (crun, or ``runtime``), and return its exit status
+        (docker's: 128+N when killed by signal N).  With ``capture_output`` the result is a
+        ``RunResult`` with ``status``, ``stdout`` and ``stderr`` (bytes); otherwise the
+        command writes to this process's stdout and stderr.  ``input`` is fed to its stdin;
+        ``interactive`` gives it this process's stdin (``-i``); otherwise stdin is /dev/null.
+        ``tty`` gives it a terminal (``-t``) the size of this process's.  ``options`` are
+        ``run.options``'s keywords, docker's flags: ``entrypoint``, ``env`` (a mapping or
+        ``K=V`` strings), ``env_file``, ``workdir``, ``user``, ``group_add``, ``hostname``,
+        ``network`` (``"none"`` or ``"host"``), ``volumes`` (``"HOST:CTR[:ro]"``), ``tmpfs``,
+        ``cap_add``, ``cap_drop``, ``privileged``, ``read_only``, ``security_opt``,
+        ``cgroups``.  Needs root.  Raises ``RunError`` (``exit_status`` 125; 126/127 when
+        the command cannot be executed or is not found), ``ImageNotFound``,
+        ``ContainerNotFound``, ``Conflict`` (the container is mounted or running),
+        ``MountFailed``."""
+        from . import run as _run
+        from .runner import Streams, window_size
+        from .runtime import RunError
+
+        if tty and capture_output:
+            raise RunError("a terminal's output cannot be captured (tty with capture_output)")
+        if tty and interactive and not os.isatty(0):
+            raise RunError("the input device is not a TTY")
+        opts = _run.options(command, interactive=interactive or input is not None, tty=tty,
+                            console_size=window_size(1, 0) if tty else None, **options)
+        streams = Streams(stdin=0 if interactive and input is None else None, input=input,
+                          capture=capture_output)
+        result = _run.run(self, target, opts, streams, name=name, remove=remove,
+                          runtime_path=runtime)
+        return result if capture_output else result.status
 
     # -- mounts --------------------------------------------------------------------------------
 
