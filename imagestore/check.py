@@ -333,8 +333,8 @@ class _Checker:
                     continue  # its strata run runs it
             whose = f"container {rec['name']}" if isinstance(rec, dict) and "name" in rec else \
                 "a removed container"
-            self.add("runtime", cid[:12], f"{kind} still has {whose}, whose strata run is "
-                     f"gone (killed?); --repair deletes it and ends what still runs of it",
+            self.add("runtime", cid[:12], f"{kind} still holds {whose}, whose strata run is "
+                     "gone (killed?); --repair deletes it, ending what still runs of it",
                      partial(run.clear_runtime, self.store.root, cid))
 
     def _mounts(self) -> None:

@@ -36,9 +36,12 @@ Caveats:
   holds; the runtime then creates that target in the writable layer.
 * The init layer is rebuilt before each run; ``strata mount`` of the container includes the
   last one, so a plain mount shows the stubs of the last run (empty files, empty directories).
-* A ``strata run`` killed with SIGKILL cannot clean up: its command runs on (orphaned, in its
-  mount namespace, which keeps the mount's daemon serving), and the runtime's state stays.
-  ``strata ps`` shows it Up, ``strata check`` reports it, ``--repair`` and ``rm -f`` end it.
+* A ``strata run`` killed with SIGKILL cannot clean up.  Its mount ends with it (the daemon's
+  lifeline), but its command runs on, orphaned, without a root file system (ENOTCONN, or
+  SIGBUS when it pages in code, at its next access), and the runtime's state and cgroup stay.
+  ``strata ps`` shows it ``Up … (orphaned …)`` while the command lives, ``strata check``
+  reports the runtime's state, and ``--repair`` or ``rm -f`` deletes it (killing what is
+  left); the next run of the container does the same once the command is gone.
 """
 
 from __future__ import annotations

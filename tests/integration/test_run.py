@@ -339,6 +339,78 @@ def test_ps_shows_a_running_container_and_rm_f_stops_it(run_strata: Strata) -> N
     assert_clean(run_strata)
 
 
+@contextlib.contextmanager
+def killed_run(strata: Strata, name: str) -> Iterator[int]:
+    """``strata run --name NAME busybox sleep 300`` killed with SIGKILL once the command runs;
+    yields the command's pid.  (Its streams go to /dev/null: the orphan holds them.)"""
+    from tests.run_images import find_child
+
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--root", str(strata.root),
+                             "run", "--name", name, BUSYBOX, "sleep", "300"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        init = _wait_for(lambda: find_child(proc.pid, "sleep"))
+        _wait_for(lambda: " Up " in strata.out("ps", "--format", "{{.Names}} {{.Status}}"))
+    finally:
+        proc.kill()
+        proc.wait(30)
+    try:
+        yield init
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, 9)
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and is no zombie (an orphan's parent here may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_killed_strata_run_is_reported_by_check_and_repaired(run_strata: Strata) -> None:
+    """SIGKILL to ``strata run`` leaves the runtime's state and its command running, orphaned
+    (without its root file system: the mount ended with its lifeline, and the command dies at
+    its next access to it): ``ps`` says so, another run is refused while the command lives,
+    ``check`` reports the runtime's leftover and ``--repair`` ends it."""
+    with killed_run(run_strata, "orphan") as init:
+        cid = run_strata.out("ps", "-q", "--no-trunc").strip()
+        assert (run_strata.root / "runtime" / "crun" / cid).is_dir()
+        status = run_strata.out("ps", "--format", "{{.Status}}")
+        alive = running(init)
+        if alive:
+            assert status.startswith("Up ") and "orphaned" in status, status
+            again = run(run_strata, "orphan", "true")
+            assert again.returncode == 125 and b"already running" in again.stderr
+        else:
+            assert status == "Exited (unknown)\n"
+        check = run_strata("check", check=False)
+        report = check.stdout.decode() + check.stderr.decode()
+        assert check.returncode != 0
+        assert f"runtime {cid[:12]}: crun still holds container orphan" in report, report
+        repair = run_strata("check", "--repair", check=False)
+        assert repair.returncode == 0, repair.stdout.decode() + repair.stderr.decode()
+        assert not running(init)
+        assert not (run_strata.root / "runtime" / "crun" / cid).exists()
+        assert run_strata.out("ps", "--format", "{{.Status}}") == "Exited (unknown)\n"
+        assert_clean(run_strata)
+        assert out(run(run_strata, "orphan", "echo", "again")) == "again\n"  # runs again
+        run_strata("rm", "orphan")
+        assert_clean(run_strata)
+
+
+def test_rm_f_ends_a_container_whose_strata_run_was_killed(run_strata: Strata) -> None:
+    with killed_run(run_strata, "orphan") as init:
+        run_strata("rm", "-f", "orphan")
+        assert not running(init)
+        assert run_strata.out("ps", "-q") == ""
+        assert os.listdir(run_strata.root / "runtime" / "crun") == []
+        assert_clean(run_strata)
+
+
 def test_volume_read_only_and_tmpfs(run_strata: Strata, tmp_path: Path) -> None:
     (tmp_path / "ro").mkdir()
     proc = run(run_strata, "--rm", "-v", f"{tmp_path / 'ro'}:/data:ro", "--tmpfs",
