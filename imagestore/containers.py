@@ -236,6 +236,9 @@ class Containers:
         return self.store.layers.opened(self.describe(container, upper, init))
 
     def remove(self, container: Container) -> None:
+        ran = read_run_state(container.root)
+        if ran is not None and ran.status == "running":
+            raise Conflict(f"container {container.name} is running; stop it first (or use -f)")
         where = self.mounts.where(container.id, container.root)
         if where:
             raise Conflict(f"container {container.name} is mounted {where}; unmount it first "
