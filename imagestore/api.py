@@ -29,8 +29,9 @@ Seams: the class holds argument handling and locking order only.  ``layers`` (a
 storage; ``images`` (records, names, docker's removal rules), ``gc`` (collection, ingesting),
 ``archive``, ``commit``, ``changeset``, ``containers``, ``mounts``, ``mounting`` (the only
 spawner of the mount daemon), ``run`` (the OCI runtime), ``check`` and ``registry`` do the
-work.  The registry client
-(httpx, trio) is imported only when ``pull``/``push`` run.
+work.  The registry client (httpx, trio) is imported only when ``pull``/``push`` run, and
+``archive``, ``changeset``, ``commit``, ``gc`` and ``run`` only by the methods that use them
+(every ``strata`` command pays for what it imports).
 
 Caveats:
 * ``pull``/``push`` run their own trio loop; in trio code use ``pull_async``/``push_async``.
@@ -51,8 +52,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
 
 from unionfs.resolve import UnionView
 
-from . import archive, changeset, gc, images, mounting, oci, reference
-from . import commit as _commit
+from . import images, mounting, oci, reference
 from .compress import LAYER_COMPRESSIONS, parse_size
 from .containers import Container, Containers
 from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, Unsupported
@@ -66,6 +66,7 @@ from .reference import Reference
 from .state import StateFile
 
 if TYPE_CHECKING:
+    from . import archive
     from .check import Report
     from .registry import PullResult, PushResult
     from .runner import RunResult
@@ -176,6 +177,8 @@ class Store:
         ``Image`` (or an ID) deletes the image with all its names, which needs ``force`` when
         it has several.  Raises ``ImageNotFound``, ``Conflict`` (a container uses it, or
         ``force`` is needed)."""
+        from . import gc
+
         with self.state.transaction() as st:
             untagged, deleted = images.remove(st, name.id if isinstance(name, Image) else name,
                                               force)
@@ -187,6 +190,8 @@ class Store:
     def prune(self, all_images: bool = False) -> Removed:
         """``docker image prune``: delete dangling images (every image no container uses with
         ``all_images``) and collect what no image needs."""
+        from . import gc
+
         with self.state.transaction() as st:
             untagged, deleted = images.prune(st, all_images)
         layers, freed = gc.collect(self, wait=True)
@@ -274,6 +279,8 @@ class Store:
         or not, as a path or a binary file object, or a directory), tagged as the archive
         names them.  Raises ``InvalidImage`` (also for a missing or unreadable file),
         ``DigestMismatch``, ``Unsupported``, ``StoreFull``."""
+        from . import archive
+
         path = source if not isinstance(source, str | os.PathLike) else os.fspath(source)
         counters: list[ByteCounter] = []
 
@@ -300,6 +307,9 @@ class Store:
         object; raw, gzip, zstd, bzip2 or xz), named ``ref`` when given; ``changes`` are
         Dockerfile instructions (``"CMD ..."``, ``"ENV K=V"``...).  Raises ``InvalidImage``,
         ``InvalidLayer``, ``InvalidReference``, ``Unsupported``, ``StoreFull``."""
+        from . import archive
+        from . import commit as _commit
+
         tag = reference.parse_repo_tag(ref) if ref is not None else None
         plat = _platform(platform)
         with contextlib.ExitStack() as stack:
@@ -328,6 +338,8 @@ class Store:
         ``repo:tag`` saves that tag, a bare ``repo`` every tag of it, an ID the image without
         tags; an ``Image`` is saved with all its tags.  Raises ``ImageNotFound``,
         ``Unsupported`` (format), ``OutputError``."""
+        from . import archive
+
         if format not in ("docker", "oci"):
             raise Unsupported(f"unknown archive format {format!r} (docker or oci)")
         items = [images] if isinstance(images, str | Image) else list(images)
@@ -342,6 +354,8 @@ class Store:
         on top; a mounted container is paused while it is read) as one tar.  A string names
         a container first, then an image, as ``strata export``.  Raises ``ImageNotFound``,
         ``ContainerNotFound``, ``MountFailed`` (pausing failed), ``OutputError``."""
+        from . import changeset
+
         cs = Containers(self)
         with self.reading(), contextlib.ExitStack() as stack:
             c = cs.get(target.id) if isinstance(target, Container) else \
@@ -397,6 +411,8 @@ class Store:
         """The container's changes as ``(kind, path)``, ``kind`` one of ``"A"`` (added),
         ``"C"`` (changed), ``"D"`` (deleted), sorted by path, as ``strata diff``.  Raises
         ``ContainerNotFound``, ``Ambiguous``."""
+        from . import changeset
+
         c = self._container_of(container)
         with Containers(self).layers(c, upper=False) as layers:
             return changeset.changes(c.upper, UnionView(layers))
@@ -412,6 +428,8 @@ class Store:
         sets ``created`` for reproducible IDs.  Raises ``ContainerNotFound``,
         ``InvalidReference``, ``Unsupported`` (compression, format), ``MountFailed`` (the
         mount did not pause), ``StoreFull``."""
+        from . import commit as _commit
+
         if compression not in LAYER_COMPRESSIONS:
             raise Unsupported(f"unknown compression {compression!r} "
                               f"({', '.join(LAYER_COMPRESSIONS)})")

@@ -236,20 +236,22 @@ def _run(store: Store, cs: Containers, container: Container, opts: RunOptions,
                             cgroup_namespace=os.path.exists("/sys/fs/cgroup/cgroup.controllers"))
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(spec, f)
+        phases.done("spec")
         started = timefmt.now()
 
         def on_start(pid: int) -> None:
             _save_state(container, "running", pid, started)
-            phases.done("create+start")
 
         try:
             result = run_bundle(rt, run_dir, container.id, streams, tty=opts.tty,
-                                interactive=opts.interactive, on_start=on_start)
+                                interactive=opts.interactive, on_start=on_start,
+                                phase=phases.done)
         finally:
             if opts.cgroups:
                 _remove_cgroups(container.id)
-        phases.done("command")
+        phases.done("cgroups")
         _save_state(container, "exited", 0, started, timefmt.now(), result.status)
+        phases.done("state")
     phases.done("unmount")
     return result
 

@@ -325,11 +325,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def run_bundle(rt: OCIRuntime, bundle: str, cid: str, streams: Streams, *, tty: bool,
-               interactive: bool, on_start: Callable[[int], None] | None = None) -> RunResult:
+               interactive: bool, on_start: Callable[[int], None] | None = None,
+               phase: Callable[[str], None] | None = None) -> RunResult:
     """Run the container of ``bundle`` (``config.json`` and the rootfs it names) as ``cid``
     and return its exit status (and output with ``streams.capture``).  Raises ``RunError``
     when the runtime cannot start the command (``exit_status`` 125, 126 or 127); the runtime's
-    state of ``cid`` is deleted whatever happens."""
+    state of ``cid`` is deleted whatever happens.  ``on_start(pid)`` runs once the command
+    has started; ``phase(name)`` as each step ends (``create``, ``start``, ``command``,
+    ``delete``: the caller's timer)."""
+    done = phase or (lambda name: None)
     log = os.path.join(bundle, "runtime.log")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(log)
@@ -345,14 +349,17 @@ def run_bundle(rt: OCIRuntime, bundle: str, cid: str, streams: Streams, *, tty: 
         # passed on once it has (instead of killing strata with the container half made)
         with _signals_forwarded(wake_w, tty), _subreaper():
             pid = _create(rt, bundle, cid, log, streams, r, tty=tty)
+            done("create")
             try:
                 started = rt.call(log, "start", cid)
                 if started.returncode != 0:
                     raise _failure(rt, log, "start", started.stderr)
                 if on_start is not None:
                     on_start(pid)
+                done("start")
                 status = _Relay(pid, streams, r, tty=tty, interactive=interactive).wait(wake_r)
                 pid = -1
+                done("command")
             finally:
                 if pid > 0:
                     with contextlib.suppress(ProcessLookupError):
@@ -363,6 +370,7 @@ def run_bundle(rt: OCIRuntime, bundle: str, cid: str, streams: Streams, *, tty: 
     finally:
         r.close_all()
         rt.delete(log, cid)
+        done("delete")
 
 
 def _pipe(r: _Run) -> tuple[int, int]:
