@@ -116,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.  Called as the program (no ``argv``: the ``strata`` script, ``python -m
     cli.main``), it ends the process itself once the command is done (``_exit``)."""
     status = _main(argv)
-    if argv is None:
-        _exit(status)
+    if argv is None and sys.getprofile() is None and sys.gettrace() is None:
+        _exit(status)  # (a profiler or coverage writes its report at the usual exit)
     return status
 
 
