@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .api import Store
     from .archive import Loaded
-    from .containers import Container
+    from .containers import Container, RunState
     from .errors import (
         Ambiguous,
         Conflict,
@@ -48,10 +48,10 @@ if TYPE_CHECKING:
     from .runtime import RunError
 
 _WHERE = {
-    "Store": "api", "Loaded": "archive", "Container": "containers", "MountRecord": "mounts",
-    "Directories": "mounting", "ProgressEvent": "progress", "ProgressFn": "progress",
-    "Reference": "reference", "Image": "images", "Removed": "images", "RunError": "runtime",
-    "RunResult": "runner",
+    "Store": "api", "Loaded": "archive", "Container": "containers", "RunState": "containers",
+    "MountRecord": "mounts", "Directories": "mounting", "ProgressEvent": "progress",
+    "ProgressFn": "progress", "Reference": "reference", "Image": "images", "Removed": "images",
+    "RunError": "runtime", "RunResult": "runner",
     **dict.fromkeys(("AuthError", "NotFound", "PullResult", "PushResult", "RegistryError"),
                     "registry"),
     **dict.fromkeys(("Ambiguous", "Conflict", "ContainerNotFound", "DigestMismatch",
@@ -65,7 +65,8 @@ __all__ = [
     "Directories", "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
     "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
     "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",
-    "Removed", "RunError", "RunResult", "Store", "StoreError", "StoreFull", "Unsupported",
+    "Removed", "RunError", "RunResult", "RunState", "Store", "StoreError", "StoreFull",
+    "Unsupported",
 ]
 
 
