@@ -297,6 +297,26 @@ def test_an_existing_container_runs_again_with_its_layer(run_strata: Strata) -> 
     run_strata("rm", "again")
 
 
+def test_a_mounted_container_is_refused_before_its_init_layer_is_touched(
+        run_strata: Strata, mounter: Mounter, tmp_path: Path) -> None:
+    """The init layer is rebuilt only under the container's mount lock: a run refused because
+    the container is mounted leaves the layer that mount serves as it was."""
+    host = tmp_path / "host"
+    host.mkdir()
+    assert run(run_strata, "--name", "m", "-v", f"{host}:/data", BUSYBOX, "true").returncode == 0
+    init = run_strata.root / "containers" / run_strata.out("ps", "-q", "--no-trunc").strip() / \
+        "init"
+    before = os.stat(init).st_ino
+    mp = mounter.mount("m", at=mounter.mountpoint("m"))
+    proc = run(run_strata, "-v", f"{host}:/other", "m", "true")
+    assert proc.returncode == 125 and b"mounted" in proc.stderr
+    assert os.stat(init).st_ino == before and (init / "data").is_dir()
+    assert not (init / "other").exists()
+    assert (mp / "data").is_dir() and os.listdir(mp / "data") == []  # the stub, served
+    mounter.umount(mp)
+    run_strata("rm", "m")
+
+
 def test_rm_leaves_no_container_no_upper_no_mount(run_strata: Strata) -> None:
     assert out(run(run_strata, "--rm", BUSYBOX, "sh", "-c", "echo x > /f; echo ok")) == "ok\n"
     assert run_strata.out("ps", "-q") == ""

@@ -256,3 +256,36 @@ def test_the_init_layer_stubs_what_is_missing_where_the_rootfs_resolves_it(
     assert (init / "data").stat().st_mtime_ns != 0  # made here, not in the image
     _build_init(container, RootView(UnionView([layer])), [("/proc", True)])
     assert not init.exists()  # nothing missing: no init layer at all
+
+
+def test_the_recipe_has_the_init_layer_below_the_upper_in_mounts_only(tmp_path: Path) -> None:
+    """``Containers.describe``: a mount of the container (writable: the upper apart; read-only:
+    the upper on top) has the init layer right above the image's layers; diff, commit and
+    export (``init`` not asked) never see it."""
+    import io
+
+    from imagestore import Store
+    from imagestore.containers import Containers
+    from imagestore.mounting import fuse_missing, plan
+    from tests.builders import d, file, tar_bytes
+
+    store = Store(str(tmp_path / "store"))
+    image = store.import_rootfs(io.BytesIO(tar_bytes([d("etc"), file("etc/passwd", b"")])))
+    c = store.create_container(image)
+    cs = Containers(store)
+    lowers = store.layers.stack(image.diff_ids)
+    upper, init = {"kind": "dir", "path": c.upper}, {"kind": "dir", "path": c.init}
+    assert cs.describe(c, init=True) == [upper, *lowers]  # never ran: no init layer
+    os.mkdir(c.init)
+    assert cs.describe(c, upper=True, init=True) == [upper, init, *lowers]
+    assert cs.describe(c, upper=False, init=True) == [init, *lowers]
+    assert cs.describe(c) == [upper, *lowers]  # export, commit --squash
+    assert cs.describe(c, upper=False) == lowers  # what diff and commit compare the upper with
+    if fuse_missing() is None:  # the mount specs (no daemon is started)
+        for read_only, want in ((False, [init, *lowers]), (True, [upper, init, *lowers])):
+            p = plan(store, c, tmp_path / "mnt", read_only=read_only)
+            try:
+                assert p.spec["layers"] == want
+                assert p.spec["upper"] == (None if read_only else c.upper)
+            finally:
+                p.close()
