@@ -325,12 +325,16 @@ class _Checker:
     def _runtime(self, st: State) -> None:
         from . import run
 
+        cs = Containers(self.store)
         for kind, cid in run.runtime_leftovers(self.store.root):
             rec = st.containers.get(cid)
             if isinstance(rec, dict) and isinstance(rec.get("name"), str):
-                ran = Containers(self.store).of_record(cid, rec).last_run
+                c = cs.of_record(cid, rec)
+                ran = c.last_run
                 if ran is not None and ran.status == "running" and not ran.orphaned:
                     continue  # its strata run runs it
+                if cs.mounts.where(cid, c.root):
+                    continue  # mounted: a strata run starting it (killed, the mount goes too)
             whose = f"container {rec['name']}" if isinstance(rec, dict) and "name" in rec else \
                 "a removed container"
             self.add("runtime", cid[:12], f"{kind} still holds {whose}, whose strata run is "

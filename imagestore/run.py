@@ -103,7 +103,8 @@ def _raw_state(container: Container) -> dict[str, Any]:
 def stop(store: Store, container: Container, timeout: float = 10.0) -> None:
     """Kill a running container (SIGKILL to its pid 1), wait until its ``strata run`` has
     unmounted it and exited, and clear what a killed ``strata run`` left: the runtime's
-    state and cgroup.  Nothing happens if it is not running."""
+    state and cgroup (its last run then reads as ``unknown``).  Nothing happens if it is not
+    running."""
     doc = _raw_state(container)
     if doc.get("status") != "running":
         return
@@ -114,10 +115,9 @@ def stop(store: Store, container: Container, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while alive_since(runner, doc.get("pid_start")) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if not alive_since(runner, doc.get("pid_start")):
+    if not alive_since(runner, doc.get("pid_start")) and \
+            _raw_state(container).get("status") == "running":  # its strata run was killed
         clear_runtime(store.root, container.id)
-        _save_state(container, "exited", 0, str(doc.get("started", "")), timefmt.now(),
-                    128 + signal.SIGKILL)
 
 
 def runtime_leftovers(root: str, cid: str | None = None) -> list[tuple[str, str]]:
