@@ -330,9 +330,8 @@ def run_bundle(rt: OCIRuntime, bundle: str, cid: str, streams: Streams, *, tty: 
     """Run the container of ``bundle`` (``config.json`` and the rootfs it names) as ``cid``
     and return its exit status (and output with ``streams.capture``).  Raises ``RunError``
     when the runtime cannot start the command (``exit_status`` 125, 126 or 127); the runtime's
-    state of ``cid`` is deleted whatever happens.  ``on_start(pid)`` runs once the command
-    has started; ``phase(name)`` as each step ends (``create``, ``start``, ``command``,
-    ``delete``: the caller's timer)."""
+    state of ``cid`` is deleted whatever happens.  ``on_start(pid)``: the command started;
+    ``phase(name)``: a step (create, start, command, delete) ended."""
     done = phase or (lambda name: None)
     log = os.path.join(bundle, "runtime.log")
     with contextlib.suppress(FileNotFoundError):
