@@ -16,8 +16,11 @@ Layout under the root (``root``, ``$STRATA_ROOT``, ``/var/lib/strata`` for root,
     layers/sha256/<hex>/        per diff_id: layer.tar, index, meta.json
     state.json                  tags, images (manifest, repo digests), containers
     lock, gc.lock               flock files (state.py)
-    containers/<id>/            upper/ and work/ of a container, mount.lock
+    containers/<id>/            upper/ and work/ of a container, mount.lock; after a run also
+                                init/ (stubs of mount targets), hosts, hostname, resolv.conf,
+                                run/ (the runtime bundle and state.json)
     mounts/<key>.json .log .sock    a live mount's record, its daemon's log, control socket
+    runtime/<crun|runc>/<id>    the OCI runtime's state of a running container (crun --root)
     blob-sources.json           repositories each blob came from or went to (push mounts)
     tmp/                        in-progress writes (same file system, so renames are atomic)
 
@@ -25,8 +28,10 @@ Seams: the class holds argument handling and locking order only.  ``layers`` (a
 ``LayerStore``, which owns the ``BlobStore`` ``blobs``) and ``state`` (``StateFile``) are the
 storage; ``images`` (records, names, docker's removal rules), ``gc`` (collection, ingesting),
 ``archive``, ``commit``, ``changeset``, ``containers``, ``mounts``, ``mounting`` (the only
-spawner of the mount daemon), ``check`` and ``registry`` do the work.  The registry client
-(httpx, trio) is imported only when ``pull``/``push`` run.
+spawner of the mount daemon), ``run`` (the OCI runtime), ``check`` and ``registry`` do the
+work.  The registry client (httpx, trio) is imported only when ``pull``/``push`` run, and
+``archive``, ``changeset``, ``commit``, ``gc`` and ``run`` only by the methods that use them
+(every ``strata`` command pays for what it imports).
 
 Caveats:
 * ``pull``/``push`` run their own trio loop; in trio code use ``pull_async``/``push_async``.
@@ -43,12 +48,11 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
 
 from unionfs.resolve import UnionView
 
-from . import archive, changeset, gc, images, mounting, oci, reference
-from . import commit as _commit
+from . import images, mounting, oci, reference
 from .compress import LAYER_COMPRESSIONS, parse_size
 from .containers import Container, Containers
 from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, Unsupported
@@ -62,8 +66,10 @@ from .reference import Reference
 from .state import StateFile
 
 if TYPE_CHECKING:
+    from . import archive
     from .check import Report
     from .registry import PullResult, PushResult
+    from .runner import RunResult
 
 ImageLike = str | Image
 ContainerLike = str | Container
@@ -171,6 +177,8 @@ class Store:
         ``Image`` (or an ID) deletes the image with all its names, which needs ``force`` when
         it has several.  Raises ``ImageNotFound``, ``Conflict`` (a container uses it, or
         ``force`` is needed)."""
+        from . import gc
+
         with self.state.transaction() as st:
             untagged, deleted = images.remove(st, name.id if isinstance(name, Image) else name,
                                               force)
@@ -182,6 +190,8 @@ class Store:
     def prune(self, all_images: bool = False) -> Removed:
         """``docker image prune``: delete dangling images (every image no container uses with
         ``all_images``) and collect what no image needs."""
+        from . import gc
+
         with self.state.transaction() as st:
             untagged, deleted = images.prune(st, all_images)
         layers, freed = gc.collect(self, wait=True)
@@ -269,6 +279,8 @@ class Store:
         or not, as a path or a binary file object, or a directory), tagged as the archive
         names them.  Raises ``InvalidImage`` (also for a missing or unreadable file),
         ``DigestMismatch``, ``Unsupported``, ``StoreFull``."""
+        from . import archive
+
         path = source if not isinstance(source, str | os.PathLike) else os.fspath(source)
         counters: list[ByteCounter] = []
 
@@ -295,6 +307,9 @@ class Store:
         object; raw, gzip, zstd, bzip2 or xz), named ``ref`` when given; ``changes`` are
         Dockerfile instructions (``"CMD ..."``, ``"ENV K=V"``...).  Raises ``InvalidImage``,
         ``InvalidLayer``, ``InvalidReference``, ``Unsupported``, ``StoreFull``."""
+        from . import archive
+        from . import commit as _commit
+
         tag = reference.parse_repo_tag(ref) if ref is not None else None
         plat = _platform(platform)
         with contextlib.ExitStack() as stack:
@@ -323,6 +338,8 @@ class Store:
         ``repo:tag`` saves that tag, a bare ``repo`` every tag of it, an ID the image without
         tags; an ``Image`` is saved with all its tags.  Raises ``ImageNotFound``,
         ``Unsupported`` (format), ``OutputError``."""
+        from . import archive
+
         if format not in ("docker", "oci"):
             raise Unsupported(f"unknown archive format {format!r} (docker or oci)")
         items = [images] if isinstance(images, str | Image) else list(images)
@@ -337,6 +354,8 @@ class Store:
         on top; a mounted container is paused while it is read) as one tar.  A string names
         a container first, then an image, as ``strata export``.  Raises ``ImageNotFound``,
         ``ContainerNotFound``, ``MountFailed`` (pausing failed), ``OutputError``."""
+        from . import changeset
+
         cs = Containers(self)
         with self.reading(), contextlib.ExitStack() as stack:
             c = cs.get(target.id) if isinstance(target, Container) else \
@@ -375,10 +394,15 @@ class Store:
 
     def remove_container(self, container: ContainerLike, *, force: bool = False) -> None:
         """Delete a container and its writable layer.  A mounted container is refused
-        (``Conflict``) unless ``force``, which ends its mount first (here, and a daemon still
-        serving another mount namespace).  Raises ``ContainerNotFound``, ``Conflict``,
-        ``MountFailed``."""
+        (``Conflict``) unless ``force``, which first kills it if ``run`` runs it, then ends
+        its mount (here, and a daemon still serving another mount namespace).  Raises
+        ``ContainerNotFound``, ``Conflict``, ``MountFailed``."""
         c = self._container_of(container)
+        if force and c.last_run is not None:
+            from .run import stop
+
+            stop(self, c)  # as docker rm -f
+            c = self._container_of(c)
         if c.mount is not None and force:
             mounting.release(self.root, c.mount)
         Containers(self).remove(c)
@@ -387,6 +411,8 @@ class Store:
         """The container's changes as ``(kind, path)``, ``kind`` one of ``"A"`` (added),
         ``"C"`` (changed), ``"D"`` (deleted), sorted by path, as ``strata diff``.  Raises
         ``ContainerNotFound``, ``Ambiguous``."""
+        from . import changeset
+
         c = self._container_of(container)
         with Containers(self).layers(c, upper=False) as layers:
             return changeset.changes(c.upper, UnionView(layers))
@@ -402,6 +428,8 @@ class Store:
         sets ``created`` for reproducible IDs.  Raises ``ContainerNotFound``,
         ``InvalidReference``, ``Unsupported`` (compression, format), ``MountFailed`` (the
         mount did not pause), ``StoreFull``."""
+        from . import commit as _commit
+
         if compression not in LAYER_COMPRESSIONS:
             raise Unsupported(f"unknown compression {compression!r} "
                               f"({', '.join(LAYER_COMPRESSIONS)})")
@@ -421,6 +449,54 @@ class Store:
         if counter is not None:
             counter.finish(short(image.manifest.layers[-1].digest))
         return image
+
+    # -- running -------------------------------------------------------------------------------
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[False] = ..., **options: Any) -> int: ...
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[True], **options: Any) -> RunResult: ...
+
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = None,
+            *, capture_output: bool = False, input: bytes | None = None,
+            interactive: bool = False, tty: bool = False, name: str | None = None,
+            remove: bool = False, runtime: str | None = None,
+            **options: Any) -> int | RunResult:
+        """``strata run``: run ``command`` (a list, or a string split as a shell would;
+        default: the image's Entrypoint and Cmd) in a new container of the image ``target``
+        (named ``name``; removed at the end with ``remove``) or in the existing container
+        ``target``, through the OCI runtime (crun, or ``runtime``), and return its exit status
+        (docker's: 128+N when killed by signal N).  With ``capture_output`` the result is a
+        ``RunResult`` with ``status``, ``stdout`` and ``stderr`` (bytes); otherwise the
+        command writes to this process's stdout and stderr.  ``input`` is fed to its stdin;
+        ``interactive`` gives it this process's stdin (``-i``); otherwise stdin is /dev/null.
+        ``tty`` gives it a terminal (``-t``) the size of this process's.  ``options`` are
+        ``run.options``'s keywords, docker's flags: ``entrypoint``, ``env`` (a mapping or
+        ``K=V`` strings), ``env_file``, ``workdir``, ``user``, ``group_add``, ``hostname``,
+        ``network`` (``"none"`` or ``"host"``), ``volumes`` (``"HOST:CTR[:ro]"``), ``tmpfs``,
+        ``cap_add``, ``cap_drop``, ``privileged``, ``read_only``, ``security_opt``,
+        ``cgroups``.  Needs root.  Raises ``RunError`` (``exit_status`` 125; 126/127 when
+        the command cannot be executed or is not found), ``ImageNotFound``,
+        ``ContainerNotFound``, ``Conflict`` (the container is mounted or running),
+        ``MountFailed``."""
+        from . import run as _run
+        from .runner import Streams, window_size
+        from .runtime import RunError
+
+        if tty and capture_output:
+            raise RunError("a terminal's output cannot be captured (tty with capture_output)")
+        if tty and interactive and not os.isatty(0):
+            raise RunError("the input device is not a TTY")
+        opts = _run.options(command, interactive=interactive or input is not None, tty=tty,
+                            console_size=window_size(1, 0) if tty else None, **options)
+        streams = Streams(stdin=0 if interactive and input is None else None, input=input,
+                          capture=capture_output)
+        result = _run.run(self, target, opts, streams, name=name, remove=remove,
+                          runtime_path=runtime)
+        return result if capture_output else result.status
 
     # -- mounts --------------------------------------------------------------------------------
 

@@ -198,7 +198,8 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
         if container is not None:
             kind, ident, name = "container", container.id, container.name
             what = f"container {container.name}"
-            layers = cs.describe(container, upper=read_only)  # read-only: the upper on top
+            # read-only: the upper on top; either way with its init layer (strata run's stubs)
+            layers = cs.describe(container, upper=read_only, init=True)
             if not read_only:
                 upper, work = container.upper, container.work
         else:
