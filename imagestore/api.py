@@ -65,23 +65,27 @@ class Store(_store.Store):
         return self.image(image.id) if isinstance(image, Image) else self.resolve(image)
 
     def pull(self, name: str, *, platform: str | None = None,
-             progress: ProgressFn | None = None) -> PullResult:
+             progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """Download ``name`` (``repo[:tag]`` or ``repo@digest``) from its registry, as
         ``strata pull`` does; returns the image with the digest pulled.  Raises
         ``InvalidReference``, ``registry.RegistryError`` (``AuthError``, ``NotFound``),
-        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``."""
+        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``.  ``lazy``:
+        layers in a seekable format (eStargz, zstd:chunked) are recorded by their table of
+        contents only and fetched as they are read; a pull without it completes them."""
         import trio
 
-        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress))
+        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress,
+                                                lazy=lazy))
 
     async def pull_async(self, name: str, *, platform: str | None = None,
-                         progress: ProgressFn | None = None) -> PullResult:
+                         progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """``pull`` for trio code (the layers' work runs in worker threads)."""
         from . import registry
 
         ref = reference.parse(name)
         events = from_registry("pull", progress) if progress is not None else None
-        return await registry.pull(self, ref, platform=_platform(platform), events=events)
+        return await registry.pull(self, ref, platform=_platform(platform), events=events,
+                                   lazy=lazy)
 
     def push(self, image: ImageLike, dest: str | None = None, *,
              progress: ProgressFn | None = None) -> PushResult:

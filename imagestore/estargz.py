@@ -79,4 +79,10 @@ def read_toc(member: bytes, digest: str, offset: int) -> tuple[bytes, Toc]:
     if got != digest:
         raise SeekableError(f"eStargz TOC digest mismatch: the layer says {digest}, the TOC "
                             f"hashes to {got}")
-    return raw, parse_toc(raw, ESTARGZ, offset)
+    toc = parse_toc(raw, ESTARGZ, offset)
+    # the TOC is a tar entry too: a full pull shows it, so the lazy layer does (from the TOC)
+    m.offset_data = toc.toc_file = len(toc.files)
+    toc.files.append([])
+    toc.digests.append(digest)
+    toc.members.append(m)
+    return raw, toc

@@ -94,6 +94,7 @@ class Toc:
     data_end: int  # the blob's file data ends here (the TOC region starts)
     prefetch_end: int = 0  # files whose data starts before this are prioritised
     digests: list[str] = field(default_factory=list)  # whole-file digest per file ("" unknown)
+    toc_file: int = -1  # the file number of the TOC's own tar entry (eStargz), served locally
 
     def index(self) -> LayerIndex:
         """The layer's entry index, built by the tar indexer's rules (raises SeekableError)."""

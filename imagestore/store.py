@@ -52,6 +52,7 @@ from .errors import (
 from .fsutil import unshared_size
 from .instructions import apply_changes
 from .layerstore import LayerStore, Progress
+from .lazystate import LazyStore
 from .reference import Reference
 from .state import State, StateFile
 
@@ -130,6 +131,7 @@ class Store:
         self.max_layer_size = max_layer_size or default_max_layer_size()
         self.blobs = BlobStore(self.root)
         self.layers = LayerStore(self.root, self.max_layer_size)
+        self.lazy = LazyStore(self.root)  # layers pulled lazily, until complete (lazystate.py)
         self.state = StateFile(self.root)
         self.containers_dir = os.path.join(self.root, "containers")
         os.makedirs(self.containers_dir, exist_ok=True)
@@ -238,13 +240,25 @@ class Store:
         """The image's layers as lower layers, top first (the caller closes them)."""
         opened: list[TarLayer] = []
         try:
-            for diff_id in reversed(image.diff_ids):
+            for desc, diff_id in reversed(list(zip(image.manifest.layers, image.diff_ids,
+                                                   strict=True))):
+                if not self.layers.has(diff_id) and self.lazy.layer_for(desc.digest, diff_id):
+                    from .registry.lazy import LazyLayer  # still arriving: fetched by range
+
+                    opened.append(LazyLayer(self.root, desc.digest))
+                    continue
                 opened.append(self.layers.open(diff_id))
         except BaseException:
             for layer in opened:
                 layer.close()
             raise
         return list(opened)
+
+    def lazy_layers(self, image: Image) -> list[Digest]:
+        """Blob digests of the image's layers that are still arriving (pulled lazily)."""
+        return [desc.digest for desc, diff_id in zip(image.manifest.layers, image.diff_ids,
+                                                     strict=True)
+                if not self.layers.has(diff_id) and self.lazy.layer_for(desc.digest, diff_id)]
 
     @contextlib.contextmanager
     def layers_of(self, image: Image) -> Iterator[list[LowerLayer]]:
@@ -338,6 +352,10 @@ class Store:
                 f"{len(config.diff_ids)} diff_ids")
         size = 0
         for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+            lazy = None if self.layers.has(diff_id) else self.lazy.layer_for(desc.digest, diff_id)
+            if lazy is not None:
+                size += lazy.content
+                continue
             if not self.layers.has(diff_id):
                 raise InvalidImage(f"layer {diff_id} is missing from the store")
             if not self.blobs.has(desc.digest):
@@ -524,6 +542,10 @@ class Store:
                     freed += unshared_size(self.layers.path(diff_id))
                     self.layers.delete(diff_id)
                     deleted.append(diff_id)
+            for digest in self.lazy.digests():
+                if digest not in keep_blobs:
+                    freed += unshared_size(self.lazy.path(digest))
+                    self.lazy.delete(digest)
             for digest in self.blobs.digests():
                 if digest not in keep_blobs:
                     # an uncompressed layer's blob is a hardlink of its tar: counted once, here
