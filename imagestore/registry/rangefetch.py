@@ -20,6 +20,7 @@ Caveats:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import os
@@ -193,16 +194,16 @@ async def get_range(reg: Registry, path: str, digest: str, start: int, end: int)
 async def _body(resp: httpx.Response, skip: int, want: int) -> bytes:
     parts: list[bytes] = []
     got = 0
-    async for chunk in resp.aiter_raw():
-        if skip:
-            drop = min(skip, len(chunk))
-            chunk = chunk[drop:]
-            skip -= drop
-        if chunk:
-            parts.append(chunk[:want - got])
-            got += len(parts[-1])
-        if got >= want:
-            break
+    async with contextlib.aclosing(resp.aiter_raw()) as it:  # type: ignore[type-var]
+        async for chunk in it:
+            if skip:
+                drop = min(skip, len(chunk))
+                chunk = chunk[drop:]
+                skip -= drop
+            if chunk and got < want:
+                parts.append(chunk[:want - got])
+                got += len(parts[-1])
+            # read on to the end: a stream left half-read leaves httpx's generators behind
     return b"".join(parts)
 
 
