@@ -133,8 +133,12 @@ def estargz_layout(layout: str, layers: list[bytes], tag: str = "latest") -> dic
                                       "io.containers.estargz.uncompressed-size":
                                           str(w.tar_size)}})
         diff_ids.append(b.sha256(bytes(out)))
-    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                      "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    created = "2024-01-02T03:04:05Z"
+    cfg = json.dumps({"created": created, "architecture": "amd64", "os": "linux",
+                      "config": {"Cmd": ["/bin/sh"]},
+                      "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                      "history": [{"created": created, "created_by": f"layer {i}"}
+                                  for i in range(len(layers))]}).encode()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",

@@ -431,6 +431,16 @@ def complete_and_promote(store: Any, digest: str,
     lazy.delete(digest)
 
 
+def complete_or_fail(store: Any, digest: str) -> None:
+    """``complete_and_promote`` for commands that need the blob (push, save): a StoreError
+    when it cannot be had."""
+    try:
+        complete_and_promote(store, digest)
+    except OSError as exc:
+        raise StoreError(f"layer {digest}: cannot complete the lazy layer: "
+                         f"{exc.strerror or exc}") from None
+
+
 async def take_seekable(puller: Any, reg: Registry, todo: dict[Digest, Any]) -> None:
     """``pull --lazy``: record every layer of ``todo`` in a seekable format by its TOC alone
     (removing it from ``todo``); the others stay in ``todo``, downloaded whole, with a note."""

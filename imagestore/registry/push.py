@@ -40,6 +40,7 @@ from ..digest import Digest, parse_digest, sha256_bytes
 from ..errors import DigestMismatch, InvalidReference
 from ..reference import Reference
 from ..store import Image, Store
+from . import lazy
 from .client import Registry, Transport, open_transport
 from .errors import RegistryError, first_error
 from .events import Event, EventFn, ignore, short
@@ -170,6 +171,9 @@ class _Pusher:
                     return
                 if location:
                     break
+            if not self.store.blobs.has(desc.digest) and self.store.lazy.has(desc.digest):
+                emit(Event(sid, "Completing lazy layer"))  # its bytes are needed here
+                await trio.to_thread.run_sync(lazy.complete_or_fail, self.store, desc.digest)
             await self._upload(desc, location or None, emit)
             emit(Event(sid, "Pushed"))
             self.counts["pushed"] += shown

@@ -229,3 +229,30 @@ def test_background_completion_of_a_mounted_layer(images: dict[str, dict[str, st
             layer.close()
     store.pull(ref)  # promotes what is complete, fetching nothing more
     assert store.lazy.digests() == [] and store.lazy_layers(store.resolve(ref)) == []
+
+
+def test_commit_and_push_of_a_container_over_a_lazy_image(
+        images: dict[str, dict[str, str]], strata: Any, mounter: Any,
+        tmp_path: Path) -> None:
+    ref = _ref(images, "sample", "estargz-strata")
+    strata("pull", "--lazy", ref)
+    store = Store(str(strata.root))
+    assert store.lazy_layers(store.resolve(ref))
+    cid = strata.out("create", ref).split()[-1]
+    mp = mounter.mount(cid, at=mounter.mountpoint("c"))
+    (mp / "added").write_bytes(b"made over a lazy image\n")
+    mounter.umount(mp)
+    strata("commit", cid, "lazy/committed:1")
+    other = rh.RegistryProcess(tmp_path / "other-registry")  # holds none of the blobs
+    try:
+        dest = f"{other.host}/lazy/committed:1"
+        strata("push", "lazy/committed:1", dest)
+        tree = umoci_tree(dest, tmp_path)
+    finally:
+        other.stop()
+    assert tree["added"][5] == b.sha256(b"made over a lazy image\n").partition(":")[2]
+    full = Store(str(tmp_path / "full"))
+    full.pull(ref)
+    with full.mount(ref) as full_mp:
+        base = b.tree_of_dir(str(full_mp))
+    assert {p: v for p, v in tree.items() if p != "added"} == base
