@@ -46,7 +46,7 @@ from functools import partial
 
 from unionfs.upper import remove_tree
 
-from . import oci, reference
+from . import lazystate, oci, reference
 from .cas import BlobStore
 from .containers import Containers, MountRecord
 from .digest import Digest, parse_digest
@@ -244,6 +244,10 @@ class _Checker:
             out.append(f"manifest has {len(manifest.layers)} layers but the config lists "
                        f"{len(config.diff_ids)} diff_ids")
         for ldesc, diff_id in zip(manifest.layers, config.diff_ids, strict=False):
+            if not self.layers.has(diff_id) and \
+                    self.store.lazy.layer_for(ldesc.digest, diff_id) is not None:
+                out += lazystate.check(self.store.lazy, ldesc.digest)  # pulled with --lazy
+                continue
             try:
                 self._blob(ldesc.digest, "layer blob")
                 if self.blobs.size(ldesc.digest) != ldesc.size:

@@ -296,3 +296,42 @@ class LazyBlob:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.log_fd = -1
+
+
+def check(store_dir: LazyStore, digest: str) -> list[str]:
+    """Problems of one lazy layer (empty when sound): its meta, index and chunk table read,
+    every chunk it holds matches its digest, and a complete blob matches its digest.  No
+    network."""
+    from unionfs.layerindex import IndexFile
+
+    from .seekable import GZIP, ZSTD, SeekableError, chunk_bytes, load_files
+
+    what = f"lazy layer {digest}"
+    try:
+        info = store_dir.info(digest)
+        path = store_dir.path(digest)
+        IndexFile(os.path.join(path, "index")).close()
+        with open(os.path.join(path, "files"), "rb") as f:
+            files = load_files(f.read())
+        blob = store_dir.open(digest)
+    except (OSError, ValueError, KeyError, SeekableError, InvalidLayer, ImageNotFound) as exc:
+        return [f"{what}: {exc}"]
+    problems = []
+    try:
+        compression = GZIP if info.format == "estargz" else ZSTD
+        seen = set()
+        for cs in files:
+            for c in cs:
+                if c.zeros or (c.start, c.inner) in seen or \
+                        not blob.verified.covers(c.start, c.end):
+                    continue
+                seen.add((c.start, c.inner))
+                try:
+                    chunk_bytes(compression, c, blob.read(c.start, c.end))
+                except SeekableError as exc:
+                    problems.append(f"{what}: {exc}")
+        if store_dir.is_complete(digest) and blob.blob_digest() != digest:
+            problems.append(f"{what}: marked complete, but the blob does not match its digest")
+    finally:
+        blob.close()
+    return problems

@@ -256,3 +256,30 @@ def test_commit_and_push_of_a_container_over_a_lazy_image(
     with full.mount(ref) as full_mp:
         base = b.tree_of_dir(str(full_mp))
     assert {p: v for p, v in tree.items() if p != "added"} == base
+
+
+def test_check_verifies_the_fetched_parts_and_images_marks_them(
+        images: dict[str, dict[str, str]], strata: Any) -> None:
+    ref = _ref(images, "big", "zstdchunked-skopeo")
+    strata("pull", "--lazy", ref)
+    listing = strata("images")
+    assert b"not fully local" in listing.stderr
+    assert strata.out("images", "--format", "{{.Local}}").split() == ["partial"]
+    store = Store(str(strata.root))
+    img = store.resolve(ref)
+    with store.layers_of(img) as layers:
+        view = UnionView(layers)
+        node = view.resolve("usr/lib/big.so")
+        assert len(view.read(node, 0, 1 << 20)) == 1 << 20
+    checked = strata("check")
+    assert b"no problems" in checked.stdout + checked.stderr
+    digest = next(d for d in store.lazy_layers(img)
+                  if store.lazy.info(d).content > 1 << 20)
+    layer = LazyLayer(store.root, digest)
+    chunk = next(c for c in layer.sorted if layer.present(c))
+    layer.close()
+    with open(Path(store.lazy.path(digest)) / "blob", "r+b") as f:  # damage a stored chunk
+        f.seek(chunk.start + (chunk.end - chunk.start) // 2)
+        f.write(b"\xff\x00\xff\x00")
+    bad = strata("check", check=False)
+    assert bad.returncode != 0 and b"lazy layer" in bad.stdout + bad.stderr
