@@ -271,9 +271,9 @@ class Store(_store.Store):
         sets ``created`` for reproducible IDs.  Raises ``ContainerNotFound``,
         ``InvalidReference``, ``Unsupported`` (compression, format), ``MountFailed`` (the
         mount did not pause), ``StoreFull``."""
-        if compression not in LAYER_COMPRESSIONS:
+        if compression not in (*LAYER_COMPRESSIONS, "estargz"):
             raise Unsupported(f"unknown compression {compression!r} "
-                              f"({', '.join(LAYER_COMPRESSIONS)})")
+                              f"({', '.join(LAYER_COMPRESSIONS)}, estargz)")
         if format not in ("oci", "docker"):
             raise Unsupported(f"unknown image format {format!r} (oci or docker)")
         if timestamp is not None and timestamp < 0:

@@ -21,11 +21,11 @@ from typing import Any
 from unionfs.layers import DirLayer, LowerLayer
 from unionfs.resolve import UnionView
 
-from . import archive, changeset, oci, timefmt
+from . import archive, changeset, estargz_write, oci, timefmt
 from .containers import Container
 from .digest import Digest
 from .instructions import apply_changes
-from .layerstore import Ingested, Progress
+from .layerstore import Progress
 from .reference import Reference
 from .store import Image, Store
 
@@ -111,13 +111,18 @@ def commit(store: Store, container: Container, layers: list[LowerLayer], *,
             write(counted)
 
     with store.ingesting():
-        got: Ingested = store.layers.ingest_produced(store.blobs, produce, compression)
+        annotations: dict[str, str] = {}
+        if compression == estargz_write.ESTARGZ:  # seekable: can be pulled lazily
+            got, annotations = estargz_write.ingest_produced(store, produce)
+        else:
+            got = store.layers.ingest_produced(store.blobs, produce, compression)
         config = committed_config(
             parent.config, got.layer.diff_id, created=created, changes=changes, author=author,
             comment=message, created_by=f"strata commit {container.name}", squash=squash)
         raw = oci.dumps(config)
         cdigest = store.blobs.put(raw)
-        layer = oci.Descriptor(oci.layer_media_type(got.compression), got.digest, got.size)
+        layer = oci.Descriptor(oci.layer_media_type(got.compression), got.digest, got.size,
+                               annotations=annotations)
         manifest = committed_manifest(None if squash else parent,
                                       oci.Descriptor(oci.OCI_CONFIG, cdigest, len(raw)), layer,
                                       oci_format)

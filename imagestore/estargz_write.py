@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,3 +220,39 @@ def _write_data(src: BinaryIO, out: _Members, m: Member, first: dict[str, Any],
 def convert_file(tar_path: str, blob: Sink, tar: Sink, **kw: Any) -> Written:
     with open(tar_path, "rb") as f:
         return convert(f, blob, tar, **kw)
+
+
+ESTARGZ = "estargz"
+
+
+def ingest_produced(store: Any, produce: Callable[[Callable[[bytes], None]], object]
+                    ) -> tuple[Any, dict[str, str]]:
+    """Store, as an eStargz layer, the layer tar ``produce(sink)`` writes: the tar goes to a
+    temp file, is converted, and the blob goes through ``LayerStore.ingest`` (which stores the
+    tar it decompresses to, the layer's new diff_id).  Returns the ``Ingested`` and the
+    descriptor annotations (TOC digest, uncompressed size)."""
+    import shutil
+    import tempfile
+
+    from .estargz import TOC_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+
+    work = tempfile.mkdtemp(dir=store.layers.tmp_dir, prefix="estargz-")
+    try:
+        src, blob = os.path.join(work, "src.tar"), os.path.join(work, "blob")
+        with open(src, "wb") as f:
+
+            def sink(data: bytes) -> None:
+                f.write(data)
+
+            produce(sink)
+        with open(blob, "wb") as out:
+            written = convert_file(src, out.write, lambda data: None)
+            out.flush()
+            os.fsync(out.fileno())
+        os.unlink(src)
+        with open(blob, "rb") as packed:
+            got = store.layers.ingest(store.blobs, packed, keep_blob=True)
+        return got, {TOC_ANNOTATION: written.toc_digest,
+                     UNCOMPRESSED_SIZE_ANNOTATION: str(written.tar_size)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

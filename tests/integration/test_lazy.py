@@ -283,3 +283,32 @@ def test_check_verifies_the_fetched_parts_and_images_marks_them(
         f.write(b"\xff\x00\xff\x00")
     bad = strata("check", check=False)
     assert bad.returncode != 0 and b"lazy layer" in bad.stdout + bad.stderr
+
+
+def test_commit_estargz_is_lazily_pullable_and_plain_gzip_for_others(
+        images: dict[str, dict[str, str]], registry: rh.RegistryProcess, strata: Any,
+        mounter: Any, containerd: lh.Containerd | None, tmp_path: Path) -> None:
+    ref = _ref(images, "sample", "gzip")
+    strata("pull", ref)
+    cid = strata.out("create", ref).split()[-1]
+    mp = mounter.mount(cid, at=mounter.mountpoint("c"))
+    (mp / "added").write_bytes(b"x" * 100000)
+    mounter.umount(mp)
+    strata("commit", "--compression", "estargz", cid, "lazy/esgz-commit:1")
+    dest = f"{registry.host}/lazy/esgz-commit:1"
+    strata("push", "lazy/esgz-commit:1", dest)
+    store = Store(str(strata.root))
+    top = store.resolve("lazy/esgz-commit:1").manifest.layers[-1]
+    assert "containerd.io/snapshot/stargz/toc.digest" in top.annotations
+    lazy = Store(str(tmp_path / "lazy"))
+    img = lazy.pull(dest, lazy=True).image
+    assert top.digest in lazy.lazy_layers(img)
+    with lazy.layers_of(img) as layers:
+        got = _walk(UnionView(layers))
+    assert got["added"][-1] == b"x" * 100000
+    oracle = umoci_tree(dest, tmp_path)  # skopeo + umoci read it as plain gzip
+    assert exported_tree(lazy, img) == oracle
+    if containerd is not None:  # stargz-snapshotter's reader finds our footer and TOC
+        containerd.ctr("content", "fetch", "--plain-http", dest)
+        assert containerd.ctr("images", "get-toc-digest", top.digest).strip() == \
+            top.annotations["containerd.io/snapshot/stargz/toc.digest"]
