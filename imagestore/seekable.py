@@ -229,6 +229,7 @@ def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:
     entries: list[Any] = doc["entries"]
     toc = Toc(fmt, GZIP if fmt == ESTARGZ else ZSTD, [], [], data_end)
     raws: list[list[_Raw]] = []
+    sizes: list[int] = []
     current: list[_Raw] | None = None
     current_size = 0
     prefetch_at = -1
@@ -254,6 +255,7 @@ def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:
             if current_size:
                 current.append(_chunk(e, current_size))
             raws.append(current)
+            sizes.append(current_size)
             toc.digests.append(_str(e, "digest"))
         m = _member(e, typeflag, file_no)
         if m.name.strip("/").removeprefix("./") == PREFETCH_LANDMARK and current:
@@ -261,8 +263,7 @@ def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:
         toc.members.append(m)
     boundaries = sorted({c.start for cs in raws for c in cs} | {data_end})
     for file_no, cs in enumerate(raws):
-        size = next(m.size for m in toc.members if m.offset_data == file_no)
-        toc.files.append(_finish(cs, size, boundaries, toc.digests[file_no], data_end))
+        toc.files.append(_finish(cs, sizes[file_no], boundaries, toc.digests[file_no], data_end))
     toc.prefetch_end = max(0, prefetch_at)
     return toc
 
