@@ -27,6 +27,9 @@ def register(sub: Any, image_sub: Any) -> None:
                                           "image (default: the host's)")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="print only the image reference")
+        p.add_argument("--lazy", action="store_true",
+                       help="fetch only the table of contents of layers in a seekable format "
+                            "(eStargz, zstd:chunked); their files are fetched when read")
         p.set_defaults(func=cmd_pull)
     for parent in (sub, image_sub):
         p = parent.add_parser(
@@ -57,7 +60,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .progress import ProgressPrinter
 
     printer = None if args.quiet else ProgressPrinter()
-    result = store_of(args).pull(args.name, platform=args.platform, progress=printer)
+    result = store_of(args).pull(args.name, platform=args.platform, progress=printer,
+                                lazy=args.lazy)
     if not args.quiet:
         print(f"Digest: {result.digest}")
         status = "Image is up to date" if result.up_to_date else "Downloaded newer image"

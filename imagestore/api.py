@@ -199,6 +199,17 @@ class Store:
         """docker's ``image inspect`` document (``Id``, ``RepoTags``, ``Config``...)."""
         return images.inspect(self._image_of(image))
 
+    def lazy_layers(self, image: ImageLike) -> list[str]:
+        """Blob digests of the image's layers pulled with ``pull(lazy=True)`` whose bytes are
+        not all here yet (they arrive as they are read; a ``pull`` without ``lazy`` completes
+        them).  Empty for an image that is fully local."""
+        img = self._image_of(image)
+        lazy = self.layers.lazy
+        return [desc.digest for desc, diff_id in zip(img.manifest.layers, img.diff_ids,
+                                                     strict=True)
+                if not self.layers.has(diff_id) and lazy.layer_for(desc.digest, diff_id)
+                and not lazy.is_complete(desc.digest)]
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         """Hold while reading stored images' blobs and layers yourself: garbage collection
@@ -210,17 +221,20 @@ class Store:
     # -- registries ----------------------------------------------------------------------------
 
     def pull(self, name: str, *, platform: str | None = None,
-             progress: ProgressFn | None = None) -> PullResult:
+             progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """Download ``name`` (``repo[:tag]`` or ``repo@digest``) from its registry, as
         ``strata pull`` does; returns the image with the digest pulled.  Raises
         ``InvalidReference``, ``registry.RegistryError`` (``AuthError``, ``NotFound``),
-        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``."""
+        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``.  ``lazy``:
+        layers in a seekable format (eStargz, zstd:chunked) are recorded by their table of
+        contents only and fetched as they are read; a pull without it completes them."""
         import trio
 
-        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress))
+        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress,
+                                                lazy=lazy))
 
     async def pull_async(self, name: str, *, platform: str | None = None,
-                         progress: ProgressFn | None = None) -> PullResult:
+                         progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """``pull`` for trio code (the layers' work runs in worker threads)."""
         from . import registry
 
@@ -228,7 +242,8 @@ class Store:
         if progress is not None and ref.digest is None and \
                 reference.parse(name, default_tag=False).tag is None:
             progress(ProgressEvent("pull", "", f"Using default tag: {ref.tag}"))
-        return await registry.pull(self, ref, platform=_platform(platform), events=progress)
+        return await registry.pull(self, ref, platform=_platform(platform), events=progress,
+                                   lazy=lazy)
 
     def push(self, image: ImageLike, dest: str | None = None, *,
              progress: ProgressFn | None = None) -> PushResult:
@@ -402,9 +417,9 @@ class Store:
         sets ``created`` for reproducible IDs.  Raises ``ContainerNotFound``,
         ``InvalidReference``, ``Unsupported`` (compression, format), ``MountFailed`` (the
         mount did not pause), ``StoreFull``."""
-        if compression not in LAYER_COMPRESSIONS:
+        if compression not in (*LAYER_COMPRESSIONS, "estargz"):
             raise Unsupported(f"unknown compression {compression!r} "
-                              f"({', '.join(LAYER_COMPRESSIONS)})")
+                              f"({', '.join(LAYER_COMPRESSIONS)}, estargz)")
         if format not in ("oci", "docker"):
             raise Unsupported(f"unknown image format {format!r} (oci or docker)")
         if timestamp is not None and timestamp < 0:

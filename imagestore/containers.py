@@ -137,7 +137,7 @@ class Containers:
         os.chmod(upper, root.mode & 0o7777)
         os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
 
-    def describe(self, container: Container, upper: bool = True) -> list[dict[str, str]]:
+    def describe(self, container: Container, upper: bool = True) -> list[dict[str, Any]]:
         """The container's layers as descriptions, top first: with ``upper`` its writable
         layer (read as a plain directory), then its image's.  The one recipe of a container's
         rootfs outside a writable mount: export, commit, diff and read-only mounts use it."""

@@ -60,7 +60,8 @@ def referenced(store: Store, st: State) -> tuple[set[Digest], set[Digest]]:
         try:
             desc, manifest, config = documents(store.blobs, rec)
         except (StoreError, KeyError, TypeError):
-            return set(store.blobs.digests()), set(store.layers.diff_ids())
+            return ({*store.blobs.digests(), *store.layers.lazy.digests()},
+                    set(store.layers.diff_ids()))
         blobs.update((desc.digest, manifest.config.digest))
         blobs.update(d.digest for d in manifest.layers)
         layers.update(config.diff_ids)
@@ -81,6 +82,10 @@ def collect(store: Store, wait: bool) -> tuple[tuple[str, ...], int]:
                 freed += unshared_size(store.layers.path(diff_id))
                 store.layers.delete(diff_id)
                 deleted.append(diff_id)
+        for digest in store.layers.lazy.digests():  # layers pulled with --lazy
+            if digest not in keep_blobs:
+                freed += unshared_size(store.layers.lazy.path(digest))
+                store.layers.lazy.delete(digest)
         for digest in store.blobs.digests():
             if digest not in keep_blobs:
                 # an uncompressed layer's blob is a hardlink of its tar: counted once, here
@@ -104,6 +109,8 @@ def discard_added(store: Store, blobs: set[Digest], layers: set[Digest]) -> None
             store.layers.delete(diff_id)
         for digest in set(store.blobs.digests()) - blobs - keep_blobs:
             store.blobs.delete(digest)
+        for digest in set(store.layers.lazy.digests()) - keep_blobs:
+            store.layers.lazy.delete(digest)  # no image names it: a pull --lazy that failed
 
 
 def sweep_leftovers(store: Store) -> None:

@@ -1,0 +1,497 @@
+"""Lazily pulled layers: ``LazyLayer`` (a ``LowerLayer`` whose bytes arrive by range), the TOC
+fetch of ``pull --lazy``, background completion and promotion to an ordinary layer.
+
+``LazyLayer`` answers ``entry``/``children``/``xattrs``/``hardlinks`` from the index built from
+the layer's TOC (``TarLayer``'s code over the lazy state's index: never the network).  ``read``
+and ``copy_data`` find the file's chunks; a chunk not yet present is fetched (``Fetcher``: the
+registry client's auth, mirrors, redirects and retries, with a timeout), its bytes checked
+against the TOC's chunk digest, written and logged in the lazy state (``lazystate``), and
+decompressed; a second read is local.  A fetch takes the missing chunks after the wanted one
+too, up to ``MIN_SPAN`` bytes (neighbouring files in one request), and readers wanting bytes of
+a fetch under way wait for it instead of fetching again.  Bytes that cannot be had or do not
+match their digest make that read fail with EIO; nothing unverified is stored.
+
+``complete`` fetches every byte still missing (the files before an eStargz prefetch landmark
+first), checks the whole blob against its digest and marks the state complete;
+``complete_and_promote`` then ingests the blob through the store's ordinary path
+(``LayerStore.ingest``: digest, diff_id, tar, index) and drops the lazy state.  The mount
+daemon only completes (it must not hold the store's locks for long); the promotion happens in
+the next ``strata pull`` (or push, save, ``check``) that meets the layer.
+
+Threading: ``blocking = True`` tells the FUSE adapter to call ``read``/``copy_data`` from worker
+threads; every method is thread-safe.  ``open_layer`` is the ``strata.layers`` entry point for
+layer descriptions ``{"kind": "lazy", "root": STORE, "digest": BLOB, "complete": bool}``.
+
+Caveats:
+* Decompressed chunks are cached in memory (``CACHE_BYTES``) so sequential reads of a large file
+  decompress each chunk once; every decompression is verified against the chunk digest.
+* The in-flight table is per process: a mount and a ``strata pull`` may fetch the same range
+  once each (both write the same verified bytes).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from unionfs.layers import Entry
+from unionfs.tarlayer import TarLayer
+
+from .. import estargz, oci, zstdchunked
+from ..digest import Digest
+from ..errors import DigestMismatch, InvalidImage, StoreError
+from ..lazystate import RAW, VERIFIED, LazyBlob, LazyInfo, LazyStore
+from ..seekable import (
+    ESTARGZ,
+    GZIP,
+    ZSTD,
+    Chunk,
+    SeekableError,
+    Toc,
+    chunk_bytes,
+    detect,
+    load_files,
+)
+from .client import Registry
+from .rangefetch import Fetcher, Source, get_range, shared
+
+log = logging.getLogger(__name__)
+
+MIN_SPAN = 256 << 10  # a fetch for one chunk takes missing neighbours up to this many bytes
+MAX_GAP = 64 << 10  # ... across gaps of at most this many bytes
+MAX_SPAN = 8 << 20
+WINDOW = 4 << 20  # completion fetches this much at a time
+CACHE_BYTES = 64 << 20
+TAIL = 256 << 10  # the first TOC fetch of an eStargz layer takes this much of its end
+
+
+@dataclass
+class _Flight:
+    start: int
+    end: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str = ""
+
+
+class LazyLayer(TarLayer):
+    """A ``LowerLayer`` over a lazy state (see the module docstring)."""
+
+    blocking = True
+
+    def __init__(self, root: str, digest: str, fetcher: Fetcher | None = None) -> None:
+        lazy = LazyStore(root)
+        self.info: LazyInfo = lazy.info(digest)
+        self.blob: LazyBlob = lazy.open(digest)
+        try:
+            super().__init__(self.blob.blob_path, self.blob.index_path, name=self.info.diff_id)
+            with open(os.path.join(self.blob.dir, "files"), "rb") as f:
+                self.files = load_files(f.read())
+            import json
+
+            with open(os.path.join(self.blob.dir, "meta.json"), "rb") as f:
+                self.toc_file = int(json.loads(f.read()).get("toc_file", -1))
+            self.toc_raw = b""
+            if self.toc_file >= 0:
+                with open(os.path.join(self.blob.dir, "toc"), "rb") as f:
+                    self.toc_raw = f.read()
+        except BaseException:
+            self.blob.close()
+            raise
+        self.fetcher = fetcher or shared()
+        self.source = Source.from_json(self.info.source)
+        self.compression = GZIP if self.info.format == ESTARGZ else ZSTD
+        seen: dict[tuple[int, int], Chunk] = {}
+        for cs in self.files:
+            for c in cs:
+                if not c.zeros:
+                    seen.setdefault((c.start, c.inner), c)
+        self.sorted = sorted(seen.values(), key=lambda c: (c.start, c.inner))
+        self.starts = [c.start for c in self.sorted]
+        self._flights: dict[tuple[int, int], _Flight] = {}
+        self._flight_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._cache_size = 0
+        self._cache_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._completer: threading.Thread | None = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        size = max(0, min(size, entry.size - offset))
+        if size == 0:
+            return b""
+        file_no = self._data(entry)[0]
+        if file_no == self.toc_file:
+            return self.toc_raw[offset:offset + size]
+        out = []
+        for c in self.files[file_no]:
+            if c.offset + c.size <= offset:
+                continue
+            if c.offset >= offset + size:
+                break
+            data = self.chunk_data(c)
+            out.append(data[max(0, offset - c.offset):offset + size - c.offset])
+        return b"".join(out)
+
+    def copy_data(self, entry: Entry, dst_fd: int) -> None:
+        file_no = self._data(entry)[0]
+        if file_no == self.toc_file:
+            _write_all(dst_fd, self.toc_raw)
+            return
+        for c in self.files[file_no]:
+            _write_all(dst_fd, self.chunk_data(c))
+
+    def chunk_data(self, c: Chunk) -> bytes:
+        """The verified bytes of ``c``, fetched if need be; OSError(EIO) when not to be had."""
+        if c.zeros:
+            return bytes(c.size)
+        key = (c.start, c.inner, c.size)
+        with self._cache_lock:
+            data = self._cache.get(key)
+            if data is not None:
+                self._cache.move_to_end(key)
+                return data
+        self.ensure(c)
+        try:
+            data = chunk_bytes(self.compression, c, self.blob.read(c.start, c.end))
+        except SeekableError as exc:
+            log.warning("layer %s: stored chunk is damaged (%s)", self.name, exc)
+            raise OSError(errno.EIO, str(exc)) from None
+        self._remember(key, data)
+        return data
+
+    def _remember(self, key: tuple[int, int, int], data: bytes) -> None:
+        with self._cache_lock:
+            if key in self._cache:
+                return
+            self._cache[key] = data
+            self._cache_size += len(data)
+            while self._cache_size > CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_size -= len(old)
+
+    def present(self, c: Chunk) -> bool:
+        with self.blob.lock:
+            return self.blob.verified.covers(c.start, c.end)
+
+    def ensure(self, c: Chunk) -> None:
+        """Make the bytes of ``c`` present and verified (fetching them, or waiting for a fetch
+        under way that holds them)."""
+        refreshed = False
+        while not self.present(c):
+            if not refreshed:
+                self.blob.refresh()  # another process may have fetched it
+                refreshed = True
+                continue
+            with self._flight_lock:
+                flight = next((f for f in self._flights.values()
+                               if f.start <= c.start and c.end <= f.end), None)
+                mine = flight is None
+                if flight is None:
+                    span = self._plan(c)
+                    flight = _Flight(span[0].start, max(x.end for x in span))
+                    self._flights[(flight.start, flight.end)] = flight
+            if not mine:
+                flight.done.wait(self.fetcher.timeout + 10)
+                if flight.error:
+                    raise OSError(errno.EIO, flight.error)
+                continue
+            try:
+                self._fetch(span, c)
+            except OSError as exc:
+                flight.error = exc.strerror or str(exc)
+                raise
+            finally:
+                with self._flight_lock:
+                    self._flights.pop((flight.start, flight.end), None)
+                flight.done.set()
+
+    def _plan(self, c: Chunk) -> list[Chunk]:
+        """``c`` and the missing chunks after it, within ``MIN_SPAN``/``MAX_GAP``."""
+        i = bisect.bisect_left(self.starts, c.start)
+        span = [x for x in self.sorted[i:i + 64] if x.start == c.start]
+        end = max(x.end for x in span)
+        j = i + len(span)
+        while j < len(self.sorted) and end - c.start < MIN_SPAN:
+            x = self.sorted[j]
+            if x.start - end > MAX_GAP or x.end - c.start > MAX_SPAN:
+                break
+            if not self.present(x):
+                span.append(x)
+                end = max(end, x.end)
+            j += 1
+        return span
+
+    def _fetch(self, span: list[Chunk], wanted: Chunk) -> None:
+        start, end = span[0].start, max(x.end for x in span)
+        data = self.fetcher.fetch(self.source, self.info.digest, start, end)
+        pieces: list[tuple[int, bytes]] = []
+        bad = None
+        for x in span:
+            raw = data[x.start - start:x.end - start]
+            try:
+                self._remember((x.start, x.inner, x.size), chunk_bytes(self.compression, x, raw))
+            except SeekableError as exc:
+                log.warning("layer %s: refused fetched bytes (%s)", self.name, exc)
+                if x is wanted:
+                    bad = exc
+                continue
+            pieces.append((x.start, raw))
+        try:
+            self.blob.store(pieces, VERIFIED)
+        except StoreError as exc:
+            raise OSError(errno.EIO, str(exc)) from None
+        if bad is not None:
+            raise OSError(errno.EIO, f"refused: {bad}")
+
+    # -- completion ----------------------------------------------------------------------------
+
+    def complete(self) -> bool:
+        """Fetch everything still missing, prioritised files first; then check the blob and
+        mark the state complete.  True when complete; raises OSError when bytes cannot be
+        had, DigestMismatch when the whole blob is wrong."""
+        gaps = self.blob.missing()
+        prefetch = _prefetch_end(self)
+        gaps.sort(key=lambda g: (g[0] >= prefetch, g[0]))
+        for s, e in gaps:
+            pos = s
+            while pos < e:
+                if self._stop.is_set():
+                    return False
+                pos = self._fill(pos, e)
+        if self.blob.mark_complete(self.info.digest):
+            log.info("layer %s is complete", self.name)
+            return True
+        if self.blob.missing():
+            return False
+        raise DigestMismatch(f"lazy layer {self.info.digest}: the completed blob does not "
+                             "match its digest")
+
+    def _fill(self, pos: int, end: int) -> int:
+        """Fetch one window of the gap [pos, end); returns where the next window starts."""
+        wend = min(end, pos + WINDOW)
+        i = bisect.bisect_right(self.starts, wend) - 1
+        if 0 <= i < len(self.sorted):
+            c = self.sorted[i]
+            if c.start < wend < c.end <= end:
+                wend = c.end  # never cut a chunk in two
+        data = self.fetcher.fetch(self.source, self.info.digest, pos, wend)
+        verified: list[tuple[int, bytes]] = []
+        lo = bisect.bisect_left(self.starts, pos)
+        for c in self.sorted[lo:]:
+            if c.start >= wend:
+                break
+            if c.end > wend or self.present(c):
+                continue
+            raw = data[c.start - pos:c.end - pos]
+            try:
+                chunk_bytes(self.compression, c, raw)
+            except SeekableError as exc:
+                raise OSError(errno.EIO, f"refused: {exc}") from None
+            verified.append((c.start, raw))
+        self.blob.store(verified, VERIFIED)
+        raw_pieces = []
+        cur = pos
+        for s, data_piece in verified:
+            if s > cur:
+                raw_pieces.append((cur, data[cur - pos:s - pos]))
+            cur = max(cur, s + len(data_piece))
+        if cur < wend:
+            raw_pieces.append((cur, data[cur - pos:wend - pos]))
+        self.blob.store(raw_pieces, RAW)
+        return wend
+
+    def start_completing(self, retry_delay: float = 5.0) -> None:
+        """Complete the layer in a background thread (retrying after failures) until done
+        or ``close``."""
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    if self.complete():
+                        return
+                except (OSError, StoreError) as exc:
+                    log.info("layer %s: background completion paused: %s", self.name, exc)
+                self._stop.wait(retry_delay)
+
+        self._completer = threading.Thread(target=run, name="strata-complete", daemon=True)
+        self._completer.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        t = self._completer
+        if t is not None and t is not threading.current_thread():
+            t.join(self.fetcher.timeout + 10)
+        super().close()
+        self.blob.close()
+
+
+def _prefetch_end(layer: LazyLayer) -> int:
+    """Where the prioritised files of an eStargz layer end (0: none)."""
+    import json
+
+    try:
+        with open(os.path.join(layer.blob.dir, "meta.json"), "rb") as f:
+            return int(json.loads(f.read()).get("prefetch_end", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def open_layer(description: dict[str, Any]) -> LazyLayer:
+    """The ``strata.layers`` entry point: ``{"kind": "lazy", "root": STORE_ROOT, "digest":
+    BLOB_DIGEST, "complete": true}`` (``complete``: fetch the rest in the background)."""
+    layer = LazyLayer(str(description["root"]), str(description["digest"]))
+    if description.get("complete"):
+        layer.start_completing()
+    return layer
+
+
+# -- pull ----------------------------------------------------------------------------------------
+
+
+async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
+                    ) -> tuple[bytes, Toc, list[tuple[int, bytes]]]:
+    """The verified TOC of a seekable layer, and the blob bytes fetched for it (offset, bytes):
+    the TOC region, kept so completion need not fetch it again."""
+    fmt = detect(desc)
+    size = desc.size
+    ann = desc.annotations or {}
+    if fmt == ESTARGZ:
+        n = min(size, TAIL)
+        tail = await get_range(reg, path, desc.digest, size - n, size)
+        off = estargz.toc_offset(tail[-estargz.FOOTER_SIZE:], size)
+        if off < size - n:
+            tail = await get_range(reg, path, desc.digest, off, size - n) + tail
+            n = size - off
+        region = tail[len(tail) - (size - off):]
+        raw, toc = estargz.read_toc(region[:-estargz.FOOTER_SIZE], ann[estargz.TOC_ANNOTATION],
+                                    off)
+        return raw, toc, [(off, region)]
+    if fmt is None:
+        raise SeekableError(f"layer {desc.digest} is in no seekable format")
+    where = zstdchunked.toc_position(ann)
+    assert where is not None
+    offset, length, _ = where
+    if not 8 <= offset <= size - length:
+        raise SeekableError("zstd:chunked TOC position lies outside the blob")
+    region = await get_range(reg, path, desc.digest, offset - 8, size)
+    raw, toc = zstdchunked.read_toc(region[8:8 + length], ann, size)
+    return raw, toc, [(offset - 8, region)]
+
+
+def create_state(store_root: str, desc: oci.Descriptor, diff_id: Digest, raw: bytes, toc: Toc,
+                 extra: list[tuple[int, bytes]], source: Source) -> LazyInfo:
+    return LazyStore(store_root).create(desc, diff_id, raw, toc, source.to_json(), extra)
+
+
+def complete_and_promote(store: Any, digest: str,
+                         progress: Callable[[int, int], None] | None = None) -> None:
+    """Complete the lazy layer of blob ``digest`` and make it an ordinary stored layer (the
+    caller holds ``store.ingesting()``).  A blob that turns out wrong is dropped (the next
+    pull fetches it whole) and raises DigestMismatch."""
+    lazy: LazyStore = store.layers.lazy
+    if not lazy.has(digest):
+        return
+    info = lazy.info(digest)
+    if not lazy.is_complete(digest):
+        layer = LazyLayer(store.root, digest)
+        try:
+            done = layer.complete()
+        except DigestMismatch:
+            layer.close()
+            lazy.delete(digest)
+            raise
+        finally:
+            layer.close()
+        if not done:
+            raise OSError(errno.EIO, f"lazy layer {digest} could not be completed")
+    path = os.path.join(lazy.path(digest), "blob")
+    try:
+        if not store.layers.has(info.diff_id) or not store.blobs.has(info.digest):
+            with open(path, "rb") as f:
+                store.layers.ingest(f, digest=info.digest, size=info.size,
+                                    diff_id=info.diff_id, keep_blob=True)
+    except InvalidImage:
+        lazy.delete(digest)
+        raise
+    lazy.delete(digest)
+
+
+def complete_or_fail(store: Any, digest: str) -> None:
+    """``complete_and_promote`` for commands that need the blob (push, save): a StoreError
+    when it cannot be had."""
+    try:
+        complete_and_promote(store, digest)
+    except OSError as exc:
+        raise StoreError(f"layer {digest}: cannot complete the lazy layer: "
+                         f"{exc.strerror or exc}") from None
+
+
+async def take_seekable(puller: Any, reg: Registry, todo: dict[Digest, Any]) -> None:
+    """``pull --lazy``: record every layer of ``todo`` in a seekable format by its TOC alone
+    (removing it from ``todo``); the others stay in ``todo``, downloaded whole, with a note."""
+    import trio
+
+    from ..progress import ProgressEvent, short
+
+    store, ref = puller.store, puller.ref
+    source = Source(ref.domain, ref.api_host, ref.path)
+    for digest, (desc, diff_id) in list(todo.items()):
+        sid = short(digest)
+        if store.layers.lazy.layer_for(digest, diff_id) is not None:
+            puller.emit(ProgressEvent("pull", sid, "Already exists (lazy)"))
+            del todo[digest]
+            continue
+        if detect(desc) is None:
+            puller.emit(ProgressEvent("pull", sid, "Not seekable: pulling the whole layer"))
+            continue
+        try:
+            raw, toc, extra = await fetch_toc(reg, ref.path, desc)
+            await trio.to_thread.run_sync(create_state, store.root, desc, diff_id, raw, toc,
+                                          extra, source)
+        except SeekableError as exc:
+            log.warning("layer %s: %s; pulling it whole", sid, exc)
+            puller.emit(ProgressEvent("pull", sid,
+                                      "Unusable table of contents: pulling the whole layer"))
+            continue
+        del todo[digest]
+        puller.emit(ProgressEvent("pull", sid, "Pulled table of contents (lazy)"))
+
+
+async def completed(puller: Any, desc: oci.Descriptor) -> bool:
+    """In a pull that is not lazy: complete and promote the layer if it was pulled lazily
+    before (True: done); a lazy blob that turns out wrong is dropped (False: pull it)."""
+    import trio
+
+    from ..progress import ProgressEvent, short
+
+    store = puller.store
+    if not store.layers.lazy.has(desc.digest):
+        return False
+    sid = short(desc.digest)
+    puller.emit(ProgressEvent("pull", sid, "Completing lazy layer"))
+    try:
+        await trio.to_thread.run_sync(complete_and_promote, store, desc.digest)
+    except DigestMismatch as exc:
+        log.warning("layer %s: %s; pulling it again", sid, exc)
+        return False
+    except OSError as exc:
+        raise StoreError(f"layer {desc.digest}: cannot complete the lazy layer: "
+                         f"{exc.strerror or exc}") from None
+    puller.downloaded += 1
+    puller.emit(ProgressEvent("pull", sid, "Pull complete"))
+    return True
