@@ -124,6 +124,13 @@ class LayerStore:
         order of a mount spec's layers."""
         return [self.describe(d) for d in reversed(diff_ids)]
 
+    @staticmethod
+    def for_mount(descs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``descs`` as a mount spec lists them: a layer still arriving (pulled with
+        ``--lazy``) is completed in the background by the daemon that serves it, and the next
+        store command makes it an ordinary layer (``registry.lazy.promote_complete``)."""
+        return [{**d, "complete": True} if d.get("kind") == "lazy" else d for d in descs]
+
     def open(self, desc: dict[str, Any]) -> LowerLayer:
         """The layer ``desc`` describes as a ``LowerLayer`` (keeps its files open until
         ``close``).  Raises ``ImageNotFound`` (not stored) and ``InvalidLayer``; the index of

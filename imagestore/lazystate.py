@@ -161,13 +161,11 @@ class LazyStore:
 
     def describe(self, diff_id: str) -> dict[str, Any] | None:
         """The lazy layer of ``diff_id`` as a layer description (``unionfs.layerkinds``,
-        opened by ``registry.lazy.open_layer``), or None.  ``complete``: whoever opens it
-        fetches the rest in the background (the mount daemon; a command closes it soon)."""
+        opened by ``registry.lazy.open_layer``), or None."""
         digest = self.for_diff_id(diff_id)
         if digest is None:
             return None
-        return {"kind": "lazy", "root": self.root, "digest": digest, "name": diff_id,
-                "complete": True}
+        return {"kind": "lazy", "root": self.root, "digest": digest, "name": diff_id}
 
     def layer_for(self, digest: str, diff_id: str) -> LazyInfo | None:
         """The lazy layer holding blob ``digest`` with ``diff_id``, if there is one."""
