@@ -55,6 +55,7 @@ from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, 
 from .fsutil import output_sink
 from .images import Image, Removed
 from .layerstore import LayerStore
+from .lazystate import promote_complete
 from .mounting import Directories
 from .mounts import MountRecord, Mounts
 from .progress import ByteCounter, ProgressEvent, ProgressFn, short
@@ -210,12 +211,27 @@ class Store:
                 if not self.layers.has(diff_id) and lazy.layer_for(desc.digest, diff_id)
                 and not lazy.is_complete(desc.digest)]
 
+    def _complete_lazy(self, imgs: Sequence[Image]) -> None:
+        """Fetch what is missing of the images' lazily pulled layers and make them ordinary
+        layers (the caller holds ``reading`` or ``gc.ingesting``).  Raises ``StoreError``
+        when bytes cannot be had."""
+        digests = [d.digest for img in imgs for d, diff_id in zip(img.manifest.layers,
+                                                                   img.diff_ids, strict=True)
+                   if not self.layers.has(diff_id) and self.layers.lazy.has(d.digest)]
+        if digests:
+            from .registry import lazypull
+
+            for digest in dict.fromkeys(digests):
+                lazypull.complete_or_fail(self, digest)
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         """Hold while reading stored images' blobs and layers yourself: garbage collection
         waits, and a ``remove`` meanwhile leaves the collection to the next ``prune``, so
-        nothing being read is deleted under the reader.  Resolve names inside it."""
+        nothing being read is deleted under the reader.  Resolve names inside it.  (Lazily
+        pulled layers that a mount completed become ordinary layers on entry.)"""
         with self.state.ingesting():
+            promote_complete(self.layers)  # lazy layers a mount daemon completed
             yield
 
     # -- registries ----------------------------------------------------------------------------
@@ -344,6 +360,7 @@ class Store:
         write = archive.save_oci if format == "oci" else archive.save_docker
         with self.reading():  # an rmi meanwhile cannot collect what is being saved
             targets = archive.save_targets(self, items)
+            self._complete_lazy([image for image, _ in targets])  # every byte is needed
             with output_sink(dest, "the archive") as sink:
                 write(self, targets, sink)
 

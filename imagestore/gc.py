@@ -26,6 +26,7 @@ from .digest import Digest
 from .errors import StoreError
 from .fsutil import unshared_size
 from .images import documents
+from .lazystate import promote_complete
 from .state import State
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ PARTIAL = "partial-"  # tmp/partial-<hex>: a resumable download of that blob
 
 @contextlib.contextmanager
 def ingesting(store: Store) -> Iterator[None]:
-    """Hold while adding content that no ref names yet (keeps collection away).  When the
+    """Hold while adding content that no ref names yet (keeps collection away); lazily
+    pulled layers completed since (by a mount daemon) become ordinary layers here.  When the
     block fails, the blobs and layers it added that no image names are removed again, so a
     refused import or load leaves the store as it was (unless another command is adding
     content at that moment: then the next ``prune`` collects them)."""
@@ -45,6 +47,7 @@ def ingesting(store: Store) -> Iterator[None]:
     try:
         with store.state.ingesting():
             before = (set(store.blobs.digests()), set(store.layers.diff_ids()))
+            promote_complete(store.layers)  # lazy layers a mount daemon completed
             yield
     except BaseException:
         if before is not None:

@@ -34,6 +34,7 @@ import bisect
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -46,11 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import oci
 from .digest import Digest, sha256_hex
-from .errors import ImageNotFound, InvalidLayer
+from .errors import DigestMismatch, ImageNotFound, InvalidImage, InvalidLayer, StoreError
 from .fsutil import disk_full_guard, fsync_dir
 
 if TYPE_CHECKING:
+    from .layerstore import LayerStore
     from .seekable import Toc
+
+log = logging.getLogger(__name__)
 
 VERIFIED, RAW = 1, 2
 _REC = struct.Struct("<QQB3xI")
@@ -225,16 +229,21 @@ class LazyStore:
         return self.info(desc.digest)
 
     def delete(self, digest: str) -> None:
+        """Drop a lazy state (idempotent; two processes may drop the same one at once)."""
         path = self.path(digest)
         if not os.path.exists(path):
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(StoreError, OSError):
             diff_id = self.info(digest).diff_id
             if self.for_diff_id(diff_id) == digest:
                 os.unlink(self._link(diff_id))
         trash = tempfile.mkdtemp(dir=self.tmp_dir, prefix="gc-")
-        os.rename(path, os.path.join(trash, "lazy"))
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(path, os.path.join(trash, "lazy"))
+        except FileNotFoundError:
+            pass  # dropped by another process meanwhile
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
 
     def open(self, digest: str) -> LazyBlob:
         info = self.info(digest)
@@ -335,6 +344,42 @@ class LazyBlob:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.log_fd = -1
+
+
+def promote(layers: LayerStore, digest: str) -> None:
+    """Make the complete lazy layer of blob ``digest`` an ordinary stored layer, as a full
+    pull stores it: the blob goes through ``LayerStore.ingest`` (checked against its digest and
+    the diff_id, the tar indexed by the tar indexer, the blob kept), then the lazy state is
+    dropped.  A blob that fails those checks is dropped too and the error raised (the next pull
+    fetches the layer whole).  The caller holds the store's ingesting hold."""
+    lazy = layers.lazy
+    info = lazy.info(digest)
+    try:
+        if not layers.has(info.diff_id) or not layers.blobs.has(info.digest):
+            with open(os.path.join(lazy.path(digest), "blob"), "rb") as f:
+                layers.ingest(f, digest=info.digest, size=info.size, diff_id=info.diff_id,
+                              keep_blob=True)
+    except (DigestMismatch, InvalidImage):
+        lazy.delete(digest)
+        raise
+    lazy.delete(digest)
+
+
+def promote_complete(layers: LayerStore) -> list[Digest]:
+    """Promote every lazy layer a mount daemon completed in the background (``promote``);
+    returns their blob digests.  Cheap when there is none (one listing).  A layer that fails
+    its checks is dropped with a warning (a later pull fetches it whole)."""
+    done = []
+    for digest in layers.lazy.digests():
+        if not layers.lazy.is_complete(digest):
+            continue
+        try:
+            promote(layers, digest)
+        except (DigestMismatch, InvalidImage) as exc:
+            log.warning("lazy layer %s was dropped: %s", digest, exc)
+            continue
+        done.append(digest)
+    return done
 
 
 def check(store_dir: LazyStore, digest: str) -> list[str]:

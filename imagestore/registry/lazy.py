@@ -1,5 +1,5 @@
-"""Lazily pulled layers: ``LazyLayer`` (a ``LowerLayer`` whose bytes arrive by range), the TOC
-fetch of ``pull --lazy``, background completion and promotion to an ordinary layer.
+"""Lazily pulled layers: ``LazyLayer``, a ``LowerLayer`` whose bytes arrive by range, and its
+background completion.
 
 ``LazyLayer`` answers ``entry``/``children``/``xattrs``/``hardlinks`` from the index built from
 the layer's TOC (``TarLayer``'s code over the lazy state's index: never the network).  ``read``
@@ -12,11 +12,11 @@ a fetch under way wait for it instead of fetching again.  Bytes that cannot be h
 match their digest make that read fail with EIO; nothing unverified is stored.
 
 ``complete`` fetches every byte still missing (the files before an eStargz prefetch landmark
-first), checks the whole blob against its digest and marks the state complete;
-``complete_and_promote`` then ingests the blob through the store's ordinary path
-(``LayerStore.ingest``: digest, diff_id, tar, index) and drops the lazy state.  The mount
-daemon only completes (it must not hold the store's locks for long); the promotion happens in
-the next ``strata pull`` (or push, save, ``check``) that meets the layer.
+first), checks the whole blob against its digest and marks the state complete.  The mount
+daemon does that in a background thread for the layers of its spec (``"complete": true``,
+``LayerStore.for_mount``); it never touches the store's locks, so the promotion to an ordinary
+layer happens in the next command that holds the ingesting hold (``lazystate.promote_complete``).
+``lazypull`` holds what ``pull``, ``push`` and ``save`` do with lazy layers.
 
 Threading: ``blocking = True`` tells the FUSE adapter to call ``read``/``copy_data`` from worker
 threads; every method is thread-safe.  ``open_layer`` is the ``strata.layers`` entry point for
@@ -37,16 +37,13 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from unionfs.layers import Entry
 from unionfs.tarlayer import TarLayer
 
-from .. import estargz, oci, zstdchunked
-from ..digest import Digest
-from ..errors import DigestMismatch, InvalidImage, StoreError
+from ..errors import DigestMismatch, StoreError
 from ..lazystate import RAW, VERIFIED, LazyBlob, LazyInfo, LazyStore
 from ..seekable import (
     ESTARGZ,
@@ -54,13 +51,10 @@ from ..seekable import (
     ZSTD,
     Chunk,
     SeekableError,
-    Toc,
     chunk_bytes,
-    detect,
     load_files,
 )
-from .client import Registry
-from .rangefetch import Fetcher, Source, get_range, shared
+from .rangefetch import Fetcher, Source, shared
 
 log = logging.getLogger(__name__)
 
@@ -358,140 +352,3 @@ def open_layer(description: dict[str, Any]) -> LazyLayer:
     if description.get("complete"):
         layer.start_completing()
     return layer
-
-
-# -- pull ----------------------------------------------------------------------------------------
-
-
-async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
-                    ) -> tuple[bytes, Toc, list[tuple[int, bytes]]]:
-    """The verified TOC of a seekable layer, and the blob bytes fetched for it (offset, bytes):
-    the TOC region, kept so completion need not fetch it again."""
-    fmt = detect(desc)
-    size = desc.size
-    ann = desc.annotations or {}
-    if fmt == ESTARGZ:
-        n = min(size, TAIL)
-        tail = await get_range(reg, path, desc.digest, size - n, size)
-        off = estargz.toc_offset(tail[-estargz.FOOTER_SIZE:], size)
-        if off < size - n:
-            tail = await get_range(reg, path, desc.digest, off, size - n) + tail
-            n = size - off
-        region = tail[len(tail) - (size - off):]
-        raw, toc = estargz.read_toc(region[:-estargz.FOOTER_SIZE], ann[estargz.TOC_ANNOTATION],
-                                    off)
-        return raw, toc, [(off, region)]
-    if fmt is None:
-        raise SeekableError(f"layer {desc.digest} is in no seekable format")
-    where = zstdchunked.toc_position(ann)
-    assert where is not None
-    offset, length, _ = where
-    if not 8 <= offset <= size - length:
-        raise SeekableError("zstd:chunked TOC position lies outside the blob")
-    region = await get_range(reg, path, desc.digest, offset - 8, size)
-    raw, toc = zstdchunked.read_toc(region[8:8 + length], ann, size)
-    return raw, toc, [(offset - 8, region)]
-
-
-def create_state(store_root: str, desc: oci.Descriptor, diff_id: Digest, raw: bytes, toc: Toc,
-                 extra: list[tuple[int, bytes]], source: Source) -> LazyInfo:
-    return LazyStore(store_root).create(desc, diff_id, raw, toc, source.to_json(), extra)
-
-
-def complete_and_promote(store: Any, digest: str,
-                         progress: Callable[[int, int], None] | None = None) -> None:
-    """Complete the lazy layer of blob ``digest`` and make it an ordinary stored layer (the
-    caller holds ``store.ingesting()``).  A blob that turns out wrong is dropped (the next
-    pull fetches it whole) and raises DigestMismatch."""
-    lazy: LazyStore = store.layers.lazy
-    if not lazy.has(digest):
-        return
-    info = lazy.info(digest)
-    if not lazy.is_complete(digest):
-        layer = LazyLayer(store.root, digest)
-        try:
-            done = layer.complete()
-        except DigestMismatch:
-            layer.close()
-            lazy.delete(digest)
-            raise
-        finally:
-            layer.close()
-        if not done:
-            raise OSError(errno.EIO, f"lazy layer {digest} could not be completed")
-    path = os.path.join(lazy.path(digest), "blob")
-    try:
-        if not store.layers.has(info.diff_id) or not store.blobs.has(info.digest):
-            with open(path, "rb") as f:
-                store.layers.ingest(f, digest=info.digest, size=info.size,
-                                    diff_id=info.diff_id, keep_blob=True)
-    except InvalidImage:
-        lazy.delete(digest)
-        raise
-    lazy.delete(digest)
-
-
-def complete_or_fail(store: Any, digest: str) -> None:
-    """``complete_and_promote`` for commands that need the blob (push, save): a StoreError
-    when it cannot be had."""
-    try:
-        complete_and_promote(store, digest)
-    except OSError as exc:
-        raise StoreError(f"layer {digest}: cannot complete the lazy layer: "
-                         f"{exc.strerror or exc}") from None
-
-
-async def take_seekable(puller: Any, reg: Registry, todo: dict[Digest, Any]) -> None:
-    """``pull --lazy``: record every layer of ``todo`` in a seekable format by its TOC alone
-    (removing it from ``todo``); the others stay in ``todo``, downloaded whole, with a note."""
-    import trio
-
-    from ..progress import ProgressEvent, short
-
-    store, ref = puller.store, puller.ref
-    source = Source(ref.domain, ref.api_host, ref.path)
-    for digest, (desc, diff_id) in list(todo.items()):
-        sid = short(digest)
-        if store.layers.lazy.layer_for(digest, diff_id) is not None:
-            puller.emit(ProgressEvent("pull", sid, "Already exists (lazy)"))
-            del todo[digest]
-            continue
-        if detect(desc) is None:
-            puller.emit(ProgressEvent("pull", sid, "Not seekable: pulling the whole layer"))
-            continue
-        try:
-            raw, toc, extra = await fetch_toc(reg, ref.path, desc)
-            await trio.to_thread.run_sync(create_state, store.root, desc, diff_id, raw, toc,
-                                          extra, source)
-        except SeekableError as exc:
-            log.warning("layer %s: %s; pulling it whole", sid, exc)
-            puller.emit(ProgressEvent("pull", sid,
-                                      "Unusable table of contents: pulling the whole layer"))
-            continue
-        del todo[digest]
-        puller.emit(ProgressEvent("pull", sid, "Pulled table of contents (lazy)"))
-
-
-async def completed(puller: Any, desc: oci.Descriptor) -> bool:
-    """In a pull that is not lazy: complete and promote the layer if it was pulled lazily
-    before (True: done); a lazy blob that turns out wrong is dropped (False: pull it)."""
-    import trio
-
-    from ..progress import ProgressEvent, short
-
-    store = puller.store
-    if not store.layers.lazy.has(desc.digest):
-        return False
-    sid = short(desc.digest)
-    puller.emit(ProgressEvent("pull", sid, "Completing lazy layer"))
-    try:
-        await trio.to_thread.run_sync(complete_and_promote, store, desc.digest)
-    except DigestMismatch as exc:
-        log.warning("layer %s: %s; pulling it again", sid, exc)
-        return False
-    except OSError as exc:
-        raise StoreError(f"layer {desc.digest}: cannot complete the lazy layer: "
-                         f"{exc.strerror or exc}") from None
-    puller.downloaded += 1
-    puller.emit(ProgressEvent("pull", sid, "Pull complete"))
-    return True

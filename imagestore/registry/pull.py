@@ -54,7 +54,7 @@ from ..images import Image
 from ..layerstore import CHUNK, Ingested
 from ..progress import ProgressEvent, ProgressFn, ignore, short
 from ..reference import Reference
-from . import lazy as lazy_pull
+from . import lazypull
 from .client import Registry, RetryPolicy, Transport, open_transport, read_limited
 from .errors import RegistryError, first_error
 from .sources import BlobSources
@@ -488,7 +488,7 @@ class _Puller:
             else:
                 todo.setdefault(desc.digest, (desc, diff_id))
         if self.lazy:
-            await lazy_pull.take_seekable(self, reg, todo)
+            await lazypull.take_seekable(self, reg, todo)
         for digest in todo:
             self.emit(ProgressEvent("pull", short(digest), "Pulling fs layer"))
         with first_error():
@@ -519,7 +519,7 @@ class _Puller:
     async def _layer(self, reg: Registry, desc: oci.Descriptor, diff_id: Digest) -> None:
         sid = short(desc.digest)
         async with self.limiter:
-            if await lazy_pull.completed(self, desc):
+            if await lazypull.completed(self, desc):
                 return
             if self.store.blobs.has(desc.digest):
                 await trio.to_thread.run_sync(self._ingest_local, desc, diff_id)

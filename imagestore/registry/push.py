@@ -42,7 +42,7 @@ from ..errors import DigestMismatch, InvalidReference
 from ..images import Image
 from ..progress import ProgressEvent, ProgressFn, ignore, short
 from ..reference import Reference
-from . import lazy
+from . import lazypull
 from .client import Registry, Transport, open_transport
 from .errors import RegistryError, first_error
 from .sources import BlobSources
@@ -178,7 +178,7 @@ class _Pusher:
             if not self.store.blobs.has(desc.digest) and self.store.layers.lazy.has(desc.digest):
                 # pulled with --lazy: its bytes are needed here
                 emit(ProgressEvent("push", sid, "Completing lazy layer"))
-                await trio.to_thread.run_sync(lazy.complete_or_fail, self.store, desc.digest)
+                await trio.to_thread.run_sync(lazypull.complete_or_fail, self.store, desc.digest)
             await self._upload(desc, location or None, emit)
             emit(ProgressEvent("push", sid, "Pushed"))
             self.counts["pushed"] += shown

@@ -218,9 +218,37 @@ def test_completed_lazy_image_equals_a_full_pull(images: dict[str, dict[str, str
     assert exported_tree(store, img) == exported_tree(full, full_img)
 
 
-def test_background_completion_of_a_mounted_layer(images: dict[str, dict[str, str]],
-                                                  tmp_path: Path) -> None:
+def test_a_mount_completes_its_lazy_layers_and_the_next_command_promotes_them(
+        images: dict[str, dict[str, str]], strata: Any) -> None:
     ref = _ref(images, "big", "estargz-strata")
+    strata("pull", "--lazy", ref)
+    store = Store(str(strata.root))
+    img = store.resolve(ref)
+    digests = store.lazy_layers(img)
+    assert digests
+    with store.mount(ref) as mp:  # the daemon fetches the rest in the background
+        rh.wait_for(lambda: store.lazy_layers(img) == [], timeout=60)
+        assert (mp / "etc/os-release").read_bytes().startswith(b'PRETTY_NAME="strata test"')
+        assert all(store.layers.lazy.is_complete(d) for d in digests)
+        assert not any(store.layers.has(d) for d in img.diff_ids)  # not yet promoted
+    listing = strata("images")  # marks nothing now, and promotes nothing (no ingesting hold)
+    assert b"not fully local" not in listing.stderr
+    assert store.layers.lazy.digests() == sorted(digests)
+    tag = strata("tag", ref, "lazy/promoted:1")  # no hold either
+    assert tag.returncode == 0 and store.layers.lazy.digests()
+    with store.reading():  # what save, export and push hold: promotion happens on entry
+        pass
+    assert store.layers.lazy.digests() == []
+    for desc, diff_id in zip(img.manifest.layers, img.diff_ids, strict=True):
+        assert store.layers.has(diff_id) and store.blobs.has(desc.digest)
+    checked = strata("check")
+    assert b"no problems" in checked.stdout + checked.stderr
+
+
+def test_pull_promotes_a_layer_completed_in_the_background_without_fetching(
+        images: dict[str, dict[str, str]], registry: rh.RegistryProcess,
+        fault_proxy: rh.FaultProxy, tmp_path: Path) -> None:
+    ref = _via(_ref(images, "big", "zstdchunked-skopeo"), fault_proxy, registry)
     store = Store(str(tmp_path / "s"))
     img = store.pull(ref, lazy=True).image
     from imagestore.registry.lazy import open_layer
@@ -232,8 +260,27 @@ def test_background_completion_of_a_mounted_layer(images: dict[str, dict[str, st
             rh.wait_for(lambda d=digest: store.layers.lazy.is_complete(d), timeout=60)
         finally:
             layer.close()
-    store.pull(ref)  # promotes what is complete, fetching nothing more
+    before = len(fault_proxy.requests("GET", "/blobs/"))
+    store.pull(ref)  # promotes what is complete, fetching no blob bytes
+    assert len(fault_proxy.requests("GET", "/blobs/")) == before
     assert store.layers.lazy.digests() == [] and store.lazy_layers(store.resolve(ref)) == []
+
+
+@pytest.mark.parametrize("fmt", ("oci", "docker"))
+def test_save_of_a_lazy_image_completes_it_first(images: dict[str, dict[str, str]], fmt: str,
+                                                 tmp_path: Path) -> None:
+    ref = _ref(images, "sample", "zstdchunked-skopeo")
+    store = Store(str(tmp_path / "s"))
+    img = store.pull(ref, lazy=True).image
+    assert store.lazy_layers(img)
+    store.save(ref, tmp_path / "saved.tar", format=fmt)
+    assert store.layers.lazy.digests() == []
+    loaded = Store(str(tmp_path / "loaded"))
+    got = loaded.load(tmp_path / "saved.tar")[0].image
+    full = Store(str(tmp_path / "full"))
+    full_img = full.pull(ref).image
+    assert got.diff_ids == full_img.diff_ids
+    assert exported_tree(loaded, got) == exported_tree(full, full_img)
 
 
 def test_commit_and_push_of_a_container_over_a_lazy_image(
