@@ -42,6 +42,9 @@ def register(sub: Any, image_sub: Any) -> None:
                        help="where to push it (default: NAME)")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="print only the pushed reference")
+        p.add_argument("--compression", choices=("gzip", "zstd", "estargz", "zstd:chunked"),
+                       help="recompress the layers in another form on the way (estargz and "
+                            "zstd:chunked can be pulled lazily); the pushed manifest is OCI")
         p.set_defaults(func=cmd_push)
     p = sub.add_parser("login", help="log in to a registry",
                        description="Check credentials against a registry and store them as "
@@ -74,7 +77,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .progress import ProgressPrinter
 
     printer = None if args.quiet else ProgressPrinter()
-    result = store_of(args).push(args.name, args.dest, progress=printer)
+    result = store_of(args).push(args.name, args.dest, progress=printer,
+                                 compression=args.compression)
     if args.quiet:
         print(result.ref)
     else:

@@ -76,6 +76,7 @@ __all__ = ["Container", "ContainerLike", "Directories", "Image", "ImageLike", "M
            "Output", "PathLike", "Removed", "Store", "default_root"]
 
 DEFAULT_MAX_LAYER_SIZE = 64 << 30
+PUSH_COMPRESSIONS = ("gzip", "zstd", "estargz", "zstd:chunked")  # convert.FORMATS
 
 
 def default_root() -> str:
@@ -262,17 +263,22 @@ class Store:
                                    lazy=lazy)
 
     def push(self, image: ImageLike, dest: str | None = None, *,
-             progress: ProgressFn | None = None) -> PushResult:
+             progress: ProgressFn | None = None, compression: str | None = None) -> PushResult:
         """Upload ``image`` to ``dest`` (default: the name given, which must be a local tag,
-        or an ``Image``'s first tag), with its blobs exactly as stored.  Raises
-        ``ImageNotFound``, ``InvalidReference``, ``registry.RegistryError``,
+        or an ``Image``'s first tag), with its blobs exactly as stored.  ``compression``
+        (``gzip``, ``zstd``, ``estargz``, ``zstd:chunked``) recompresses on the way the layers
+        in another form and pushes an OCI manifest of them (the store keeps the image as it
+        is, and records no RepoDigest for it).  Raises ``ImageNotFound``,
+        ``InvalidReference``, ``Unsupported``, ``registry.RegistryError``,
         ``DigestMismatch``."""
         import trio
 
-        return trio.run(lambda: self.push_async(image, dest, progress=progress))
+        return trio.run(lambda: self.push_async(image, dest, progress=progress,
+                                                compression=compression))
 
     async def push_async(self, image: ImageLike, dest: str | None = None, *,
-                         progress: ProgressFn | None = None) -> PushResult:
+                         progress: ProgressFn | None = None,
+                         compression: str | None = None) -> PushResult:
         """``push`` for trio code."""
         from . import registry
 
@@ -290,7 +296,10 @@ class Store:
                     f"An image does not exist locally with the tag: {ref.familiar}")
         if progress is not None:
             progress(ProgressEvent("push", "", f"The push refers to repository [{ref.name}]"))
-        return await registry.push(self, img, ref, events=progress)
+        if compression is not None and compression not in PUSH_COMPRESSIONS:
+            raise Unsupported(f"unknown compression {compression!r} "
+                              f"({', '.join(PUSH_COMPRESSIONS)})")
+        return await registry.push(self, img, ref, events=progress, compression=compression)
 
     # -- archives ------------------------------------------------------------------------------
 

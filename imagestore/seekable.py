@@ -284,6 +284,7 @@ def _finish(raws: list[_Raw], size: int, boundaries: Sequence[int], file_digest:
     entries' tar headers)."""
     out: list[Chunk] = []
     pos = 0
+    file_end = raws[0].end if raws else 0  # containers/storage: where the file's frames end
     for i, r in enumerate(raws):
         nxt = raws[i + 1] if i + 1 < len(raws) else None
         if r.offset != pos:
@@ -300,8 +301,8 @@ def _finish(raws: list[_Raw], size: int, boundaries: Sequence[int], file_digest:
         end = boundaries[j] if j < len(boundaries) else data_end
         if nxt is not None and nxt.start > r.start:
             end = nxt.start
-        elif nxt is None and r.end:
-            end = r.end
+        elif nxt is None and (r.end or file_end):
+            end = r.end or file_end
         digest = r.digest or (file_digest if len(raws) == 1 else "")
         if not _SHA256.match(digest):
             raise SeekableError("table of contents: a chunk has no sha256 digest")
