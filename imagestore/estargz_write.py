@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import zlib
 from collections.abc import Callable
@@ -113,7 +114,8 @@ def _xattrs(m: Member) -> dict[str, str]:
 def _modtime(m: Member) -> str:
     import time
 
-    secs = round(float(m.pax_headers.get("mtime", m.mtime)))
+    # whole seconds, as stargz-snapshotter writes them: truncated, never a later time
+    secs = math.floor(float(m.pax_headers.get("mtime", m.mtime)))
     if secs == 0:
         return ""
     try:
