@@ -45,6 +45,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from unionfs.layerindex import _ROW, LayerIndex
+from unionfs.tarheaders import LayerError
+
 from . import oci
 from .digest import Digest, sha256_hex
 from .errors import DigestMismatch, ImageNotFound, InvalidImage, InvalidLayer, StoreError
@@ -362,7 +365,39 @@ def promote(layers: LayerStore, digest: str) -> None:
     except (DigestMismatch, InvalidImage):
         lazy.delete(digest)
         raise
+    try:
+        served = LayerIndex.load(os.path.join(lazy.path(digest), "index"))
+        stored = LayerIndex.load(os.path.join(layers.path(info.diff_id), "index"))
+        differ = index_differences(served, stored, info.format == "estargz")
+    except (OSError, ValueError, LayerError) as exc:
+        differ = [str(exc)]
+    if differ:  # the tar is what every other tool sees: it is what is stored
+        log.warning("lazy layer %s: its table of contents described %d entries otherwise "
+                    "than its tar does (%s); mounts from now on show the tar's", digest,
+                    len(differ), differ[0])
     lazy.delete(digest)
+
+
+def index_differences(served: LayerIndex, stored: LayerIndex, whole_seconds: bool
+                      ) -> list[str]:
+    """Where the index a lazy layer was served from (its TOC's) and the index of its
+    completed tar disagree, by path; empty when they agree.  The data offset is left out (a
+    file number there, a byte offset here).  ``whole_seconds`` (eStargz, whose TOC holds
+    whole-second times): a served mtime equal to the tar's truncated to the second agrees."""
+    cols = list(_ROW)
+    off, mtime = cols.index("offset"), cols.index("mtime")
+    a, b = served.rows(), stored.rows()
+    out = [f"{p}: only in the {'TOC' if p in a else 'tar'}" for p in sorted(set(a) ^ set(b))]
+    for path in sorted(set(a) & set(b)):
+        x, y = list(a[path]), list(b[path])
+        x[off] = y[off] = 0
+        if whole_seconds and x[mtime] == y[mtime] // 10**9 * 10**9:
+            x[mtime] = y[mtime]
+        if x != y:
+            out.append(f"{path}: " + ", ".join(
+                f"{cols[i] if i < len(cols) else 'target/xattrs/sparse'} {x[i]!r} != {y[i]!r}"
+                for i in range(len(x)) if x[i] != y[i]))
+    return out
 
 
 def promote_complete(layers: LayerStore) -> list[Digest]:

@@ -364,3 +364,29 @@ def test_commit_estargz_is_lazily_pullable_and_plain_gzip_for_others(
         containerd.ctr("content", "fetch", "--plain-http", dest)
         assert containerd.ctr("images", "get-toc-digest", top.digest).strip() == \
             top.annotations["containerd.io/snapshot/stargz/toc.digest"]
+
+
+@pytest.mark.parametrize("form", ("estargz-ctr", "zstdchunked-ctr", "zstdchunked-skopeo",
+                                  "estargz-strata"))
+def test_served_index_agrees_with_the_completed_tars(images: dict[str, dict[str, str]],
+                                                     form: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """What a lazy mount shows is what the layer's tar holds, but for eStargz's whole-second
+    times; promotion compares the two and warns otherwise (it did not here)."""
+    from imagestore.lazystate import index_differences
+    from imagestore.registry.lazypull import complete_and_promote
+    from unionfs.layerindex import LayerIndex
+
+    ref = _ref(images, "sample", form)
+    store = Store(str(tmp_path / "s"))
+    img = store.pull(ref, lazy=True).image
+    served = {d: LayerIndex.load(os.path.join(store.layers.lazy.path(d), "index"))
+              for d in store.lazy_layers(img)}
+    assert served
+    with store.reading():
+        for digest in served:
+            complete_and_promote(store, digest)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    for desc, diff_id in zip(img.manifest.layers, img.diff_ids, strict=True):
+        stored = LayerIndex.load(os.path.join(store.layers.path(diff_id), "index"))
+        assert index_differences(served[desc.digest], stored, form.startswith("estargz")) == []

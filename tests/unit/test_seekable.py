@@ -42,7 +42,7 @@ def _reg(name: str, size: int, offset: int = 0, **kw: Any) -> dict[str, Any]:
     return e
 
 
-# -- malformed and hostile TOCs -------------------------------------------------------------------
+# -- malformed and hostile TOCs ----
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -132,7 +132,7 @@ def test_times_parse_as_pax_values() -> None:
     assert seekable.parse_time("") is None
 
 
-# -- chunk data ------------------------------------------------------------------------------------
+# -- chunk data ----
 
 
 def test_chunk_bytes_verify_their_digest() -> None:
@@ -153,7 +153,7 @@ def test_chunk_bytes_verify_their_digest() -> None:
                                 z) == data
 
 
-# -- eStargz and zstd:chunked framing ---------------------------------------------------------------
+# -- eStargz and zstd:chunked framing ----
 
 
 def test_estargz_footer_round_trip_and_refusals() -> None:
@@ -214,7 +214,7 @@ def test_zstd_chunked_toc_checks() -> None:
         zstdchunked.read_toc(packed, lying, 1000)
 
 
-# -- the range log -----------------------------------------------------------------------------------
+# -- the range log ----
 
 
 def test_ranges_merge_and_report_gaps() -> None:
@@ -278,7 +278,7 @@ def test_another_process_sees_logged_ranges_on_refresh(tmp_path: Path) -> None:
     two.close()
 
 
-# -- the writers ------------------------------------------------------------------------------------
+# -- the writers ----
 
 
 def _layers() -> list[bytes]:
@@ -431,3 +431,21 @@ def _write(data: bytes) -> str:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path
+
+
+def test_index_differences_name_what_a_toc_told_otherwise() -> None:
+    tar = b.tar_bytes([b.d("t"), b.file("t/f", b"abc", mtime=1_700_000_000.75)])
+    full = build_index(_write(tar))
+    toc = _toc({"name": "t", "type": "dir", "mode": 0o755, "modtime": "2023-11-14T22:13:20Z"},
+               _reg("t/f", 3, mode=0o644, modtime="2023-11-14T22:13:20Z"))
+    served = parse_toc(toc, seekable.ESTARGZ, 1000).index()
+    assert lazystate.index_differences(served, full, whole_seconds=True) == []
+    assert [d.split(":")[0] for d in
+            lazystate.index_differences(served, full, whole_seconds=False)] == ["t/f"]
+    lying = _toc({"name": "t", "type": "dir", "mode": 0o755, "modtime": "2023-11-14T22:13:20Z"},
+                 _reg("t/f", 3, mode=0o4755, modtime="2023-11-14T22:13:20Z"),
+                 {"name": "t/extra", "type": "dir"})
+    got = lazystate.index_differences(parse_toc(lying, seekable.ESTARGZ, 1000).index(), full,
+                                      whole_seconds=True)
+    assert got[0] == "t/extra: only in the TOC"
+    assert any(d.startswith("t/f: mode 2541 != 420") for d in got)
