@@ -128,7 +128,7 @@ class LayerStore:
     def for_mount(descs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """``descs`` as a mount spec lists them: a layer still arriving (pulled with
         ``--lazy``) is completed in the background by the daemon that serves it, and the next
-        store command makes it an ordinary layer (``registry.lazy.promote_complete``)."""
+        store command makes it an ordinary layer (``lazystate.promote_complete``)."""
         return [{**d, "complete": True} if d.get("kind") == "lazy" else d for d in descs]
 
     def open(self, desc: dict[str, Any]) -> LowerLayer:

@@ -168,7 +168,7 @@ class LazyStore:
 
     def describe(self, diff_id: str) -> dict[str, Any] | None:
         """The lazy layer of ``diff_id`` as a layer description (``unionfs.layerkinds``,
-        opened by ``registry.lazy.open_layer``), or None."""
+        opened by ``lazylayer.open_layer``), or None."""
         digest = self.for_diff_id(diff_id)
         if digest is None:
             return None

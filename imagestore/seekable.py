@@ -14,7 +14,7 @@ its ``Chunk`` list.  ``chunk_bytes`` decompresses one chunk from the bytes of it
 frame and checks its digest.  The format modules (``estargz``, ``zstdchunked``) find and
 verify the TOC; ``detect`` says which one a layer descriptor names.
 
-Seams: nothing here does I/O; the lazy layer (``registry.lazy``) fetches and stores bytes.
+Seams: nothing here does I/O; the lazy layer (``lazylayer``) fetches and stores bytes.
 
 Caveats:
 * eStargz TOCs carry modification times in whole seconds; a tar entry with a sub-second PAX
@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import bisect
 import calendar
+import functools
 import hashlib
 import io
 import json
@@ -133,6 +134,8 @@ def detect(desc: oci.Descriptor) -> str | None:
 def _int(e: dict[str, Any], key: str, default: int = 0, low: int = 0,
          high: int = (1 << 63) - 1) -> int:
     v = e.get(key, default)
+    if type(v) is int and low <= v <= high:  # the common case, first (a TOC has 10^5 fields)
+        return v
     if v is None:
         v = default
     if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
@@ -150,6 +153,7 @@ def _str(e: dict[str, Any], key: str) -> str:
     return v
 
 
+@functools.lru_cache(maxsize=4096)  # files of one layer share a few times
 def parse_time(text: str) -> str | None:
     """An RFC 3339 time as a PAX ``mtime`` value (seconds with nanoseconds); None if empty."""
     if not text:

@@ -38,7 +38,22 @@ def _sent(proxy: rh.FaultProxy) -> int:
     return sum(s.sent for s in proxy.requests("GET", "/blobs/"))
 
 
+def _read_all(root: Path) -> int:
+    """Read every regular file under ``root`` (as a container that reads its whole image)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        total += len(chunk)
+    return total
+
+
 def _first_read(root: Path, ref: str, proxy: rh.FaultProxy, lazy: bool) -> dict[str, Any]:
+    """From ``strata pull`` to the first ``cat /etc/os-release`` in a mount, then to every
+    file read through that mount."""
     mp = root.parent / f"mnt-{root.name}"
     mp.mkdir()
     before = _sent(proxy)
@@ -51,20 +66,29 @@ def _first_read(root: Path, ref: str, proxy: rh.FaultProxy, lazy: bool) -> dict[
         t_first = time.monotonic() - t0
         assert data.startswith(b"PRETTY_NAME")
         fetched = _sent(proxy) - before
+        read = _read_all(mp)
+        t_all = time.monotonic() - t0
     finally:
         _strata(root, "umount", str(mp))
     return {"pull_s": round(t_pull, 3), "first_read_s": round(t_first, 3),
-            "bytes_fetched": fetched}
+            "bytes_fetched": fetched, "read_all_s": round(t_all, 3), "bytes_read": read,
+            "bytes_fetched_all": _sent(proxy) - before}
 
 
-def measure(work: Path, files: int = 6000, big: int = 48 << 20) -> dict[str, Any]:
+def measure(work: Path, files: int = int(os.environ.get("LAZY_BENCH_FILES", 6000)),
+            big: int = 48 << 20) -> dict[str, Any]:
     layers = lh.generated_layers(files=files, big=big)
     reg = rh.RegistryProcess(work / "registry")
     proxy = rh.FaultProxy(reg)
     try:
         refs = lh.push_images(reg.host, work, layers, "bench", None)
+        pusher = work / "pusher"  # strata's own zstd:chunked, by push --compression
+        _strata(pusher, "pull", refs["gzip"])
+        refs["zstdchunked-strata"] = f"{reg.host}/lazy/bench-zc-strata:1"
+        _strata(pusher, "push", "--compression", "zstd:chunked", refs["gzip"],
+                refs["zstdchunked-strata"])
         out: dict[str, Any] = {"image_tar_bytes": sum(len(t) for t in layers)}
-        for form in ("estargz-strata", "zstdchunked-skopeo", "gzip"):
+        for form in ("estargz-strata", "zstdchunked-strata", "zstdchunked-skopeo", "gzip"):
             ref = refs[form].replace(reg.host, proxy.host, 1)
             raw = json.loads(subprocess.run(
                 ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 from .. import estargz, oci, zstdchunked
 from ..digest import Digest
 from ..errors import DigestMismatch, StoreError
+from ..lazylayer import LazyLayer
 from ..lazystate import LazyInfo, LazyStore, promote
 from ..progress import ProgressEvent, short
 from ..seekable import ESTARGZ, SeekableError, Toc, detect
 from .client import Registry
-from .lazy import LazyLayer
 from .rangefetch import Source, get_range
 
 if TYPE_CHECKING:

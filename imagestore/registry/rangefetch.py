@@ -76,6 +76,10 @@ class Fetcher:
         self.requests = 0  # ranged requests sent (tests and measurements read it)
         self.received = 0  # body bytes received
 
+    def start(self) -> None:
+        """Start the fetcher's thread and loop (idempotent; ``call`` does it on first use)."""
+        self._start()
+
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
@@ -128,8 +132,12 @@ class Fetcher:
             fut.cancel()
             raise OSError(errno.EIO, f"timed out after {limit:.0f}s") from None
 
-    def fetch(self, source: Source, digest: str, start: int, end: int) -> bytes:
-        """Bytes ``start:end`` of blob ``digest``; OSError(EIO) when they cannot be had."""
+    def fetch(self, source: Source | dict[str, str], digest: str, start: int, end: int
+              ) -> bytes:
+        """Bytes ``start:end`` of blob ``digest`` from ``source`` (a ``Source`` or its JSON
+        form); OSError(EIO) when they cannot be had."""
+        if isinstance(source, dict):
+            source = Source.from_json(source)
         try:
             data: bytes = self.call(self._fetch, source, digest, start, end)
         except RegistryError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from imagestore.api import Store
-from imagestore.registry.lazy import LazyLayer
+from imagestore.lazylayer import LazyLayer
 from imagestore.registry.rangefetch import Fetcher
 from tests import builders as b
 from tests import lazy_helpers as lh
@@ -251,7 +251,7 @@ def test_pull_promotes_a_layer_completed_in_the_background_without_fetching(
     ref = _via(_ref(images, "big", "zstdchunked-skopeo"), fault_proxy, registry)
     store = Store(str(tmp_path / "s"))
     img = store.pull(ref, lazy=True).image
-    from imagestore.registry.lazy import open_layer
+    from imagestore.lazylayer import open_layer
 
     for digest in store.lazy_layers(img):
         layer = open_layer({"kind": "lazy", "root": store.root, "digest": digest,

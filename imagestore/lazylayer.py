@@ -38,14 +38,14 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unionfs.layers import Entry
 from unionfs.tarlayer import TarLayer
 
-from ..errors import DigestMismatch, StoreError
-from ..lazystate import RAW, VERIFIED, LazyBlob, LazyInfo, LazyStore
-from ..seekable import (
+from .errors import DigestMismatch, StoreError
+from .lazystate import RAW, VERIFIED, LazyBlob, LazyInfo, LazyStore
+from .seekable import (
     ESTARGZ,
     GZIP,
     ZSTD,
@@ -54,7 +54,9 @@ from ..seekable import (
     chunk_bytes,
     load_files,
 )
-from .rangefetch import Fetcher, Source, shared
+
+if TYPE_CHECKING:
+    from .registry.rangefetch import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ MAX_GAP = 64 << 10  # ... across gaps of at most this many bytes
 MAX_SPAN = 8 << 20
 WINDOW = 4 << 20  # completion fetches this much at a time
 CACHE_BYTES = 64 << 20
-TAIL = 256 << 10  # the first TOC fetch of an eStargz layer takes this much of its end
+COMPLETE_DELAY = 3.0  # seconds a mount lets its first reads have the network alone
 
 
 @dataclass
@@ -98,8 +100,7 @@ class LazyLayer(TarLayer):
         except BaseException:
             self.blob.close()
             raise
-        self.fetcher = fetcher or shared()
-        self.source = Source.from_json(self.info.source)
+        self._fetcher = fetcher  # the network client is imported on first use (or warm-up)
         self.compression = GZIP if self.info.format == ESTARGZ else ZSTD
         seen: dict[tuple[int, int], Chunk] = {}
         for cs in self.files:
@@ -115,6 +116,20 @@ class LazyLayer(TarLayer):
         self._cache_lock = threading.Lock()
         self._stop = threading.Event()
         self._completer: threading.Thread | None = None
+
+    @property
+    def fetcher(self) -> Fetcher:
+        if self._fetcher is None:
+            from .registry.rangefetch import shared
+
+            self._fetcher = shared()
+        return self._fetcher
+
+    def warm_up(self) -> None:
+        """Start the network client now, in a thread, so the first read finds it ready (the
+        mount daemon calls this while it mounts)."""
+        threading.Thread(target=lambda: self.fetcher.start(), name="strata-warm-up",
+                         daemon=True).start()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -226,7 +241,7 @@ class LazyLayer(TarLayer):
 
     def _fetch(self, span: list[Chunk], wanted: Chunk) -> None:
         start, end = span[0].start, max(x.end for x in span)
-        data = self.fetcher.fetch(self.source, self.info.digest, start, end)
+        data = self.fetcher.fetch(self.info.source, self.info.digest, start, end)
         pieces: list[tuple[int, bytes]] = []
         bad = None
         for x in span:
@@ -277,7 +292,7 @@ class LazyLayer(TarLayer):
             c = self.sorted[i]
             if c.start < wend < c.end <= end:
                 wend = c.end  # never cut a chunk in two
-        data = self.fetcher.fetch(self.source, self.info.digest, pos, wend)
+        data = self.fetcher.fetch(self.info.source, self.info.digest, pos, wend)
         verified: list[tuple[int, bytes]] = []
         lo = bisect.bisect_left(self.starts, pos)
         for c in self.sorted[lo:]:
@@ -303,10 +318,15 @@ class LazyLayer(TarLayer):
         self.blob.store(raw_pieces, RAW)
         return wend
 
-    def start_completing(self, retry_delay: float = 5.0) -> None:
+    def start_completing(self, delay: float | None = None, retry_delay: float = 5.0) -> None:
         """Complete the layer in a background thread (retrying after failures) until done
-        or ``close``."""
+        or ``close``, starting after ``delay`` seconds (default ``complete_delay()``), so that
+        what a container reads first has the network to itself."""
+        wait = complete_delay() if delay is None else delay
+
         def run() -> None:
+            if self._stop.wait(wait):
+                return
             while not self._stop.is_set():
                 try:
                     if self.complete():
@@ -325,6 +345,16 @@ class LazyLayer(TarLayer):
             t.join(self.fetcher.timeout + 10)
         super().close()
         self.blob.close()
+
+
+def complete_delay() -> float:
+    """Seconds a mount waits before completing its lazy layers in the background
+    (``STRATA_LAZY_COMPLETE_DELAY``, default ``COMPLETE_DELAY``)."""
+    try:
+        return max(0.0, float(os.environ.get("STRATA_LAZY_COMPLETE_DELAY", "")
+                              or COMPLETE_DELAY))
+    except ValueError:
+        return COMPLETE_DELAY
 
 
 def _prefetch_end(layer: LazyLayer) -> int:
@@ -349,6 +379,7 @@ def open_layer(description: dict[str, Any]) -> LazyLayer:
     """The ``strata.layers`` entry point: ``{"kind": "lazy", "root": STORE_ROOT, "digest":
     BLOB_DIGEST, "complete": true}`` (``complete``: fetch the rest in the background)."""
     layer = LazyLayer(str(description["root"]), str(description["digest"]))
-    if description.get("complete"):
+    if description.get("complete"):  # the mount daemon
+        layer.warm_up()
         layer.start_completing()
     return layer
