@@ -114,6 +114,8 @@ class LazyLayer(TarLayer):
         self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._cache_size = 0
         self._cache_lock = threading.Lock()
+        self._last_end = -1 << 62  # where the last fetch ended, and the span it grew to
+        self._span = MIN_SPAN
         self._stop = threading.Event()
         self._completer: threading.Thread | None = None
 
@@ -224,12 +226,20 @@ class LazyLayer(TarLayer):
                 flight.done.set()
 
     def _plan(self, c: Chunk) -> list[Chunk]:
-        """``c`` and the missing chunks after it, within ``MIN_SPAN``/``MAX_GAP``."""
+        """``c`` and the missing chunks after it, within the span and ``MAX_GAP``.  The span
+        starts at ``MIN_SPAN`` and doubles (up to ``MAX_SPAN``) while reads go on from where
+        the last fetch ended, as the kernel's read-ahead does: a walk through the image reads
+        in few large requests, a first read of one file stays small.  (Under the flight
+        lock.)"""
+        if 0 <= c.start - self._last_end <= MAX_GAP:
+            self._span = min(self._span * 2, MAX_SPAN)
+        else:
+            self._span = MIN_SPAN
         i = bisect.bisect_left(self.starts, c.start)
         span = [x for x in self.sorted[i:i + 64] if x.start == c.start]
         end = max(x.end for x in span)
         j = i + len(span)
-        while j < len(self.sorted) and end - c.start < MIN_SPAN:
+        while j < len(self.sorted) and end - c.start < self._span:
             x = self.sorted[j]
             if x.start - end > MAX_GAP or x.end - c.start > MAX_SPAN:
                 break
@@ -237,6 +247,7 @@ class LazyLayer(TarLayer):
                 span.append(x)
                 end = max(end, x.end)
             j += 1
+        self._last_end = end
         return span
 
     def _fetch(self, span: list[Chunk], wanted: Chunk) -> None:
