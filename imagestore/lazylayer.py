@@ -32,6 +32,7 @@ Caveats:
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import errno
 import logging
 import os
@@ -66,6 +67,8 @@ MAX_SPAN = 8 << 20
 WINDOW = 4 << 20  # completion fetches this much at a time
 CACHE_BYTES = 64 << 20
 COMPLETE_DELAY = 3.0  # seconds a mount lets its first reads have the network alone
+COMPLETERS = 3  # windows fetched at once while completing
+BUSY_FETCHES = 16  # ... unless reads need this many fetches first: then it completes at once
 
 
 @dataclass
@@ -117,6 +120,8 @@ class LazyLayer(TarLayer):
         self._last_end = -1 << 62  # where the last fetch ended, and the span it grew to
         self._span = MIN_SPAN
         self._stop = threading.Event()
+        self._busy = threading.Event()  # set after BUSY_FETCHES fetches: complete now
+        self._fetches = 0
         self._completer: threading.Thread | None = None
 
     @property
@@ -251,6 +256,9 @@ class LazyLayer(TarLayer):
         return span
 
     def _fetch(self, span: list[Chunk], wanted: Chunk) -> None:
+        self._fetches += 1
+        if self._fetches >= BUSY_FETCHES:
+            self._busy.set()
         start, end = span[0].start, max(x.end for x in span)
         data = self.fetcher.fetch(self.info.source, self.info.digest, start, end)
         pieces: list[tuple[int, bytes]] = []
@@ -281,12 +289,15 @@ class LazyLayer(TarLayer):
         gaps = self.blob.missing()
         prefetch = _prefetch_end(self)
         gaps.sort(key=lambda g: (g[0] >= prefetch, g[0]))
-        for s, e in gaps:
-            pos = s
-            while pos < e:
-                if self._stop.is_set():
-                    return False
-                pos = self._fill(pos, e)
+        windows = [w for s, e in gaps for w in self._windows(s, e)]
+        if windows:
+            with concurrent.futures.ThreadPoolExecutor(
+                    COMPLETERS, thread_name_prefix="strata-complete") as pool:
+                done = pool.map(lambda w: self._stop.is_set() or self._fill(*w), windows)
+                for _ in done:  # the first error is raised here; the rest are cancelled
+                    pass
+            if self._stop.is_set():
+                return False
         if self.blob.mark_complete(self.info.digest):
             log.info("layer %s is complete", self.name)
             return True
@@ -295,14 +306,38 @@ class LazyLayer(TarLayer):
         raise DigestMismatch(f"lazy layer {self.info.digest}: the completed blob does not "
                              "match its digest")
 
-    def _fill(self, pos: int, end: int) -> int:
-        """Fetch one window of the gap [pos, end); returns where the next window starts."""
-        wend = min(end, pos + WINDOW)
-        i = bisect.bisect_right(self.starts, wend) - 1
-        if 0 <= i < len(self.sorted):
-            c = self.sorted[i]
-            if c.start < wend < c.end <= end:
-                wend = c.end  # never cut a chunk in two
+    def _windows(self, pos: int, end: int) -> list[tuple[int, int]]:
+        """The gap [pos, end) cut into windows of about ``WINDOW`` bytes, never inside a
+        chunk."""
+        out = []
+        while pos < end:
+            wend = min(end, pos + WINDOW)
+            i = bisect.bisect_right(self.starts, wend) - 1
+            if 0 <= i < len(self.sorted):
+                c = self.sorted[i]
+                if c.start < wend < c.end <= end:
+                    wend = c.end
+            out.append((pos, wend))
+            pos = wend
+        return out
+
+    def _fill(self, pos: int, wend: int) -> bool:
+        """Fetch the window [pos, wend) (``_windows``) and store it: the chunks in it
+        verified, the bytes between them as they came."""
+        flight = _Flight(pos, wend)  # readers of these bytes wait for this fetch
+        with self._flight_lock:
+            self._flights[(pos, wend)] = flight
+        try:
+            return self._fill_window(pos, wend)
+        except OSError as exc:
+            flight.error = exc.strerror or str(exc)
+            raise
+        finally:
+            with self._flight_lock:
+                self._flights.pop((pos, wend), None)
+            flight.done.set()
+
+    def _fill_window(self, pos: int, wend: int) -> bool:
         data = self.fetcher.fetch(self.info.source, self.info.digest, pos, wend)
         verified: list[tuple[int, bytes]] = []
         lo = bisect.bisect_left(self.starts, pos)
@@ -312,8 +347,8 @@ class LazyLayer(TarLayer):
             if c.end > wend or self.present(c):
                 continue
             raw = data[c.start - pos:c.end - pos]
-            try:
-                chunk_bytes(self.compression, c, raw)
+            try:  # kept for the reads that come next (the cache is bounded)
+                self._remember((c.start, c.inner, c.size), chunk_bytes(self.compression, c, raw))
             except SeekableError as exc:
                 raise OSError(errno.EIO, f"refused: {exc}") from None
             verified.append((c.start, raw))
@@ -327,7 +362,7 @@ class LazyLayer(TarLayer):
         if cur < wend:
             raw_pieces.append((cur, data[cur - pos:wend - pos]))
         self.blob.store(raw_pieces, RAW)
-        return wend
+        return True
 
     def start_completing(self, delay: float | None = None, retry_delay: float = 5.0) -> None:
         """Complete the layer in a background thread (retrying after failures) until done
@@ -336,7 +371,8 @@ class LazyLayer(TarLayer):
         wait = complete_delay() if delay is None else delay
 
         def run() -> None:
-            if self._stop.wait(wait):
+            self._busy.wait(wait)  # the delay, or until reads show the whole image is wanted
+            if self._stop.is_set():
                 return
             while not self._stop.is_set():
                 try:
@@ -351,9 +387,10 @@ class LazyLayer(TarLayer):
 
     def close(self) -> None:
         self._stop.set()
+        self._busy.set()
         t = self._completer
         if t is not None and t is not threading.current_thread():
-            t.join(self.fetcher.timeout + 10)
+            t.join((self._fetcher.timeout if self._fetcher else 30.0) + 10)
         super().close()
         self.blob.close()
 
