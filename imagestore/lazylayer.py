@@ -117,6 +117,8 @@ class LazyLayer(TarLayer):
         self._cache: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._cache_size = 0
         self._cache_lock = threading.Lock()
+        self._windows_now: list[tuple[int, int]] = []  # while completing: its windows
+        self._wstarts: list[int] = []
         self._last_end = -1 << 62  # where the last fetch ended, and the span it grew to
         self._span = MIN_SPAN
         self._stop = threading.Event()
@@ -207,21 +209,29 @@ class LazyLayer(TarLayer):
                 self.blob.refresh()  # another process may have fetched it
                 refreshed = True
                 continue
+            span: list[Chunk] | None = None
             with self._flight_lock:
-                flight = next((f for f in self._flights.values()
-                               if f.start <= c.start and c.end <= f.end), None)
+                flight = self._covering(c.start, c.end)
                 mine = flight is None
                 if flight is None:
-                    span = self._plan(c)
-                    flight = _Flight(span[0].start, max(x.end for x in span))
-                    self._flights[(flight.start, flight.end)] = flight
+                    # while the layer is being completed, a miss fetches the completion
+                    # window that holds it (the completer then skips that window)
+                    window = self._window_of(c)
+                    if window is None:
+                        span = self._plan(c)
+                        window = (span[0].start, max(x.end for x in span))
+                    flight = _Flight(*window)
+                    self._flights[window] = flight
             if not mine:
                 flight.done.wait(self.fetcher.timeout + 10)
                 if flight.error:
                     raise OSError(errno.EIO, flight.error)
                 continue
             try:
-                self._fetch(span, c)
+                if span is None:
+                    self._fill_window(flight.start, flight.end)
+                else:
+                    self._fetch(span, c)
             except OSError as exc:
                 flight.error = exc.strerror or str(exc)
                 raise
@@ -229,6 +239,20 @@ class LazyLayer(TarLayer):
                 with self._flight_lock:
                     self._flights.pop((flight.start, flight.end), None)
                 flight.done.set()
+
+    def _covering(self, start: int, end: int) -> _Flight | None:
+        """A fetch under way that holds the bytes [start, end) (under the flight lock)."""
+        return next((f for f in self._flights.values() if f.start <= start and end <= f.end),
+                    None)
+
+    def _window_of(self, c: Chunk) -> tuple[int, int] | None:
+        """The completion window that holds ``c``, while completing (under the flight
+        lock)."""
+        i = bisect.bisect_right(self._wstarts, c.start) - 1
+        if i < 0:
+            return None
+        w = self._windows_now[i]
+        return w if w[0] <= c.start and c.end <= w[1] else None
 
     def _plan(self, c: Chunk) -> list[Chunk]:
         """``c`` and the missing chunks after it, within the span and ``MAX_GAP``.  The span
@@ -290,6 +314,9 @@ class LazyLayer(TarLayer):
         prefetch = _prefetch_end(self)
         gaps.sort(key=lambda g: (g[0] >= prefetch, g[0]))
         windows = [w for s, e in gaps for w in self._windows(s, e)]
+        with self._flight_lock:
+            self._windows_now = sorted(windows)
+            self._wstarts = [w[0] for w in self._windows_now]
         if windows:
             with concurrent.futures.ThreadPoolExecutor(
                     COMPLETERS, thread_name_prefix="strata-complete") as pool:
@@ -324,9 +351,17 @@ class LazyLayer(TarLayer):
     def _fill(self, pos: int, wend: int) -> bool:
         """Fetch the window [pos, wend) (``_windows``) and store it: the chunks in it
         verified, the bytes between them as they came."""
-        flight = _Flight(pos, wend)  # readers of these bytes wait for this fetch
         with self._flight_lock:
-            self._flights[(pos, wend)] = flight
+            under_way = self._covering(pos, wend)
+            if under_way is None:
+                with self.blob.lock:
+                    if self.blob.present.covers(pos, wend):
+                        return True  # a reader fetched this window already
+                flight = _Flight(pos, wend)  # readers of these bytes wait for this fetch
+                self._flights[(pos, wend)] = flight
+        if under_way is not None:  # a reader is fetching it: wait (a failure is retried)
+            under_way.done.wait(self.fetcher.timeout + 10)
+            return True
         try:
             return self._fill_window(pos, wend)
         except OSError as exc:
