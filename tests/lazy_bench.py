@@ -1,10 +1,12 @@
 """Lazy pull measurement (for scripts/bench to call; not a test): ``python -m tests.lazy_bench``.
 
-On a generated image of about 100 MB with thousands of files, in eStargz (strata's writer)
-and zstd:chunked (skopeo) form in a local registry behind a counting proxy, each in a fresh
-store: the time from ``strata pull --lazy`` to the first ``cat /etc/os-release`` in the mount
-and the registry bytes that took; beside a full ``strata pull`` + mount + cat, and ``skopeo
-copy`` + ``umoci unpack`` of the gzip form, in the same run.
+On a generated image of about 80 MB with 6000 files (``LAZY_BENCH_FILES``), in eStargz
+(strata's writer) and zstd:chunked (strata's ``push --compression``, and skopeo's) form in a
+local registry behind a counting proxy, each in a fresh store: the time from ``strata pull
+--lazy`` to the first ``cat /etc/os-release`` in the mount and the registry bytes that took,
+then to every file read through that mount; beside a full ``strata pull`` + mount + the same
+reads, and ``skopeo copy`` + ``umoci unpack`` of the gzip form, in the same run.  Run it with
+``PYTHONDONTWRITEBYTECODE`` unset: every strata process otherwise compiles its modules again.
 
 What it cannot see: a slow network (loopback answers in microseconds, so round trips cost
 nothing here), and the page cache (the registry's blobs are in it after the first form).
