@@ -59,6 +59,7 @@ from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, 
 from .fsutil import output_sink
 from .images import Image, Removed
 from .layerstore import LayerStore
+from .lazystate import promote_complete
 from .mounting import Directories
 from .mounts import MountRecord, Mounts
 from .progress import ByteCounter, ProgressEvent, ProgressFn, short
@@ -81,6 +82,7 @@ __all__ = ["Container", "ContainerLike", "Directories", "Image", "ImageLike", "M
            "Output", "PathLike", "Removed", "Store", "default_root"]
 
 DEFAULT_MAX_LAYER_SIZE = 64 << 30
+PUSH_COMPRESSIONS = ("gzip", "zstd", "estargz", "zstd:chunked")  # convert.FORMATS
 
 
 def default_root() -> str:
@@ -209,28 +211,57 @@ class Store:
         """docker's ``image inspect`` document (``Id``, ``RepoTags``, ``Config``...)."""
         return images.inspect(self._image_of(image))
 
+    def lazy_layers(self, image: ImageLike) -> list[str]:
+        """Blob digests of the image's layers pulled with ``pull(lazy=True)`` whose bytes are
+        not all here yet (they arrive as they are read; a ``pull`` without ``lazy`` completes
+        them).  Empty for an image that is fully local."""
+        img = self._image_of(image)
+        lazy = self.layers.lazy
+        return [desc.digest for desc, diff_id in zip(img.manifest.layers, img.diff_ids,
+                                                     strict=True)
+                if not self.layers.has(diff_id) and lazy.layer_for(desc.digest, diff_id)
+                and not lazy.is_complete(desc.digest)]
+
+    def _complete_lazy(self, imgs: Sequence[Image]) -> None:
+        """Fetch what is missing of the images' lazily pulled layers and make them ordinary
+        layers (the caller holds ``reading`` or ``gc.ingesting``).  Raises ``StoreError``
+        when bytes cannot be had."""
+        digests = [d.digest for img in imgs for d, diff_id in zip(img.manifest.layers,
+                                                                   img.diff_ids, strict=True)
+                   if not self.layers.has(diff_id) and self.layers.lazy.has(d.digest)]
+        if digests:
+            from .registry import lazypull
+
+            for digest in dict.fromkeys(digests):
+                lazypull.complete_or_fail(self, digest)
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         """Hold while reading stored images' blobs and layers yourself: garbage collection
         waits, and a ``remove`` meanwhile leaves the collection to the next ``prune``, so
-        nothing being read is deleted under the reader.  Resolve names inside it."""
+        nothing being read is deleted under the reader.  Resolve names inside it.  (Lazily
+        pulled layers that a mount completed become ordinary layers on entry.)"""
         with self.state.ingesting():
+            promote_complete(self.layers)  # lazy layers a mount daemon completed
             yield
 
     # -- registries ----------------------------------------------------------------------------
 
     def pull(self, name: str, *, platform: str | None = None,
-             progress: ProgressFn | None = None) -> PullResult:
+             progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """Download ``name`` (``repo[:tag]`` or ``repo@digest``) from its registry, as
         ``strata pull`` does; returns the image with the digest pulled.  Raises
         ``InvalidReference``, ``registry.RegistryError`` (``AuthError``, ``NotFound``),
-        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``."""
+        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``.  ``lazy``:
+        layers in a seekable format (eStargz, zstd:chunked) are recorded by their table of
+        contents only and fetched as they are read; a pull without it completes them."""
         import trio
 
-        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress))
+        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress,
+                                                lazy=lazy))
 
     async def pull_async(self, name: str, *, platform: str | None = None,
-                         progress: ProgressFn | None = None) -> PullResult:
+                         progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """``pull`` for trio code (the layers' work runs in worker threads)."""
         from . import registry
 
@@ -238,20 +269,26 @@ class Store:
         if progress is not None and ref.digest is None and \
                 reference.parse(name, default_tag=False).tag is None:
             progress(ProgressEvent("pull", "", f"Using default tag: {ref.tag}"))
-        return await registry.pull(self, ref, platform=_platform(platform), events=progress)
+        return await registry.pull(self, ref, platform=_platform(platform), events=progress,
+                                   lazy=lazy)
 
     def push(self, image: ImageLike, dest: str | None = None, *,
-             progress: ProgressFn | None = None) -> PushResult:
+             progress: ProgressFn | None = None, compression: str | None = None) -> PushResult:
         """Upload ``image`` to ``dest`` (default: the name given, which must be a local tag,
-        or an ``Image``'s first tag), with its blobs exactly as stored.  Raises
-        ``ImageNotFound``, ``InvalidReference``, ``registry.RegistryError``,
+        or an ``Image``'s first tag), with its blobs exactly as stored.  ``compression``
+        (``gzip``, ``zstd``, ``estargz``, ``zstd:chunked``) recompresses on the way the layers
+        in another form and pushes an OCI manifest of them (the store keeps the image as it
+        is, and records no RepoDigest for it).  Raises ``ImageNotFound``,
+        ``InvalidReference``, ``Unsupported``, ``registry.RegistryError``,
         ``DigestMismatch``."""
         import trio
 
-        return trio.run(lambda: self.push_async(image, dest, progress=progress))
+        return trio.run(lambda: self.push_async(image, dest, progress=progress,
+                                                compression=compression))
 
     async def push_async(self, image: ImageLike, dest: str | None = None, *,
-                         progress: ProgressFn | None = None) -> PushResult:
+                         progress: ProgressFn | None = None,
+                         compression: str | None = None) -> PushResult:
         """``push`` for trio code."""
         from . import registry
 
@@ -269,7 +306,10 @@ class Store:
                     f"An image does not exist locally with the tag: {ref.familiar}")
         if progress is not None:
             progress(ProgressEvent("push", "", f"The push refers to repository [{ref.name}]"))
-        return await registry.push(self, img, ref, events=progress)
+        if compression is not None and compression not in PUSH_COMPRESSIONS:
+            raise Unsupported(f"unknown compression {compression!r} "
+                              f"({', '.join(PUSH_COMPRESSIONS)})")
+        return await registry.push(self, img, ref, events=progress, compression=compression)
 
     # -- archives ------------------------------------------------------------------------------
 
@@ -346,6 +386,7 @@ class Store:
         write = archive.save_oci if format == "oci" else archive.save_docker
         with self.reading():  # an rmi meanwhile cannot collect what is being saved
             targets = archive.save_targets(self, items)
+            self._complete_lazy([image for image, _ in targets])  # every byte is needed
             with output_sink(dest, "the archive") as sink:
                 write(self, targets, sink)
 
@@ -430,9 +471,9 @@ class Store:
         mount did not pause), ``StoreFull``."""
         from . import commit as _commit
 
-        if compression not in LAYER_COMPRESSIONS:
+        if compression not in (*LAYER_COMPRESSIONS, "estargz"):
             raise Unsupported(f"unknown compression {compression!r} "
-                              f"({', '.join(LAYER_COMPRESSIONS)})")
+                              f"({', '.join(LAYER_COMPRESSIONS)}, estargz)")
         if format not in ("oci", "docker"):
             raise Unsupported(f"unknown image format {format!r} (oci or docker)")
         if timestamp is not None and timestamp < 0:

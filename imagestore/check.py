@@ -55,7 +55,7 @@ from unionfs.control import is_mounted, unmount
 from unionfs.errors import MountError
 from unionfs.upper import remove_tree
 
-from . import gc, mounting, oci, reference
+from . import gc, lazystate, mounting, oci, reference
 from .cas import BlobStore
 from .containers import Containers
 from .digest import Digest, parse_digest
@@ -248,6 +248,10 @@ class _Checker:
             out.append(f"manifest has {len(manifest.layers)} layers but the config lists "
                        f"{len(config.diff_ids)} diff_ids")
         for ldesc, diff_id in zip(manifest.layers, config.diff_ids, strict=False):
+            if not self.layers.has(diff_id) and \
+                    self.layers.lazy.layer_for(ldesc.digest, diff_id) is not None:
+                out += lazystate.check(self.layers.lazy, ldesc.digest)  # pulled with --lazy
+                continue
             try:
                 self._blob(ldesc.digest, "layer blob")
                 if self.blobs.size(ldesc.digest) != ldesc.size:

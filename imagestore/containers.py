@@ -218,7 +218,7 @@ class Containers:
         os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
 
     def describe(self, container: Container, upper: bool = True,
-                 init: bool = False) -> list[dict[str, str]]:
+                 init: bool = False) -> list[dict[str, Any]]:
         """The container's layers as descriptions, top first: with ``upper`` its writable
         layer (read as a plain directory), with ``init`` its init layer if it has one, then
         its image's.  The one recipe of a container's rootfs: a mount takes it with ``init``

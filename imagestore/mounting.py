@@ -230,7 +230,8 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
         "mountpoint": mp,
         "options": {"allow_other": allow_other, "ro": read_only, "suid": suid, "dev": dev,
                     "debug": debug},
-        "layers": layers, "upper": upper, "work": work, "control": control,
+        "layers": store.layers.for_mount(layers), "upper": upper, "work": work,
+        "control": control,
         "record": {"path": mounts.record_path(mp), "data": {
             "mountpoint": mp, "kind": kind, "target": ident, "name": name, "log": log,
             "started": timefmt.now(), "read_only": read_only, "control": control or ""}},
