@@ -485,7 +485,7 @@ def fault_proxy(registry: _rh.RegistryProcess) -> Iterator[_rh.FaultProxy]:
 
 # =================================================================================================
 # strata run: a real OCI runtime (crun), the run test images (tests/run_images.py) and a Debian
-# image built from Debian's mirror once per session (tests/debian.py).
+# image (tests/debian.py: built by scripts/install, imported once per session).
 # =================================================================================================
 
 
@@ -519,8 +519,8 @@ def run_strata(strata: Strata, run_layouts: dict[str, str]) -> Strata:
 
 @pytest.fixture(scope="session")
 def debian_strata(tmp_path_factory: pytest.TempPathFactory) -> tuple[Strata, str]:
-    """A session store holding ``debian:bookworm`` (minbase, built with mmdebstrap from
-    Debian's mirror and imported, once per session), and the image's reference.  Tests make
+    """A session store holding ``debian:bookworm`` (minbase, the rootfs tar scripts/install
+    built with mmdebstrap, imported once per session), and the image's reference.  Tests make
     their own containers in it and remove them."""
     from tests import debian
 
@@ -529,13 +529,6 @@ def debian_strata(tmp_path_factory: pytest.TempPathFactory) -> tuple[Strata, str
     if why is not None:
         pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
     base = tmp_path_factory.mktemp("debian")
-    try:
-        tar, seconds = debian.rootfs_tar(base / "rootfs.tar")
-    except RuntimeError as exc:
-        msg = f"cannot build the Debian test image: {exc}"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
-    print(f"debian image: mmdebstrap took {seconds:.1f}s")
     strata = Strata(base / "store")
-    strata("import", str(tar), "debian:bookworm")
-    tar.unlink()
+    strata("import", str(debian.rootfs_tar()), "debian:bookworm")
     return strata, "debian:bookworm"

@@ -1,49 +1,34 @@
-"""A Debian test image, built from Debian's package mirror with mmdebstrap.
+"""A Debian test image: the root file system of ``bookworm`` (``minbase``: dpkg, apt, passwd
+with useradd, bash, coreutils) as one tar, which ``strata import`` turns into an image.
 
-``rootfs_tar(dest)`` writes the root file system of ``bookworm`` in the ``minbase`` variant
-(essential and required packages: dpkg, apt, passwd with useradd, bash, coreutils) as one tar
-(about 170 MB; about 30 s on a good connection to the mirror), which ``strata import`` turns
-into an image.  The mirror is ``$STRATA_DEBIAN_MIRROR`` or ``http://deb.debian.org/debian``.
-Reused by the run tests' session fixture (``debian_image`` in tests/conftest.py), one build per
-session; the lazy-pull and benchmark work can build the same image with it.
+The tar is built by ``scripts/install --test`` (``mmdebstrap`` from Debian's package mirror,
+``$STRATA_DEBIAN_MIRROR`` or ``http://deb.debian.org/debian``: the install step is the one
+that may reach package registries) into ``.cache/debian-bookworm-minbase.tar`` of this
+checkout, once; the tests only read it, so they make no network traffic of their own.
+Reused by the run tests' session fixture (``debian_strata`` in tests/conftest.py) and by
+whatever else wants a real distribution (the lazy-pull bench).
 
 Caveats:
-* Needs root (``mmdebstrap --mode=root``) and the mirror; the build is not reproducible
-  (package versions move with the mirror), so tests assert on behaviour, not on digests.
+* Building needs root (``mmdebstrap --mode=root``); the build is not reproducible (package
+  versions move with the mirror), so tests assert on behaviour, not on digests.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
 from pathlib import Path
 
-SUITE = "bookworm"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-
-
-def mirror() -> str:
-    return os.environ.get("STRATA_DEBIAN_MIRROR") or DEFAULT_MIRROR
+REPO = Path(__file__).resolve().parent.parent
+ROOTFS = REPO / ".cache" / "debian-bookworm-minbase.tar"
 
 
 def missing() -> str | None:
-    """Why the image cannot be built here, None when it can."""
-    if os.geteuid() != 0:
-        return "building the Debian test image needs root (mmdebstrap --mode=root)"
-    if shutil.which("mmdebstrap") is None:
-        return "mmdebstrap is not installed (scripts/install --test installs it)"
+    """Why the image is not there, None when it is."""
+    if not ROOTFS.is_file() or ROOTFS.stat().st_size == 0:
+        return (f"the Debian test image {ROOTFS} is missing: scripts/install --test builds it "
+                f"(as root, with mmdebstrap)")
     return None
 
 
-def rootfs_tar(dest: Path, suite: str = SUITE) -> tuple[Path, float]:
-    """Build the rootfs tar at ``dest``; returns it and the seconds the build took."""
-    start = time.monotonic()
-    proc = subprocess.run(
-        ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar", "--quiet",
-         suite, str(dest), mirror()],
-        capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"mmdebstrap failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return dest, time.monotonic() - start
+def rootfs_tar() -> Path:
+    """The rootfs tar (``missing`` says whether it is there)."""
+    return ROOTFS
