@@ -61,7 +61,8 @@ def status(c: Container) -> str:
     if c.mount.elsewhere:
         return (f"Mounted in another mount namespace only (unmounted from "
                 f"{c.mount.mountpoint} here)")
-    return f"Mounted at {c.mount.mountpoint}"
+    engine = " (kernel engine)" if c.mount.engine == "kernel" else ""
+    return f"Mounted at {c.mount.mountpoint}{engine}"
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -28,6 +28,11 @@ def register(sub: Any, image_sub: Any) -> None:
     p.add_argument("--lower", help="lower directories, leftmost on top (as mount -t overlay)")
     p.add_argument("--upper", help="upper directory (writable layer) for --lower")
     p.add_argument("--work", help="work directory for --upper (same file system)")
+    p.add_argument("--engine", choices=("fuse", "kernel", "auto"), default=None,
+                   help="for a writable container: fuse (strata's union, the default unless "
+                        "$STRATA_ENGINE says otherwise), kernel (kernel overlayfs over a FUSE "
+                        "mount of the image; root), auto (kernel where overlayfs may be "
+                        "mounted, else fuse)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
     p.add_argument("-o", dest="options", action="append", default=[],
@@ -70,7 +75,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     target: str | Directories = args.args[0] if not args.lower else Directories(
         tuple(args.lower.split(":")), args.upper, args.work)
     kw = {"read_only": "ro" in opts, "allow_other": "allow_other" in opts,
-          "suid": "suid" in opts, "dev": "dev" in opts, "debug": args.debug}
+          "suid": "suid" in opts, "dev": "dev" in opts, "debug": args.debug,
+          "engine": args.engine}
     store = store_of(args)
     if args.foreground:
         store.serve_mount(target, args.args[-1], **kw)
@@ -93,7 +99,7 @@ def cmd_mounts(args: argparse.Namespace) -> int:
         for r in recs:
             print(r.mountpoint)
         return 0
-    table([["MOUNTPOINT", "TYPE", "NAME", "PID", "MODE", "MOUNTED", "STATE"]] + [
-        [r.mountpoint, r.kind, r.name, str(r.pid), "ro" if r.read_only else "rw",
+    table([["MOUNTPOINT", "TYPE", "NAME", "PID", "MODE", "ENGINE", "MOUNTED", "STATE"]] + [
+        [r.mountpoint, r.kind, r.name, str(r.pid), "ro" if r.read_only else "rw", r.engine,
          since(r.started), _state(r)] for r in recs])
     return 0

@@ -50,22 +50,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from unionfs.control import holders, is_mounted
+from unionfs import overlay
+from unionfs.control import is_mounted
 from unionfs.control import unmount as _unmount
 from unionfs.errors import MountError
 
 from . import timefmt
 from .containers import Container, Containers
-from .errors import FuseUnavailable, ImageNotFound, MountFailed, StoreError
+from .errors import FuseUnavailable, ImageNotFound, MountFailed, StoreError, Unsupported
 from .images import Image
-from .mounts import MountRecord, Mounts, process_alive
+from .mounts import Mounts, clear_mount_dir
+from .unmounting import EXIT_TIMEOUT, release, unmount, wait_gone
 
 if TYPE_CHECKING:
     from .api import Store
 
 READY_TIMEOUT = 60.0
-EXIT_TIMEOUT = 10.0
-SETTLE = 0.5  # a daemon whose mount nobody else holds ends well within this after an unmount
 BUSY_RETRIES = 10
 BUSY_DELAY = 0.1
 # in a line of the daemon's error or log that mentions fuse, words saying FUSE itself is
@@ -73,6 +73,9 @@ BUSY_DELAY = 0.1
 _NO_FUSE = ("permission denied", "operation not permitted", "device not found",
             "no such device", "no such file")
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ENGINES = ("fuse", "kernel", "auto")
+DEFAULT_ENGINE = "fuse"  # for mount, run and build; README "Engines" says why
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,31 @@ def fuse_missing() -> str | None:
     return "; ".join(problems) or None
 
 
+def engine_for(requested: str | None, writable_container: bool) -> tuple[str, bool]:
+    """The engine a mount uses, and whether it may fall back to FUSE should the kernel refuse
+    the overlay.  ``requested``: ``fuse``, ``kernel``, ``auto`` or None (``$STRATA_ENGINE``,
+    else ``DEFAULT_ENGINE``).  Only a writable container has a choice: images, read-only
+    mounts and directories are FUSE mounts (asking for ``kernel`` there is refused).  Raises
+    ``Unsupported`` (an unknown engine, ``kernel`` for what is not a writable container),
+    ``MountFailed`` (``kernel`` where overlayfs may not be mounted, with the reason)."""
+    name = requested or os.environ.get("STRATA_ENGINE") or DEFAULT_ENGINE
+    if name not in ENGINES:
+        raise Unsupported(f"unknown mount engine {name!r} ({', '.join(ENGINES)})")
+    if not writable_container:
+        if requested == "kernel":
+            raise Unsupported("the kernel engine mounts writable containers; images, "
+                              "read-only mounts and directories are FUSE mounts")
+        return "fuse", False
+    if name == "fuse":
+        return "fuse", False
+    why = overlay.permitted()
+    if why is None:
+        return "kernel", name == "auto"
+    if name == "kernel":
+        raise MountFailed(f"cannot use the kernel engine: {why}")
+    return "fuse", False
+
+
 @dataclass
 class Plan:
     """Everything decided before the daemon starts.  ``lock``: a container's mount lock,
@@ -110,6 +138,14 @@ class Plan:
     log: str
     what: str  # for messages
     lock: int | None = None
+    engine: str = "fuse"
+    fallback: dict[str, Any] | None = None  # auto: the FUSE engine's spec, should overlayfs fail
+    lower: str | None = None  # the kernel engine's private FUSE mountpoint
+
+    def use_fallback(self) -> None:
+        """Mount with the FUSE engine instead (``auto``, the kernel refused the overlay)."""
+        assert self.fallback is not None
+        self.spec, self.fallback, self.engine, self.lower = self.fallback, None, "fuse", None
 
     def close(self) -> None:
         if self.lock is not None:
@@ -125,6 +161,8 @@ class Plan:
         return fd
 
     def command(self, spec_fd: int) -> list[str]:
+        """The daemon's argv: the mountpoint where the union appears (the overlay's for the
+        kernel engine), so ``ps`` shows what each daemon serves."""
         return [sys.executable, "-m", "unionfs.mount", f"/dev/fd/{spec_fd}", self.mountpoint]
 
     def log_size(self) -> int:
@@ -163,11 +201,13 @@ def _env() -> dict[str, str]:
 
 def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None, *,
          read_only: bool = False, allow_other: bool = False, suid: bool = False,
-         dev: bool = False, debug: bool = False, make_mountpoint: bool = True) -> Plan:
+         dev: bool = False, debug: bool = False, make_mountpoint: bool = True,
+         engine: str | None = None) -> Plan:
     """Check FUSE, the target and the mountpoint (a new temp dir when None; one that is
-    missing is made when ``make_mountpoint``) and write the spec.  Raises ``FuseUnavailable``,
-    ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted),
-    ``MountFailed`` (the mountpoint)."""
+    missing is made when ``make_mountpoint``), choose the engine (``engine_for``) and write
+    the spec.  Raises ``FuseUnavailable``, ``ImageNotFound``, ``ContainerNotFound``,
+    ``Conflict`` (the container is mounted), ``MountFailed`` (the mountpoint, the kernel
+    engine refused), ``Unsupported`` (the engine)."""
     missing = fuse_missing()
     if missing:
         raise FuseUnavailable(missing)
@@ -214,27 +254,50 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
             what = f"image {target if isinstance(target, str) else image.short_id}"
             read_only = True
             layers = store.layers.stack(image.diff_ids)
-        if container is not None:
-            lock = mounts.lock(container.root, container.name)
+    chosen, may_fall_back = engine_for(engine, container is not None and not read_only)
+    if container is not None:
+        lock = mounts.lock(container.root, container.name)
     try:
         mp, created = _mountpoint(mountpoint, make_mountpoint)
+        writable = upper is not None and not read_only
+        control = mounts.control_path(mp) if writable else None
+        log = mounts.log_path(mp)
+        spec = {
+            "mountpoint": mp,
+            "options": {"allow_other": allow_other, "ro": read_only, "suid": suid, "dev": dev,
+                        "debug": debug},
+            "layers": layers, "upper": upper, "work": work, "control": control,
+            "record": {"path": mounts.record_path(mp), "data": {
+                "mountpoint": mp, "kind": kind, "target": ident, "name": name, "log": log,
+                "started": timefmt.now(), "read_only": read_only, "control": control or "",
+                "engine": "fuse"}},
+        }
+        p = Plan(spec, mp, created, log, what, lock)
+        if chosen == "kernel":
+            assert container is not None and upper is not None and work is not None
+            p.lower = mounts.lower_path(container.root)
+            mounts.clear_lower(container.root)  # what a daemon killed as it started left
+            os.mkdir(p.lower, 0o700)
+            p.spec = _kernel_spec(spec, p.lower, upper, work)
+            p.engine = "kernel"
+            p.fallback = spec if may_fall_back else None
+        return p
     except BaseException:
         if lock is not None:
             os.close(lock)
         raise
-    writable = upper is not None and not read_only
-    control = mounts.control_path(mp) if writable else None
-    log = mounts.log_path(mp)
-    spec = {
-        "mountpoint": mp,
-        "options": {"allow_other": allow_other, "ro": read_only, "suid": suid, "dev": dev,
-                    "debug": debug},
-        "layers": layers, "upper": upper, "work": work, "control": control,
-        "record": {"path": mounts.record_path(mp), "data": {
-            "mountpoint": mp, "kind": kind, "target": ident, "name": name, "log": log,
-            "started": timefmt.now(), "read_only": read_only, "control": control or ""}},
-    }
-    return Plan(spec, mp, created, log, what, lock)
+
+
+def _kernel_spec(spec: dict[str, Any], lower: str, upper: str, work: str) -> dict[str, Any]:
+    """The kernel engine's spec from the FUSE engine's: the layers served read-only at
+    ``lower``, overlayfs with the container's upper and work at the mountpoint."""
+    o = spec["options"]
+    record = {**spec["record"], "data": {**spec["record"]["data"], "engine": "kernel"}}
+    return {**spec, "mountpoint": lower, "upper": None, "work": None, "record": record,
+            "options": {**o, "ro": True, "allow_other": False},
+            "overlay": {"mountpoint": spec["mountpoint"], "upper": upper, "work": work,
+                        "userxattr": not overlay.in_initial_userns(), "suid": o["suid"],
+                        "dev": o["dev"]}}
 
 
 def _mountpoint(mountpoint: str | os.PathLike[str] | None, make: bool) -> tuple[str, bool]:
@@ -362,7 +425,8 @@ class _Daemon:
         finally:
             for fd in child.values():
                 os.close(fd)
-            self.p.close()  # the daemon holds the container's lock now (or nobody does)
+            if self.p.fallback is None:  # kept for a fallback until the daemon is ready
+                self.p.close()  # the daemon holds the container's lock now (or nobody does)
 
     def take_ready_fd(self) -> int:
         """Our end of the ready pipe, now the caller's to close (``wait_ready`` does)."""
@@ -371,25 +435,40 @@ class _Daemon:
 
     def wait_ready(self, fd: int | None = None, cancel: int | None = None) -> None:
         """Until the daemon says ``ready`` on ``fd`` (default: take it now); raises its error
-        (typed) otherwise.  Closes ``fd`` and ``cancel``, whatever happens."""
-        assert self.proc is not None
+        (typed) otherwise.  With ``auto``, a daemon whose overlay the kernel refused is
+        followed by one of the FUSE engine.  Closes ``fd`` and ``cancel``, whatever
+        happens."""
         fd = self.take_ready_fd() if fd is None else fd
         try:
-            message = _read_ready(fd, self.timeout, cancel)
+            while True:
+                assert self.proc is not None
+                try:
+                    message = _read_ready(fd, self.timeout, cancel)
+                finally:
+                    os.close(fd)
+                if message == "ready":
+                    self.ready = True
+                    return
+                if message is None:
+                    raise MountFailed(f"the mount of {self.p.what} at {self.p.mountpoint} did "
+                                      f"not become ready within {self.timeout:.0f}s (daemon "
+                                      f"log: {self.p.log})")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(EXIT_TIMEOUT)
+                if self.p.fallback is None or not overlay.refused(message):
+                    raise self.p.failure(message, self.proc.returncode, self.log_from)
+                lower = self.p.lower
+                self.p.use_fallback()
+                if lower is not None:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(lower)
+                self._close("life_w")
+                self.spawn()
+                fd = self.take_ready_fd()
         finally:
-            os.close(fd)
             if cancel is not None:
                 os.close(cancel)
-        if message == "ready":
-            self.ready = True
-            return
-        if message is None:
-            raise MountFailed(f"the mount of {self.p.what} at {self.p.mountpoint} did not "
-                              f"become ready within {self.timeout:.0f}s (daemon log: "
-                              f"{self.p.log})")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(EXIT_TIMEOUT)
-        raise self.p.failure(message, self.proc.returncode, self.log_from)
+            self.p.close()
 
     def stop(self) -> None:
         """Take the mount down and reap the daemon, whatever state it is in."""
@@ -412,6 +491,8 @@ class _Daemon:
             if is_mounted(p.mountpoint):  # a daemon that died without unmounting
                 with contextlib.suppress(MountError):
                     _unmount(p.mountpoint, lazy=True)
+            if p.lower is not None:  # a kernel engine daemon that died as it started
+                clear_mount_dir(p.lower)
         finally:
             p.close()
             self._close("ready_r", "life_w")  # the lifeline last: the daemon is gone now
@@ -513,81 +594,6 @@ def probe(store: Store) -> None:
         os.mkdir(mp)
         with mounted(plan(store, Directories((lower,)), mp)):
             pass
-
-
-# -- taking mounts down ----------------------------------------------------------------------------
-
-
-def unmount(root: str, mountpoint: str, lazy: bool = False) -> None:
-    """``strata umount``: unmount here and wait for the daemon (a dead daemon's mount,
-    ``ENOTCONN``, is detached and its record dropped).  A mount another mount namespace
-    still holds stays served there; asked again for such a mount (no longer here), the daemon
-    is stopped.  Raises ``MountFailed`` (busy, not mounted)."""
-    mounts = Mounts(root)
-    full = os.path.abspath(mountpoint)
-    rec = mounts.record_for(full)
-    if is_mounted(full):
-        try:
-            _unmount(full, lazy=lazy)
-        except MountError as exc:
-            raise MountFailed(str(exc)) from None
-        if rec is None:
-            mounts.unrecord(full)
-        else:
-            _settle(mounts, rec, stop=False)
-        return
-    if rec is not None and rec.elsewhere:
-        _terminate(rec)
-        return
-    raise MountFailed(f"{mountpoint} is not mounted")
-
-
-def release(root: str, rec: MountRecord) -> None:
-    """End the mount of ``rec`` everywhere (``rm -f``): unmount here, and stop its daemon if
-    another mount namespace holds it, so the container's lock is free afterwards.  Raises
-    ``MountFailed`` when the mount is busy."""
-    if not rec.elsewhere and is_mounted(rec.mountpoint, rec.dev or None):
-        try:
-            _unmount(rec.mountpoint)
-        except MountError as exc:
-            if is_mounted(rec.mountpoint):
-                raise MountFailed(str(exc)) from None
-    _settle(Mounts(root), rec, stop=True)
-
-
-def _settle(mounts: Mounts, rec: MountRecord, stop: bool) -> None:
-    """After an unmount here: wait for the daemon to end, unless another mount namespace
-    holds the mount (then it serves on, or with ``stop`` is stopped).  Other namespaces are
-    looked for only when the daemon does not end at once (reading every process's
-    ``mountinfo`` costs more than the usual wait)."""
-    wait_gone(rec.pid, SETTLE)
-    if not process_alive(rec.pid):
-        return
-    if rec.dev and holders(rec.dev):
-        if stop:
-            _terminate(rec)
-        return
-    wait_gone(rec.pid, EXIT_TIMEOUT)
-
-
-def _terminate(rec: MountRecord) -> None:
-    """Stop the daemon of ``rec`` (its mount lives only in another mount namespace, which
-    then sees ENOTCONN) and wait for it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(rec.pid, signal.SIGTERM)
-    wait_gone(rec.pid, EXIT_TIMEOUT)
-    if process_alive(rec.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec.pid, signal.SIGKILL)
-        wait_gone(rec.pid, EXIT_TIMEOUT)
-
-
-def wait_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> None:
-    """Wait (up to ``timeout`` s) until the daemon ``pid`` has exited (not our child, or not
-    reaped by us: ``process_alive``)."""
-    deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 __all__: Sequence[str] = ["Directories", "Plan", "exec_foreground", "fuse_missing", "mounted",

@@ -12,6 +12,12 @@ serves::
                  "debug": false, "fsname": "strata"},
      "layers": [DESCRIPTION, ...],      lower layers, top first (``unionfs.layerkinds``)
      "upper": PATH, "work": PATH,       the writable layer and its work dir, or null
+     "overlay": {"mountpoint": PATH, "upper": PATH, "work": PATH, "userxattr": false,
+                 "suid": false, "dev": false},
+                                        the kernel engine (``unionfs.overlay``): the layers
+                                        are served read-only at "mountpoint" above, a private
+                                        directory, and kernel overlayfs over that mount with
+                                        this upper and work dir is mounted here; or null
      "control": PATH,                   Unix socket answering ``freeze`` (writable mounts), or null
      "ready_fd": N,                     gets ``ready`` or the one-line error, then is closed
      "lifeline_fd": N,                  read end of a pipe only the parent holds: EOF unmounts
@@ -22,7 +28,17 @@ serves::
 Every key but ``mountpoint`` and ``layers`` may be left out.  The daemon mounts, answers
 ``ready`` once a ``stat`` of the mountpoint (from a worker thread) has been answered, and
 serves until the file system is unmounted (``fusermount3 -u``, ``umount``, ``strata umount``)
-or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.  It logs to stderr (the spawner
+or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.
+
+The kernel engine (``"overlay"``): once its FUSE mount answers, the daemon mounts overlayfs
+(from a worker thread: the kernel looks the lower up through the mount) and detaches its own
+mount from the tree, which overlayfs keeps a private clone of; the overlay's device goes into
+the record.  The FUSE session, and the daemon, then end when the overlay is unmounted
+everywhere (``umount``, ``strata umount``); SIGTERM, SIGINT, SIGHUP and the lifeline detach
+the overlay first.  A ``freeze`` also holds every open of a lower file (and with it every
+copy-up not yet started), which is all a FUSE lower can hold: writes go to the upper's file
+system directly.  After an end of its own it empties ``work/work`` (the kernel leaves its
+whiteout template there).  It logs to stderr (the spawner
 points it at ``<root>/mounts/<key>.log``); a mount it cannot make is one ``ERROR`` line there
 and on the ready pipe, exit status 1; only a bug writes a traceback.  docs/architecture.md
 tells the life of a mount from spawn to unmount.
@@ -48,6 +64,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import overlay as kernel
 from .control import short_address
 from .errors import MountError
 from .layerkinds import open_layer
@@ -62,7 +79,7 @@ if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (star
 
 log = logging.getLogger("unionfs.mount")  # also when run as __main__
 
-__all__ = ["MountOptions", "MountSpec", "main", "serve", "user_allow_other"]
+__all__ = ["MountOptions", "MountSpec", "OverlaySpec", "main", "serve", "user_allow_other"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,28 @@ class MountOptions:
 
 
 @dataclass(frozen=True)
+class OverlaySpec:
+    """The kernel engine's overlay: where it appears, the container's upper and work."""
+
+    mountpoint: str
+    upper: str
+    work: str
+    userxattr: bool = False
+    suid: bool = False
+    dev: bool = False
+
+    @classmethod
+    def parse(cls, doc: Any) -> OverlaySpec | None:
+        if doc is None:
+            return None
+        if not isinstance(doc, dict) or not all(
+                isinstance(doc.get(k), str) for k in ("mountpoint", "upper", "work")):
+            raise MountError("a mount spec's 'overlay' needs 'mountpoint', 'upper' and 'work'")
+        return cls(doc["mountpoint"], doc["upper"], doc["work"], bool(doc.get("userxattr")),
+                   bool(doc.get("suid")), bool(doc.get("dev")))
+
+
+@dataclass(frozen=True)
 class MountSpec:
     """A parsed mount spec (see the module docstring)."""
 
@@ -102,6 +141,12 @@ class MountSpec:
     lifeline_fd: int | None = None
     hold_fds: Sequence[int] = ()
     record: dict[str, Any] | None = None
+    overlay: OverlaySpec | None = None
+
+    @property
+    def target(self) -> str:
+        """Where the union appears: the overlay's mountpoint, else the FUSE mount's."""
+        return self.overlay.mountpoint if self.overlay is not None else self.mountpoint
 
     @classmethod
     def parse(cls, doc: dict[str, Any]) -> MountSpec:
@@ -113,9 +158,12 @@ class MountSpec:
             raise MountError("a mount spec needs 'mountpoint' and 'layers'")
         if bool(doc.get("upper")) != bool(doc.get("work")):
             raise MountError("a mount spec's 'upper' and 'work' go together")
+        ov = OverlaySpec.parse(doc.get("overlay"))
+        if ov is not None and (doc.get("upper") or not options.read_only):
+            raise MountError("the kernel engine's FUSE mount is read-only, without an upper")
         return cls(doc["mountpoint"], doc["layers"], options, doc.get("upper"), doc.get("work"),
                    doc.get("control"), doc.get("ready_fd"), doc.get("lifeline_fd"),
-                   tuple(doc.get("hold_fds") or ()), doc.get("record"))
+                   tuple(doc.get("hold_fds") or ()), doc.get("record"), ov)
 
     @classmethod
     def load(cls, path: str) -> MountSpec:
@@ -125,36 +173,135 @@ class MountSpec:
 
 def serve(union: Union, mountpoint: str, options: MountOptions,
           on_ready: Callable[[int], None] | None = None, control: str | None = None,
-          lifeline: int | None = None) -> int:
+          lifeline: int | None = None, overlay: OverlaySpec | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the number of handler errors.
     ``on_ready(dev)`` runs once the mount answers (``dev``: its device number).
     ``control``: a Unix socket path where ``freeze`` requests are answered.
     ``lifeline``: the read end of a pipe whose write end only the parent process holds; when
-    it closes (the parent exited, even by SIGKILL) the mount ends as on SIGTERM."""
+    it closes (the parent exited, even by SIGKILL) the mount ends as on SIGTERM.
+    ``overlay``: the kernel engine (see the module docstring); ``dev`` is then the overlay's."""
     import pyfuse3
     import trio
-
-    from .fuse_ops import Operations
 
     if options.allow_other and os.geteuid() != 0 and not user_allow_other():
         raise MountError("-o allow_other needs 'user_allow_other' in /etc/fuse.conf for users "
                          "other than root")
-    ops = Operations(union, timeout=options.timeout)
+    ops = _operations(union, options.timeout, lower=overlay is not None)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options())
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     ops.notify = True  # a session exists: the kernel's caches may be told of changes
+    state = _State(overlay)
     try:
-        trio.run(_run, ops, mountpoint, on_ready, control, lifeline)
+        trio.run(_run, ops, mountpoint, on_ready, control, lifeline, state)
+    except BaseExceptionGroup as group:  # a readiness step failed: its one error line
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], MountError | OSError):
+            raise group.exceptions[0] from None
+        raise
     finally:
         ops.close_all()
+        if state.overlaid and not state.detached:  # a failure between mount and ready
+            _end_overlay(state)
         with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not state.detached)  # a detached lower is not in the tree
         if control is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
+    if overlay is not None and state.detached and not state.ending:
+        _empty_work(overlay.work)  # the overlay is gone everywhere: its session ended with it
     return ops.errors
+
+
+@dataclass
+class _State:
+    """The kernel engine's progress: the overlay mounted, the lower detached from the tree,
+    an end asked for (signal, lifeline) rather than the session's own."""
+
+    overlay: OverlaySpec | None
+    mounting: bool = False
+    overlaid: bool = False
+    detached: bool = False
+    ending: bool = False
+
+
+def _operations(union: Union, timeout: float, lower: bool) -> Operations:
+    """The FUSE handlers; for the kernel engine's lower, ones whose freeze also holds opens."""
+    import trio
+
+    from .fuse_ops import Operations
+
+    if not lower:
+        return Operations(union, timeout=timeout)
+
+    class LowerOperations(Operations):
+        """A freeze holds every open of a lower file too: the kernel opens a lower file to
+        copy it up, so no copy-up starts while a commit reads the upper."""
+
+        held: trio.Event | None = None
+
+        async def freeze(self) -> None:
+            await super().freeze()
+            self.held = trio.Event()
+
+        def thaw(self) -> None:
+            held, self.held = self.held, None
+            if held is not None:
+                held.set()
+            super().thaw()
+
+        async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+            while self.held is not None:
+                await self.held.wait()
+            return await super().open(inode, flags, ctx)
+
+    return LowerOperations(union, timeout=timeout)
+
+
+def _mount_overlay(lower: str, state: _State) -> int:
+    """Mount the overlay over the FUSE mount at ``lower``, then detach that mount (the
+    overlay holds its own clone) and remove its directory; the overlay's device number.
+    Runs in a worker thread: the kernel looks the lower up through the mount."""
+    ov = state.overlay
+    assert ov is not None
+    try:
+        kernel.mount(ov.mountpoint, lower, ov.upper, ov.work, userxattr=ov.userxattr,
+                     suid=ov.suid, dev=ov.dev)
+    except OSError as exc:
+        raise MountError(f"{kernel.REFUSED}{exc.strerror} (dmesg tells why)") from None
+    state.overlaid = True
+    dev = os.stat(ov.mountpoint).st_dev
+    kernel.umount(lower, detach=True)
+    state.detached = True
+    with contextlib.suppress(OSError):
+        os.rmdir(lower)
+    return dev
+
+
+def _end_overlay(state: _State) -> None:
+    """Detach the overlay (a busy one lives on until its last user leaves, without the lower
+    once this daemon is gone).  Runs in a worker thread: the unmount may reach the lower."""
+    assert state.overlay is not None
+    state.ending = True
+    try:
+        kernel.umount(state.overlay.mountpoint, detach=True)
+    except OSError as exc:
+        log.debug("overlay already gone: %s", exc)
+
+
+def _empty_work(work: str) -> None:
+    """Empty ``work/work`` as the FUSE engine's next mount would (the kernel leaves its
+    whiteout template there), so ``strata check`` finds no leftovers."""
+    from .upper import remove_tree
+
+    path = os.path.join(work, "work")
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            remove_tree(os.path.join(path, name))
 
 
 def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
@@ -207,9 +354,22 @@ async def _watch(fd: int) -> None:
 
 
 async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None] | None,
-               control: str | None, lifeline: int | None = None) -> None:
+               control: str | None, lifeline: int | None = None,
+               state: _State | None = None) -> None:
     import pyfuse3
     import trio
+
+    state = state or _State(None)
+    settled = trio.Event()  # the overlay's mount is done with (mounted, failed or not tried)
+
+    async def end() -> None:
+        """Unmount (as on SIGTERM): the kernel engine detaches its overlay first, once an
+        overlay mount under way is done (this loop serves it meanwhile)."""
+        if state.mounting:
+            await settled.wait()
+        if state.overlaid:
+            await trio.to_thread.run_sync(_end_overlay, state)
+        pyfuse3.terminate()
 
     async with trio.open_nursery() as nursery:
         if control is not None:
@@ -219,7 +379,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
             async def orphaned() -> None:
                 await _watch(lifeline)
                 log.info("the parent process is gone: unmounting")
-                pyfuse3.terminate()
+                await end()
 
             nursery.start_soon(orphaned)
 
@@ -231,7 +391,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:
                     log.info("signal %d: unmounting", signum)
-                    pyfuse3.terminate()
+                    await end()
                     return
 
         nursery.start_soon(main)
@@ -243,9 +403,19 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
         # mount answers runs in a worker, and its result names the device for read-ahead)
         st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
         _readahead(st.st_dev, READAHEAD_KB)
-        log.info("mounted %s", mountpoint)
+        dev = st.st_dev
+        if state.overlay is not None:
+            state.mounting = True
+            try:  # not abandoned: an overlay mounted after this daemon ended would stay
+                dev = await trio.to_thread.run_sync(_mount_overlay, mountpoint, state)
+            finally:
+                state.mounting = False
+                settled.set()
+            log.info("mounted overlayfs at %s over %s", state.overlay.mountpoint, mountpoint)
+        else:
+            log.info("mounted %s", mountpoint)
         if on_ready is not None:
-            on_ready(st.st_dev)
+            on_ready(dev)
 
 
 READAHEAD_KB = 1024
@@ -360,15 +530,17 @@ def run(spec: MountSpec) -> int:
         with contextlib.ExitStack() as stack:
             union = build(spec, stack)
             stack.callback(_drop_record, spec.record)
-            control = spec.control if union.writable else None
+            writable = union.writable or spec.overlay is not None
+            control = spec.control if writable else None
             with _profiled(os.environ.get("STRATA_PROFILE")):  # scripts/bench --profile
                 errors = serve(union, spec.mountpoint, spec.options, on_ready=ready,
-                               control=control, lifeline=spec.lifeline_fd)
+                               control=control, lifeline=spec.lifeline_fd,
+                               overlay=spec.overlay)
             if errors:
                 log.warning("%d handler errors (see above)", errors)
     except (MountError, LayerError, OSError) as exc:
         message = str(exc) if isinstance(exc, MountError) else \
-            f"cannot mount {spec.mountpoint}: {_reason(exc)}"
+            f"cannot mount {spec.target}: {_reason(exc)}"
         log.error("%s", message)
         if not mounted:
             _tell(spec.ready_fd, message)
@@ -388,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if len(args) not in (1, 2) or args[0].startswith("-"):
         print("usage: python -m unionfs.mount SPEC [MOUNTPOINT]  (SPEC: a JSON mount spec, "
-              "see the module docstring; MOUNTPOINT, if given, must be the spec's)",
+              "see the module docstring; MOUNTPOINT, if given, must be the spec's, its "
+              "overlay's for the kernel engine)",
               file=sys.stderr)
         return 2
     try:
@@ -401,8 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    if len(args) == 2 and os.path.abspath(args[1]) != os.path.abspath(spec.mountpoint):
-        log.error("the mount spec is for %s, not %s", spec.mountpoint, args[1])
+    if len(args) == 2 and os.path.abspath(args[1]) != os.path.abspath(spec.target):
+        log.error("the mount spec is for %s, not %s", spec.target, args[1])
         return 2
     return run(spec)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = {"layers", "layerkinds", "tarlayer", "tarscan", "tarheaders", "layerindex", "whiteout",
-        "upper", "resolve", "union", "inodes", "control", "errors"}
+        "upper", "resolve", "union", "inodes", "control", "errors", "overlay"}
 
 
 def imports(path: Path) -> set[str]:
