@@ -32,13 +32,15 @@ def daemons(store: Store) -> list[int]:
 
 
 def strata_leftovers(under: Path) -> list[str]:
-    """strata mounts below ``under`` and processes whose command line mentions it."""
+    """strata mounts below ``under`` (FUSE, and the kernel engine's overlayfs) and processes
+    whose command line mentions it."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             fstype = fields[fields.index("-") + 1]
-            if fstype.startswith("fuse") and fields[4].startswith(str(under)):
+            if (fstype.startswith("fuse") or fstype == "overlay") and \
+                    fields[4].startswith(str(under)):
                 out.append(f"mount {fields[4]}")
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
