@@ -216,7 +216,7 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
 @dataclass
 class _State:
     """The kernel engine's progress: the overlay mounted, the lower detached from the tree,
-    an end asked for (signal, lifeline) rather than the session's own."""
+    the session ended by this daemon (signal, lifeline) rather than by the overlay's end."""
 
     overlay: OverlaySpec | None
     mounting: bool = False
@@ -282,7 +282,6 @@ def _end_overlay(state: _State) -> None:
     """Detach the overlay (a busy one lives on until its last user leaves, without the lower
     once this daemon is gone).  Runs in a worker thread: the unmount may reach the lower."""
     assert state.overlay is not None
-    state.ending = True
     try:
         kernel.umount(state.overlay.mountpoint, detach=True)
     except OSError as exc:
@@ -362,14 +361,21 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
     state = state or _State(None)
     settled = trio.Event()  # the overlay's mount is done with (mounted, failed or not tried)
 
+    ended = trio.Event()  # the session ended by itself (unmounted; the overlay gone)
+
     async def end() -> None:
         """Unmount (as on SIGTERM): the kernel engine detaches its overlay first, once an
-        overlay mount under way is done (this loop serves it meanwhile)."""
+        overlay mount under way is done (this loop serves it meanwhile), and lets its session
+        end with it; a session still held (a busy overlay, detached) is ended here."""
         if state.mounting:
             await settled.wait()
         if state.overlaid:
             await trio.to_thread.run_sync(_end_overlay, state)
-        pyfuse3.terminate()
+            with trio.move_on_after(OVERLAY_SETTLE):
+                await ended.wait()
+        if not ended.is_set():
+            state.ending = True
+            pyfuse3.terminate()
 
     async with trio.open_nursery() as nursery:
         if control is not None:
@@ -385,6 +391,8 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
 
         async def main() -> None:
             await pyfuse3.main()
+            if not state.ending:
+                ended.set()
             nursery.cancel_scope.cancel()
 
         async def signals() -> None:
@@ -419,6 +427,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
 
 
 READAHEAD_KB = 1024
+OVERLAY_SETTLE = 1.0  # an overlay nobody uses ends its FUSE session well within this
 
 
 def _readahead(dev: int, kb: int) -> None:
