@@ -75,7 +75,9 @@ _NO_FUSE = ("permission denied", "operation not permitted", "device not found",
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ENGINES = ("fuse", "kernel", "auto")
-DEFAULT_ENGINE = "fuse"  # for mount, run and build; README "Engines" says why
+# the engine a writable container gets when none is asked for (and $STRATA_ENGINE is unset),
+# by what the mount is for: README "Engines" gives the measurements behind these
+DEFAULT_ENGINES = {"mount": "fuse", "run": "auto", "build": "auto"}
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,16 @@ def fuse_missing() -> str | None:
     return "; ".join(problems) or None
 
 
-def engine_for(requested: str | None, writable_container: bool) -> tuple[str, bool]:
+def engine_for(requested: str | None, writable_container: bool,
+               purpose: str = "mount") -> tuple[str, bool]:
     """The engine a mount uses, and whether it may fall back to FUSE should the kernel refuse
     the overlay.  ``requested``: ``fuse``, ``kernel``, ``auto`` or None (``$STRATA_ENGINE``,
-    else ``DEFAULT_ENGINE``).  Only a writable container has a choice: images, read-only
-    mounts and directories are FUSE mounts (asking for ``kernel`` there is refused).  Raises
-    ``Unsupported`` (an unknown engine, ``kernel`` for what is not a writable container),
-    ``MountFailed`` (``kernel`` where overlayfs may not be mounted, with the reason)."""
-    name = requested or os.environ.get("STRATA_ENGINE") or DEFAULT_ENGINE
+    else ``DEFAULT_ENGINES[purpose]``: ``mount``, ``run`` or ``build``).  Only a writable
+    container has a choice: images, read-only mounts and directories are FUSE mounts (asking
+    for ``kernel`` there is refused).  Raises ``Unsupported`` (an unknown engine, ``kernel``
+    for what is not a writable container), ``MountFailed`` (``kernel`` where overlayfs may not
+    be mounted, with the reason)."""
+    name = requested or os.environ.get("STRATA_ENGINE") or DEFAULT_ENGINES[purpose]
     if name not in ENGINES:
         raise Unsupported(f"unknown mount engine {name!r} ({', '.join(ENGINES)})")
     if not writable_container:
@@ -202,9 +206,10 @@ def _env() -> dict[str, str]:
 def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None, *,
          read_only: bool = False, allow_other: bool = False, suid: bool = False,
          dev: bool = False, debug: bool = False, make_mountpoint: bool = True,
-         engine: str | None = None) -> Plan:
+         engine: str | None = None, purpose: str = "mount") -> Plan:
     """Check FUSE, the target and the mountpoint (a new temp dir when None; one that is
-    missing is made when ``make_mountpoint``), choose the engine (``engine_for``) and write
+    missing is made when ``make_mountpoint``), choose the engine (``engine_for``: the one
+    asked for, else the default for ``purpose`` — ``mount``, ``run``, ``build``) and write
     the spec.  Raises ``FuseUnavailable``, ``ImageNotFound``, ``ContainerNotFound``,
     ``Conflict`` (the container is mounted), ``MountFailed`` (the mountpoint, the kernel
     engine refused), ``Unsupported`` (the engine)."""
@@ -254,7 +259,7 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
             what = f"image {target if isinstance(target, str) else image.short_id}"
             read_only = True
             layers = store.layers.stack(image.diff_ids)
-    chosen, may_fall_back = engine_for(engine, container is not None and not read_only)
+    chosen, may_fall_back = engine_for(engine, container is not None and not read_only, purpose)
     if container is not None:
         lock = mounts.lock(container.root, container.name)
     try:

@@ -410,7 +410,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
         # moment the mount appears waits for this very thread (the stat that tells the
         # mount answers runs in a worker, and its result names the device for read-ahead)
         st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        _readahead(st.st_dev, READAHEAD_KB)
+        _readahead(st.st_dev, READAHEAD_KB_LOWER if state.overlay else READAHEAD_KB)
         dev = st.st_dev
         if state.overlay is not None:
             state.mounting = True
@@ -427,6 +427,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
 
 
 READAHEAD_KB = 1024
+READAHEAD_KB_LOWER = 8192  # the kernel engine: copy-up reads whole files (fewer, larger READs)
 OVERLAY_SETTLE = 1.0  # an overlay nobody uses ends its FUSE session well within this
 
 
