@@ -1,13 +1,20 @@
 """The ``strata`` command: argument parsing and error reporting.  Each command group lives in
 its own module and registers its subcommands here; every command is parse arguments, one call
-of ``imagestore.Store``, print (docs/architecture.md: where a new command goes)."""
+of ``imagestore.Store``, print (docs/architecture.md: where a new command goes).
+
+Caveats:
+* Start-up is most of what ``strata umount`` costs: the command groups are imported by name,
+  a command of ``LIGHT`` loads only its own group (``strata umount`` then loads no image code,
+  nor the registry client, nor logging), and ``QUICK`` commands end without the interpreter's
+  teardown (``os._exit`` once their output is flushed).
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import io
-import logging
 import os
 import signal
 import sys
@@ -16,10 +23,12 @@ from types import FrameType
 
 from imagestore.errors import StoreError
 
-from . import check, commit, containers, images, mount, registry, transfer
 from .common import UserError, size_arg
 
-GROUPS = (images, transfer, registry, containers, mount, commit, check)
+GROUPS = ("images", "transfer", "registry", "containers", "mount", "commit", "check")
+LIGHT = {"mount": "mount", "umount": "mount", "unmount": "mount", "mounts": "mount"}
+SILENT = ("umount", "unmount", "mounts")  # they log nothing: logging is not even imported
+QUICK = ("mount", "umount", "unmount", "mounts")  # no teardown: nothing is left to clean up
 
 
 def version() -> str:
@@ -30,6 +39,16 @@ def version() -> str:
         return installed("strata")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked (``importlib.metadata`` costs every command
+    tens of milliseconds otherwise)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"strata {version()}")
+        parser.exit()
 
 
 def _globals(parser: argparse.ArgumentParser, default: object) -> None:
@@ -59,21 +78,22 @@ def subparsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.
                     yield f"{name} {inner}", p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(groups: Sequence[str] = GROUPS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strata",
         description="Turn container images into mountable root filesystems.",
         epilog="Run 'strata COMMAND --help' for more information on a command.",
     )
-    parser.add_argument("--version", action="version", version=f"strata {version()}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show program's version number and exit")
     _globals(parser, None)
     parser.set_defaults(log_level="warning")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     image_group = sub.add_parser("image", help="manage images")
     image_sub = image_group.add_subparsers(dest="image_command", metavar="COMMAND")
     image_sub.required = True
-    for group in GROUPS:
-        group.register(sub, image_sub)
+    for group in groups:
+        importlib.import_module(f"{__package__}.{group}").register(sub, image_sub)
     seen: set[int] = set()
     for _, p in subparsers(parser):
         if id(p) not in seen and not p._subparsers:
@@ -98,17 +118,46 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
         signal.default_int_handler(signal.SIGINT, frame)
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (its first word that is no option nor an option's value),
+    or None."""
+    takes_value = ("--root", "--max-layer-size", "--log-level")
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+        elif word == "--":
+            return None
+    return None
+
+
+def groups_for(argv: Sequence[str]) -> Sequence[str]:
+    """The command groups to load for ``argv``: the one group of a ``LIGHT`` command, else all
+    (help, the image commands and a mistyped command's error need them all)."""
+    group = LIGHT.get(command_of(argv) or "")
+    return (group,) if group else GROUPS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # names from images are bytes (os.fsdecode'd): print them back as the same bytes, as
     # docker does, whatever the locale's codec would make of them
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(groups_for(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command not in SILENT:
+        import logging
+
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupted)
     try:
@@ -136,5 +185,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def run() -> None:
+    """The program: ``main`` and its exit status; a ``QUICK`` command skips the interpreter's
+    teardown (a mount command has nothing left to clean up once its output is out)."""
+    status = main()
+    if command_of(sys.argv[1:]) in QUICK:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:  # a reader gone: as Python's own exit would, say nothing
+            pass
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,18 +2,20 @@
 
 ``strata mount`` asks the store to start the mount daemon (``Store.start_mount``: it returns
 once the mount answers, and the daemon logs to ``<root>/mounts/<key>.log``); with ``-f`` this
-process becomes the daemon (``Store.serve_mount``).
+process becomes the daemon (``Store.serve_mount``).  ``strata umount`` and ``strata mounts``
+use the mount records (``imagestore.unmounting``, ``imagestore.mounts``) without opening the
+store: their start-up is most of their time.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagestore import Directories, MountRecord
+from .common import UserError, each, root_of, store_of
 
-from .common import UserError, each, store_of
-from .output import since, table
+if TYPE_CHECKING:
+    from imagestore import Directories, MountRecord
 
 _KNOWN_OPTS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
 
@@ -71,6 +73,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError("--upper and --work go together")
     if args.upper and not args.lower:
         raise UserError("--upper needs --lower")
+    from imagestore import Directories
+
     opts = _options(args.options)
     target: str | Directories = args.args[0] if not args.lower else Directories(
         tuple(args.lower.split(":")), args.upper, args.work)
@@ -85,8 +89,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    return each(args.mountpoints, lambda mp: store.unmount(mp, lazy=args.lazy))
+    from imagestore.unmounting import unmount
+
+    root = root_of(args)
+    return each(args.mountpoints, lambda mp: unmount(root, mp, lazy=args.lazy))
 
 
 def _state(r: MountRecord) -> str:
@@ -94,7 +100,11 @@ def _state(r: MountRecord) -> str:
 
 
 def cmd_mounts(args: argparse.Namespace) -> int:
-    recs = store_of(args).mounts()
+    from imagestore.mounts import Mounts
+
+    from .output import since, table
+
+    recs = Mounts(root_of(args)).records()
     if args.quiet:
         for r in recs:
             print(r.mountpoint)

@@ -57,6 +57,7 @@ from .images import Image, Removed
 from .layerstore import LayerStore
 from .mounting import Directories
 from .mounts import MountRecord, Mounts
+from .paths import default_root
 from .progress import ByteCounter, ProgressEvent, ProgressFn, short
 from .reference import Reference
 from .state import StateFile
@@ -75,17 +76,6 @@ __all__ = ["Container", "ContainerLike", "Directories", "Image", "ImageLike", "M
            "Output", "PathLike", "Removed", "Store", "default_root"]
 
 DEFAULT_MAX_LAYER_SIZE = 64 << 30
-
-
-def default_root() -> str:
-    env = os.environ.get("STRATA_ROOT")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/var/lib/strata"
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                           "share")
-    return os.path.join(data, "strata")
 
 
 def default_max_layer_size() -> int:

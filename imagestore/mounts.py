@@ -34,13 +34,11 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from unionfs.control import frozen, holders, is_mounted, unmount
 from unionfs.errors import MountError
@@ -48,9 +46,9 @@ from unionfs.errors import MountError
 from .errors import Conflict, MountFailed
 
 
-@dataclass(frozen=True)
-class MountRecord:
-    """A live mount of the store (``strata mounts``)."""
+class MountRecord(NamedTuple):
+    """A live mount of the store (``strata mounts``).  (A named tuple, not a dataclass: the
+    record is all ``strata umount`` loads, and ``dataclasses`` costs it milliseconds.)"""
 
     mountpoint: str
     pid: int  # the daemon
@@ -77,6 +75,8 @@ class Mounts:
     # -- paths ---------------------------------------------------------------------------------
 
     def key(self, mountpoint: str) -> str:
+        import hashlib  # OpenSSL's, milliseconds: strata umount of a live mount needs no key
+
         return hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:20]
 
     def record_path(self, mountpoint: str) -> str:
@@ -96,7 +96,7 @@ class Mounts:
             doc = json.load(f)
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
-        fields = {f.name for f in dataclasses.fields(MountRecord)} - {"elsewhere"}
+        fields = set(MountRecord._fields) - {"elsewhere"}
         return MountRecord(**{k: v for k, v in doc.items() if k in fields})
 
     def files(self) -> list[str]:
@@ -116,7 +116,7 @@ class Mounts:
             if state == "here":
                 out.append(rec)
             elif state == "elsewhere":
-                out.append(dataclasses.replace(rec, elsewhere=True))
+                out.append(rec._replace(elsewhere=True))
         return out
 
     def state(self, rec: MountRecord) -> str:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 
 from . import overlay
@@ -124,6 +122,9 @@ def unmount(mountpoint: str, lazy: bool = False, dead: bool = False) -> None:
         except OSError as exc:
             if kind == "overlay" or exc.errno != errno.EPERM:  # EPERM: a user's FUSE mount
                 raise MountError(f"unmount {mountpoint}: {exc.strerror}") from None
+    import shutil  # users' unmounts only: root's need no helper, nor these imports
+    import subprocess
+
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is not None:
         cmd = [tool, "-u"] + (["-z"] if detach else []) + [full]
