@@ -1,10 +1,9 @@
 """Starting and stopping mount daemons: the only code that spawns ``python -m unionfs.mount``.
 
-``plan`` turns what to mount (an image, a container, or ``Directories``) into a *mount spec*
-(the JSON the daemon reads; ``unionfs.mount`` documents it): the layers as the layer store
-describes them, the container's upper and work dirs, options, the control socket, the record
-the daemon writes into ``mounts/``.  It checks FUSE, the target and the mountpoint, and takes a
-container's mount lock, which goes to the daemon with the spec.  A plan then runs one of four
+``plan`` (``mountplan``) turns what to mount (an image, a container, or ``Directories``) into a
+*mount spec* (the JSON the daemon reads; ``unionfs.mount`` documents it): the layers as the
+layer store describes them, the engine, the container's upper and work dirs, options, the
+control socket, the record the daemon writes into ``mounts/``.  A plan then runs one of four
 ways, all through the same three steps (``_Daemon``: spawn, wait for ``ready``, stop):
 
 * ``mounted`` — for a ``with`` block (``Store.mount``, the pytest plugin): the daemon holds a
@@ -15,8 +14,14 @@ ways, all through the same three steps (``_Daemon``: spawn, wait for ``ready``, 
 
 The daemon writes ``ready`` (or its one-line error) to a pipe once the mount answers; only then
 is the mountpoint handed over.  It runs in a session of its own, logging to
-``<root>/mounts/<key>.log``.  ``unmount`` and ``release`` take mounts down (``strata umount``,
-``rm -f``) and follow what is true in this mount namespace (``mounts``).
+``<root>/mounts/<key>.log``.  With ``auto``, a daemon whose overlay the kernel refused is
+followed by one of the FUSE engine.  ``unmount`` and ``release`` (``unmounting``) take mounts
+down (``strata umount``, ``rm -f``) and follow what is true in this mount namespace.
+
+``prestart`` starts a daemon before its plan exists (``strata mount`` calls it before it loads
+the store): the daemon imports pyfuse3, trio and the union while this process imports the
+store and plans, then reads its spec — and the container's lock — from a Unix socket.  A
+daemon started so that no plan claims ends without mounting anything.
 
 Caveats:
 * A second SIGINT while a mount is being taken down is held until the teardown is over (in
@@ -30,6 +35,10 @@ Caveats:
   for the files still open in it, and the daemon is then stopped with SIGTERM.
 * A mount another mount namespace holds outlives ``strata umount`` here (its daemon serves
   that namespace); ``release(stop=True)`` (``rm -f``) and a second ``umount`` end the daemon.
+* A prestarted daemon runs without a log until its spec names one: an error of its own
+  start-up (a broken install) shows only as its exit status, and the plan then starts a
+  daemon of its own, which logs.
+* ``exec_foreground`` (``-f``) cannot fall back from the kernel engine: it is the daemon.
 """
 
 from __future__ import annotations
@@ -38,8 +47,8 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,18 +57,16 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from unionfs import overlay
 from unionfs.control import is_mounted
 from unionfs.control import unmount as _unmount
 from unionfs.errors import MountError
 
-from . import timefmt
-from .containers import Container, Containers
-from .errors import FuseUnavailable, ImageNotFound, MountFailed, StoreError, Unsupported
-from .images import Image
-from .mounts import Mounts, clear_mount_dir
+from .errors import MountFailed
+from .mountplan import DEFAULT_ENGINES, ENGINES, Directories, Plan, engine_for, fuse_missing, plan
+from .mounts import clear_mount_dir
 from .unmounting import EXIT_TIMEOUT, release, unmount, wait_gone
 
 if TYPE_CHECKING:
@@ -68,131 +75,15 @@ if TYPE_CHECKING:
 READY_TIMEOUT = 60.0
 BUSY_RETRIES = 10
 BUSY_DELAY = 0.1
-# in a line of the daemon's error or log that mentions fuse, words saying FUSE itself is
-# refused here (lower case); a permission error of anything else is no reason to skip tests
-_NO_FUSE = ("permission denied", "operation not permitted", "device not found",
-            "no such device", "no such file")
+SPEC_CHUNK = 4096  # the first bytes of a spec sent to a prestarted daemon carry the lock
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ENGINES = ("fuse", "kernel", "auto")
-# the engine a writable container gets when none is asked for (and $STRATA_ENGINE is unset),
-# by what the mount is for: README "Engines" gives the measurements behind these
-DEFAULT_ENGINES = {"mount": "fuse", "run": "auto", "build": "auto"}
 
-
-@dataclass(frozen=True)
-class Directories:
-    """A union of plain directories in overlayfs format (``strata mount --lower``): ``lower``
-    top first; with ``upper`` and ``work`` a writable one, as ``mount -t overlay``."""
-
-    lower: tuple[str, ...]
-    upper: str | None = None
-    work: str | None = None
-
-
-Target = str | Image | Container | Directories
-
-
-def fuse_missing() -> str | None:
-    """Why FUSE mounts cannot work on this machine, without trying one: ``/dev/fuse`` missing,
-    ``fusermount3`` not installed; None when both are there.  ``probe`` also tries a mount."""
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    if shutil.which("fusermount3") is None:
-        problems.append("fusermount3 is not installed (Debian package fuse3)")
-    return "; ".join(problems) or None
-
-
-def engine_for(requested: str | None, writable_container: bool,
-               purpose: str = "mount") -> tuple[str, bool]:
-    """The engine a mount uses, and whether it may fall back to FUSE should the kernel refuse
-    the overlay.  ``requested``: ``fuse``, ``kernel``, ``auto`` or None (``$STRATA_ENGINE``,
-    else ``DEFAULT_ENGINES[purpose]``: ``mount``, ``run`` or ``build``).  Only a writable
-    container has a choice: images, read-only mounts and directories are FUSE mounts (asking
-    for ``kernel`` there is refused).  Raises ``Unsupported`` (an unknown engine, ``kernel``
-    for what is not a writable container), ``MountFailed`` (``kernel`` where overlayfs may not
-    be mounted, with the reason)."""
-    name = requested or os.environ.get("STRATA_ENGINE") or DEFAULT_ENGINES[purpose]
-    if name not in ENGINES:
-        raise Unsupported(f"unknown mount engine {name!r} ({', '.join(ENGINES)})")
-    if not writable_container:
-        if requested == "kernel":
-            raise Unsupported("the kernel engine mounts writable containers; images, "
-                              "read-only mounts and directories are FUSE mounts")
-        return "fuse", False
-    if name == "fuse":
-        return "fuse", False
-    why = overlay.permitted()
-    if why is None:
-        return "kernel", name == "auto"
-    if name == "kernel":
-        raise MountFailed(f"cannot use the kernel engine: {why}")
-    return "fuse", False
-
-
-@dataclass
-class Plan:
-    """Everything decided before the daemon starts.  ``lock``: a container's mount lock,
-    held until the daemon has its own copy of the descriptor (``close`` drops ours)."""
-
-    spec: dict[str, Any]
-    mountpoint: str
-    created: bool  # the mountpoint is ours to remove
-    log: str
-    what: str  # for messages
-    lock: int | None = None
-    engine: str = "fuse"
-    fallback: dict[str, Any] | None = None  # auto: the FUSE engine's spec, should overlayfs fail
-    lower: str | None = None  # the kernel engine's private FUSE mountpoint
-
-    def use_fallback(self) -> None:
-        """Mount with the FUSE engine instead (``auto``, the kernel refused the overlay)."""
-        assert self.fallback is not None
-        self.spec, self.fallback, self.engine, self.lower = self.fallback, None, "fuse", None
-
-    def close(self) -> None:
-        if self.lock is not None:
-            os.close(self.lock)
-            self.lock = None
-
-    def spec_fd(self, **fds: Any) -> int:
-        """The spec (plus the descriptors ``fds`` name) in a memfd, for ``/dev/fd/N``."""
-        doc = {**self.spec, **fds, "hold_fds": [self.lock] if self.lock is not None else []}
-        fd = os.memfd_create("strata-mount-spec")
-        os.write(fd, json.dumps(doc).encode())
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
-
-    def command(self, spec_fd: int) -> list[str]:
-        """The daemon's argv: the mountpoint where the union appears (the overlay's for the
-        kernel engine), so ``ps`` shows what each daemon serves."""
-        return [sys.executable, "-m", "unionfs.mount", f"/dev/fd/{spec_fd}", self.mountpoint]
-
-    def log_size(self) -> int:
-        try:
-            return os.path.getsize(self.log)
-        except OSError:
-            return 0
-
-    def failure(self, message: str | None, status: int | None, log_from: int) -> StoreError:
-        """The typed error for a daemon that did not become ready: ``FuseUnavailable`` when
-        its error or log says FUSE itself is refused, else ``MountFailed``."""
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(log_from)
-                tail = f.read(1 << 16).decode(errors="replace")
-        except OSError:
-            tail = ""
-        if not message:
-            lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-            message = lines[-1] if lines else f"the mount daemon exited with status {status}"
-        for line in [message, *tail.splitlines()]:
-            low = line.lower()
-            if "fuse" in low and any(word in low for word in _NO_FUSE):
-                return FuseUnavailable(f"FUSE is not usable here: {line.strip()}")
-        return MountFailed(f"cannot mount {self.what} at {self.mountpoint}: {message} "
-                           f"(daemon log: {self.log})")
+def daemon_command(spec: str, mountpoint: str) -> list[str]:
+    """The daemon's argv: ``spec`` (``/dev/fd/N``, or ``socket:N``) and the mountpoint where
+    the union appears (the overlay's for the kernel engine), so ``ps`` shows what each daemon
+    serves."""
+    return [sys.executable, "-m", "unionfs.mount", spec, mountpoint]
 
 
 def _env() -> dict[str, str]:
@@ -201,125 +92,6 @@ def _env() -> dict[str, str]:
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + old if old else "")
     return env
-
-
-def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None, *,
-         read_only: bool = False, allow_other: bool = False, suid: bool = False,
-         dev: bool = False, debug: bool = False, make_mountpoint: bool = True,
-         engine: str | None = None, purpose: str = "mount") -> Plan:
-    """Check FUSE, the target and the mountpoint (a new temp dir when None; one that is
-    missing is made when ``make_mountpoint``), choose the engine (``engine_for``: the one
-    asked for, else the default for ``purpose`` — ``mount``, ``run``, ``build``) and write
-    the spec.  Raises ``FuseUnavailable``, ``ImageNotFound``, ``ContainerNotFound``,
-    ``Conflict`` (the container is mounted), ``MountFailed`` (the mountpoint, the kernel
-    engine refused), ``Unsupported`` (the engine)."""
-    missing = fuse_missing()
-    if missing:
-        raise FuseUnavailable(missing)
-    mounts = Mounts(store.root)
-    layers: list[dict[str, Any]] = []
-    upper = work = None
-    lock: int | None = None
-    container = None
-    if isinstance(target, Directories):
-        if target.upper and not target.work and not read_only:
-            raise MountFailed("a writable upper directory needs a work directory")
-        for d in (*target.lower, target.upper, target.work):
-            if d is not None and not os.path.isdir(d):
-                raise MountFailed(f"directory {d} does not exist")
-        dirs = [target.upper] if target.upper and read_only else []  # read-only: on top
-        layers = [{"kind": "dir", "path": os.path.abspath(d)} for d in [*dirs, *target.lower]]
-        if target.upper and not read_only:
-            upper, work = os.path.abspath(target.upper), os.path.abspath(str(target.work))
-        kind, ident, name = "dirs", ":".join(target.lower), ":".join(target.lower)
-        what = f"directory {name}"
-        read_only = read_only or upper is None
-    else:
-        cs = Containers(store)
-        if isinstance(target, Container):
-            container = cs.get(target.id)
-        elif isinstance(target, str):
-            container = cs.find(target)
-        if container is not None:
-            kind, ident, name = "container", container.id, container.name
-            what = f"container {container.name}"
-            layers = cs.describe(container, upper=read_only)  # read-only: the upper on top
-            if not read_only:
-                upper, work = container.upper, container.work
-        else:
-            try:
-                image = store.image(target.id) if isinstance(target, Image) else \
-                    store.resolve(str(target))
-            except ImageNotFound:
-                if isinstance(target, Image):
-                    raise
-                raise ImageNotFound(f"No such image or container: {target}") from None
-            kind, ident = "image", str(image.id)
-            name = image.tags[0].familiar if image.tags else image.short_id
-            what = f"image {target if isinstance(target, str) else image.short_id}"
-            read_only = True
-            layers = store.layers.stack(image.diff_ids)
-    chosen, may_fall_back = engine_for(engine, container is not None and not read_only, purpose)
-    if container is not None:
-        lock = mounts.lock(container.root, container.name)
-    try:
-        mp, created = _mountpoint(mountpoint, make_mountpoint)
-        writable = upper is not None and not read_only
-        control = mounts.control_path(mp) if writable else None
-        log = mounts.log_path(mp)
-        spec = {
-            "mountpoint": mp,
-            "options": {"allow_other": allow_other, "ro": read_only, "suid": suid, "dev": dev,
-                        "debug": debug},
-            "layers": layers, "upper": upper, "work": work, "control": control,
-            "record": {"path": mounts.record_path(mp), "data": {
-                "mountpoint": mp, "kind": kind, "target": ident, "name": name, "log": log,
-                "started": timefmt.now(), "read_only": read_only, "control": control or "",
-                "engine": "fuse"}},
-        }
-        p = Plan(spec, mp, created, log, what, lock)
-        if chosen == "kernel":
-            assert container is not None and upper is not None and work is not None
-            p.lower = mounts.lower_path(container.root)
-            mounts.clear_lower(container.root)  # what a daemon killed as it started left
-            os.mkdir(p.lower, 0o700)
-            p.spec = _kernel_spec(spec, p.lower, upper, work)
-            p.engine = "kernel"
-            p.fallback = spec if may_fall_back else None
-        return p
-    except BaseException:
-        if lock is not None:
-            os.close(lock)
-        raise
-
-
-def _kernel_spec(spec: dict[str, Any], lower: str, upper: str, work: str) -> dict[str, Any]:
-    """The kernel engine's spec from the FUSE engine's: the layers served read-only at
-    ``lower``, overlayfs with the container's upper and work at the mountpoint."""
-    o = spec["options"]
-    record = {**spec["record"], "data": {**spec["record"]["data"], "engine": "kernel"}}
-    return {**spec, "mountpoint": lower, "upper": None, "work": None, "record": record,
-            "options": {**o, "ro": True, "allow_other": False},
-            "overlay": {"mountpoint": spec["mountpoint"], "upper": upper, "work": work,
-                        "userxattr": not overlay.in_initial_userns(), "suid": o["suid"],
-                        "dev": o["dev"]}}
-
-
-def _mountpoint(mountpoint: str | os.PathLike[str] | None, make: bool) -> tuple[str, bool]:
-    if mountpoint is None:
-        return tempfile.mkdtemp(prefix="strata-mnt-"), True
-    mp = os.path.abspath(os.fspath(mountpoint))
-    if not os.path.isdir(mp):
-        if not make or os.path.lexists(mp):
-            raise MountFailed(f"mountpoint {mountpoint} is not a directory")
-        try:
-            os.makedirs(mp)
-        except OSError as exc:
-            raise MountFailed(f"cannot create the mountpoint {mp}: {exc.strerror}") from None
-        return mp, True
-    if is_mounted(mp):
-        raise MountFailed(f"{mountpoint} is already a mount point")
-    return mp, False
 
 
 # -- the three steps -------------------------------------------------------------------------------
@@ -415,6 +187,8 @@ class _Daemon:
 
     def spawn(self) -> None:
         self.log_from = self.p.log_size()
+        if not self.lifeline and self._take_prestarted():
+            return
         child: dict[str, int] = {}
         try:
             self.fds["ready_r"], child["ready_fd"] = os.pipe()
@@ -432,6 +206,32 @@ class _Daemon:
                 os.close(fd)
             if self.p.fallback is None:  # kept for a fallback until the daemon is ready
                 self.p.close()  # the daemon holds the container's lock now (or nobody does)
+
+    def _take_prestarted(self) -> bool:
+        """Hand the plan to the daemon ``prestart`` started for this mountpoint, if any: the
+        spec, then the container's lock with its first bytes (SCM_RIGHTS).  False when there
+        is none, or it is gone (the plan then starts a daemon of its own)."""
+        global _prestarted
+        early, _prestarted = _prestarted, None
+        if early is None:
+            return False
+        if early.mountpoint != self.p.mountpoint:
+            early.drop()
+            return False
+        doc = {**self.p.spec, "ready_fd": early.ready_fd, "hold_fds": [], "log": self.p.log}
+        data = json.dumps(doc).encode()
+        try:
+            socket.send_fds(early.sock, [data[:SPEC_CHUNK]],
+                            [self.p.lock] if self.p.lock is not None else [])
+            early.sock.sendall(data[SPEC_CHUNK:])
+        except OSError:  # it died before reading: start one the usual way
+            early.drop()
+            return False
+        early.sock.close()
+        self.proc, self.fds["ready_r"] = early.proc, early.ready_r
+        if self.p.fallback is None:
+            self.p.close()  # the daemon holds the container's lock now
+        return True
 
     def take_ready_fd(self) -> int:
         """Our end of the ready pipe, now the caller's to close (``wait_ready`` does)."""
@@ -502,6 +302,56 @@ class _Daemon:
             p.close()
             self._close("ready_r", "life_w")  # the lifeline last: the daemon is gone now
             _remove_mountpoint(p, proc.returncode if proc is not None else None)
+
+
+@dataclass
+class _Prestarted:
+    """A daemon started before its plan, waiting for its spec on ``sock``."""
+
+    proc: subprocess.Popen[bytes]
+    mountpoint: str
+    sock: socket.socket
+    ready_r: int
+    ready_fd: int  # the write end's number, in the daemon as it was here
+
+    def drop(self) -> None:
+        """No spec after all: it reads the end of its socket and exits, mounting nothing."""
+        self.sock.close()
+        os.close(self.ready_r)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(EXIT_TIMEOUT)
+
+
+_prestarted: _Prestarted | None = None
+
+
+def prestart(mountpoint: str) -> None:
+    """Start a daemon for a mount at ``mountpoint`` before its plan exists: it loads what it
+    serves with while this process loads the store and plans, and the next ``start`` of a
+    plan for that mountpoint hands it the spec.  Without one it exits as soon as this process
+    drops it (or exits), mounting nothing.  A failure to start it is no error here: ``start``
+    then spawns its own."""
+    global _prestarted
+    if _prestarted is not None:
+        _prestarted.drop()
+        _prestarted = None
+    mp = os.path.abspath(mountpoint)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            daemon_command(f"socket:{theirs.fileno()}", mp),
+            pass_fds=(theirs.fileno(), ready_w), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=_env())
+    except OSError:
+        ours.close()
+        os.close(ready_r)
+        return
+    finally:
+        theirs.close()
+        os.close(ready_w)  # the daemon's copy is the only one: EOF tells us it is gone
+    _prestarted = _Prestarted(proc, mp, ours, ready_r, ready_w)
 
 
 def _remove_mountpoint(p: Plan, status: int | None) -> None:
@@ -601,6 +451,7 @@ def probe(store: Store) -> None:
             pass
 
 
-__all__: Sequence[str] = ["Directories", "Plan", "exec_foreground", "fuse_missing", "mounted",
-                          "open_mounted", "plan", "probe", "release", "start", "unmount",
-                          "wait_gone"]
+__all__: Sequence[str] = ["DEFAULT_ENGINES", "ENGINES", "Directories", "Plan", "daemon_command",
+                          "engine_for", "exec_foreground", "fuse_missing", "mounted",
+                          "open_mounted", "plan", "prestart", "probe", "release", "start",
+                          "unmount", "wait_gone"]

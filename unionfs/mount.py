@@ -22,13 +22,20 @@ serves::
      "ready_fd": N,                     gets ``ready`` or the one-line error, then is closed
      "lifeline_fd": N,                  read end of a pipe only the parent holds: EOF unmounts
      "hold_fds": [N, ...],              kept open while serving (a container's mount lock)
-     "record": {"path": PATH, "data": {...}}}   written with "pid" and "dev" once the mount
+     "record": {"path": PATH, "data": {...}},   written with "pid" and "dev" once the mount
                                         answers, removed when it ends (the store's mounts/)
+     "log": PATH}                       stdout and stderr go there once the spec is read (a
+                                        daemon started before its spec, below)
 
-Every key but ``mountpoint`` and ``layers`` may be left out.  The daemon mounts, answers
-``ready`` once a ``stat`` of the mountpoint (from a worker thread) has been answered, and
-serves until the file system is unmounted (``fusermount3 -u``, ``umount``, ``strata umount``)
-or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.
+Every key but ``mountpoint`` and ``layers`` may be left out.  ``SPEC`` may also be
+``socket:N``: a Unix socket on which the spec arrives later, the descriptors of ``hold_fds``
+with its first bytes (SCM_RIGHTS); meanwhile the daemon imports what it serves with (pyfuse3,
+trio, the union), so a spawner that starts it first overlaps that with its own planning
+(``imagestore.mounting.prestart``).  A socket closed without a spec ends the daemon, status 0.
+
+The daemon mounts, answers ``ready`` once a ``stat`` of the mountpoint (from a worker thread)
+has been answered, and serves until the file system is unmounted (``fusermount3 -u``,
+``umount``, ``strata umount``) or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.
 
 The kernel engine (``"overlay"``): once its FUSE mount answers, the daemon mounts overlayfs
 (from a worker thread: the kernel looks the lower up through the mount) and detaches its own
@@ -64,9 +71,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import overlay as kernel
+from . import kernelengine
 from .control import short_address
 from .errors import MountError
+from .kernelengine import OverlaySpec
 from .layerkinds import open_layer
 from .layers import LowerLayer
 from .tarheaders import LayerError
@@ -79,7 +87,7 @@ if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (star
 
 log = logging.getLogger("unionfs.mount")  # also when run as __main__
 
-__all__ = ["MountOptions", "MountSpec", "OverlaySpec", "main", "serve", "user_allow_other"]
+__all__ = ["MountOptions", "MountSpec", "main", "serve", "user_allow_other"]
 
 
 @dataclass(frozen=True)
@@ -103,28 +111,6 @@ class MountOptions:
         if self.debug:
             opts.add("debug")
         return opts
-
-
-@dataclass(frozen=True)
-class OverlaySpec:
-    """The kernel engine's overlay: where it appears, the container's upper and work."""
-
-    mountpoint: str
-    upper: str
-    work: str
-    userxattr: bool = False
-    suid: bool = False
-    dev: bool = False
-
-    @classmethod
-    def parse(cls, doc: Any) -> OverlaySpec | None:
-        if doc is None:
-            return None
-        if not isinstance(doc, dict) or not all(
-                isinstance(doc.get(k), str) for k in ("mountpoint", "upper", "work")):
-            raise MountError("a mount spec's 'overlay' needs 'mountpoint', 'upper' and 'work'")
-        return cls(doc["mountpoint"], doc["upper"], doc["work"], bool(doc.get("userxattr")),
-                   bool(doc.get("suid")), bool(doc.get("dev")))
 
 
 @dataclass(frozen=True)
@@ -158,7 +144,7 @@ class MountSpec:
             raise MountError("a mount spec needs 'mountpoint' and 'layers'")
         if bool(doc.get("upper")) != bool(doc.get("work")):
             raise MountError("a mount spec's 'upper' and 'work' go together")
-        ov = OverlaySpec.parse(doc.get("overlay"))
+        ov = kernelengine.OverlaySpec.parse(doc.get("overlay"))
         if ov is not None and (doc.get("upper") or not options.read_only):
             raise MountError("the kernel engine's FUSE mount is read-only, without an upper")
         return cls(doc["mountpoint"], doc["layers"], options, doc.get("upper"), doc.get("work"),
@@ -186,13 +172,13 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
     if options.allow_other and os.geteuid() != 0 and not user_allow_other():
         raise MountError("-o allow_other needs 'user_allow_other' in /etc/fuse.conf for users "
                          "other than root")
-    ops = _operations(union, options.timeout, lower=overlay is not None)
+    ops = kernelengine.operations(union, options.timeout, lower=overlay is not None)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options())
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     ops.notify = True  # a session exists: the kernel's caches may be told of changes
-    state = _State(overlay)
+    state = kernelengine.State(overlay)
     try:
         trio.run(_run, ops, mountpoint, on_ready, control, lifeline, state)
     except BaseExceptionGroup as group:  # a readiness step failed: its one error line
@@ -202,105 +188,15 @@ def serve(union: Union, mountpoint: str, options: MountOptions,
     finally:
         ops.close_all()
         if state.overlaid and not state.detached:  # a failure between mount and ready
-            _end_overlay(state)
+            kernelengine.end_overlay(state)
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=not state.detached)  # a detached lower is not in the tree
         if control is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
     if overlay is not None and state.detached and not state.ending:
-        _empty_work(overlay.work)  # the overlay is gone everywhere: its session ended with it
+        kernelengine.empty_work(overlay.work)  # gone everywhere: its session ended with it
     return ops.errors
-
-
-@dataclass
-class _State:
-    """The kernel engine's progress: the overlay mounted, the lower detached from the tree,
-    the session ended by this daemon (signal, lifeline) rather than by the overlay's end."""
-
-    overlay: OverlaySpec | None
-    mounting: bool = False
-    overlaid: bool = False
-    detached: bool = False
-    ending: bool = False
-
-
-def _operations(union: Union, timeout: float, lower: bool) -> Operations:
-    """The FUSE handlers; for the kernel engine's lower, ones whose freeze also holds opens."""
-    import trio
-
-    from .fuse_ops import Operations
-
-    if not lower:
-        return Operations(union, timeout=timeout)
-
-    class LowerOperations(Operations):
-        """A freeze holds every open of a lower file too: the kernel opens a lower file to
-        copy it up, so no copy-up starts while a commit reads the upper."""
-
-        held: trio.Event | None = None
-
-        async def freeze(self) -> None:
-            await super().freeze()
-            self.held = trio.Event()
-
-        def thaw(self) -> None:
-            held, self.held = self.held, None
-            if held is not None:
-                held.set()
-            super().thaw()
-
-        async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-            while self.held is not None:
-                await self.held.wait()
-            return await super().open(inode, flags, ctx)
-
-    return LowerOperations(union, timeout=timeout)
-
-
-def _mount_overlay(lower: str, state: _State) -> int:
-    """Mount the overlay over the FUSE mount at ``lower``, then detach that mount (the
-    overlay holds its own clone) and remove its directory; the overlay's device number.
-    Runs in a worker thread: the kernel looks the lower up through the mount."""
-    ov = state.overlay
-    assert ov is not None
-    try:
-        kernel.mount(ov.mountpoint, lower, ov.upper, ov.work, userxattr=ov.userxattr,
-                     suid=ov.suid, dev=ov.dev)
-    except OSError as exc:
-        raise MountError(f"{kernel.REFUSED}{exc.strerror} (dmesg tells why)") from None
-    state.overlaid = True
-    dev = os.stat(ov.mountpoint).st_dev
-    kernel.umount(lower, detach=True)
-    state.detached = True
-    with contextlib.suppress(OSError):
-        os.rmdir(lower)
-    return dev
-
-
-def _end_overlay(state: _State) -> None:
-    """Detach the overlay (a busy one lives on until its last user leaves, without the lower
-    once this daemon is gone).  Runs in a worker thread: the unmount may reach the lower."""
-    assert state.overlay is not None
-    try:
-        kernel.umount(state.overlay.mountpoint, detach=True)
-    except OSError as exc:
-        log.debug("overlay already gone: %s", exc)
-
-
-def _empty_work(work: str) -> None:
-    """Empty ``work/work`` as the FUSE engine's next mount would (the kernel leaves its
-    whiteout template there), so ``strata check`` finds no leftovers."""
-    from .upper import remove_tree
-
-    path = os.path.join(work, "work")
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return
-    for name in names:
-        with contextlib.suppress(OSError):
-            remove_tree(os.path.join(path, name))
 
 
 def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
@@ -354,11 +250,11 @@ async def _watch(fd: int) -> None:
 
 async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None] | None,
                control: str | None, lifeline: int | None = None,
-               state: _State | None = None) -> None:
+               state: kernelengine.State | None = None) -> None:
     import pyfuse3
     import trio
 
-    state = state or _State(None)
+    state = state or kernelengine.State(None)
     settled = trio.Event()  # the overlay's mount is done with (mounted, failed or not tried)
 
     ended = trio.Event()  # the session ended by itself (unmounted; the overlay gone)
@@ -370,7 +266,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
         if state.mounting:
             await settled.wait()
         if state.overlaid:
-            await trio.to_thread.run_sync(_end_overlay, state)
+            await trio.to_thread.run_sync(kernelengine.end_overlay, state)
             with trio.move_on_after(OVERLAY_SETTLE):
                 await ended.wait()
         if not ended.is_set():
@@ -415,7 +311,8 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
         if state.overlay is not None:
             state.mounting = True
             try:  # not abandoned: an overlay mounted after this daemon ended would stay
-                dev = await trio.to_thread.run_sync(_mount_overlay, mountpoint, state)
+                dev = await trio.to_thread.run_sync(kernelengine.mount_overlay, mountpoint,
+                                                    state)
             finally:
                 state.mounting = False
                 settled.set()
@@ -558,6 +455,37 @@ def run(spec: MountSpec) -> int:
     return 0
 
 
+def _from_socket(fd: int) -> MountSpec | None:
+    """Import what serving needs, then read the spec (and the descriptors that come with it)
+    from the Unix socket ``fd``; None when the spawner closed it without one."""
+    import socket
+
+    import pyfuse3  # noqa: F401 - loaded now, while the spawner plans
+    import trio  # noqa: F401
+
+    from . import fuse_ops, union, upper  # noqa: F401
+
+    with socket.socket(fileno=fd) as sock:
+        first, fds, _, _ = socket.recv_fds(sock, 1 << 16, 16)
+        chunks = [first]
+        while first and (chunk := sock.recv(1 << 16)):
+            chunks.append(chunk)
+    if not first:
+        for held in fds:
+            os.close(held)
+        return None
+    doc = json.loads(b"".join(chunks))
+    if not isinstance(doc, dict):
+        raise ValueError("a mount spec is a JSON object")
+    doc["hold_fds"] = fds
+    if isinstance(doc.get("log"), str):
+        out = os.open(doc["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+    return MountSpec.parse(doc)
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = exc.filename
@@ -575,7 +503,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        spec = MountSpec.load(args[0])
+        if args[0].startswith("socket:"):
+            received = _from_socket(int(args[0][len("socket:"):]))
+            if received is None:
+                return 0  # the spawner planned no mount for this daemon
+            spec = received
+        else:
+            spec = MountSpec.load(args[0])
     except (OSError, ValueError, KeyError, TypeError, MountError) as exc:
         log.error("cannot read the mount spec %s: %s", args[0], exc)
         return 2

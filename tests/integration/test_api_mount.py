@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from imagestore import Conflict, FuseUnavailable, MountFailed, Store, mounting
+from imagestore import Conflict, FuseUnavailable, MountFailed, Store, mounting, mountplan
 from imagestore.mounts import process_alive
 from tests.builders import busybox_entries, d, file, tar_bytes
 from tests.conftest import is_mounted, require_fuse
@@ -272,7 +272,7 @@ def test_a_refused_mount_is_fuse_unavailable(tmp_path: Path) -> None:
 
 def test_missing_fuse_is_reported_before_a_daemon_starts(api_store: Store,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mounting.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mountplan.shutil, "which", lambda name: None)
     with pytest.raises(FuseUnavailable, match="fusermount3 is not installed"):
         api_store.check_fuse()
     assert daemons(api_store) == []
