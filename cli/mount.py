@@ -73,10 +73,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError("--upper and --work go together")
     if args.upper and not args.lower:
         raise UserError("--upper needs --lower")
-    from imagestore import Directories, mounting
+    from imagestore import Directories
 
-    if not args.foreground:  # its start-up overlaps with the store's, and the plan's
-        mounting.prestart(args.args[-1])
     opts = _options(args.options)
     target: str | Directories = args.args[0] if not args.lower else Directories(
         tuple(args.lower.split(":")), args.upper, args.work)

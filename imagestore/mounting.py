@@ -18,11 +18,6 @@ is the mountpoint handed over.  It runs in a session of its own, logging to
 followed by one of the FUSE engine.  ``unmount`` and ``release`` (``unmounting``) take mounts
 down (``strata umount``, ``rm -f``) and follow what is true in this mount namespace.
 
-``prestart`` starts a daemon before its plan exists (``strata mount`` calls it before it loads
-the store): the daemon imports pyfuse3, trio and the union while this process imports the
-store and plans, then reads its spec — and the container's lock — from a Unix socket.  A
-daemon started so that no plan claims ends without mounting anything.
-
 Caveats:
 * A second SIGINT while a mount is being taken down is held until the teardown is over (in
   the main thread; trio code gets trio's KeyboardInterrupt protection instead).
@@ -35,20 +30,15 @@ Caveats:
   for the files still open in it, and the daemon is then stopped with SIGTERM.
 * A mount another mount namespace holds outlives ``strata umount`` here (its daemon serves
   that namespace); ``release(stop=True)`` (``rm -f``) and a second ``umount`` end the daemon.
-* A prestarted daemon runs without a log until its spec names one: an error of its own
-  start-up (a broken install) shows only as its exit status, and the plan then starts a
-  daemon of its own, which logs.
 * ``exec_foreground`` (``-f``) cannot fall back from the kernel engine: it is the daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,12 +65,11 @@ if TYPE_CHECKING:
 READY_TIMEOUT = 60.0
 BUSY_RETRIES = 10
 BUSY_DELAY = 0.1
-SPEC_CHUNK = 4096  # the first bytes of a spec sent to a prestarted daemon carry the lock
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def daemon_command(spec: str, mountpoint: str) -> list[str]:
-    """The daemon's argv: ``spec`` (``/dev/fd/N``, or ``socket:N``) and the mountpoint where
+    """The daemon's argv: ``spec`` (``/dev/fd/N``) and the mountpoint where
     the union appears (the overlay's for the kernel engine), so ``ps`` shows what each daemon
     serves."""
     return [sys.executable, "-m", "unionfs.mount", spec, mountpoint]
@@ -187,8 +176,6 @@ class _Daemon:
 
     def spawn(self) -> None:
         self.log_from = self.p.log_size()
-        if not self.lifeline and self._take_prestarted():
-            return
         child: dict[str, int] = {}
         try:
             self.fds["ready_r"], child["ready_fd"] = os.pipe()
@@ -206,32 +193,6 @@ class _Daemon:
                 os.close(fd)
             if self.p.fallback is None:  # kept for a fallback until the daemon is ready
                 self.p.close()  # the daemon holds the container's lock now (or nobody does)
-
-    def _take_prestarted(self) -> bool:
-        """Hand the plan to the daemon ``prestart`` started for this mountpoint, if any: the
-        spec, then the container's lock with its first bytes (SCM_RIGHTS).  False when there
-        is none, or it is gone (the plan then starts a daemon of its own)."""
-        global _prestarted
-        early, _prestarted = _prestarted, None
-        if early is None:
-            return False
-        if early.mountpoint != self.p.mountpoint:
-            early.drop()
-            return False
-        doc = {**self.p.spec, "ready_fd": early.ready_fd, "hold_fds": [], "log": self.p.log}
-        data = json.dumps(doc).encode()
-        try:
-            socket.send_fds(early.sock, [data[:SPEC_CHUNK]],
-                            [self.p.lock] if self.p.lock is not None else [])
-            early.sock.sendall(data[SPEC_CHUNK:])
-        except OSError:  # it died before reading: start one the usual way
-            early.drop()
-            return False
-        early.sock.close()
-        self.proc, self.fds["ready_r"] = early.proc, early.ready_r
-        if self.p.fallback is None:
-            self.p.close()  # the daemon holds the container's lock now
-        return True
 
     def take_ready_fd(self) -> int:
         """Our end of the ready pipe, now the caller's to close (``wait_ready`` does)."""
@@ -302,56 +263,6 @@ class _Daemon:
             p.close()
             self._close("ready_r", "life_w")  # the lifeline last: the daemon is gone now
             _remove_mountpoint(p, proc.returncode if proc is not None else None)
-
-
-@dataclass
-class _Prestarted:
-    """A daemon started before its plan, waiting for its spec on ``sock``."""
-
-    proc: subprocess.Popen[bytes]
-    mountpoint: str
-    sock: socket.socket
-    ready_r: int
-    ready_fd: int  # the write end's number, in the daemon as it was here
-
-    def drop(self) -> None:
-        """No spec after all: it reads the end of its socket and exits, mounting nothing."""
-        self.sock.close()
-        os.close(self.ready_r)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(EXIT_TIMEOUT)
-
-
-_prestarted: _Prestarted | None = None
-
-
-def prestart(mountpoint: str) -> None:
-    """Start a daemon for a mount at ``mountpoint`` before its plan exists: it loads what it
-    serves with while this process loads the store and plans, and the next ``start`` of a
-    plan for that mountpoint hands it the spec.  Without one it exits as soon as this process
-    drops it (or exits), mounting nothing.  A failure to start it is no error here: ``start``
-    then spawns its own."""
-    global _prestarted
-    if _prestarted is not None:
-        _prestarted.drop()
-        _prestarted = None
-    mp = os.path.abspath(mountpoint)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ready_r, ready_w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            daemon_command(f"socket:{theirs.fileno()}", mp),
-            pass_fds=(theirs.fileno(), ready_w), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env=_env())
-    except OSError:
-        ours.close()
-        os.close(ready_r)
-        return
-    finally:
-        theirs.close()
-        os.close(ready_w)  # the daemon's copy is the only one: EOF tells us it is gone
-    _prestarted = _Prestarted(proc, mp, ours, ready_r, ready_w)
 
 
 def _remove_mountpoint(p: Plan, status: int | None) -> None:
@@ -453,5 +364,5 @@ def probe(store: Store) -> None:
 
 __all__: Sequence[str] = ["DEFAULT_ENGINES", "ENGINES", "Directories", "Plan", "daemon_command",
                           "engine_for", "exec_foreground", "fuse_missing", "mounted",
-                          "open_mounted", "plan", "prestart", "probe", "release", "start",
+                          "open_mounted", "plan", "probe", "release", "start",
                           "unmount", "wait_gone"]

@@ -22,33 +22,26 @@ serves::
      "ready_fd": N,                     gets ``ready`` or the one-line error, then is closed
      "lifeline_fd": N,                  read end of a pipe only the parent holds: EOF unmounts
      "hold_fds": [N, ...],              kept open while serving (a container's mount lock)
-     "record": {"path": PATH, "data": {...}},   written with "pid" and "dev" once the mount
+     "record": {"path": PATH, "data": {...}}}   written with "pid" and "dev" once the mount
                                         answers, removed when it ends (the store's mounts/)
-     "log": PATH}                       stdout and stderr go there once the spec is read (a
-                                        daemon started before its spec, below)
 
-Every key but ``mountpoint`` and ``layers`` may be left out.  ``SPEC`` may also be
-``socket:N``: a Unix socket on which the spec arrives later, the descriptors of ``hold_fds``
-with its first bytes (SCM_RIGHTS); meanwhile the daemon imports what it serves with (pyfuse3,
-trio, the union), so a spawner that starts it first overlaps that with its own planning
-(``imagestore.mounting.prestart``).  A socket closed without a spec ends the daemon, status 0.
-
-The daemon mounts, answers ``ready`` once a ``stat`` of the mountpoint (from a worker thread)
-has been answered, and serves until the file system is unmounted (``fusermount3 -u``,
-``umount``, ``strata umount``) or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.
-
-The kernel engine (``"overlay"``): once its FUSE mount answers, the daemon mounts overlayfs
-(from a worker thread: the kernel looks the lower up through the mount) and detaches its own
-mount from the tree, which overlayfs keeps a private clone of; the overlay's device goes into
-the record.  The FUSE session, and the daemon, then end when the overlay is unmounted
-everywhere (``umount``, ``strata umount``); SIGTERM, SIGINT, SIGHUP and the lifeline detach
-the overlay first.  A ``freeze`` also holds every open of a lower file (and with it every
-copy-up not yet started), which is all a FUSE lower can hold: writes go to the upper's file
-system directly.  After an end of its own it empties ``work/work`` (the kernel leaves its
-whiteout template there).  It logs to stderr (the spawner
+Every key but ``mountpoint`` and ``layers`` may be left out.  The daemon mounts, answers
+``ready`` once a ``stat`` of the mountpoint (from a worker thread) has been answered, and
+serves until the file system is unmounted (``fusermount3 -u``, ``umount``, ``strata umount``)
+or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.  It logs to stderr (the spawner
 points it at ``<root>/mounts/<key>.log``); a mount it cannot make is one ``ERROR`` line there
 and on the ready pipe, exit status 1; only a bug writes a traceback.  docs/architecture.md
 tells the life of a mount from spawn to unmount.
+
+The kernel engine (``"overlay"``, ``unionfs.kernelengine``): once its FUSE mount answers, the
+daemon mounts overlayfs (from a worker thread: the kernel looks the lower up through the
+mount) and detaches its own mount from the tree, which overlayfs keeps a private clone of; the
+overlay's device goes into the record.  The FUSE session, and the daemon, then end when the
+overlay is unmounted everywhere (``umount``, ``strata umount``); SIGTERM, SIGINT, SIGHUP and
+the lifeline detach the overlay first.  A ``freeze`` also holds every open of a lower file
+(and with it every copy-up not yet started), which is all a FUSE lower can hold: writes go to
+the upper's file system directly.  After an end of its own it empties ``work/work`` (the
+kernel leaves its whiteout template there).
 
 Caveats:
 * Mount options: ``default_permissions`` always (the kernel checks modes against the image's
@@ -455,37 +448,6 @@ def run(spec: MountSpec) -> int:
     return 0
 
 
-def _from_socket(fd: int) -> MountSpec | None:
-    """Import what serving needs, then read the spec (and the descriptors that come with it)
-    from the Unix socket ``fd``; None when the spawner closed it without one."""
-    import socket
-
-    import pyfuse3  # noqa: F401 - loaded now, while the spawner plans
-    import trio  # noqa: F401
-
-    from . import fuse_ops, union, upper  # noqa: F401
-
-    with socket.socket(fileno=fd) as sock:
-        first, fds, _, _ = socket.recv_fds(sock, 1 << 16, 16)
-        chunks = [first]
-        while first and (chunk := sock.recv(1 << 16)):
-            chunks.append(chunk)
-    if not first:
-        for held in fds:
-            os.close(held)
-        return None
-    doc = json.loads(b"".join(chunks))
-    if not isinstance(doc, dict):
-        raise ValueError("a mount spec is a JSON object")
-    doc["hold_fds"] = fds
-    if isinstance(doc.get("log"), str):
-        out = os.open(doc["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(out)
-    return MountSpec.parse(doc)
-
-
 def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = exc.filename
@@ -503,13 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        if args[0].startswith("socket:"):
-            received = _from_socket(int(args[0][len("socket:"):]))
-            if received is None:
-                return 0  # the spawner planned no mount for this daemon
-            spec = received
-        else:
-            spec = MountSpec.load(args[0])
+        spec = MountSpec.load(args[0])
     except (OSError, ValueError, KeyError, TypeError, MountError) as exc:
         log.error("cannot read the mount spec %s: %s", args[0], exc)
         return 2
