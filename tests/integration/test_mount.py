@@ -4,6 +4,7 @@ POSIX corners (unlinked-but-open files, mmap, big files, inode numbers)."""
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import re
@@ -314,3 +315,32 @@ def test_mount_f_serves_in_the_foreground_and_ends_on_sigterm(strata: Strata, mo
     mounter.active.remove(mp)
     assert strata.out("mounts", "-q") == ""
     assert (strata.root / "containers" / cid / "upper/written").read_text() == "fg\n"
+
+
+def test_strata_mount_forks_its_daemon_without_loading_it(strata: Strata, mounter: Mounter,
+                                                          sample_image: str) -> None:
+    """``strata mount`` forks its daemon from its own process (issue 14 part 4: no second
+    interpreter start, no second import of what the command loaded): the command itself never
+    imports the daemon's code (pyfuse3, trio, the union's request handlers); its fork does,
+    and serves after the command has exited."""
+    program = ("import json, sys\nfrom cli.main import main\nstatus = main(sys.argv[1:])\n"
+               "print(json.dumps({'status': status, 'modules': sorted(sys.modules)}))\n")
+    mp = mounter.mountpoint("forked")
+    proc = subprocess.Popen([sys.executable, "-c", program, "--root", str(strata.root),
+                             "mount", sample_image, str(mp)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=60)
+    mounter.active.append(mp)
+    out = json.loads(stdout.splitlines()[-1])
+    assert out["status"] == 0, stderr
+    loaded = set(out["modules"])
+    assert not loaded & {"pyfuse3", "trio", "unionfs.mount", "unionfs.fuse_ops",
+                         "unionfs.union"}, sorted(loaded)
+    [line] = strata.out("mounts").splitlines()[1:]
+    pid = int(line.split()[3])
+    assert process_alive(pid) and pid != proc.pid  # the command is gone, its fork serves
+    assert (mp / "etc/app/conf").read_bytes() == b"v3"
+    assert os.readlink(f"/proc/{pid}/fd/2").startswith(str(strata.root / "mounts"))
+    mounter.umount(mp)
+    wait_gone(pid)
+    assert not process_alive(pid)
