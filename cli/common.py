@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from imagestore import Store, StoreError
+from imagestore.errors import StoreError
+
+if TYPE_CHECKING:  # the store loads when a command uses it (strata umount does not)
+    from imagestore import Store
 
 
 class UserError(Exception):
@@ -20,7 +23,16 @@ class UserError(Exception):
 
 
 def store_of(args: argparse.Namespace) -> Store:
+    from imagestore import Store
+
     return Store(args.root, max_layer_size=getattr(args, "max_layer_size", None))
+
+
+def root_of(args: argparse.Namespace) -> str:
+    """The store's root directory, without opening the store."""
+    from imagestore.paths import root_of
+
+    return root_of(args.root)
 
 
 def size_arg(text: str) -> int:

@@ -67,7 +67,8 @@ def status(c: Container) -> str:
         return (f"Mounted in another mount namespace only (unmounted from "
                 f"{c.mount.mountpoint} here)")
     if c.mount is not None:
-        return f"Mounted at {c.mount.mountpoint}"
+        engine = " (kernel engine)" if c.mount.engine == "kernel" else ""
+        return f"Mounted at {c.mount.mountpoint}{engine}"
     if ran is not None and ran.status == "exited":
         return f"Exited ({ran.exit_code}) {since(ran.finished)}"
     if ran is not None:

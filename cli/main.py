@@ -1,27 +1,34 @@
 """The ``strata`` command: argument parsing and error reporting.  Each command group lives in
 its own module and registers its subcommands here; every command is parse arguments, one call
-of ``imagestore.Store``, print (docs/architecture.md: where a new command goes)."""
+of ``imagestore.Store``, print (docs/architecture.md: where a new command goes).
+
+Caveats:
+* Start-up is most of what ``strata umount`` costs: the command groups are imported by name,
+  a command of ``LIGHT`` loads only its own group (``strata umount`` then loads no image code,
+  nor the registry client, nor logging), and the program ends without the interpreter's
+  teardown (``os._exit`` once its output is flushed; not under a profiler or tracer).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import importlib
 import io
-import logging
 import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
 from types import FrameType
-from typing import NoReturn
 
 from imagestore.errors import StoreError
 
-from . import check, commit, containers, images, mount, registry, run, transfer
 from .common import UserError, size_arg
 
-GROUPS = (images, transfer, registry, containers, mount, commit, check, run)
+GROUPS = ("images", "transfer", "registry", "containers", "mount", "commit", "check", "run")
+LIGHT = {"mount": "mount", "umount": "mount", "unmount": "mount", "mounts": "mount"}
+SILENT = ("umount", "unmount", "mounts")  # they log nothing: logging is not even imported
 
 
 def version() -> str:
@@ -35,8 +42,8 @@ def version() -> str:
 
 
 class _Version(argparse.Action):
-    """``--version``: the installed version is looked up only when asked (importlib.metadata
-    costs every command 20-30 ms otherwise)."""
+    """``--version``, looked up only when asked (``importlib.metadata`` costs every command
+    tens of milliseconds otherwise)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
@@ -71,7 +78,7 @@ def subparsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.
                     yield f"{name} {inner}", p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(groups: Sequence[str] = GROUPS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strata",
         description="Turn container images into mountable root filesystems.",
@@ -85,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     image_group = sub.add_parser("image", help="manage images")
     image_sub = image_group.add_subparsers(dest="image_command", metavar="COMMAND")
     image_sub.required = True
-    for group in GROUPS:
-        group.register(sub, image_sub)
+    for group in groups:
+        importlib.import_module(f"{__package__}.{group}").register(sub, image_sub)
     seen: set[int] = set()
     for _, p in subparsers(parser):
         if id(p) not in seen and not p._subparsers:
@@ -111,41 +118,46 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
         signal.default_int_handler(signal.SIGINT, frame)
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (its first word that is no option nor an option's value),
+    or None."""
+    takes_value = ("--root", "--max-layer-size", "--log-level")
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+        elif word == "--":
+            return None
+    return None
+
+
+def groups_for(argv: Sequence[str]) -> Sequence[str]:
+    """The command groups to load for ``argv``: the one group of a ``LIGHT`` command, else all
+    (help, the image commands and a mistyped command's error need them all)."""
+    group = LIGHT.get(command_of(argv) or "")
+    return (group,) if group else GROUPS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command ``argv`` (default: this program's arguments) and return its exit
-    status.  Called as the program (no ``argv``: the ``strata`` script, ``python -m
-    cli.main``), it ends the process itself once the command is done (``_exit``)."""
-    status = _main(argv)
-    if argv is None and sys.getprofile() is None and sys.gettrace() is None:
-        _exit(status)  # (a profiler or coverage writes its report at the usual exit)
-    return status
-
-
-def _exit(status: int) -> NoReturn:
-    """End the process without the interpreter's teardown, which, with the store's modules
-    loaded, costs every command 20-30 ms: every command closes what it wrote before it
-    returns, and only the standard streams and the log are left to flush."""
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        status = status or 141
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.flush()
-    logging.shutdown()
-    os._exit(status)
-
-
-def _main(argv: Sequence[str] | None) -> int:
     # names from images are bytes (os.fsdecode'd): print them back as the same bytes, as
     # docker does, whatever the locale's codec would make of them
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(groups_for(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command not in SILENT:
+        import logging
+
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupted)
     try:
@@ -173,5 +185,26 @@ def _main(argv: Sequence[str] | None) -> int:
         raise
 
 
+def run() -> None:
+    """The program: ``main`` and its exit status, ending without the interpreter's teardown
+    (with the store's modules loaded it costs every command 20-30 ms; every command closes
+    what it wrote before it returns, and only the standard streams and the log are left to
+    flush) — unless a profiler or tracer is on, which writes its report at the usual exit."""
+    status = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(status)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        status = status or 141
+    except OSError:  # a reader gone: as Python's own exit would, say nothing
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

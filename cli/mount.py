@@ -2,18 +2,20 @@
 
 ``strata mount`` asks the store to start the mount daemon (``Store.start_mount``: it returns
 once the mount answers, and the daemon logs to ``<root>/mounts/<key>.log``); with ``-f`` this
-process becomes the daemon (``Store.serve_mount``).
+process becomes the daemon (``Store.serve_mount``).  ``strata umount`` and ``strata mounts``
+use the mount records (``imagestore.unmounting``, ``imagestore.mounts``) without opening the
+store: their start-up is most of their time.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagestore import Directories, MountRecord
+from .common import UserError, each, root_of, store_of
 
-from .common import UserError, each, store_of
-from .output import since, table
+if TYPE_CHECKING:
+    from imagestore import Directories, MountRecord
 
 _KNOWN_OPTS = ("allow_other", "ro", "rw", "suid", "nosuid", "dev", "nodev")
 
@@ -28,6 +30,11 @@ def register(sub: Any, image_sub: Any) -> None:
     p.add_argument("--lower", help="lower directories, leftmost on top (as mount -t overlay)")
     p.add_argument("--upper", help="upper directory (writable layer) for --lower")
     p.add_argument("--work", help="work directory for --upper (same file system)")
+    p.add_argument("--engine", choices=("fuse", "kernel", "auto"), default=None,
+                   help="for a writable container: fuse (strata's union, the default unless "
+                        "$STRATA_ENGINE says otherwise), kernel (kernel overlayfs over a FUSE "
+                        "mount of the image; root), auto (kernel where overlayfs may be "
+                        "mounted, else fuse)")
     p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
     p.add_argument("-o", dest="options", action="append", default=[],
@@ -66,11 +73,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError("--upper and --work go together")
     if args.upper and not args.lower:
         raise UserError("--upper needs --lower")
+    from imagestore import Directories, mounting
+
+    mounting.fork_daemons = True  # this process is about to exit: its daemon may be its fork
     opts = _options(args.options)
     target: str | Directories = args.args[0] if not args.lower else Directories(
         tuple(args.lower.split(":")), args.upper, args.work)
     kw = {"read_only": "ro" in opts, "allow_other": "allow_other" in opts,
-          "suid": "suid" in opts, "dev": "dev" in opts, "debug": args.debug}
+          "suid": "suid" in opts, "dev": "dev" in opts, "debug": args.debug,
+          "engine": args.engine}
     store = store_of(args)
     if args.foreground:
         store.serve_mount(target, args.args[-1], **kw)
@@ -79,8 +90,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    store = store_of(args)
-    return each(args.mountpoints, lambda mp: store.unmount(mp, lazy=args.lazy))
+    from imagestore.unmounting import unmount
+
+    root = root_of(args)
+    return each(args.mountpoints, lambda mp: unmount(root, mp, lazy=args.lazy))
 
 
 def _state(r: MountRecord) -> str:
@@ -88,12 +101,16 @@ def _state(r: MountRecord) -> str:
 
 
 def cmd_mounts(args: argparse.Namespace) -> int:
-    recs = store_of(args).mounts()
+    from imagestore.mounts import Mounts
+
+    from .output import since, table
+
+    recs = Mounts(root_of(args)).records()
     if args.quiet:
         for r in recs:
             print(r.mountpoint)
         return 0
-    table([["MOUNTPOINT", "TYPE", "NAME", "PID", "MODE", "MOUNTED", "STATE"]] + [
-        [r.mountpoint, r.kind, r.name, str(r.pid), "ro" if r.read_only else "rw",
+    table([["MOUNTPOINT", "TYPE", "NAME", "PID", "MODE", "ENGINE", "MOUNTED", "STATE"]] + [
+        [r.mountpoint, r.kind, r.name, str(r.pid), "ro" if r.read_only else "rw", r.engine,
          since(r.started), _state(r)] for r in recs])
     return 0

@@ -53,6 +53,9 @@ def register(sub: Any, image_sub: Any) -> None:
                    help="disabled: no cgroup of its own (crun only)")
     p.add_argument("--runtime", help="the OCI runtime (a path or a name; default crun, "
                                      "else runc)")
+    p.add_argument("--engine", choices=["fuse", "kernel", "auto"],
+                   help="how the container is mounted (default $STRATA_ENGINE, else auto: "
+                        "kernel overlayfs where it may be mounted)")
     p.set_defaults(func=cmd_run)
 
 
@@ -67,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return store_of(args).run(
             args.target, args.command, interactive=args.interactive, tty=args.tty,
-            name=args.name, remove=args.rm, runtime=args.runtime,
+            name=args.name, remove=args.rm, runtime=args.runtime, engine=args.engine,
             entrypoint=None if args.entrypoint is None else
             ([args.entrypoint] if args.entrypoint else []),
             env=args.env, env_file=args.env_file, workdir=args.workdir, user=args.user,

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
 
 from unionfs.resolve import UnionView
 
-from . import images, mounting, oci, reference
+from . import images, mounting, oci, reference, unmounting
 from .compress import LAYER_COMPRESSIONS, parse_size
 from .containers import Container, Containers
 from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, Unsupported
@@ -62,6 +62,7 @@ from .layerstore import LayerStore
 from .lazystate import promote_complete
 from .mounting import Directories
 from .mounts import MountRecord, Mounts
+from .paths import default_root
 from .progress import ByteCounter, ProgressEvent, ProgressFn, short
 from .reference import Reference
 from .state import StateFile
@@ -83,17 +84,6 @@ __all__ = ["Container", "ContainerLike", "Directories", "Image", "ImageLike", "M
 
 DEFAULT_MAX_LAYER_SIZE = 64 << 30
 PUSH_COMPRESSIONS = ("gzip", "zstd", "estargz", "zstd:chunked")  # convert.FORMATS
-
-
-def default_root() -> str:
-    env = os.environ.get("STRATA_ROOT")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/var/lib/strata"
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                           "share")
-    return os.path.join(data, "strata")
 
 
 def default_max_layer_size() -> int:
@@ -445,7 +435,7 @@ class Store:
             stop(self, c)  # as docker rm -f
             c = self._container_of(c)
         if c.mount is not None and force:
-            mounting.release(self.root, c.mount)
+            unmounting.release(self.root, c.mount)
         Containers(self).remove(c)
 
     def diff(self, container: ContainerLike) -> list[tuple[str, str]]:
@@ -504,7 +494,7 @@ class Store:
     def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = None,
             *, capture_output: bool = False, input: bytes | None = None,
             interactive: bool = False, tty: bool = False, name: str | None = None,
-            remove: bool = False, runtime: str | None = None,
+            remove: bool = False, runtime: str | None = None, engine: str | None = None,
             **options: Any) -> int | RunResult:
         """``strata run``: run ``command`` (a list, or a string split as a shell would;
         default: the image's Entrypoint and Cmd) in a new container of the image ``target``
@@ -514,7 +504,9 @@ class Store:
         ``RunResult`` with ``status``, ``stdout`` and ``stderr`` (bytes); otherwise the
         command writes to this process's stdout and stderr.  ``input`` is fed to its stdin;
         ``interactive`` gives it this process's stdin (``-i``); otherwise stdin is /dev/null.
-        ``tty`` gives it a terminal (``-t``) the size of this process's.  ``options`` are
+        ``tty`` gives it a terminal (``-t``) the size of this process's.  ``engine``: the
+        container mount's (``fuse``, ``kernel``, ``auto``: ``mount``'s; default ``auto``, or
+        ``$STRATA_ENGINE``).  ``options`` are
         ``run.options``'s keywords, docker's flags: ``entrypoint``, ``env`` (a mapping or
         ``K=V`` strings), ``env_file``, ``workdir``, ``user``, ``group_add``, ``hostname``,
         ``network`` (``"none"`` or ``"host"``), ``volumes`` (``"HOST:CTR[:ro]"``), ``tmpfs``,
@@ -536,7 +528,7 @@ class Store:
         streams = Streams(stdin=0 if interactive and input is None else None, input=input,
                           capture=capture_output)
         result = _run.run(self, target, opts, streams, name=name, remove=remove,
-                          runtime_path=runtime)
+                          runtime_path=runtime, engine=engine)
         return result if capture_output else result.status
 
     # -- mounts --------------------------------------------------------------------------------
@@ -544,44 +536,50 @@ class Store:
     @contextlib.contextmanager
     def mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
               read_only: bool = False, allow_other: bool = False, suid: bool = False,
-              dev: bool = False, timeout: float = mounting.READY_TIMEOUT) -> Iterator[Path]:
+              dev: bool = False, engine: str | None = None,
+              timeout: float = mounting.READY_TIMEOUT) -> Iterator[Path]:
         """Mount an image (always read-only), a container (writable unless ``read_only``) or
         ``Directories`` for the ``with`` block and yield the mountpoint: ``mountpoint``
         (created if missing) or a new temporary directory, removed afterwards.  A string
         names a container first, then an image, as ``strata mount``.  Mounts are
         ``nosuid,nodev`` unless ``suid`` or ``dev``; ``allow_other`` lets other users in.
+        ``engine`` (a writable container's): ``"fuse"``, ``"kernel"`` (overlayfs over a
+        FUSE mount of the image; root) or ``"auto"`` (kernel where overlayfs may be
+        mounted, else FUSE); default ``$STRATA_ENGINE``, else ``"fuse"``.
         The daemon runs in a child process; the mount is taken down when the block ends,
         raises or is interrupted.  Raises ``FuseUnavailable``, ``MountFailed``,
-        ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted)."""
+        ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted),
+        ``Unsupported`` (the engine)."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other, suid=suid, dev=dev)
+                          allow_other=allow_other, suid=suid, dev=dev, engine=engine)
         with mounting.mounted(p, timeout) as path:
             yield path
 
     @contextlib.asynccontextmanager
     async def open_mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
                          read_only: bool = False, allow_other: bool = False,
-                         suid: bool = False, dev: bool = False,
+                         suid: bool = False, dev: bool = False, engine: str | None = None,
                          timeout: float = mounting.READY_TIMEOUT) -> AsyncIterator[Path]:
         """``mount`` for trio code: ``async with store.open_mount("busybox") as root:``.
         The event loop never blocks on the daemon; the teardown runs shielded from
         cancellation."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other, suid=suid, dev=dev)
+                          allow_other=allow_other, suid=suid, dev=dev, engine=engine)
         async with mounting.open_mounted(p, timeout) as path:
             yield path
 
     def start_mount(self, target: MountTarget, mountpoint: PathLike, *,
                     read_only: bool = False, allow_other: bool = False, suid: bool = False,
-                    dev: bool = False, debug: bool = False,
+                    dev: bool = False, debug: bool = False, engine: str | None = None,
                     timeout: float = mounting.READY_TIMEOUT) -> MountRecord:
         """Mount as ``mount`` does, but for good (``strata mount``): returns once the mount
         answers, and the daemon serves on after this process exits, logging to
         ``<root>/mounts/<key>.log`` (every request with ``debug``), until ``unmount``,
-        ``fusermount3 -u`` or SIGTERM.  The mountpoint must be an existing directory."""
+        ``umount`` (``fusermount3 -u`` for the FUSE engine) or SIGTERM.  The mountpoint must
+        be an existing directory."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev, debug=debug,
-                          make_mountpoint=False)
+                          make_mountpoint=False, engine=engine)
         mounting.start(p, timeout)
         rec = Mounts(self.root).record_for(p.mountpoint)
         if rec is None:  # unmounted already, by someone else
@@ -590,13 +588,15 @@ class Store:
 
     def serve_mount(self, target: MountTarget, mountpoint: PathLike, *,
                     read_only: bool = False, allow_other: bool = False, suid: bool = False,
-                    dev: bool = False, debug: bool = False) -> NoReturn:
+                    dev: bool = False, debug: bool = False,
+                    engine: str | None = None) -> NoReturn:
         """Serve a mount in this very process until it is unmounted or signalled
         (``strata mount -f``): the process becomes the mount daemon (``exec``), logging to
-        its stderr.  Checks and errors are those of ``start_mount``."""
+        its stderr.  Checks and errors are those of ``start_mount`` (``auto`` does not fall
+        back to FUSE here once the kernel refuses the overlay: the process is the daemon)."""
         p = mounting.plan(self, target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev, debug=debug,
-                          make_mountpoint=False)
+                          make_mountpoint=False, engine=engine)
         mounting.exec_foreground(p)
 
     def unmount(self, mountpoint: PathLike, *, lazy: bool = False) -> None:
@@ -604,7 +604,7 @@ class Store:
         mount; a mount whose daemon died (``ENOTCONN``) is detached and forgotten.  A mount
         another mount namespace still holds is served on there (``mounts()`` shows it as
         ``elsewhere``); unmounting it again stops its daemon.  Raises ``MountFailed``."""
-        mounting.unmount(self.root, os.fspath(mountpoint), lazy)
+        unmounting.unmount(self.root, os.fspath(mountpoint), lazy)
 
     def mounts(self) -> list[MountRecord]:
         """The live mounts of this store, whoever made them (``strata mounts``)."""

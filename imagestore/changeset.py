@@ -179,10 +179,27 @@ def changes(upper_root: str, lowers: UnionView | None) -> list[tuple[str, str]]:
 # -- layer ---------------------------------------------------------------------------------------
 
 
-def _data(full: str) -> Iterator[bytes]:
+class ChangedWhileRead(StoreError):
+    """A file of the upper changed size while it was being committed: something wrote to the
+    container meanwhile that the commit could not hold (the kernel engine holds only writers
+    in the container's cgroup)."""
+
+
+def _data(full: str, size: int) -> Iterator[bytes]:
+    """The file's ``size`` bytes (its size when the walk saw it), refusing a file that has
+    grown or shrunk since: a layer never holds a file cut short or torn at its end."""
+    left = size
     with open(full, "rb") as f:
-        while chunk := f.read(CHUNK):
+        while left:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
             yield chunk
+        if left or f.read(1):
+            raise ChangedWhileRead(f"{full} changed size while it was committed (a process "
+                                   "wrote to the container; stop it, or run it with strata "
+                                   "run, whose containers are frozen for a commit)")
 
 
 def write_layer(upper_root: str, sink: Callable[[bytes], object],
@@ -206,7 +223,8 @@ def write_layer(upper_root: str, sink: Callable[[bytes], object],
         entry = TarEntry(name=e.path, typeflag=typeflag_for(st_mode), mode=e.mode, uid=e.uid,
                          gid=e.gid, size=e.size, mtime=e.mtime, linkname=e.target,
                          devmajor=os.major(e.rdev), devminor=os.minor(e.rdev), xattrs=e.xattrs)
-        w.add(entry, _data(os.path.join(upper_root, e.path)) if e.kind == "file" else ())
+        w.add(entry, _data(os.path.join(upper_root, e.path), e.size) if e.kind == "file"
+              else ())
         if e.opaque:
             w.add(TarEntry(name=f"{e.path}/{wh.OPAQUE_MARKER}", typeflag=REG, mode=0,
                            mtime=e.mtime))

@@ -55,7 +55,7 @@ from unionfs.control import is_mounted, unmount
 from unionfs.errors import MountError
 from unionfs.upper import remove_tree
 
-from . import gc, lazystate, mounting, oci, reference
+from . import gc, lazystate, oci, reference, unmounting
 from .cas import BlobStore
 from .containers import Containers
 from .digest import Digest, parse_digest
@@ -320,6 +320,11 @@ class _Checker:
                 if left:
                     self.add("container", cid, f"{len(left)} leftover(s) in work/ (an "
                              "interrupted copy-up)", partial(_empty, os.path.join(work, "work")))
+                lower = cs.mounts.lower_path(path)
+                if os.path.lexists(lower) or is_mounted(lower):
+                    self.add("container", cid, "the image mount of a kernel engine daemon that "
+                             "died as it started" if is_mounted(lower) else
+                             "leftover lower/ directory", partial(_clear_lower, cs.mounts, path))
         for name in sorted(os.listdir(root)):
             if name not in st.containers:
                 self.add("container", name, "directory without a container record",
@@ -361,7 +366,7 @@ class _Checker:
                          f"unmounted here, but its daemon (pid {rec.pid}) still serves it to "
                          f"another mount namespace, holding its {rec.kind}; `strata umount` "
                          "again (or --repair) stops it",
-                         partial(mounting.release, self.store.root, now))
+                         partial(unmounting.release, self.store.root, now))
                 continue
             if now is not None:
                 continue
@@ -428,6 +433,16 @@ def _is_file(path: str) -> bool:
 
 def _remover(path: str) -> Callable[[], None]:
     return partial(remove_tree, path)
+
+
+def _clear_lower(mounts: Mounts, container_root: str) -> None:
+    """Clear a container's leftover ``lower/``, holding its mount lock (a mount starting
+    meanwhile has the lock, and is left alone)."""
+    fd = mounts.lock(container_root, os.path.basename(container_root))
+    try:
+        mounts.clear_lower(container_root)
+    finally:
+        os.close(fd)
 
 
 def _empty(path: str) -> None:

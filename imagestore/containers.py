@@ -243,6 +243,7 @@ class Containers:
         if where:
             raise Conflict(f"container {container.name} is mounted {where}; unmount it first "
                            "(or use -f)")
+        self.mounts.clear_lower(container.root)  # a kernel engine daemon killed as it started
         with self.store.state.transaction() as st:
             st.containers.pop(container.id, None)
         remove_tree(container.root)

@@ -1,22 +1,26 @@
 """Starting and stopping mount daemons: the only code that spawns ``python -m unionfs.mount``.
 
-``plan`` turns what to mount (an image, a container, or ``Directories``) into a *mount spec*
-(the JSON the daemon reads; ``unionfs.mount`` documents it): the layers as the layer store
-describes them, the container's upper and work dirs, options, the control socket, the record
-the daemon writes into ``mounts/``.  It checks FUSE, the target and the mountpoint, and takes a
-container's mount lock, which goes to the daemon with the spec.  A plan then runs one of four
+``plan`` (``mountplan``) turns what to mount (an image, a container, or ``Directories``) into a
+*mount spec* (the JSON the daemon reads; ``unionfs.mount`` documents it): the layers as the
+layer store describes them, the engine, the container's upper and work dirs, options, the
+control socket, the record the daemon writes into ``mounts/``.  A plan then runs one of four
 ways, all through the same three steps (``_Daemon``: spawn, wait for ``ready``, stop):
 
 * ``mounted`` — for a ``with`` block (``Store.mount``, the pytest plugin): the daemon holds a
   lifeline pipe to this process, and the mount is taken down when the block ends;
 * ``open_mounted`` — the same for trio code: the steps run in worker threads;
-* ``start`` — a mount that outlives this process (``strata mount``): returns once ready;
+* ``start`` — a mount that outlives this process (``strata mount``): returns once ready.  The
+  CLI sets ``fork_daemons``: its daemon is then a fork of the command's own process (it is
+  single-threaded and about to exit), which skips a second interpreter start and the imports
+  the command has made (40-50 ms of the 0.23 s to a usable mount); the fork imports pyfuse3
+  and trio itself, the command never does, and the fork never uses the store;
 * ``exec_foreground`` — this process becomes the daemon (``strata mount -f``).
 
 The daemon writes ``ready`` (or its one-line error) to a pipe once the mount answers; only then
 is the mountpoint handed over.  It runs in a session of its own, logging to
-``<root>/mounts/<key>.log``.  ``unmount`` and ``release`` take mounts down (``strata umount``,
-``rm -f``) and follow what is true in this mount namespace (``mounts``).
+``<root>/mounts/<key>.log``.  With ``auto``, a daemon whose overlay the kernel refused is
+followed by one of the FUSE engine.  ``unmount`` and ``release`` (``unmounting``) take mounts
+down (``strata umount``, ``rm -f``) and follow what is true in this mount namespace.
 
 Caveats:
 * A second SIGINT while a mount is being taken down is held until the teardown is over (in
@@ -30,15 +34,16 @@ Caveats:
   for the files still open in it, and the daemon is then stopped with SIGTERM.
 * A mount another mount namespace holds outlives ``strata umount`` here (its daemon serves
   that namespace); ``release(stop=True)`` (``rm -f``) and a second ``umount`` end the daemon.
+* ``exec_foreground`` (``-f``) cannot fall back from the kernel engine: it is the daemon.
+* A forked daemon shows the command's argv in ``ps`` (``strata mount C MP``), not
+  ``python -m unionfs.mount SPEC MP``; the mountpoint is in both.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,109 +53,32 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from unionfs.control import holders, is_mounted
+from unionfs import overlay
+from unionfs.control import is_mounted
 from unionfs.control import unmount as _unmount
 from unionfs.errors import MountError
 
-from . import timefmt
-from .containers import Container, Containers
-from .errors import FuseUnavailable, ImageNotFound, MountFailed, StoreError
-from .images import Image
-from .mounts import MountRecord, Mounts, process_alive
+from .errors import MountFailed
+from .mountplan import DEFAULT_ENGINES, ENGINES, Directories, Plan, engine_for, fuse_missing, plan
+from .mounts import clear_mount_dir
+from .unmounting import EXIT_TIMEOUT, release, unmount, wait_gone
 
 if TYPE_CHECKING:
     from .api import Store
 
 READY_TIMEOUT = 60.0
-EXIT_TIMEOUT = 10.0
-SETTLE = 0.5  # a daemon whose mount nobody else holds ends well within this after an unmount
 BUSY_RETRIES = 10
 BUSY_DELAY = 0.1
-# in a line of the daemon's error or log that mentions fuse, words saying FUSE itself is
-# refused here (lower case); a permission error of anything else is no reason to skip tests
-_NO_FUSE = ("permission denied", "operation not permitted", "device not found",
-            "no such device", "no such file")
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@dataclass(frozen=True)
-class Directories:
-    """A union of plain directories in overlayfs format (``strata mount --lower``): ``lower``
-    top first; with ``upper`` and ``work`` a writable one, as ``mount -t overlay``."""
-
-    lower: tuple[str, ...]
-    upper: str | None = None
-    work: str | None = None
-
-
-Target = str | Image | Container | Directories
-
-
-def fuse_missing() -> str | None:
-    """Why FUSE mounts cannot work on this machine, without trying one: ``/dev/fuse`` missing,
-    ``fusermount3`` not installed; None when both are there.  ``probe`` also tries a mount."""
-    problems = []
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    if shutil.which("fusermount3") is None:
-        problems.append("fusermount3 is not installed (Debian package fuse3)")
-    return "; ".join(problems) or None
-
-
-@dataclass
-class Plan:
-    """Everything decided before the daemon starts.  ``lock``: a container's mount lock,
-    held until the daemon has its own copy of the descriptor (``close`` drops ours)."""
-
-    spec: dict[str, Any]
-    mountpoint: str
-    created: bool  # the mountpoint is ours to remove
-    log: str
-    what: str  # for messages
-    lock: int | None = None
-
-    def close(self) -> None:
-        if self.lock is not None:
-            os.close(self.lock)
-            self.lock = None
-
-    def spec_fd(self, **fds: Any) -> int:
-        """The spec (plus the descriptors ``fds`` name) in a memfd, for ``/dev/fd/N``."""
-        doc = {**self.spec, **fds, "hold_fds": [self.lock] if self.lock is not None else []}
-        fd = os.memfd_create("strata-mount-spec")
-        os.write(fd, json.dumps(doc).encode())
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
-
-    def command(self, spec_fd: int) -> list[str]:
-        return [sys.executable, "-m", "unionfs.mount", f"/dev/fd/{spec_fd}", self.mountpoint]
-
-    def log_size(self) -> int:
-        try:
-            return os.path.getsize(self.log)
-        except OSError:
-            return 0
-
-    def failure(self, message: str | None, status: int | None, log_from: int) -> StoreError:
-        """The typed error for a daemon that did not become ready: ``FuseUnavailable`` when
-        its error or log says FUSE itself is refused, else ``MountFailed``."""
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(log_from)
-                tail = f.read(1 << 16).decode(errors="replace")
-        except OSError:
-            tail = ""
-        if not message:
-            lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-            message = lines[-1] if lines else f"the mount daemon exited with status {status}"
-        for line in [message, *tail.splitlines()]:
-            low = line.lower()
-            if "fuse" in low and any(word in low for word in _NO_FUSE):
-                return FuseUnavailable(f"FUSE is not usable here: {line.strip()}")
-        return MountFailed(f"cannot mount {self.what} at {self.mountpoint}: {message} "
-                           f"(daemon log: {self.log})")
+def daemon_command(spec: str, mountpoint: str) -> list[str]:
+    """The daemon's argv: ``spec`` (``/dev/fd/N``) and the mountpoint where
+    the union appears (the overlay's for the kernel engine), so ``ps`` shows what each daemon
+    serves."""
+    return [sys.executable, "-m", "unionfs.mount", spec, mountpoint]
 
 
 def _env() -> dict[str, str]:
@@ -159,101 +87,6 @@ def _env() -> dict[str, str]:
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + old if old else "")
     return env
-
-
-def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None, *,
-         read_only: bool = False, allow_other: bool = False, suid: bool = False,
-         dev: bool = False, debug: bool = False, make_mountpoint: bool = True) -> Plan:
-    """Check FUSE, the target and the mountpoint (a new temp dir when None; one that is
-    missing is made when ``make_mountpoint``) and write the spec.  Raises ``FuseUnavailable``,
-    ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted),
-    ``MountFailed`` (the mountpoint)."""
-    missing = fuse_missing()
-    if missing:
-        raise FuseUnavailable(missing)
-    mounts = Mounts(store.root)
-    layers: list[dict[str, Any]] = []
-    upper = work = None
-    lock: int | None = None
-    container = None
-    if isinstance(target, Directories):
-        if target.upper and not target.work and not read_only:
-            raise MountFailed("a writable upper directory needs a work directory")
-        for d in (*target.lower, target.upper, target.work):
-            if d is not None and not os.path.isdir(d):
-                raise MountFailed(f"directory {d} does not exist")
-        dirs = [target.upper] if target.upper and read_only else []  # read-only: on top
-        layers = [{"kind": "dir", "path": os.path.abspath(d)} for d in [*dirs, *target.lower]]
-        if target.upper and not read_only:
-            upper, work = os.path.abspath(target.upper), os.path.abspath(str(target.work))
-        kind, ident, name = "dirs", ":".join(target.lower), ":".join(target.lower)
-        what = f"directory {name}"
-        read_only = read_only or upper is None
-    else:
-        cs = Containers(store)
-        if isinstance(target, Container):
-            container = cs.get(target.id)
-        elif isinstance(target, str):
-            container = cs.find(target)
-        if container is not None:
-            kind, ident, name = "container", container.id, container.name
-            what = f"container {container.name}"
-            # read-only: the upper on top; either way with its init layer (strata run's stubs)
-            layers = cs.describe(container, upper=read_only, init=True)
-            if not read_only:
-                upper, work = container.upper, container.work
-        else:
-            try:
-                image = store.image(target.id) if isinstance(target, Image) else \
-                    store.resolve(str(target))
-            except ImageNotFound:
-                if isinstance(target, Image):
-                    raise
-                raise ImageNotFound(f"No such image or container: {target}") from None
-            kind, ident = "image", str(image.id)
-            name = image.tags[0].familiar if image.tags else image.short_id
-            what = f"image {target if isinstance(target, str) else image.short_id}"
-            read_only = True
-            layers = store.layers.stack(image.diff_ids)
-        if container is not None:
-            lock = mounts.lock(container.root, container.name)
-    try:
-        mp, created = _mountpoint(mountpoint, make_mountpoint)
-    except BaseException:
-        if lock is not None:
-            os.close(lock)
-        raise
-    writable = upper is not None and not read_only
-    control = mounts.control_path(mp) if writable else None
-    log = mounts.log_path(mp)
-    spec = {
-        "mountpoint": mp,
-        "options": {"allow_other": allow_other, "ro": read_only, "suid": suid, "dev": dev,
-                    "debug": debug},
-        "layers": store.layers.for_mount(layers), "upper": upper, "work": work,
-        "control": control,
-        "record": {"path": mounts.record_path(mp), "data": {
-            "mountpoint": mp, "kind": kind, "target": ident, "name": name, "log": log,
-            "started": timefmt.now(), "read_only": read_only, "control": control or ""}},
-    }
-    return Plan(spec, mp, created, log, what, lock)
-
-
-def _mountpoint(mountpoint: str | os.PathLike[str] | None, make: bool) -> tuple[str, bool]:
-    if mountpoint is None:
-        return tempfile.mkdtemp(prefix="strata-mnt-"), True
-    mp = os.path.abspath(os.fspath(mountpoint))
-    if not os.path.isdir(mp):
-        if not make or os.path.lexists(mp):
-            raise MountFailed(f"mountpoint {mountpoint} is not a directory")
-        try:
-            os.makedirs(mp)
-        except OSError as exc:
-            raise MountFailed(f"cannot create the mountpoint {mp}: {exc.strerror}") from None
-        return mp, True
-    if is_mounted(mp):
-        raise MountFailed(f"{mountpoint} is already a mount point")
-    return mp, False
 
 
 # -- the three steps -------------------------------------------------------------------------------
@@ -334,7 +167,7 @@ class _Daemon:
     p: Plan
     timeout: float
     lifeline: bool = True
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | _Forked | None = None
     ready: bool = False
     fds: dict[str, int] = field(default_factory=dict)  # our ends of the pipes, still open
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -357,6 +190,9 @@ class _Daemon:
             spec_fd = self.p.spec_fd(**child)
             child["spec"] = spec_fd
             passed = [*child.values(), *([self.p.lock] if self.p.lock is not None else [])]
+            if fork_daemons and not self.lifeline and threading.active_count() == 1:
+                self.proc = _fork_daemon(self.p.command(spec_fd)[-2:], passed, self.p.log)
+                return
             with open(self.p.log, "ab") as log:
                 self.proc = subprocess.Popen(
                     self.p.command(spec_fd), pass_fds=passed, stdin=subprocess.DEVNULL,
@@ -364,7 +200,8 @@ class _Daemon:
         finally:
             for fd in child.values():
                 os.close(fd)
-            self.p.close()  # the daemon holds the container's lock now (or nobody does)
+            if self.p.fallback is None:  # kept for a fallback until the daemon is ready
+                self.p.close()  # the daemon holds the container's lock now (or nobody does)
 
     def take_ready_fd(self) -> int:
         """Our end of the ready pipe, now the caller's to close (``wait_ready`` does)."""
@@ -373,25 +210,40 @@ class _Daemon:
 
     def wait_ready(self, fd: int | None = None, cancel: int | None = None) -> None:
         """Until the daemon says ``ready`` on ``fd`` (default: take it now); raises its error
-        (typed) otherwise.  Closes ``fd`` and ``cancel``, whatever happens."""
-        assert self.proc is not None
+        (typed) otherwise.  With ``auto``, a daemon whose overlay the kernel refused is
+        followed by one of the FUSE engine.  Closes ``fd`` and ``cancel``, whatever
+        happens."""
         fd = self.take_ready_fd() if fd is None else fd
         try:
-            message = _read_ready(fd, self.timeout, cancel)
+            while True:
+                assert self.proc is not None
+                try:
+                    message = _read_ready(fd, self.timeout, cancel)
+                finally:
+                    os.close(fd)
+                if message == "ready":
+                    self.ready = True
+                    return
+                if message is None:
+                    raise MountFailed(f"the mount of {self.p.what} at {self.p.mountpoint} did "
+                                      f"not become ready within {self.timeout:.0f}s (daemon "
+                                      f"log: {self.p.log})")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(EXIT_TIMEOUT)
+                if self.p.fallback is None or not overlay.refused(message):
+                    raise self.p.failure(message, self.proc.returncode, self.log_from)
+                lower = self.p.lower
+                self.p.use_fallback()
+                if lower is not None:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(lower)
+                self._close("life_w")
+                self.spawn()
+                fd = self.take_ready_fd()
         finally:
-            os.close(fd)
             if cancel is not None:
                 os.close(cancel)
-        if message == "ready":
-            self.ready = True
-            return
-        if message is None:
-            raise MountFailed(f"the mount of {self.p.what} at {self.p.mountpoint} did not "
-                              f"become ready within {self.timeout:.0f}s (daemon log: "
-                              f"{self.p.log})")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(EXIT_TIMEOUT)
-        raise self.p.failure(message, self.proc.returncode, self.log_from)
+            self.p.close()
 
     def stop(self) -> None:
         """Take the mount down and reap the daemon, whatever state it is in."""
@@ -414,6 +266,8 @@ class _Daemon:
             if is_mounted(p.mountpoint):  # a daemon that died without unmounting
                 with contextlib.suppress(MountError):
                     _unmount(p.mountpoint, lazy=True)
+            if p.lower is not None:  # a kernel engine daemon that died as it started
+                clear_mount_dir(p.lower)
         finally:
             p.close()
             self._close("ready_r", "life_w")  # the lifeline last: the daemon is gone now
@@ -481,6 +335,79 @@ async def open_mounted(p: Plan, timeout: float = READY_TIMEOUT) -> AsyncIterator
         await stop()
 
 
+fork_daemons = False  # the CLI sets it: its daemons are forks of it (start-up time)
+
+
+class _Forked:
+    """A daemon forked from this process, with the few ``Popen`` methods ``_Daemon`` uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _fork_daemon(argv: list[str], keep: list[int], log: str) -> _Forked:
+    """The daemon as a fork of this process (``python -m unionfs.mount`` ``argv`` without the
+    interpreter's start and the imports this process has made already): in a session of its
+    own, logging to ``log``, with only ``keep`` of our descriptors, its signals at their
+    defaults; it runs ``unionfs.mount.main`` and exits without this process's teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    status = 70
+    try:
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2 and int(name) not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(int(name))
+        from unionfs import mount
+
+        status = mount.main(argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
 def start(p: Plan, timeout: float = READY_TIMEOUT) -> None:
     """Start the daemon for ``p`` and return once its mount answers; the mount outlives this
     process (``strata umount`` ends it).  On failure nothing is left mounted."""
@@ -517,81 +444,7 @@ def probe(store: Store) -> None:
             pass
 
 
-# -- taking mounts down ----------------------------------------------------------------------------
-
-
-def unmount(root: str, mountpoint: str, lazy: bool = False) -> None:
-    """``strata umount``: unmount here and wait for the daemon (a dead daemon's mount,
-    ``ENOTCONN``, is detached and its record dropped).  A mount another mount namespace
-    still holds stays served there; asked again for such a mount (no longer here), the daemon
-    is stopped.  Raises ``MountFailed`` (busy, not mounted)."""
-    mounts = Mounts(root)
-    full = os.path.abspath(mountpoint)
-    rec = mounts.record_for(full)
-    if is_mounted(full):
-        try:
-            _unmount(full, lazy=lazy)
-        except MountError as exc:
-            raise MountFailed(str(exc)) from None
-        if rec is None:
-            mounts.unrecord(full)
-        else:
-            _settle(mounts, rec, stop=False)
-        return
-    if rec is not None and rec.elsewhere:
-        _terminate(rec)
-        return
-    raise MountFailed(f"{mountpoint} is not mounted")
-
-
-def release(root: str, rec: MountRecord) -> None:
-    """End the mount of ``rec`` everywhere (``rm -f``): unmount here, and stop its daemon if
-    another mount namespace holds it, so the container's lock is free afterwards.  Raises
-    ``MountFailed`` when the mount is busy."""
-    if not rec.elsewhere and is_mounted(rec.mountpoint, rec.dev or None):
-        try:
-            _unmount(rec.mountpoint)
-        except MountError as exc:
-            if is_mounted(rec.mountpoint):
-                raise MountFailed(str(exc)) from None
-    _settle(Mounts(root), rec, stop=True)
-
-
-def _settle(mounts: Mounts, rec: MountRecord, stop: bool) -> None:
-    """After an unmount here: wait for the daemon to end, unless another mount namespace
-    holds the mount (then it serves on, or with ``stop`` is stopped).  Other namespaces are
-    looked for only when the daemon does not end at once (reading every process's
-    ``mountinfo`` costs more than the usual wait)."""
-    wait_gone(rec.pid, SETTLE)
-    if not process_alive(rec.pid):
-        return
-    if rec.dev and holders(rec.dev):
-        if stop:
-            _terminate(rec)
-        return
-    wait_gone(rec.pid, EXIT_TIMEOUT)
-
-
-def _terminate(rec: MountRecord) -> None:
-    """Stop the daemon of ``rec`` (its mount lives only in another mount namespace, which
-    then sees ENOTCONN) and wait for it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(rec.pid, signal.SIGTERM)
-    wait_gone(rec.pid, EXIT_TIMEOUT)
-    if process_alive(rec.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec.pid, signal.SIGKILL)
-        wait_gone(rec.pid, EXIT_TIMEOUT)
-
-
-def wait_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> None:
-    """Wait (up to ``timeout`` s) until the daemon ``pid`` has exited (not our child, or not
-    reaped by us: ``process_alive``)."""
-    deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-__all__: Sequence[str] = ["Directories", "Plan", "exec_foreground", "fuse_missing", "mounted",
-                          "open_mounted", "plan", "probe", "release", "start", "unmount",
-                          "wait_gone"]
+__all__: Sequence[str] = ["DEFAULT_ENGINES", "ENGINES", "Directories", "Plan", "daemon_command",
+                          "engine_for", "exec_foreground", "fuse_missing", "mounted",
+                          "open_mounted", "plan", "probe", "release", "start",
+                          "unmount", "wait_gone"]

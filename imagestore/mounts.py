@@ -17,7 +17,13 @@ takes the lock and hands the descriptor to the daemon, which holds it for as lon
 serves, so a container is never mounted twice nor removed under its mount.
 
 ``paused`` is the client of the daemon's control socket: it holds every change through a
-writable mount while a commit or export reads the upper (``unionfs.control.frozen``).
+writable mount while a commit or export reads the upper (``unionfs.control.frozen``), after
+freezing the container's cgroup when it runs in one (``freezer``).
+
+A container mounted with the kernel engine has its image served by the daemon at
+``containers/<id>/lower`` only while the overlay is being mounted (``clear_lower`` removes
+what a daemon killed at that moment leaves); its record names the overlay (its device) and
+``engine: kernel``.
 
 Caveats:
 * Telling "held by another namespace" from "ending" reads ``/proc/*/mountinfo``
@@ -28,23 +34,21 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from unionfs.control import frozen, holders, is_mounted
+from unionfs.control import frozen, holders, is_mounted, unmount
 from unionfs.errors import MountError
 
 from .errors import Conflict, MountFailed
 
 
-@dataclass(frozen=True)
-class MountRecord:
-    """A live mount of the store (``strata mounts``)."""
+class MountRecord(NamedTuple):
+    """A live mount of the store (``strata mounts``).  (A named tuple, not a dataclass: the
+    record is all ``strata umount`` loads, and ``dataclasses`` costs it milliseconds.)"""
 
     mountpoint: str
     pid: int  # the daemon
@@ -56,6 +60,7 @@ class MountRecord:
     read_only: bool
     control: str = ""  # the daemon's control socket (freeze for commit)
     dev: str = ""  # the mount's device, major:minor as /proc/self/mountinfo shows it
+    engine: str = "fuse"  # fuse, or kernel: overlayfs over the daemon's FUSE mount
     elsewhere: bool = False  # gone from this mount namespace, held by another one
 
 
@@ -70,6 +75,8 @@ class Mounts:
     # -- paths ---------------------------------------------------------------------------------
 
     def key(self, mountpoint: str) -> str:
+        import hashlib  # OpenSSL's, milliseconds: strata umount of a live mount needs no key
+
         return hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:20]
 
     def record_path(self, mountpoint: str) -> str:
@@ -89,7 +96,7 @@ class Mounts:
             doc = json.load(f)
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
-        fields = {f.name for f in dataclasses.fields(MountRecord)} - {"elsewhere"}
+        fields = set(MountRecord._fields) - {"elsewhere"}
         return MountRecord(**{k: v for k, v in doc.items() if k in fields})
 
     def files(self) -> list[str]:
@@ -109,7 +116,7 @@ class Mounts:
             if state == "here":
                 out.append(rec)
             elif state == "elsewhere":
-                out.append(dataclasses.replace(rec, elsewhere=True))
+                out.append(rec._replace(elsewhere=True))
         return out
 
     def state(self, rec: MountRecord) -> str:
@@ -125,6 +132,14 @@ class Mounts:
         full = os.path.abspath(mountpoint)
         return next((r for r in self.records() if r.mountpoint == full), None)
 
+    def recorded(self, mountpoint: str) -> MountRecord | None:
+        """The record of ``mountpoint`` as written, live or not (None if missing or
+        damaged)."""
+        try:
+            return self.read(self.record_path(mountpoint))
+        except (OSError, ValueError, TypeError):
+            return None
+
     def of_container(self, container_id: str) -> MountRecord | None:
         return next((r for r in self.records()
                      if r.kind == "container" and r.target == container_id), None)
@@ -134,6 +149,20 @@ class Mounts:
         for path in (self.record_path(mountpoint), self.control_path(mountpoint)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    # -- the kernel engine's FUSE lower ----------------------------------------------------------
+
+    @staticmethod
+    def lower_path(container_root: str) -> str:
+        """Where the kernel engine's daemon mounts a container's image (``containers/<id>/
+        lower``, mode 0700) until the overlay above holds it and it is detached."""
+        return os.path.join(container_root, "lower")
+
+    def clear_lower(self, container_root: str) -> bool:
+        """Detach and remove the lower a daemon left behind (it died while it started); to
+        be called holding the container's mount lock, or knowing its daemon is gone.  True
+        if there was one."""
+        return clear_mount_dir(self.lower_path(container_root))
 
     # -- container locks -----------------------------------------------------------------------
 
@@ -178,16 +207,41 @@ class Mounts:
     def paused(self, container_id: str, pause: bool = True) -> Iterator[None]:
         """Hold every write through the container's mount while the block runs, if it is
         mounted writable (``docker commit --pause``); a no-op otherwise or when ``pause`` is
-        false.  Raises ``MountFailed`` when the mount does not pause."""
+        false.  The container's processes are frozen first if it runs in a cgroup of its own
+        (``freezer``); then the mount is synced and its daemon asked to freeze: the FUSE
+        engine holds every change, the kernel engine every open of a lower file (so no
+        copy-up starts) — its other writes go straight to the upper, and only the cgroup
+        holds them.  Raises ``MountFailed`` when the mount does not pause."""
         rec = self.of_container(container_id) if pause else None
         with contextlib.ExitStack() as stack:
             if rec is not None and rec.control:
+                from . import freezer
+
+                stack.enter_context(freezer.frozen(container_id))
                 try:
                     stack.enter_context(frozen(rec.mountpoint, rec.control,
                                                sync=not rec.elsewhere))
                 except MountError as exc:
                     raise MountFailed(str(exc)) from None
             yield
+
+
+def clear_mount_dir(path: str) -> bool:
+    """Detach whatever is mounted at ``path`` and remove the directory if empty; True if
+    there was anything to clear."""
+    found = False
+    while is_mounted(path):
+        found = True
+        try:
+            unmount(path, lazy=True)
+        except MountError:
+            break
+    try:
+        os.rmdir(path)
+        found = True
+    except OSError:  # none (ENOENT), or not ours to remove (not empty)
+        pass
+    return found
 
 
 def describe(rec: MountRecord) -> str:

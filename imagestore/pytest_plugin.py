@@ -10,7 +10,8 @@ the guide.  It provides:
 * ``container_rootfs`` (function): a factory, image -> ``ContainerRootfs``, a new container
   mounted writable for the test (``.path``, ``/``, ``.commit(ref)``, ``.diff()``,
   ``.run(command)`` through the OCI runtime as ``strata run``), unmounted and removed after
-  it.
+  it; ``engine=`` (or ``--strata-engine``) picks the mount engine (``fuse``, ``kernel``:
+  overlayfs over a FUSE mount of the image, as root; ``auto``).
 * the marker ``strata_fuse``: the test needs FUSE.  The two factories imply it.  When FUSE is
   unusable the test is skipped with the exact reason (``/dev/fuse is missing``,
   ``fusermount3 is not installed``, or the kernel's refusal of a probe mount), or fails with it
@@ -62,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--strata-require-fuse", action="store_true", default=False,
                     help="fail, instead of skipping, tests that need FUSE when it is "
                          "unavailable")
+    group.addoption("--strata-engine", choices=("fuse", "kernel", "auto"), default=None,
+                    help="the engine container_rootfs mounts containers with (default: "
+                         "$STRATA_ENGINE, else fuse)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -178,9 +182,10 @@ class ContainerRootfs:
     it is mounted; ``run`` runs a program in it."""
 
     def __init__(self, store: Store, container: Container, path: Path,
-                 mounts: contextlib.ExitStack | None = None) -> None:
+                 mounts: contextlib.ExitStack | None = None, engine: str | None = None) -> None:
         self.store, self.container, self.path = store, container, path
         self._mounts = mounts
+        self._engine = engine
 
     def __truediv__(self, other: str | os.PathLike[str]) -> Path:
         return self.path / other
@@ -213,12 +218,14 @@ class ContainerRootfs:
             return self.store.run(self.container, command, capture_output=True, **options)
         finally:
             if self._mounts is not None:
-                self._mounts.enter_context(self.store.mount(self.container, self.path))
+                self._mounts.enter_context(self.store.mount(self.container, self.path,
+                                                            engine=self._engine))
 
 
 class ContainerFactory:
-    """``container_rootfs(image, name=None, pull=True) -> ContainerRootfs``: a new container
-    of ``image``, mounted writable until the test ends, then unmounted and removed."""
+    """``container_rootfs(image, name=None, pull=True, engine=None) -> ContainerRootfs``: a
+    new container of ``image``, mounted writable until the test ends, then unmounted and
+    removed.  ``engine``: ``Store.mount``'s (default: ``--strata-engine``)."""
 
     def __init__(self, store: Store, config: pytest.Config, stack: contextlib.ExitStack,
                  base: Path) -> None:
@@ -226,18 +233,19 @@ class ContainerFactory:
         self._config, self._stack, self._base = config, stack, base
 
     def __call__(self, image: str | Image, *, name: str | None = None,
-                 pull: bool = True) -> ContainerRootfs:
+                 pull: bool = True, engine: str | None = None) -> ContainerRootfs:
         require_fuse(self._config)
         img = _image(self.store, image, pull)
         container = self.store.create_container(img, name)
         self._stack.callback(self.store.remove_container, container, force=True)
+        engine = engine or self._config.getoption("strata_engine")
         mounts = self._stack.enter_context(contextlib.ExitStack())
         try:
             path = mounts.enter_context(
-                self.store.mount(container, self._base / container.short_id))
+                self.store.mount(container, self._base / container.short_id, engine=engine))
         except FuseUnavailable as exc:
             _unusable(self._config, str(exc))
-        return ContainerRootfs(self.store, container, path, mounts)
+        return ContainerRootfs(self.store, container, path, mounts, engine)
 
 
 @pytest.fixture

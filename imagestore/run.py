@@ -164,10 +164,11 @@ class _Phases:
 
 
 def run(store: Store, target: str | Image | Container, opts: RunOptions, streams: Streams, *,
-        name: str | None = None, remove: bool = False, runtime_path: str | None = None
-        ) -> RunResult:
+        name: str | None = None, remove: bool = False, runtime_path: str | None = None,
+        engine: str | None = None) -> RunResult:
     """Run ``opts``'s command in ``target`` (an image: a new container; a container: run
-    again) and return its exit status (and output, with ``streams.capture``).  Raises
+    again) and return its exit status (and output, with ``streams.capture``).  ``engine``:
+    the mount's (``mountplan.engine_for``; default ``run``'s, ``auto``).  Raises
     ``RunError`` (strata's or the runtime's refusal; ``exit_status`` 125, 126 or 127),
     ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (mounted or running elsewhere),
     ``MountFailed``."""
@@ -193,7 +194,7 @@ def run(store: Store, target: str | Image | Container, opts: RunOptions, streams
         container = cs.get(container.id)
     phases.done("container")
     try:
-        return _run(store, cs, container, opts, streams, rt, phases)
+        return _run(store, cs, container, opts, streams, rt, phases, engine)
     finally:
         if remove:
             with contextlib.suppress(ContainerNotFound, Conflict):
@@ -203,7 +204,7 @@ def run(store: Store, target: str | Image | Container, opts: RunOptions, streams
 
 
 def _run(store: Store, cs: Containers, container: Container, opts: RunOptions,
-         streams: Streams, rt: OCIRuntime, phases: _Phases) -> RunResult:
+         streams: Streams, rt: OCIRuntime, phases: _Phases, engine: str | None) -> RunResult:
     ran = container.last_run
     if ran is not None and ran.status == "running":
         how = " (its strata run was killed: strata rm -f or strata check --repair ends it)" \
@@ -215,11 +216,11 @@ def _run(store: Store, cs: Containers, container: Container, opts: RunOptions,
     # the plan takes the container's mount lock (Conflict if it is mounted): from here on
     # nothing else writes its upper or mounts its init layer while this run rebuilds it
     plan = mounting.plan(store, container, os.path.join(run_dir, "rootfs"), allow_other=True,
-                         suid=True)
+                         suid=True, engine=engine, purpose="run")
     try:
         prepared = _prepare(store, cs, container, opts)
         # the mount spec's layers again: with the init layer just built
-        plan.spec["layers"] = cs.describe(container, upper=False, init=True)
+        plan.set_layers(store.layers.for_mount(cs.describe(container, upper=False, init=True)))
     except BaseException:
         plan.close()
         raise

@@ -222,6 +222,13 @@ def is_mounted(path: str | Path) -> bool:
         return any(line.split()[4] == full for line in f)
 
 
+def mounted_under(top: str | Path) -> list[str]:
+    """Mount points below ``top``, deepest first."""
+    with open("/proc/self/mountinfo") as f:
+        found = [line.split()[4] for line in f if line.split()[4].startswith(f"{top}/")]
+    return sorted(found, key=len, reverse=True)
+
+
 def force_unmount(path: str | Path) -> None:
     """Last-resort cleanup: lazy unmount whatever is mounted at ``path``."""
     for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
@@ -284,6 +291,8 @@ class Mounter:
         for at in reversed(self.active):
             force_unmount(at)
         self.active.clear()
+        for left in mounted_under(self.strata.root):  # a kernel engine's lower, left behind
+            force_unmount(left)
         # kill any daemon of this store that outlived its mount
         mounts = self.strata.root / "mounts"
         if mounts.is_dir():
@@ -310,6 +319,15 @@ def sample_image(strata: Strata, tmp_path: Path) -> str:
     out = strata.out("load", "-i", str(tmp_path / "layout"))
     strata("tag", out.split()[-1], "test/image:v1")
     return "test/image:v1"
+
+
+@pytest.fixture(params=["fuse", "kernel"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """A writable container's mount engine (``strata mount --engine``), for the tests that run
+    under both: strata's FUSE union, and kernel overlayfs over a FUSE mount of the image."""
+    if request.param == "kernel":
+        require_root()
+    return str(request.param)
 
 
 @pytest.fixture

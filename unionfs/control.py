@@ -1,7 +1,8 @@
 """Controlling a mount from outside the process that serves it: checks, unmount, freeze.
 
-These are the client halves of ``mount``: whether a path is a mount point, a clean (or lazy)
-unmount through ``fusermount3``, and ``frozen`` (the client of the daemon's control socket that
+These are the client halves of ``mount``: whether a path is a mount point (and of what type),
+a clean (or lazy) unmount — umount2(2) as root, ``fusermount3`` otherwise; FUSE or the kernel
+engine's overlayfs alike — and ``frozen`` (the client of the daemon's control socket that
 holds every change while a commit reads the upper).  They need neither pyfuse3 nor trio, so the
 image store may use them (``imagestore`` uses the ``unionfs`` core only, and starts the daemon
 ``unionfs.mount`` only as a process; docs/architecture.md).
@@ -20,10 +21,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 
+from . import overlay
 from .errors import MountError
 
 
@@ -87,21 +87,49 @@ def _namespace(pid: str) -> str | None:
         return None
 
 
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    """Unmount a strata mount; ``lazy`` (or a dead daemon) detaches it even when busy."""
+def fstype(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The file system type of the top mount at ``path`` in this mount namespace (``fuse``,
+    ``overlay``, ...), or None when nothing is mounted there."""
+    full = os.path.realpath(path)
+    found = None
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == full and " - " in line:
+                found = line.split(" - ", 1)[1].split()[0]
+    return found
+
+
+def unmount(mountpoint: str, lazy: bool = False, dead: bool = False) -> None:
+    """Unmount a strata mount, FUSE or kernel overlayfs; ``lazy`` (or a dead daemon: a FUSE
+    mount answering ENOTCONN, or ``dead`` when the caller knows) detaches it even when busy.
+    Root calls umount2(2) itself (no fusermount3 process); other users go through
+    fusermount3.  Raises ``MountError`` (busy, not mounted, not permitted)."""
     full = os.path.abspath(mountpoint)
-    dead = False
-    try:
-        os.statvfs(full)  # statfs always reaches the daemon; stat may be answered from cache
-    except OSError as exc:
-        dead = exc.errno == errno.ENOTCONN
-    if not is_mounted(full):
+    kind = fstype(full)
+    if kind is None:
         raise MountError(f"{mountpoint} is not mounted")
+    if kind != "overlay":
+        try:
+            os.statvfs(full)  # statfs always reaches the daemon; stat may be answered from cache
+        except OSError as exc:
+            dead = dead or exc.errno == errno.ENOTCONN
+    detach = lazy or dead
+    if os.geteuid() == 0 or kind == "overlay":
+        try:
+            overlay.umount(full, detach)
+            return
+        except OSError as exc:
+            if kind == "overlay" or exc.errno != errno.EPERM:  # EPERM: a user's FUSE mount
+                raise MountError(f"unmount {mountpoint}: {exc.strerror}") from None
+    import shutil  # users' unmounts only: root's need no helper, nor these imports
+    import subprocess
+
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is not None:
-        cmd = [tool, "-u"] + (["-z"] if lazy or dead else []) + [full]
+        cmd = [tool, "-u"] + (["-z"] if detach else []) + [full]
     else:
-        cmd = ["umount"] + (["-l"] if lazy or dead else []) + [full]
+        cmd = ["umount"] + (["-l"] if detach else []) + [full]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"

@@ -12,6 +12,12 @@ serves::
                  "debug": false, "fsname": "strata"},
      "layers": [DESCRIPTION, ...],      lower layers, top first (``unionfs.layerkinds``)
      "upper": PATH, "work": PATH,       the writable layer and its work dir, or null
+     "overlay": {"mountpoint": PATH, "upper": PATH, "work": PATH, "userxattr": false,
+                 "suid": false, "dev": false},
+                                        the kernel engine (``unionfs.overlay``): the layers
+                                        are served read-only at "mountpoint" above, a private
+                                        directory, and kernel overlayfs over that mount with
+                                        this upper and work dir is mounted here; or null
      "control": PATH,                   Unix socket answering ``freeze`` (writable mounts), or null
      "ready_fd": N,                     gets ``ready`` or the one-line error, then is closed
      "lifeline_fd": N,                  read end of a pipe only the parent holds: EOF unmounts
@@ -26,6 +32,16 @@ or it gets SIGTERM, SIGINT or SIGHUP, which unmount cleanly.  It logs to stderr 
 points it at ``<root>/mounts/<key>.log``); a mount it cannot make is one ``ERROR`` line there
 and on the ready pipe, exit status 1; only a bug writes a traceback.  docs/architecture.md
 tells the life of a mount from spawn to unmount.
+
+The kernel engine (``"overlay"``, ``unionfs.kernelengine``): once its FUSE mount answers, the
+daemon mounts overlayfs (from a worker thread: the kernel looks the lower up through the
+mount) and detaches its own mount from the tree, which overlayfs keeps a private clone of; the
+overlay's device goes into the record.  The FUSE session, and the daemon, then end when the
+overlay is unmounted everywhere (``umount``, ``strata umount``); SIGTERM, SIGINT, SIGHUP and
+the lifeline detach the overlay first.  A ``freeze`` also holds every open of a lower file
+(and with it every copy-up not yet started), which is all a FUSE lower can hold: writes go to
+the upper's file system directly.  After an end of its own it empties ``work/work`` (the
+kernel leaves its whiteout template there).
 
 Caveats:
 * Mount options: ``default_permissions`` always (the kernel checks modes against the image's
@@ -48,8 +64,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import kernelengine
 from .control import short_address
 from .errors import MountError
+from .kernelengine import OverlaySpec
 from .layerkinds import open_layer
 from .layers import LowerLayer
 from .tarheaders import LayerError
@@ -102,6 +120,12 @@ class MountSpec:
     lifeline_fd: int | None = None
     hold_fds: Sequence[int] = ()
     record: dict[str, Any] | None = None
+    overlay: OverlaySpec | None = None
+
+    @property
+    def target(self) -> str:
+        """Where the union appears: the overlay's mountpoint, else the FUSE mount's."""
+        return self.overlay.mountpoint if self.overlay is not None else self.mountpoint
 
     @classmethod
     def parse(cls, doc: dict[str, Any]) -> MountSpec:
@@ -113,9 +137,12 @@ class MountSpec:
             raise MountError("a mount spec needs 'mountpoint' and 'layers'")
         if bool(doc.get("upper")) != bool(doc.get("work")):
             raise MountError("a mount spec's 'upper' and 'work' go together")
+        ov = kernelengine.OverlaySpec.parse(doc.get("overlay"))
+        if ov is not None and (doc.get("upper") or not options.read_only):
+            raise MountError("the kernel engine's FUSE mount is read-only, without an upper")
         return cls(doc["mountpoint"], doc["layers"], options, doc.get("upper"), doc.get("work"),
                    doc.get("control"), doc.get("ready_fd"), doc.get("lifeline_fd"),
-                   tuple(doc.get("hold_fds") or ()), doc.get("record"))
+                   tuple(doc.get("hold_fds") or ()), doc.get("record"), ov)
 
     @classmethod
     def load(cls, path: str) -> MountSpec:
@@ -125,35 +152,43 @@ class MountSpec:
 
 def serve(union: Union, mountpoint: str, options: MountOptions,
           on_ready: Callable[[int], None] | None = None, control: str | None = None,
-          lifeline: int | None = None) -> int:
+          lifeline: int | None = None, overlay: OverlaySpec | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the number of handler errors.
     ``on_ready(dev)`` runs once the mount answers (``dev``: its device number).
     ``control``: a Unix socket path where ``freeze`` requests are answered.
     ``lifeline``: the read end of a pipe whose write end only the parent process holds; when
-    it closes (the parent exited, even by SIGKILL) the mount ends as on SIGTERM."""
+    it closes (the parent exited, even by SIGKILL) the mount ends as on SIGTERM.
+    ``overlay``: the kernel engine (see the module docstring); ``dev`` is then the overlay's."""
     import pyfuse3
     import trio
-
-    from .fuse_ops import Operations
 
     if options.allow_other and os.geteuid() != 0 and not user_allow_other():
         raise MountError("-o allow_other needs 'user_allow_other' in /etc/fuse.conf for users "
                          "other than root")
-    ops = Operations(union, timeout=options.timeout)
+    ops = kernelengine.operations(union, options.timeout, lower=overlay is not None)
     try:
         pyfuse3.init(ops, mountpoint, options.fuse_options())
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     ops.notify = True  # a session exists: the kernel's caches may be told of changes
+    state = kernelengine.State(overlay)
     try:
-        trio.run(_run, ops, mountpoint, on_ready, control, lifeline)
+        trio.run(_run, ops, mountpoint, on_ready, control, lifeline, state)
+    except BaseExceptionGroup as group:  # a readiness step failed: its one error line
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], MountError | OSError):
+            raise group.exceptions[0] from None
+        raise
     finally:
         ops.close_all()
+        if state.overlaid and not state.detached:  # a failure between mount and ready
+            kernelengine.end_overlay(state)
         with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not state.detached)  # a detached lower is not in the tree
         if control is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
+    if overlay is not None and state.detached and not state.ending:
+        kernelengine.empty_work(overlay.work)  # gone everywhere: its session ended with it
     return ops.errors
 
 
@@ -207,9 +242,29 @@ async def _watch(fd: int) -> None:
 
 
 async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None] | None,
-               control: str | None, lifeline: int | None = None) -> None:
+               control: str | None, lifeline: int | None = None,
+               state: kernelengine.State | None = None) -> None:
     import pyfuse3
     import trio
+
+    state = state or kernelengine.State(None)
+    settled = trio.Event()  # the overlay's mount is done with (mounted, failed or not tried)
+
+    ended = trio.Event()  # the session ended by itself (unmounted; the overlay gone)
+
+    async def end() -> None:
+        """Unmount (as on SIGTERM): the kernel engine detaches its overlay first, once an
+        overlay mount under way is done (this loop serves it meanwhile), and lets its session
+        end with it; a session still held (a busy overlay, detached) is ended here."""
+        if state.mounting:
+            await settled.wait()
+        if state.overlaid:
+            await trio.to_thread.run_sync(kernelengine.end_overlay, state)
+            with trio.move_on_after(OVERLAY_SETTLE):
+                await ended.wait()
+        if not ended.is_set():
+            state.ending = True
+            pyfuse3.terminate()
 
     async with trio.open_nursery() as nursery:
         if control is not None:
@@ -219,19 +274,21 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
             async def orphaned() -> None:
                 await _watch(lifeline)
                 log.info("the parent process is gone: unmounting")
-                pyfuse3.terminate()
+                await end()
 
             nursery.start_soon(orphaned)
 
         async def main() -> None:
             await pyfuse3.main()
+            if not state.ending:
+                ended.set()
             nursery.cancel_scope.cancel()
 
         async def signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:
                     log.info("signal %d: unmounting", signum)
-                    pyfuse3.terminate()
+                    await end()
                     return
 
         nursery.start_soon(main)
@@ -242,13 +299,26 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
         # moment the mount appears waits for this very thread (the stat that tells the
         # mount answers runs in a worker, and its result names the device for read-ahead)
         st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        _readahead(st.st_dev, READAHEAD_KB)
-        log.info("mounted %s", mountpoint)
+        _readahead(st.st_dev, READAHEAD_KB_LOWER if state.overlay else READAHEAD_KB)
+        dev = st.st_dev
+        if state.overlay is not None:
+            state.mounting = True
+            try:  # not abandoned: an overlay mounted after this daemon ended would stay
+                dev = await trio.to_thread.run_sync(kernelengine.mount_overlay, mountpoint,
+                                                    state)
+            finally:
+                state.mounting = False
+                settled.set()
+            log.info("mounted overlayfs at %s over %s", state.overlay.mountpoint, mountpoint)
+        else:
+            log.info("mounted %s", mountpoint)
         if on_ready is not None:
-            on_ready(st.st_dev)
+            on_ready(dev)
 
 
 READAHEAD_KB = 1024
+READAHEAD_KB_LOWER = 8192  # the kernel engine: copy-up reads whole files (fewer, larger READs)
+OVERLAY_SETTLE = 1.0  # an overlay nobody uses ends its FUSE session well within this
 
 
 def _readahead(dev: int, kb: int) -> None:
@@ -360,15 +430,17 @@ def run(spec: MountSpec) -> int:
         with contextlib.ExitStack() as stack:
             union = build(spec, stack)
             stack.callback(_drop_record, spec.record)
-            control = spec.control if union.writable else None
+            writable = union.writable or spec.overlay is not None
+            control = spec.control if writable else None
             with _profiled(os.environ.get("STRATA_PROFILE")):  # scripts/bench --profile
                 errors = serve(union, spec.mountpoint, spec.options, on_ready=ready,
-                               control=control, lifeline=spec.lifeline_fd)
+                               control=control, lifeline=spec.lifeline_fd,
+                               overlay=spec.overlay)
             if errors:
                 log.warning("%d handler errors (see above)", errors)
     except (MountError, LayerError, OSError) as exc:
         message = str(exc) if isinstance(exc, MountError) else \
-            f"cannot mount {spec.mountpoint}: {_reason(exc)}"
+            f"cannot mount {spec.target}: {_reason(exc)}"
         log.error("%s", message)
         if not mounted:
             _tell(spec.ready_fd, message)
@@ -388,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if len(args) not in (1, 2) or args[0].startswith("-"):
         print("usage: python -m unionfs.mount SPEC [MOUNTPOINT]  (SPEC: a JSON mount spec, "
-              "see the module docstring; MOUNTPOINT, if given, must be the spec's)",
+              "see the module docstring; MOUNTPOINT, if given, must be the spec's, its "
+              "overlay's for the kernel engine)",
               file=sys.stderr)
         return 2
     try:
@@ -401,8 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    if len(args) == 2 and os.path.abspath(args[1]) != os.path.abspath(spec.mountpoint):
-        log.error("the mount spec is for %s, not %s", spec.mountpoint, args[1])
+    if len(args) == 2 and os.path.abspath(args[1]) != os.path.abspath(spec.target):
+        log.error("the mount spec is for %s, not %s", spec.target, args[1])
         return 2
     return run(spec)
 

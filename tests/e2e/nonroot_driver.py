@@ -53,8 +53,9 @@ finally:
 
 # a container: write, copy up, keep the image's owners in the upper's override xattr
 cid = must("create", "--name", "c1", "nonroot:1").strip()
-must("mount", "c1", mp)
+must("mount", "--engine", "auto", "c1", mp)  # no overlayfs for a user: the FUSE engine
 try:
+    seen["auto_engine"] = must("mounts").splitlines()[1].split()[5]
     with open(f"{mp}/tmp/new", "w") as f:
         f.write("made by the user\n")
     with open(f"{mp}/home/user/notes", "a") as f:
@@ -87,5 +88,7 @@ try:
     seen["committed_notes"] = Path(f"{mp}/home/user/notes").read_text()
 finally:
     must("umount", mp)
+kernel = run("mount", "--engine", "kernel", "c1", mp)
+seen["kernel_engine"] = [kernel.returncode, kernel.stderr.strip()]
 seen["mounts_left"] = must("mounts", "-q").split()
 print(json.dumps(seen))

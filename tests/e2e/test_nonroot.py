@@ -1,6 +1,7 @@
 """A user without root, end to end (issue 13, item 10): their own store, an image loaded into
 it, image and container mounts through fusermount3, writes and copy-ups whose image owners
-are kept in ``user.containers.override_stat``, a commit, the unmounts; ``-o allow_other``
+are kept in ``user.containers.override_stat``, a commit, the unmounts (``--engine auto``
+chooses FUSE, ``--engine kernel`` is refused in one line); ``-o allow_other``
 refused with one line unless /etc/fuse.conf allows it.
 
 The user exists only inside a private mount namespace (``unshare -m``) where a copy of
@@ -127,6 +128,9 @@ def test_a_user_without_root_pulls_mounts_changes_and_commits(base: Path) -> Non
     assert seen["committed_tmp"] == [0, 0, 0o1777]
     assert seen["committed_new"] == [UID, UID, 0o644]
     assert seen["committed_notes"] == "from the image\nappended\n"
+    assert seen["auto_engine"] == "fuse"  # overlayfs needs root: auto chose FUSE
+    assert seen["kernel_engine"] == [1, "Error: cannot use the kernel engine: mounting "
+                                        "overlayfs needs root (CAP_SYS_ADMIN)"]
     assert seen["mounts_left"] == []
 
 

@@ -13,8 +13,8 @@ REFUSED = r"FUSE is not usable here: fusermount3: .*(Operation not permitted|Per
 
 
 def daemons(store: Store) -> list[int]:
-    """Live mount daemons of ``store``: ``python -m unionfs.mount`` processes logging into
-    the store's ``mounts/``."""
+    """Live mount daemons of ``store``: processes logging into the store's ``mounts/``
+    (``python -m unionfs.mount``, or a fork of ``strata mount``)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -25,20 +25,22 @@ def daemons(store: Store) -> list[int]:
             log = os.readlink(f"/proc/{pid}/fd/2")
         except OSError:
             continue
-        if b"unionfs.mount" in args and log.startswith(os.path.join(store.root, "mounts")) \
-                and process_alive(int(pid)):
+        if (b"unionfs.mount" in args or b"mount" in args) and \
+                log.startswith(os.path.join(store.root, "mounts")) and process_alive(int(pid)):
             out.append(int(pid))
     return out
 
 
 def strata_leftovers(under: Path) -> list[str]:
-    """strata mounts below ``under`` and processes whose command line mentions it."""
+    """strata mounts below ``under`` (FUSE, and the kernel engine's overlayfs) and processes
+    whose command line mentions it."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             fstype = fields[fields.index("-") + 1]
-            if fstype.startswith("fuse") and fields[4].startswith(str(under)):
+            if (fstype.startswith("fuse") or fstype == "overlay") and \
+                    fields[4].startswith(str(under)):
                 out.append(f"mount {fields[4]}")
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():

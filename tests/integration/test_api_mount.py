@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from imagestore import Conflict, FuseUnavailable, MountFailed, Store, mounting
+from imagestore import Conflict, FuseUnavailable, MountFailed, Store, mounting, mountplan
 from imagestore.mounts import process_alive
 from tests.builders import busybox_entries, d, file, tar_bytes
 from tests.conftest import is_mounted, require_fuse
@@ -96,9 +96,10 @@ def test_mount_options(api_store: Store) -> None:
         assert "rw" in mount_options(root)
 
 
-def test_container_commits_while_mounted(api_store: Store) -> None:
+def test_container_commits_while_mounted(api_store: Store, engine: str) -> None:
     c = api_store.create_container("demo:1", name="work")
-    with api_store.mount(c) as root:
+    with api_store.mount(c, engine=engine) as root:
+        assert [r.engine for r in api_store.mounts()] == [engine]
         (root / "etc/app/conf").write_bytes(b"v2\n")
         (root / "etc/new").write_text("new\n")
         os.unlink(root / "etc/passwd")
@@ -125,9 +126,9 @@ def test_container_commits_while_mounted(api_store: Store) -> None:
     assert_gone(api_store, root)
 
 
-def test_remove_container_force_unmounts(api_store: Store) -> None:
+def test_remove_container_force_unmounts(api_store: Store, engine: str) -> None:
     c = api_store.create_container("demo:1")
-    with api_store.mount(c) as root:
+    with api_store.mount(c, engine=engine) as root:
         with pytest.raises(Conflict, match="is mounted"):
             api_store.remove_container(c)
         api_store.remove_container(c, force=True)
@@ -200,7 +201,8 @@ container = store.create_container("demo:1")
 
 
 async def main():
-    async with store.open_mount(container, sys.argv[2] + "/container") as root:
+    async with store.open_mount(container, sys.argv[2] + "/container",
+                                engine=sys.argv[3]) as root:
         (root / "etc/written").write_text("x")
         print("mounted", flush=True)
         await trio.sleep(60)
@@ -212,10 +214,12 @@ with store.mount("demo:1", sys.argv[2] + "/image"):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_mounts_end_with_a_killed_parent(api_store: Store, sig: int, tmp_path: Path) -> None:
-    """No finalizer runs when the caller is killed: the daemons see their lifeline close."""
-    with subprocess.Popen([sys.executable, "-c", KILLED_PARENT, api_store.root, str(tmp_path)],
-                          stdout=subprocess.PIPE, text=True) as proc:
+def test_mounts_end_with_a_killed_parent(api_store: Store, sig: int, tmp_path: Path,
+                                         engine: str) -> None:
+    """No finalizer runs when the caller is killed: the daemons see their lifeline close
+    (the kernel engine's detaches its overlay, and its session ends with it)."""
+    with subprocess.Popen([sys.executable, "-c", KILLED_PARENT, api_store.root, str(tmp_path),
+                           engine], stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
         assert len(api_store.mounts()) == 2
         proc.send_signal(sig)
@@ -268,15 +272,15 @@ def test_a_refused_mount_is_fuse_unavailable(tmp_path: Path) -> None:
 
 def test_missing_fuse_is_reported_before_a_daemon_starts(api_store: Store,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mounting.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mountplan.shutil, "which", lambda name: None)
     with pytest.raises(FuseUnavailable, match="fusermount3 is not installed"):
         api_store.check_fuse()
     assert daemons(api_store) == []
 
 
-async def test_open_mount_in_trio(api_store: Store) -> None:
+async def test_open_mount_in_trio(api_store: Store, engine: str) -> None:
     c = api_store.create_container("demo:1")
-    async with api_store.open_mount(c) as root:
+    async with api_store.open_mount(c, engine=engine) as root:
         await trio.to_thread.run_sync((root / "etc/hello").write_text, "from trio\n")
         assert is_mounted(root)
         image = await trio.to_thread.run_sync(api_store.commit, c)

@@ -69,10 +69,13 @@ def _sorted_diff(text: str) -> list[str]:
     return sorted(text.splitlines(), key=lambda line: line[2:])
 
 
-@pytest.fixture
-def changed(strata: Strata, mounter: Mounter, sample_image: str) -> tuple[Path, dict]:
+@pytest.fixture(params=["fuse", "kernel"])
+def changed(strata: Strata, mounter: Mounter, sample_image: str,
+            request: pytest.FixtureRequest) -> tuple[Path, dict]:
+    """The change list made through a mount of the container ``box`` by either engine."""
     strata("create", "--name", "box", sample_image)
-    mp = mounter.mount("box", at=mounter.mountpoint("box"))
+    mp = mounter.mount("--engine", request.param, "box", at=mounter.mountpoint("box"))
+    assert strata.out("mounts").splitlines()[1].split()[5] == request.param
     change(mp)
     return mp, tree_of_dir(str(mp))
 

@@ -4,6 +4,7 @@ POSIX corners (unlinked-but-open files, mmap, big files, inode numbers)."""
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import re
@@ -58,11 +59,12 @@ def test_image_mount_equals_umoci_unpack(strata: Strata, mounter: Mounter, sampl
 
 
 def test_container_changes_survive_remount(strata: Strata, mounter: Mounter,
-                                           sample_image: str) -> None:
+                                           sample_image: str, engine: str) -> None:
     cid = strata.out("create", "--name", "web", sample_image).strip()
     assert len(cid) == 64
     assert "web" in strata.out("ps")
-    mp = mounter.mount("web", at=mounter.mountpoint("c"))
+    mp = mounter.mount("--engine", engine, "web", at=mounter.mountpoint("c"))
+    assert strata.out("mounts").splitlines()[1].split()[5] == engine
     (mp / "etc/app/conf").write_bytes(b"changed")
     (mp / "new").mkdir()
     (mp / "new/file").write_bytes(b"n")
@@ -72,7 +74,7 @@ def test_container_changes_survive_remount(strata: Strata, mounter: Mounter,
     again = strata("mount", "web", str(mounter.mountpoint("c2")), check=False)
     assert again.returncode != 0 and b"already mounted" in again.stderr
     mounter.umount(mp)
-    mp2 = mounter.mount("web", at=mounter.mountpoint("c3"))
+    mp2 = mounter.mount("--engine", engine, "web", at=mounter.mountpoint("c3"))
     assert (mp2 / "etc/app/conf").read_bytes() == b"changed"
     assert (mp2 / "new/file").read_bytes() == b"n"
     assert not (mp2 / "shared").exists()
@@ -89,9 +91,10 @@ def test_rmi_refuses_an_image_a_container_uses(strata: Strata, sample_image: str
     assert proc.returncode != 0 and b"container" in proc.stderr
 
 
-def test_posix_corners(strata: Strata, mounter: Mounter, sample_image: str) -> None:
+def test_posix_corners(strata: Strata, mounter: Mounter, sample_image: str,
+                       engine: str) -> None:
     strata("create", "--name", "p", sample_image)
-    mp = mounter.mount("p", at=mounter.mountpoint("p"))
+    mp = mounter.mount("--engine", engine, "p", at=mounter.mountpoint("p"))
     ino = os.stat(mp / "etc/passwd").st_ino
     with open(mp / "etc/passwd", "ab") as f:  # copy-up keeps the inode number
         f.write(b"extra\n")
@@ -156,12 +159,16 @@ def test_sigterm_unmounts_cleanly(strata: Strata, mounter: Mounter, sample_image
 
 @pytest.mark.parametrize("tool", [["fusermount3", "-u"], ["umount"]])
 def test_an_unmount_by_other_tools_ends_the_daemon_and_its_record(
-        strata: Strata, mounter: Mounter, sample_image: str, tool: list[str]) -> None:
+        strata: Strata, mounter: Mounter, sample_image: str, tool: list[str],
+        engine: str) -> None:
     """``fusermount3 -u`` or ``umount`` (milliseconds; ``strata umount`` pays a Python start)
     leave the store as ``strata umount`` does: the daemon sees the session end, drops its
-    mount record and exits."""
+    mount record and exits.  (The kernel engine's overlay is no FUSE mount: ``umount`` only;
+    its FUSE session ends with the overlay.)"""
+    if engine == "kernel" and tool[0] == "fusermount3":
+        pytest.skip("fusermount3 unmounts FUSE mounts only")
     cid = strata.out("create", sample_image).strip()
-    mp = mounter.mount(cid, at=mounter.mountpoint("t"))
+    mp = mounter.mount("--engine", engine, cid, at=mounter.mountpoint("t"))
     (mp / "kept").write_bytes(b"k")
     pid = int(strata.out("mounts").splitlines()[1].split()[3])
     subprocess.run([*tool, str(mp)], check=True)
@@ -171,12 +178,17 @@ def test_an_unmount_by_other_tools_ends_the_daemon_and_its_record(
     assert strata.out("mounts", "-q") == ""
     assert (strata.root / "containers" / cid / "upper/kept").read_bytes() == b"k"
     strata("check")
+    assert sorted(os.listdir(strata.root / "containers" / cid)) == ["mount.lock", "upper",
+                                                                     "work"]
 
 
 def test_kill_9_mid_write_then_umount_recovers(strata: Strata, mounter: Mounter,
-                                               sample_image: str) -> None:
+                                               sample_image: str, engine: str) -> None:
+    """A daemon killed mid-write: its mount answers ENOTCONN (the kernel engine's overlay for
+    all of the image below it, while its upper stays readable), ``strata umount`` clears it,
+    the next mount starts from a clean work dir."""
     cid = strata.out("create", "--name", "k", sample_image).strip()
-    mp = mounter.mount("k", at=mounter.mountpoint("k"))
+    mp = mounter.mount("--engine", engine, "k", at=mounter.mountpoint("k"))
     pid = int(strata.out("mounts").splitlines()[1].split()[3])
     writer = subprocess.Popen(["sh", "-c", f"while cat {mp}/bin/busybox >> {mp}/grow; do :; "
                                            f"done"], stderr=subprocess.DEVNULL)
@@ -187,15 +199,17 @@ def test_kill_9_mid_write_then_umount_recovers(strata: Strata, mounter: Mounter,
     finally:
         writer.kill()
     with pytest.raises(OSError) as exc:
-        os.statvfs(mp)
+        os.statvfs(mp) if engine == "fuse" else os.listdir(mp)
     assert exc.value.errno == errno.ENOTCONN
+    if engine == "kernel":  # what is in the upper is still there, on the upper's own disk
+        assert (mp / "grow").stat().st_size > 0
     strata("umount", str(mp))
     assert not is_mounted(mp)
     mounter.active.remove(mp)
     upper = strata.root / "containers" / cid / "upper"
     assert sorted(os.listdir(upper)) == ["grow"]
     # nothing half-copied is ever in the upper; the next mount starts from a clean work dir
-    mp2 = mounter.mount("k", at=mounter.mountpoint("k2"))
+    mp2 = mounter.mount("--engine", engine, "k", at=mounter.mountpoint("k2"))
     assert (mp2 / "etc/passwd").read_bytes().startswith(b"root:")
     assert os.listdir(strata.root / "containers" / cid / "work/work") == []
 
@@ -269,13 +283,15 @@ def test_gh13_a_refused_mount_is_one_line_in_the_log(tmp_path: Path) -> None:
 
 
 def test_mount_f_serves_in_the_foreground_and_ends_on_sigterm(strata: Strata, mounter: Mounter,
-                                                              sample_image: str) -> None:
+                                                              sample_image: str,
+                                                              engine: str) -> None:
     """``strata mount -f --debug``: the command becomes the daemon (its pid is the record's),
     logs every request to its stderr, and SIGTERM unmounts and ends it with status 0."""
     cid = strata.out("create", sample_image).strip()
     mp = mounter.mountpoint("fg")
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--root", str(strata.root),
-                             "mount", "-f", "--debug", cid, str(mp)], cwd=REPO,
+                             "mount", "-f", "--debug", "--engine", engine, cid, str(mp)],
+                            cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
@@ -299,3 +315,32 @@ def test_mount_f_serves_in_the_foreground_and_ends_on_sigterm(strata: Strata, mo
     mounter.active.remove(mp)
     assert strata.out("mounts", "-q") == ""
     assert (strata.root / "containers" / cid / "upper/written").read_text() == "fg\n"
+
+
+def test_strata_mount_forks_its_daemon_without_loading_it(strata: Strata, mounter: Mounter,
+                                                          sample_image: str) -> None:
+    """``strata mount`` forks its daemon from its own process (issue 14 part 4: no second
+    interpreter start, no second import of what the command loaded): the command itself never
+    imports the daemon's code (pyfuse3, trio, the union's request handlers); its fork does,
+    and serves after the command has exited."""
+    program = ("import json, sys\nfrom cli.main import main\nstatus = main(sys.argv[1:])\n"
+               "print(json.dumps({'status': status, 'modules': sorted(sys.modules)}))\n")
+    mp = mounter.mountpoint("forked")
+    proc = subprocess.Popen([sys.executable, "-c", program, "--root", str(strata.root),
+                             "mount", sample_image, str(mp)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=60)
+    mounter.active.append(mp)
+    out = json.loads(stdout.splitlines()[-1])
+    assert out["status"] == 0, stderr
+    loaded = set(out["modules"])
+    assert not loaded & {"pyfuse3", "trio", "unionfs.mount", "unionfs.fuse_ops",
+                         "unionfs.union"}, sorted(loaded)
+    [line] = strata.out("mounts").splitlines()[1:]
+    pid = int(line.split()[3])
+    assert process_alive(pid) and pid != proc.pid  # the command is gone, its fork serves
+    assert (mp / "etc/app/conf").read_bytes() == b"v3"
+    assert os.readlink(f"/proc/{pid}/fd/2").startswith(str(strata.root / "mounts"))
+    mounter.umount(mp)
+    wait_gone(pid)
+    assert not process_alive(pid)

@@ -57,9 +57,10 @@ def wait_gone(pid: int) -> bool:
 
 
 def test_gh13_rm_f_ends_a_mount_another_namespace_holds(
-        strata: Strata, mounter: Mounter, sample_image: str, other_namespace: object) -> None:
+        strata: Strata, mounter: Mounter, sample_image: str, other_namespace: object,
+        engine: str) -> None:
     cid = strata.out("create", "--name", "held", sample_image).strip()
-    mp = mounter.mount("held", at=mounter.mountpoint("c"))
+    mp = mounter.mount("--engine", engine, "held", at=mounter.mountpoint("c"))
     pid = daemon_pid(strata)
     other_namespace()  # type: ignore[operator]
     proc = strata("rm", "-f", "held", check=False)
@@ -74,9 +75,10 @@ def test_gh13_rm_f_ends_a_mount_another_namespace_holds(
 
 
 def test_gh13_umount_here_leaves_the_other_namespace_served_and_says_so(
-        strata: Strata, mounter: Mounter, sample_image: str, other_namespace: object) -> None:
+        strata: Strata, mounter: Mounter, sample_image: str, other_namespace: object,
+        engine: str) -> None:
     strata("create", "--name", "held", sample_image)
-    mp = mounter.mount("held", at=mounter.mountpoint("c"))
+    mp = mounter.mount("--engine", engine, "held", at=mounter.mountpoint("c"))
     (mp / "kept").write_text("k")
     pid = daemon_pid(strata)
     other = other_namespace()  # type: ignore[operator]
@@ -84,10 +86,10 @@ def test_gh13_umount_here_leaves_the_other_namespace_served_and_says_so(
     assert proc.returncode == 0, proc.stderr.decode()
     mounter.active.remove(mp)
     assert not is_mounted(mp)
-    # the other namespace still reads through the daemon
-    seen = subprocess.run(["nsenter", "-t", str(other.pid), "-m", "cat", str(mp / "kept")],
-                          capture_output=True, text=True)
-    assert seen.stdout == "k", seen.stderr
+    # the other namespace still reads through the daemon (the image's files too)
+    seen = subprocess.run(["nsenter", "-t", str(other.pid), "-m", "cat", str(mp / "kept"),
+                           str(mp / "etc/app/conf")], capture_output=True, text=True)
+    assert seen.stdout == "kv3", seen.stderr
     assert process_alive(pid)
     ps = strata.out("ps")
     assert "another mount namespace" in ps and f"Mounted at {mp}" not in ps, ps

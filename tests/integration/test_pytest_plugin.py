@@ -116,11 +116,13 @@ def test_installing_strata_registers_the_plugin() -> None:
     assert found == ["imagestore.pytest_plugin"], "reinstall strata (scripts/install)"
 
 
-def test_a_user_session_mounts_changes_commits_and_cleans_up(user_dir: pytest.Pytester) -> None:
+def test_a_user_session_mounts_changes_commits_and_cleans_up(user_dir: pytest.Pytester,
+                                                             engine: str) -> None:
     require_fuse()
     user_dir.makepyfile(test_user=USER_TESTS)
     root = user_dir.path / "kept-store"
-    result = user_dir.runpytest_subprocess("--strata-root", str(root), "-p", "no:cacheprovider")
+    result = user_dir.runpytest_subprocess("--strata-root", str(root), "-p", "no:cacheprovider",
+                                           f"--strata-engine={engine}")
     result.assert_outcomes(passed=3)
     assert strata_leftovers(user_dir.path) == []
     store = Store(str(root))  # --strata-root keeps what the session made, and only that
@@ -137,22 +139,23 @@ def test_where(strata_store, tmp_path_factory):
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
-def test_a_failing_test_leaves_no_mount(user_dir: pytest.Pytester) -> None:
+def test_a_failing_test_leaves_no_mount(user_dir: pytest.Pytester, engine: str) -> None:
     require_fuse()
     user_dir.makepyfile(test_failing=FAILING_TESTS)
-    result = user_dir.runpytest_subprocess("-p", "no:cacheprovider")
+    result = user_dir.runpytest_subprocess("-p", "no:cacheprovider", f"--strata-engine={engine}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: a failing test*"])
     assert strata_leftovers(user_dir.path) == []
 
 
-def run_until_mounted(pytester: pytest.Pytester, sig: int) -> tuple[int, str]:
+def run_until_mounted(pytester: pytest.Pytester, sig: int, engine: str) -> tuple[int, str]:
     """Run HANGING_TESTS in an inner session, send ``sig`` once its mounts serve; returns the
     exit status and the output."""
     pytester.makepyfile(test_hanging=HANGING_TESTS)
     with subprocess.Popen(
             [sys.executable, "-c", RUN_PYTEST, f"--basetemp={pytester.path / 'basetemp'}",
-             "-p", "no:cacheprovider", "test_hanging.py"], cwd=pytester.path,
+             "-p", "no:cacheprovider", f"--strata-engine={engine}", "test_hanging.py"],
+            cwd=pytester.path,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         try:
             deadline = time.monotonic() + 60
@@ -169,9 +172,9 @@ def run_until_mounted(pytester: pytest.Pytester, sig: int) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
-def test_an_interrupted_session_leaves_no_mount(user_dir: pytest.Pytester) -> None:
+def test_an_interrupted_session_leaves_no_mount(user_dir: pytest.Pytester, engine: str) -> None:
     require_fuse()
-    status, out = run_until_mounted(user_dir, signal.SIGINT)  # Ctrl-C
+    status, out = run_until_mounted(user_dir, signal.SIGINT, engine)  # Ctrl-C
     assert status == pytest.ExitCode.INTERRUPTED, out
     assert "KeyboardInterrupt" in out
     assert strata_leftovers(user_dir.path) == []
@@ -179,10 +182,11 @@ def test_an_interrupted_session_leaves_no_mount(user_dir: pytest.Pytester) -> No
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_session_leaves_no_mount(user_dir: pytest.Pytester, sig: int) -> None:
+def test_a_killed_session_leaves_no_mount(user_dir: pytest.Pytester, sig: int,
+                                         engine: str) -> None:
     """No finalizer runs: the daemons see their lifeline to pytest close and unmount."""
     require_fuse()
-    status, out = run_until_mounted(user_dir, sig)
+    status, out = run_until_mounted(user_dir, sig, engine)
     assert status == -sig, out
     deadline = time.monotonic() + 10
     while strata_leftovers(user_dir.path) and time.monotonic() < deadline:

@@ -25,6 +25,7 @@ from imagestore import (
     StoreError,
     Unsupported,
     mounting,
+    mountplan,
     progress,
 )
 from imagestore.errors import Conflict, MountFailed
@@ -204,7 +205,7 @@ def test_fuse_missing_names_each_reason(monkeypatch: pytest.MonkeyPatch,
     real_exists = os.path.exists
     monkeypatch.setattr(mounting.os.path, "exists",
                         lambda p: False if p == "/dev/fuse" else real_exists(p))
-    monkeypatch.setattr(mounting.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mountplan.shutil, "which", lambda name: None)
     assert mounting.fuse_missing() == ("/dev/fuse is missing; fusermount3 is not installed "
                                        "(Debian package fuse3)")
     s = open_store(store_root)
