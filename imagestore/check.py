@@ -340,9 +340,10 @@ class _Checker:
             if isinstance(rec, dict) and isinstance(rec.get("name"), str):
                 c = cs.of_record(cid, rec)
                 ran = c.last_run
-                if ran is not None and ran.status == "running" and not ran.orphaned:
+                orphaned = ran is not None and ran.orphaned
+                if ran is not None and ran.status == "running" and not orphaned:
                     continue  # its strata run runs it
-                if cs.mounts.where(cid, c.root):
+                if not orphaned and cs.mounts.where(cid, c.root):
                     continue  # mounted: a strata run starting it (killed, the mount goes too)
             whose = f"container {rec['name']}" if isinstance(rec, dict) and "name" in rec else \
                 "a removed container"

@@ -135,9 +135,12 @@ class Pair:
             return set()
         ku, su = self.uppers
         out: set[str] = set()
-        for target in op.args[:2]:
-            if not isinstance(target, str):
-                continue
+        names = [t for t in op.args[:2] if isinstance(t, str)]
+        for t in list(names):  # what a symlink leads to (chmod and friends follow it)
+            real = os.path.realpath(self.k.root / t)
+            if real.startswith(f"{self.k.root}/"):
+                names.append(os.path.relpath(real, self.k.root))
+        for target in names:
             name = target
             while name:
                 if os.path.lexists(su / name) and not os.path.lexists(ku / name):

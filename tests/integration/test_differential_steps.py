@@ -155,6 +155,9 @@ KNOWN: dict[str, tuple[list[Op], bool]] = {
     # copies d up only when d itself changes: the root's ctime moves a step later there
     "hardlink-group-parent-later": ([Op("append", ("hl1", b"\0")), Op("chmod", ("d", 0o600))],
                                     False),
+    "hardlink-group-parent-through-symlink": (
+        [Op("open", ("hl1", os.O_RDONLY | os.O_TRUNC, 0o644, 0)), Op("chmod", ("sym", 0o600))],
+        False),
 }
 
 
