@@ -18,6 +18,8 @@ serves, so a container is never mounted twice nor removed under its mount.
 
 ``paused`` is the client of the daemon's control socket: it holds every change through a
 writable mount while a commit or export reads the upper (``unionfs.control.frozen``).
+``rotate`` is its other client: it turns a writable mount's upper into a read-only layer and
+starts a fresh one, in the same mount (a build's step is done; ``unionfs.mount._control``).
 
 Caveats:
 * Telling "held by another namespace" from "ending" reads ``/proc/*/mountinfo``
@@ -36,7 +38,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from unionfs.control import frozen, holders, is_mounted
+from unionfs.control import _libc_syncfs, frozen, holders, is_mounted, short_address
 from unionfs.errors import MountError
 
 from .errors import Conflict, MountFailed
@@ -219,3 +221,45 @@ def process_alive(pid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+# -- rotate ----------------------------------------------------------------------------------------
+
+
+def rotate(mountpoint: str, control: str, upper: str, work: str, timeout: float = 60.0) -> str:
+    """Make the upper of the writable mount at ``mountpoint`` its top read-only layer and the
+    empty directory ``upper`` (work dir ``work``, on the same file system) its new upper; the
+    mount stays, inode numbers and all.  The kernel's dirty pages are flushed first, and the
+    mount is frozen while it turns.  Returns the old upper's directory, read still from now
+    on.  Raises ``MountFailed`` (refused: a file is open for writing, the mount is gone)."""
+    import socket
+
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc_syncfs(fd)
+    finally:
+        os.close(fd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            with short_address(control) as short:
+                s.connect(short)
+            f = s.makefile("rwb")
+            f.write(b"freeze\n")
+            f.flush()
+            if f.readline().strip() != b"frozen":
+                raise MountFailed(f"the mount at {mountpoint} did not pause")
+            f.write(f"rotate {json.dumps(upper)} {json.dumps(work)}\n".encode())
+            f.flush()
+            answer = f.readline().decode(errors="replace").strip()
+            f.close()
+        except OSError as exc:
+            raise MountFailed(f"cannot rotate the upper of the mount at {mountpoint}: "
+                              f"{exc}") from None
+    word, _, rest = answer.partition(" ")
+    if word != "rotated":
+        raise MountFailed(f"cannot rotate the upper of the mount at {mountpoint}: "
+                          f"{rest or 'no answer'}")
+    old = json.loads(rest)
+    assert isinstance(old, str)
+    return old

@@ -12,7 +12,8 @@ serves::
                  "debug": false, "fsname": "strata"},
      "layers": [DESCRIPTION, ...],      lower layers, top first (``unionfs.layerkinds``)
      "upper": PATH, "work": PATH,       the writable layer and its work dir, or null
-     "control": PATH,                   Unix socket answering ``freeze`` (writable mounts), or null
+     "control": PATH,                   Unix socket answering ``freeze`` and ``rotate`` (writable
+                                        mounts; ``_control`` says how), or null
      "ready_fd": N,                     gets ``ready`` or the one-line error, then is closed
      "lifeline_fd": N,                  read end of a pipe only the parent holds: EOF unmounts
      "hold_fds": [N, ...],              kept open while serving (a container's mount lock)
@@ -167,8 +168,17 @@ def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
 
 
 async def _control(ops: Operations, path: str) -> None:
-    """One request: ``freeze``.  Changes are held from the ``frozen`` answer until the client
-    closes the connection (or dies), so a commit can never leave the mount frozen."""
+    """The control socket: one request per line.
+
+    * ``freeze``: answered ``frozen``; changes are held from then until the client closes the
+      connection (or dies), so a commit can never leave the mount frozen.  More requests may
+      follow on the same connection, answered while frozen.
+    * ``rotate NEW_UPPER NEW_WORK`` (each path a JSON string): the writable layer becomes the
+      top read-only layer and ``NEW_UPPER`` (an empty directory; ``NEW_WORK`` its work dir)
+      the writable one, in the same mount (``Operations.rotate``: inode numbers unchanged,
+      refused while a file is open for writing).  Answered ``rotated OLD_UPPER`` (the
+      directory that is now a read-only layer, a JSON string) or ``error MESSAGE``.  A build
+      sends it between two steps: the old upper is then the step's layer, read still."""
     import trio
 
     with contextlib.suppress(FileNotFoundError):
@@ -180,20 +190,88 @@ async def _control(ops: Operations, path: str) -> None:
     sock.listen(4)
 
     async def handle(stream: trio.SocketStream) -> None:
+        lines = _Lines(stream)
         async with stream:
-            if (await stream.receive_some(64)).strip() != b"freeze":
-                return
-            await ops.freeze()
             try:
-                await stream.send_all(b"frozen\n")
-                while await stream.receive_some(64):
-                    pass
+                first = await lines.next()
+                if first == b"freeze":
+                    await ops.freeze()
+                    try:
+                        await stream.send_all(b"frozen\n")
+                        while (line := await lines.next()) is not None:
+                            await stream.send_all(await _request(ops, line))
+                    finally:
+                        ops.thaw()
+                elif first is not None:
+                    await stream.send_all(await _request(ops, first))
             except trio.BrokenResourceError:
                 pass
-            finally:
-                ops.thaw()
 
     await trio.serve_listeners(handle, [trio.SocketListener(sock)])
+
+
+class _Lines:
+    """Request lines from a control connection (None at its end)."""
+
+    MAX = 1 << 16
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def next(self) -> bytes | None:
+        while b"\n" not in self.buf:
+            if len(self.buf) > self.MAX:
+                return None
+            data = await self.stream.receive_some(4096)
+            if not data:  # the client is done: a last request without its newline counts
+                last, self.buf = self.buf.strip(), b""
+                return last or None
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.strip()
+
+
+def _json_words(text: str) -> list[str]:
+    """``"a" "b"``: JSON strings separated by white space."""
+    decoder = json.JSONDecoder()
+    out, i = [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        value, i = decoder.raw_decode(text, i)
+        if not isinstance(value, str):
+            raise ValueError("expected a JSON string")
+        out.append(value)
+    return out
+
+
+async def _request(ops: Operations, line: bytes) -> bytes:
+    """The answer to one control request other than ``freeze``."""
+    from .errors import UnionError
+    from .upper import UpperLayer
+
+    word, _, rest = line.decode(errors="replace").partition(" ")
+    if word != "rotate":
+        return b"error unknown request\n"
+    try:
+        upper, work = _json_words(rest)
+    except ValueError:
+        return b"error usage: rotate NEW_UPPER NEW_WORK (JSON strings)\n"
+    try:
+        if os.listdir(upper):
+            return b"error the new upper is not empty\n"
+        old = ops.union.upper.root if ops.union.upper is not None else None
+        if old is None:
+            return b"error the mount is read-only\n"
+        await ops.rotate(UpperLayer(upper, work))
+    except UnionError as exc:
+        return f"error {os.strerror(exc.code)}\n".encode()
+    except OSError as exc:
+        return f"error {exc.strerror or exc}: {exc.filename or upper}\n".encode()
+    log.debug("rotated: %s is a read-only layer now, %s the upper", old, upper)
+    return f"rotated {json.dumps(old)}\n".encode()
 
 
 async def _watch(fd: int) -> None:
