@@ -16,10 +16,10 @@ from types import FrameType
 
 from imagestore.errors import StoreError
 
-from . import check, commit, containers, images, mount, registry, transfer
+from . import build, check, commit, containers, images, mount, registry, transfer
 from .common import UserError, size_arg
 
-GROUPS = (images, transfer, registry, containers, mount, commit, check)
+GROUPS = (images, transfer, registry, containers, mount, commit, build, check)
 
 
 def version() -> str:

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .api import Store
     from .archive import Loaded
+    from .build.builder import BuildEvent, BuildProgress
+    from .build.dockerfile import BuildFileError
+    from .build.sources import CopySourceError
     from .containers import Container
     from .errors import (
         Ambiguous,
@@ -49,6 +52,8 @@ _WHERE = {
     "Store": "api", "Loaded": "archive", "Container": "containers", "MountRecord": "mounts",
     "Directories": "mounting", "ProgressEvent": "progress", "ProgressFn": "progress",
     "Reference": "reference", "Image": "images", "Removed": "images",
+    "BuildEvent": "build.builder", "BuildProgress": "build.builder",
+    "BuildFileError": "build.dockerfile", "CopySourceError": "build.sources",
     **dict.fromkeys(("AuthError", "NotFound", "PullResult", "PushResult", "RegistryError"),
                     "registry"),
     **dict.fromkeys(("Ambiguous", "Conflict", "ContainerNotFound", "DigestMismatch",
@@ -58,8 +63,9 @@ _WHERE = {
 }
 
 __all__ = [
-    "Ambiguous", "AuthError", "Conflict", "Container", "ContainerNotFound", "DigestMismatch",
-    "Directories", "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
+    "Ambiguous", "AuthError", "BuildEvent", "BuildFileError", "BuildProgress", "Conflict",
+    "Container", "ContainerNotFound", "CopySourceError", "DigestMismatch", "Directories",
+    "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
     "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
     "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",
     "Removed", "Store", "StoreError", "StoreFull", "Unsupported",

@@ -50,6 +50,7 @@ class Image:
     repo_digests: tuple[str, ...]
     size: int
     added: str
+    parent: str = ""  # the image a build step started from (docker's intermediate images)
 
     @property
     def short_id(self) -> str:
@@ -75,14 +76,16 @@ class Removed:
 
 def record(store: Store, manifest_raw: bytes, media_type: str | None = None, *,
            tags: Sequence[Reference] = (), repo_digest: str | None = None,
-           replace: bool = False) -> Image:
+           replace: bool = False, build: tuple[str, str] | None = None) -> Image:
     """Record an image whose blobs and layers are already stored; tag it.  Verifies
     everything the manifest names before any ref can see it.  (The caller holds
     ``gc.ingesting``, so nothing it stored is collected meanwhile.)
 
     An image already recorded under the same ID keeps its manifest, unless ``replace``
     asks for the new one (a commit that was asked for another compression or format)
-    and no registry digest pins the old one."""
+    and no registry digest pins the old one.  ``build``: (parent image ID, cache key) of a
+    step of ``strata build`` (``build.records``): the record names its parent, as docker's
+    intermediate images do, and the key finds it again."""
     manifest = oci.parse_manifest(manifest_raw, media_type)
     config_raw = store.blobs.read(manifest.config.digest)
     config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
@@ -110,6 +113,10 @@ def record(store: Store, manifest_raw: bytes, media_type: str | None = None, *,
             st.images[image_id] = rec
         elif replace and not rec["repoDigests"]:
             rec["manifest"] = desc.to_json()
+        if build is not None:
+            rec["parent"] = build[0]
+            if build[1] not in rec.setdefault("buildKeys", []):
+                rec["buildKeys"].append(build[1])
         if repo_digest and repo_digest not in rec["repoDigests"]:
             rec["repoDigests"] = [*rec["repoDigests"], repo_digest]
         for t in tags:
@@ -134,7 +141,7 @@ def image_of(blobs: BlobStore, st: State, image_id: str) -> Image:
                         key=lambda r: r.familiar))
     return Image(Digest(image_id), desc, manifest, config, tags,
                  tuple(rec.get("repoDigests", [])), int(rec.get("size", 0)),
-                 str(rec.get("added", "")))
+                 str(rec.get("added", "")), str(rec.get("parent", "")))
 
 
 def image_unless_removed(blobs: BlobStore, st: State, image_id: str,
@@ -315,7 +322,7 @@ def inspect(image: Image) -> dict[str, Any]:
         "Id": image.id,
         "RepoTags": [t.familiar for t in image.tags],
         "RepoDigests": [reference.parse(rd).familiar for rd in image.repo_digests],
-        "Parent": "",
+        "Parent": image.parent,
         "Comment": cfg.field("comment"),
         "Created": cfg.field("created"),
         "DockerVersion": cfg.field("docker_version"),

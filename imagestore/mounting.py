@@ -85,7 +85,19 @@ class Directories:
     work: str | None = None
 
 
-Target = str | Image | Container | Directories
+@dataclass(frozen=True)
+class Layers:
+    """Stored layers (their descriptions, top first) under a writable ``upper``: the mount of a
+    build's stage.  ``cleanup``: a directory the daemon removes once the mount has ended (the
+    stage's uppers), even when whoever started it was killed."""
+
+    layers: tuple[dict[str, Any], ...]
+    upper: str
+    work: str
+    cleanup: str | None = None
+
+
+Target = str | Image | Container | Directories | Layers
 
 
 def fuse_missing() -> str | None:
@@ -176,7 +188,12 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
     upper = work = None
     lock: int | None = None
     container = None
-    if isinstance(target, Directories):
+    cleanup = None
+    if isinstance(target, Layers):
+        layers = list(target.layers)
+        upper, work, cleanup = target.upper, target.work, target.cleanup
+        kind, ident, name, what = "build", cleanup or upper, "build", "a build stage"
+    elif isinstance(target, Directories):
         if target.upper and not target.work and not read_only:
             raise MountFailed("a writable upper directory needs a work directory")
         for d in (*target.lower, target.upper, target.work):
@@ -234,6 +251,8 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
             "mountpoint": mp, "kind": kind, "target": ident, "name": name, "log": log,
             "started": timefmt.now(), "read_only": read_only, "control": control or ""}},
     }
+    if cleanup is not None:
+        spec["cleanup"] = cleanup
     return Plan(spec, mp, created, log, what, lock)
 
 
@@ -590,6 +609,6 @@ def wait_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> None:
         time.sleep(0.01)
 
 
-__all__: Sequence[str] = ["Directories", "Plan", "exec_foreground", "fuse_missing", "mounted",
-                          "open_mounted", "plan", "probe", "release", "start", "unmount",
+__all__: Sequence[str] = ["Directories", "Layers", "Plan", "exec_foreground", "fuse_missing",
+                          "mounted", "open_mounted", "plan", "probe", "release", "start", "unmount",
                           "wait_gone"]

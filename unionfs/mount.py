@@ -19,6 +19,8 @@ serves::
      "hold_fds": [N, ...],              kept open while serving (a container's mount lock)
      "record": {"path": PATH, "data": {...}}}   written with "pid" and "dev" once the mount
                                         answers, removed when it ends (the store's mounts/)
+     "cleanup": PATH,                   a directory removed once the mount has ended (a
+                                        build's uppers: gone even if the builder was killed)
 
 Every key but ``mountpoint`` and ``layers`` may be left out.  The daemon mounts, answers
 ``ready`` once a ``stat`` of the mountpoint (from a worker thread) has been answered, and
@@ -103,6 +105,7 @@ class MountSpec:
     lifeline_fd: int | None = None
     hold_fds: Sequence[int] = ()
     record: dict[str, Any] | None = None
+    cleanup: str | None = None
 
     @classmethod
     def parse(cls, doc: dict[str, Any]) -> MountSpec:
@@ -116,7 +119,7 @@ class MountSpec:
             raise MountError("a mount spec's 'upper' and 'work' go together")
         return cls(doc["mountpoint"], doc["layers"], options, doc.get("upper"), doc.get("work"),
                    doc.get("control"), doc.get("ready_fd"), doc.get("lifeline_fd"),
-                   tuple(doc.get("hold_fds") or ()), doc.get("record"))
+                   tuple(doc.get("hold_fds") or ()), doc.get("record"), doc.get("cleanup"))
 
     @classmethod
     def load(cls, path: str) -> MountSpec:
@@ -451,6 +454,11 @@ def run(spec: MountSpec) -> int:
         if not mounted:
             _tell(spec.ready_fd, message)
         return 1
+    finally:
+        if spec.cleanup is not None:
+            import shutil
+
+            shutil.rmtree(spec.cleanup, ignore_errors=True)
     return 0
 
 
