@@ -481,3 +481,60 @@ def fault_proxy(registry: _rh.RegistryProcess) -> Iterator[_rh.FaultProxy]:
     proxy = _rh.FaultProxy(registry)
     yield proxy
     proxy.close()
+
+
+# =================================================================================================
+# build: base images in the test registry, and buildah as the oracle (tests/buildah.py)
+# =================================================================================================
+
+from tests import buildah as _bh  # noqa: E402
+
+
+def build_base_entries() -> list[_b.E]:
+    """busybox with users (app 1000:1000, staff group 50), /usr/local/bin, a symlinked
+    directory (/lnk -> usr/local) and a file only root may read."""
+    entries = [e for e in _b.busybox_entries() if e.name not in ("etc/passwd", "etc/group")]
+    return entries + [
+        _b.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
+                              b"app:x:1000:1000:app:/home/app:/bin/sh\n"
+                              b"nobody:x:65534:65534:nobody:/:/bin/false\n"),
+        _b.file("etc/group", b"root:x:0:\napp:x:1000:\nstaff:x:50:app\n"
+                             b"nogroup:x:65534:\n"),
+        _b.d("usr"), _b.d("usr/local"), _b.d("usr/local/bin"),
+        _b.sym("lnk", "usr/local"),
+        _b.d("home"), _b.d("home/app", uid=1000, gid=1000, mode=0o750),
+        _b.file("etc/secret", b"s\n", mode=0o600),
+        _b.d("opt", mode=0o711),
+    ]
+
+
+@pytest.fixture(scope="session")
+def build_bases(registry: _rh.RegistryProcess,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Base images for build tests, in ``registry``: ``base`` (``build_base_entries``,
+    Env PATH, Cmd /bin/sh) and ``onbuild`` (base with ONBUILD triggers)."""
+    work = tmp_path_factory.mktemp("build-bases")
+    out = {}
+    path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    for name, cfg in (
+            ("base", {"Cmd": ["/bin/sh"], "Env": [path]}),
+            ("onbuild", {"Cmd": ["/bin/sh"], "Env": [path],
+                         "OnBuild": ["COPY a.txt /from-onbuild/", "ENV ONBUILT=yes"]})):
+        layout = str(work / name)
+        _b.oci_layout(layout, [_b.tar_bytes(build_base_entries())], config={"config": cfg})
+        ref = f"{registry.host}/test/build-{name}:1"
+        _rh.skopeo_copy(f"oci:{layout}:latest", f"docker://{ref}")
+        out[name] = ref
+    return out
+
+
+@pytest.fixture
+def buildah(tmp_path: Path) -> Iterator[_bh.Buildah]:
+    require_root()
+    require_tool("buildah")
+    require_tool("umoci")
+    b = _bh.Buildah(tmp_path / "buildah")
+    try:
+        yield b
+    finally:
+        b.close()

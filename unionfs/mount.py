@@ -65,6 +65,16 @@ if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (star
 
 log = logging.getLogger("unionfs.mount")  # also when run as __main__
 
+
+class _Ignored:
+    """``trio.TASK_STATUS_IGNORED`` without importing trio here (start-up time)."""
+
+    def started(self, value: object = None) -> None:
+        pass
+
+
+trio_ignored: Any = _Ignored()
+
 __all__ = ["MountOptions", "MountSpec", "main", "serve", "user_allow_other"]
 
 
@@ -170,7 +180,8 @@ def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
         return False
 
 
-async def _control(ops: Operations, path: str) -> None:
+async def _control(ops: Operations, path: str,
+                   task_status: trio.TaskStatus[None] = trio_ignored) -> None:
     """The control socket: one request per line.
 
     * ``freeze``: answered ``frozen``; changes are held from then until the client closes the
@@ -191,6 +202,7 @@ async def _control(ops: Operations, path: str) -> None:
         await sock.bind(short)
     os.chmod(path, 0o600)
     sock.listen(4)
+    task_status.started()  # listening before the mount is said to be ready
 
     async def handle(stream: trio.SocketStream) -> None:
         lines = _Lines(stream)
@@ -294,7 +306,7 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
 
     async with trio.open_nursery() as nursery:
         if control is not None:
-            nursery.start_soon(_control, ops, control)
+            await nursery.start(_control, ops, control)
         if lifeline is not None:
 
             async def orphaned() -> None:

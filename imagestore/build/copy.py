@@ -41,7 +41,7 @@ from typing import IO
 
 from ..compress import DecompressReader
 from ..errors import StoreError
-from .sources import HostTree, Source, SrcEntry, Tree, walk
+from .sources import HostTree, Source, SrcEntry, Tree, join, walk
 
 __all__ = ["CopyError", "CopyOptions", "DestRoot", "copy_sources", "extract_archive",
            "is_archive", "lookup_owner"]
@@ -68,6 +68,7 @@ class DestRoot:
         self.root = os.path.abspath(root)
 
     def host(self, rel: str) -> str:
+        rel = rel.lstrip("/")  # always inside the root
         return os.path.join(self.root, rel) if rel else self.root
 
     def locate(self, path: str, follow_last: bool = True) -> str:
@@ -305,11 +306,12 @@ def copy_sources(tree: Tree, sources: list[Source], root: DestRoot, dest: str,
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 raise CopyError(f"{what} failed: cannot copy directory {src.given} to {dest}: "
                                 "not a directory")
+            if st is None:  # made like the directories it needs (buildah, BuildKit)
+                root.mkdirs(base, parent_owner)
             for rel, child in walk(tree, src.path):
-                if rel == "" and st is not None:
-                    continue  # an existing destination keeps its own attributes
-                w.put(f"{src.path}/{rel}" if rel else src.path, child,
-                      f"{base}/{rel}" if rel else base)
+                if rel == "":
+                    continue  # the destination keeps its own attributes
+                w.put(join(src.path, rel), child, join(base, rel))
             continue
         if add and e.is_file and is_archive(tree, src.path):
             base = root.locate(dest)

@@ -102,16 +102,19 @@ class HostTree(Tree):
     def __init__(self, root: str, matcher: Matcher | None = None) -> None:
         self.root = os.path.abspath(root)
         self.matcher = matcher or Matcher(())
+        self._kept: dict[str, bool] = {}
 
     def _full(self, path: str) -> str:
         return os.path.join(self.root, path) if path else self.root
 
     def entry(self, path: str) -> SrcEntry | None:
-        if path and self.matcher.excluded(path):
-            return None
         try:
             st = os.lstat(self._full(path))
         except (FileNotFoundError, NotADirectoryError):
+            return None
+        if path and self.matcher.excluded(path) and not (
+                stat.S_ISDIR(st.st_mode) and self.matcher.has_exceptions
+                and self._any_kept(path)):
             return None
         target = os.readlink(self._full(path)) if stat.S_ISLNK(st.st_mode) else ""
         return SrcEntry(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, target,
@@ -131,10 +134,16 @@ class HostTree(Tree):
 
     def _any_kept(self, directory: str) -> bool:
         """Does an exception pattern bring back something below the excluded ``directory``?"""
+        if directory in self._kept:
+            return self._kept[directory]
+        self._kept[directory] = self._find_kept(directory)
+        return self._kept[directory]
+
+    def _find_kept(self, directory: str) -> bool:
         for dirpath, dirnames, filenames in os.walk(self._full(directory)):
             rel = os.path.relpath(dirpath, self.root)
             for n in [*dirnames, *filenames]:
-                if not self.matcher.excluded(f"{rel}/{n}"):
+                if not self.matcher.excluded(join("" if rel == "." else rel, n)):
                     return True
         return False
 
@@ -215,6 +224,11 @@ class ViewTree(Tree):
 
 
 # -- paths -----------------------------------------------------------------------------------------
+
+
+def join(a: str, b: str) -> str:
+    """Two relative paths joined (either may be ``""``, the root)."""
+    return f"{a}/{b}" if a and b else a or b
 
 
 def clean(path: str) -> str:
@@ -372,7 +386,7 @@ def checksum(tree: Tree, sources: list[Source], *, metadata: bool = True) -> str
             elif e.is_file:
                 h.update(f"{e.size}\0".encode())
                 fh = hashlib.sha256()
-                for chunk in tree.chunks(f"{src.path}/{rel}" if rel else src.path):
+                for chunk in tree.chunks(join(src.path, rel)):
                     fh.update(chunk)
                 h.update(fh.digest())
     return h.hexdigest()
