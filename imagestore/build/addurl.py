@@ -6,7 +6,7 @@ the response's ``Last-Modified`` header.  It is never extracted, whatever it hol
 ``--checksum=sha256:<hex>`` is verified, and lets a step hit the cache without downloading;
 without it the download's digest is part of the step's cache key (a changed file reruns it).
 
-Seams: ``Downloads`` keeps each URL's body in the store's ``tmp/`` for the build (the digest
+Seams: ``Downloads`` keeps each URL's body in an unnamed file of the store's ``tmp/`` (the digest
 for the cache key and the copy come from one download); ``httpx`` does HTTP.
 
 Caveats:
@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import urllib.parse
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from ..errors import StoreError
 from .copy import CopyError, CopyOptions, DestRoot
@@ -38,46 +39,48 @@ def is_url(text: str) -> bool:
 
 
 class Downloads:
-    """The URLs one build ADDs, each downloaded once."""
+    """The URLs one build ADDs, each downloaded once into an anonymous file of the store's
+    ``tmp/`` (``O_TMPFILE``: nothing is left behind, even by a killed build)."""
 
     def __init__(self, tmp_dir: str) -> None:
         self.tmp_dir = tmp_dir
-        self.dir: str | None = None
-        self.files: dict[str, tuple[str, str, float | None]] = {}  # url: (path, digest, mtime)
+        self.files: dict[str, tuple[BinaryIO, str, float | None]] = {}  # url: (file, digest,
+        # mtime)
 
     def close(self) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        for f, _, _ in self.files.values():
+            f.close()
+        self.files.clear()
 
-    def fetch(self, url: str, where: str) -> tuple[str, str, float | None]:
+    def fetch(self, url: str, where: str) -> tuple[BinaryIO, str, float | None]:
         if url in self.files:
             return self.files[url]
         import httpx
 
-        if self.dir is None:
-            self.dir = tempfile.mkdtemp(dir=self.tmp_dir, prefix="build-add-")
-        path = os.path.join(self.dir, str(len(self.files)))
+        f = tempfile.TemporaryFile(dir=self.tmp_dir)  # noqa: SIM115 - kept for the build
         h = hashlib.sha256()
         try:
             with httpx.stream("GET", url, follow_redirects=True, timeout=60.0) as r:
                 if r.status_code != 200:
                     raise StoreError(f"{where}: ADD failed: {url}: {r.status_code} "
                                      f"{r.reason_phrase}")
-                with open(path, "wb") as f:
-                    for chunk in r.iter_bytes(1 << 20):
-                        h.update(chunk)
-                        f.write(chunk)
+                for chunk in r.iter_bytes(1 << 20):
+                    h.update(chunk)
+                    f.write(chunk)
                 modified = r.headers.get("last-modified")
         except httpx.HTTPError as exc:
+            f.close()
             raise StoreError(f"{where}: ADD failed: {url}: {exc}") from None
+        except BaseException:
+            f.close()
+            raise
         mtime = None
         if modified:
             try:
                 mtime = email.utils.parsedate_to_datetime(modified).timestamp()
             except (TypeError, ValueError):
                 mtime = None
-        self.files[url] = (path, "sha256:" + h.hexdigest(), mtime)
+        self.files[url] = (f, "sha256:" + h.hexdigest(), mtime)
         return self.files[url]
 
     def digests(self, urls: Sequence[str], checksum: str | None, where: str) -> str:
@@ -94,7 +97,7 @@ class Downloads:
     def add(self, urls: Sequence[str], root: DestRoot, dest: str, opts: CopyOptions,
             checksum: str | None, where: str) -> None:
         for url in urls:
-            path, digest, mtime = self.fetch(url, where)
+            src, digest, mtime = self.fetch(url, where)
             if checksum is not None and digest != checksum:
                 raise CopyError(f"{where}: ADD failed: {url}: digest mismatch: the content "
                                 f"is {digest}, --checksum says {checksum}")
@@ -117,7 +120,9 @@ class Downloads:
             if st is not None:
                 root.clear(rel, st)
             host = root.host(rel)
-            shutil.copyfile(path, host)
+            src.seek(0)
+            with open(host, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
             os.chown(host, *owner)
             os.chmod(host, opts.chmod if opts.chmod is not None else 0o600)
             if mtime is not None:

@@ -166,6 +166,9 @@ class Builder:
     def step_done(self, step: int, seconds: float) -> None:
         self.events(BuildEvent("done", step, seconds=seconds))
 
+    def step_error(self, step: int, text: str) -> None:
+        self.events(BuildEvent("error", step, text))
+
     def output(self, step: int, line: str, seconds: float) -> None:
         self.events(BuildEvent("output", step, line, seconds))
 

@@ -122,6 +122,8 @@ class Matcher:
             if not body:
                 raise IgnoreError('.dockerignore: illegal exclusion pattern: "!"')
             body = posixpath.normpath(body)
+            if len(body) > 1:
+                body = body.lstrip("/") or "/"
             self.patterns.append(_Pattern(p, exclusion, _regex(body)))
 
     @property

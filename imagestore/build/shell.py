@@ -195,6 +195,8 @@ class _Lexer:
             raise ShellError("syntax error: bad substitution")
         name = self.name()
         op = self.next()
+        if not op:
+            raise ShellError("syntax error: missing '}'")
         if op == "}":
             return self.lookup(name) or ""
         null_is_unset = False

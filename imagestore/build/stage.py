@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from unionfs.resolve import UnionView
 
 from .. import mounting
-from ..errors import ImageNotFound
+from ..errors import ImageNotFound, StoreError
 from ..images import Image
 from ..mounts import Mounts, rotate
 from . import metadata, records
@@ -71,6 +71,7 @@ class StageMount:
         os.mkdir(mp)
         plan = mounting.plan(store, mounting.Layers(tuple(layers), upper, work, self.dir), mp,
                              allow_other=True, suid=True)
+        self.log = plan.log
         self._cm = mounting.mounted(plan)
         self.path = str(self._cm.__enter__())
         rec = Mounts(store.root).record_for(self.path)
@@ -95,6 +96,13 @@ class StageMount:
 
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
+        try:  # the daemon's log, unless it says more than that it mounted
+            with open(self.log, "rb") as f:
+                quiet = all(line.startswith(b"INFO ") for line in f if line.strip())
+            if quiet:
+                os.unlink(self.log)
+        except OSError:
+            pass
 
 
 class StageBuilder:
@@ -200,7 +208,13 @@ class StageBuilder:
                                                          self.b.labels.items())
         step = self.b.step_start(title)
         start = time.monotonic()
-        cached = self._dispatch(inst, where, step)
+        try:
+            cached = self._dispatch(inst, where, step)
+        except StoreError as exc:
+            if not str(exc).startswith(f"{self.df.name}:"):
+                exc.args = (f"{where}: {exc}",)  # the step's file and line, type kept
+            self.b.step_error(step, str(exc))
+            raise
         if cached:
             self.b.step_cached(step)
         else:
