@@ -1,7 +1,8 @@
 """Image records: the ``Image`` value, recording an image (``record``), reading records from
 ``state.json`` and the blobs, resolving names, and docker's rules for removing and pruning.
 
-Everything that adds an image goes through ``record``, which checks that the manifest, config,
+Everything that adds an image goes through ``record`` (or ``record_steps``, a build's
+images in one transaction), which checks that the manifest, config,
 every layer and every blob are present and consistent before a ref can name it.  The rest has
 no side effects beyond the ``State`` it is given: ``Store`` (``api.py``) runs the rules inside
 its state transactions, so they can be read — and tested — apart from locking and collection.
@@ -76,16 +77,40 @@ class Removed:
 
 def record(store: Store, manifest_raw: bytes, media_type: str | None = None, *,
            tags: Sequence[Reference] = (), repo_digest: str | None = None,
-           replace: bool = False, build: tuple[str, str] | None = None) -> Image:
+           replace: bool = False) -> Image:
     """Record an image whose blobs and layers are already stored; tag it.  Verifies
     everything the manifest names before any ref can see it.  (The caller holds
     ``gc.ingesting``, so nothing it stored is collected meanwhile.)
 
     An image already recorded under the same ID keeps its manifest, unless ``replace``
     asks for the new one (a commit that was asked for another compression or format)
-    and no registry digest pins the old one.  ``build``: (parent image ID, cache key) of a
-    step of ``strata build`` (``build.records``): the record names its parent, as docker's
-    intermediate images do, and the key finds it again."""
+    and no registry digest pins the old one."""
+    checked = _verified(store, manifest_raw, media_type)
+    with store.state.transaction() as st:
+        image_id = _enter(store, st, checked, replace=replace, repo_digest=repo_digest)
+        for t in tags:
+            st.tags[str(t)] = image_id
+        return image_of(store.blobs, st, image_id)
+
+
+def record_steps(store: Store, steps: Sequence[tuple[bytes, str, str]]) -> None:
+    """Record the images of a build's steps in one state transaction: each a manifest (its
+    blobs and layers stored), its parent's ID and its cache key (``build.records``).  The
+    record names the parent, as docker's intermediate images do, and the key finds the image
+    again.  Verified as ``record`` verifies."""
+    checked = [(_verified(store, raw, None), parent, key) for raw, parent, key in steps]
+    with store.state.transaction() as st:
+        for c, parent, key in checked:
+            image_id = _enter(store, st, c)
+            rec = st.images[image_id]
+            rec["parent"] = parent
+            if key not in rec.setdefault("buildKeys", []):
+                rec["buildKeys"].append(key)
+
+
+def _verified(store: Store, manifest_raw: bytes, media_type: str | None
+              ) -> tuple[Digest, oci.Descriptor, int]:
+    """Check what the manifest names, store it; (image ID, manifest descriptor, size)."""
     manifest = oci.parse_manifest(manifest_raw, media_type)
     config_raw = store.blobs.read(manifest.config.digest)
     config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
@@ -103,25 +128,23 @@ def record(store: Store, manifest_raw: bytes, media_type: str | None = None, *,
             raise InvalidImage(f"layer blob {desc.digest} is missing from the store")
         size += store.layers.info(diff_id).content
     mdigest = store.blobs.put(manifest_raw)
-    desc = oci.Descriptor(manifest.media_type, mdigest, len(manifest_raw))
-    image_id = manifest.config.digest
-    with store.state.transaction() as st:
-        rec = st.images.get(image_id)
-        if rec is None or not store.blobs.has(parse_digest(rec["manifest"]["digest"])):
-            rec = {"manifest": desc.to_json(), "repoDigests": [], "size": size,
-                   "added": timefmt.now()}
-            st.images[image_id] = rec
-        elif replace and not rec["repoDigests"]:
-            rec["manifest"] = desc.to_json()
-        if build is not None:
-            rec["parent"] = build[0]
-            if build[1] not in rec.setdefault("buildKeys", []):
-                rec["buildKeys"].append(build[1])
-        if repo_digest and repo_digest not in rec["repoDigests"]:
-            rec["repoDigests"] = [*rec["repoDigests"], repo_digest]
-        for t in tags:
-            st.tags[str(t)] = image_id
-        return image_of(store.blobs, st, image_id)
+    return (manifest.config.digest, oci.Descriptor(manifest.media_type, mdigest,
+                                                    len(manifest_raw)), size)
+
+
+def _enter(store: Store, st: State, checked: tuple[Digest, oci.Descriptor, int], *,
+           replace: bool = False, repo_digest: str | None = None) -> str:
+    image_id, desc, size = checked
+    rec = st.images.get(image_id)
+    if rec is None or not store.blobs.has(parse_digest(rec["manifest"]["digest"])):
+        rec = {"manifest": desc.to_json(), "repoDigests": [], "size": size,
+               "added": timefmt.now()}
+        st.images[image_id] = rec
+    elif replace and not rec["repoDigests"]:
+        rec["manifest"] = desc.to_json()
+    if repo_digest and repo_digest not in rec["repoDigests"]:
+        rec["repoDigests"] = [*rec["repoDigests"], repo_digest]
+    return image_id
 
 
 def documents(blobs: BlobStore, rec: dict[str, Any]

@@ -258,6 +258,7 @@ class Builder:
                 self.results[st.index] = sb.run()
         finally:
             self.downloads.close()
+            self.images.flush()  # the steps that finished, also when one failed: the cache
         image = self.results[self.target.index]
         if image is None:
             raise BuildFileError(f"{self.df.name}:{self.target.line}: the target stage makes "
