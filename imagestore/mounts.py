@@ -19,7 +19,8 @@ serves, so a container is never mounted twice nor removed under its mount.
 ``paused`` is the client of the daemon's control socket: it holds every change through a
 writable mount while a commit or export reads the upper (``unionfs.control.frozen``).
 ``rotate`` is its other client: it turns a writable mount's upper into a read-only layer and
-starts a fresh one, in the same mount (a build's step is done; ``unionfs.mount._control``).
+starts a fresh one, in the same mount (a build's step is done; ``unionfs.mount._control``);
+``guard`` has the daemon kill a process (a build's RUN) if this process dies first.
 
 Caveats:
 * Telling "held by another namespace" from "ending" reads ``/proc/*/mountinfo``
@@ -263,3 +264,23 @@ def rotate(mountpoint: str, control: str, upper: str, work: str, timeout: float 
     old = json.loads(rest)
     assert isinstance(old, str)
     return old
+
+
+def guard(control: str, pid: int, on: bool = True, timeout: float = 10.0) -> None:
+    """Ask the daemon of a mount made with a lifeline (``mounting.mounted``) to kill ``pid``
+    should this process die before it unguards it (``on=False``): a build's RUN must not
+    outlive the build.  Raises ``MountFailed``."""
+    import socket
+
+    word = "guard" if on else "unguard"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            with short_address(control) as short:
+                s.connect(short)
+            s.sendall(f"{word} {pid}\n".encode())
+            answer = s.recv(256).decode(errors="replace").strip()
+        except OSError as exc:
+            raise MountFailed(f"cannot {word} process {pid}: {exc}") from None
+    if answer != word + "ed":
+        raise MountFailed(f"cannot {word} process {pid}: {answer.removeprefix('error ')}")

@@ -180,7 +180,7 @@ def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
         return False
 
 
-async def _control(ops: Operations, path: str,
+async def _control(ops: Operations, path: str, guards: dict[int, int],
                    task_status: trio.TaskStatus[None] = trio_ignored) -> None:
     """The control socket: one request per line.
 
@@ -192,7 +192,11 @@ async def _control(ops: Operations, path: str,
       the writable one, in the same mount (``Operations.rotate``: inode numbers unchanged,
       refused while a file is open for writing).  Answered ``rotated OLD_UPPER`` (the
       directory that is now a read-only layer, a JSON string) or ``error MESSAGE``.  A build
-      sends it between two steps: the old upper is then the step's layer, read still."""
+      sends it between two steps: the old upper is then the step's layer, read still.
+    * ``guard PID`` / ``unguard PID``: answered ``guarded``/``unguarded``.  A guarded process
+      (held by a pidfd, so a reused pid is never hit) is killed with SIGKILL if the mount
+      ends because its parent is gone (the lifeline): a build's RUN, killed with the build
+      that runs it rather than left holding the mount."""
     import trio
 
     with contextlib.suppress(FileNotFoundError):
@@ -214,11 +218,11 @@ async def _control(ops: Operations, path: str,
                     try:
                         await stream.send_all(b"frozen\n")
                         while (line := await lines.next()) is not None:
-                            await stream.send_all(await _request(ops, line))
+                            await stream.send_all(await _request(ops, line, guards))
                     finally:
                         ops.thaw()
                 elif first is not None:
-                    await stream.send_all(await _request(ops, first))
+                    await stream.send_all(await _request(ops, first, guards))
             except trio.BrokenResourceError:
                 pass
 
@@ -262,12 +266,44 @@ def _json_words(text: str) -> list[str]:
     return out
 
 
-async def _request(ops: Operations, line: bytes) -> bytes:
+def _guard(guards: dict[int, int], word: str, rest: str) -> bytes:
+    if not rest.strip().isdigit():
+        return f"error usage: {word} PID\n".encode()
+    pid = int(rest)
+    if word == "unguard":
+        fd = guards.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+        return b"unguarded\n"
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError as exc:
+        return f"error {exc.strerror}\n".encode()
+    old = guards.pop(pid, None)
+    if old is not None:
+        os.close(old)
+    guards[pid] = fd
+    return b"guarded\n"
+
+
+def kill_guarded(guards: dict[int, int]) -> None:
+    """SIGKILL every guarded process (the mount's parent is gone)."""
+    for pid, fd in list(guards.items()):
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        log.info("killed guarded process %d", pid)
+        os.close(fd)
+        del guards[pid]
+
+
+async def _request(ops: Operations, line: bytes, guards: dict[int, int]) -> bytes:
     """The answer to one control request other than ``freeze``."""
     from .errors import UnionError
     from .upper import UpperLayer
 
     word, _, rest = line.decode(errors="replace").partition(" ")
+    if word in ("guard", "unguard"):
+        return _guard(guards, word, rest)
     if word != "rotate":
         return b"error unknown request\n"
     try:
@@ -304,14 +340,16 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
     import pyfuse3
     import trio
 
+    guards: dict[int, int] = {}  # pid: pidfd of processes to kill if the parent goes
     async with trio.open_nursery() as nursery:
         if control is not None:
-            await nursery.start(_control, ops, control)
+            await nursery.start(_control, ops, control, guards)
         if lifeline is not None:
 
             async def orphaned() -> None:
                 await _watch(lifeline)
                 log.info("the parent process is gone: unmounting")
+                kill_guarded(guards)
                 pyfuse3.terminate()
 
             nursery.start_soon(orphaned)

@@ -76,3 +76,55 @@ def test_rotate_refuses_a_new_upper_that_is_not_empty(store: Store,
             rotate(str(mp), rec.control, str(dirs["up2"]), str(dirs["work2"]))
         (mp / "still").write_bytes(b"x")
         assert (dirs["up1"] / "still").exists()
+
+
+def test_guarded_process_dies_with_the_mounts_parent(store: Store,
+                                                     dirs: dict[str, Path]) -> None:
+    """``guard PID``: a process the daemon kills when the process that made the mount dies
+    (SIGKILL: the lifeline); ``unguard`` takes that back."""
+    require_fuse()
+    require_root()
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    spared = subprocess.Popen(["sleep", "60"])
+    code = (
+        "import sys, time\n"
+        "from imagestore import Directories, Store\n"
+        "from imagestore.mounts import Mounts, guard\n"
+        f"store = Store({store.root!r})\n"
+        f"target = Directories(({str(dirs['lower'])!r},), {str(dirs['up1'])!r}, "
+        f"{str(dirs['work1'])!r})\n"
+        f"with store.mount(target, {str(dirs['mnt'])!r}) as mp:\n"
+        "    rec = Mounts(store.root).record_for(str(mp))\n"
+        f"    guard(rec.control, {sleeper.pid})\n"
+        f"    guard(rec.control, {spared.pid})\n"
+        f"    guard(rec.control, {spared.pid}, on=False)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline() == b"ready\n"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        assert sleeper.wait(20) == -signal.SIGKILL
+        time.sleep(0.2)
+        assert spared.poll() is None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and store.mounts():
+            time.sleep(0.05)
+        assert store.mounts() == []
+    finally:
+        for p in (sleeper, spared, parent):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
