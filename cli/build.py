@@ -81,17 +81,19 @@ class PlainProgress:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from imagestore import BuildStepFailed
+
     text = None
     dockerfile = args.file
     if args.file == "-":
         text = sys.stdin.read()
         dockerfile = None
-    image = store_of(args).build(
-        args.context, dockerfile, dockerfile_text=text, tags=args.tag,
-        build_args=_pairs(args.build_arg, "--build-arg", True),
-        target=args.target, no_cache=args.no_cache, pull=args.pull,
-        labels=_pairs(args.label, "--label", False), network=args.network,
-        progress=None if args.quiet else PlainProgress(sys.stderr))
+    try:
+        image = _build(args, dockerfile, text)
+    except BuildStepFailed as exc:
+        if args.quiet and exc.output:  # the progress that would have shown it was off
+            print(exc.output, file=sys.stderr)
+        raise
     if args.iidfile:
         try:
             with open(args.iidfile, "w") as f:
@@ -102,3 +104,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.quiet:
         print(image.id)
     return 0
+
+
+def _build(args: argparse.Namespace, dockerfile: str | None, text: str | None) -> Any:
+    return store_of(args).build(
+        args.context, dockerfile, dockerfile_text=text, tags=args.tag,
+        build_args=_pairs(args.build_arg, "--build-arg", True),
+        target=args.target, no_cache=args.no_cache, pull=args.pull,
+        labels=_pairs(args.label, "--label", False), network=args.network,
+        progress=None if args.quiet else PlainProgress(sys.stderr))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .archive import Loaded
     from .build.builder import BuildEvent, BuildProgress
     from .build.dockerfile import BuildFileError
+    from .build.errors import BuildStepFailed
     from .build.sources import CopySourceError
     from .containers import Container
     from .errors import (
@@ -54,6 +55,7 @@ _WHERE = {
     "Reference": "reference", "Image": "images", "Removed": "images",
     "BuildEvent": "build.builder", "BuildProgress": "build.builder",
     "BuildFileError": "build.dockerfile", "CopySourceError": "build.sources",
+    "BuildStepFailed": "build.errors",
     **dict.fromkeys(("AuthError", "NotFound", "PullResult", "PushResult", "RegistryError"),
                     "registry"),
     **dict.fromkeys(("Ambiguous", "Conflict", "ContainerNotFound", "DigestMismatch",
@@ -63,9 +65,9 @@ _WHERE = {
 }
 
 __all__ = [
-    "Ambiguous", "AuthError", "BuildEvent", "BuildFileError", "BuildProgress", "Conflict",
-    "Container", "ContainerNotFound", "CopySourceError", "DigestMismatch", "Directories",
-    "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
+    "Ambiguous", "AuthError", "BuildEvent", "BuildFileError", "BuildProgress", "BuildStepFailed",
+    "Conflict", "Container", "ContainerNotFound", "CopySourceError", "DigestMismatch",
+    "Directories", "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
     "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
     "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",
     "Removed", "Store", "StoreError", "StoreFull", "Unsupported",
