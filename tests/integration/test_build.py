@@ -256,3 +256,44 @@ def test_interrupted_build_leaves_nothing(strata: Strata, store: Store, base: st
         server.wait()
         assert server.stdout is not None
         server.stdout.close()
+
+
+def test_pull_flag_and_missing_base(store: Store, tmp_path: Path, registry: object) -> None:
+    """A base missing from the store is pulled; one present is used as it is, unless
+    ``pull=True`` (``--pull``) fetches the registry's current one."""
+    require_root()
+    require_fuse()
+    from tests.registry_helpers import skopeo_copy
+
+    host = registry.host  # type: ignore[attr-defined]
+    ref = f"{host}/test/build-pull:1"
+    for version in (b"one\n", b"two\n"):
+        layout = str(tmp_path / f"layout-{version.strip().decode()}")
+        b.oci_layout(layout, [b.tar_bytes([*b.busybox_entries(),
+                                           b.file("version", version)])])
+    skopeo_copy(f"oci:{tmp_path / 'layout-one'}:latest", f"docker://{ref}")
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": f"FROM {ref}\nCOPY a /\n", "a": ""})
+
+    def version(image_id: str) -> str:
+        with store.mount(image_id) as mp:
+            return (mp / "version").read_text()
+
+    first, ev = build(store, ctx)
+    assert version(first) == "one\n" and any(e.text == f"pull {ref}" for e in ev)
+    skopeo_copy(f"oci:{tmp_path / 'layout-two'}:latest", f"docker://{ref}")
+    again, ev = build(store, ctx)
+    assert again == first and not any(e.text.startswith("pull ") for e in ev)
+    pulled, ev = build(store, ctx, pull=True)
+    assert version(pulled) == "two\n" and any(e.text == f"pull {ref}" for e in ev)
+
+
+def test_dockerfile_and_dockerignore_excluded(strata: Strata, base: str,
+                                              tmp_path: Path) -> None:
+    """.dockerignore may exclude the Dockerfile and itself: the build still reads them, a COPY
+    does not see them (docker's rule)."""
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": "FROM base\nCOPY . /ctx/\n", "kept": "k",
+        ".dockerignore": "Dockerfile\n.dockerignore\n"})
+    image = strata.out("build", "-q", str(ctx)).strip()
+    with Store(str(strata.root)).mount(image) as mp:
+        assert sorted(os.listdir(mp / "ctx")) == ["kept"]
