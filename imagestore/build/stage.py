@@ -185,6 +185,12 @@ class StageBuilder:
         where = f"{self.df.name}:{stage.line}"
         total = len(stage.instructions) + 1
         base = self.b.expand_meta(stage.base, where)
+        if stage.platform is not None:
+            wanted = self.b.expand_meta(stage.platform, where)
+            if wanted not in (str(self.b.platform), f"{self.b.platform.os}/"
+                              f"{self.b.platform.architecture}"):
+                raise BuildFileError(f"{where}: FROM --platform={wanted}: strata builds for "
+                                     f"the host's platform ({self.b.platform}) only")
         start = time.monotonic()
         step = self.b.step_start(f"{self.label(1, total)} FROM {base}" +
                                  (f" AS {stage.name}" if stage.name else ""))
@@ -370,10 +376,12 @@ class StageBuilder:
         checksum_flag = inst.flag("checksum")
         chown = self.expand(chown, where) if chown else None
         chmod_v = parse_chmod(self.expand(chmod, where)) if chmod else None
-        args = [self.expand(a, where) for a in inst.args]
         heredocs = inst.heredocs
+        marks = {f"<<{q}{h.name}{q}" for h in heredocs for q in ("", '"', "'")}
+        marks |= {"<<-" + m[2:] for m in marks}
+        args = [self.expand(a, where) if a not in marks else a for a in inst.args]
         dest = args[-1] if args else ""
-        srcs = args[:-1]
+        srcs = [a for a in args[:-1] if a not in marks]
         wd = self.cfg.get("WorkingDir") or "/"
         if not dest.startswith("/"):
             dest = posixpath.join(wd, dest) + ("/" if dest.endswith("/") else "")

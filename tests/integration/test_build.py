@@ -297,3 +297,16 @@ def test_dockerfile_and_dockerignore_excluded(strata: Strata, base: str,
     image = strata.out("build", "-q", str(ctx)).strip()
     with Store(str(strata.root)).mount(image) as mp:
         assert sorted(os.listdir(mp / "ctx")) == ["kept"]
+
+
+def test_heredoc_copy_and_platform(store: Store, base: str, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": (
+        "FROM --platform=$BUILDPLATFORM base\nARG WHO=world\n"
+        "COPY <<EOF /greeting\nhello $WHO\nEOF\n"
+        "COPY <<'RAW' /raw\nkept $WHO\nRAW\n")})
+    with store.mount(store.build(ctx)) as mp:
+        assert (mp / "greeting").read_text() == "hello world\n"
+        assert (mp / "raw").read_text() == "kept $WHO\n"
+    (ctx / "Dockerfile").write_text("FROM --platform=linux/s390x base\n")
+    with pytest.raises(BuildFileError, match="host's platform"):
+        store.build(ctx)
