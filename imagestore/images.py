@@ -297,13 +297,17 @@ def _single_reference(tags: Sequence[str], digests: Sequence[str]) -> bool:
 
 def prune(st: State, all_images: bool) -> tuple[list[str], list[str]]:
     """``docker image prune`` applied to ``st``: dangling images (every unused one with
-    ``all_images``) go.  Returns (references untagged, image IDs deleted)."""
+    ``all_images``) go.  As docker's, a build's intermediate image is not dangling while an
+    image it led to is kept (it is that image's build cache), nor is any image a container
+    uses or an intermediate image of it.  Returns (references untagged, image IDs
+    deleted)."""
     deleted: list[str] = []
     untagged: list[str] = []
     tagged = set(st.tags.values())
-    used = {c.get("image") for c in st.containers.values()}
+    used = {str(c.get("image")) for c in st.containers.values()}
+    keep = _with_parents(st, used | (set() if all_images else tagged))
     for image_id in sorted(st.images):
-        if image_id in used or (image_id in tagged and not all_images):
+        if image_id in keep:
             continue
         for t in [t for t, i in st.tags.items() if i == image_id]:
             del st.tags[t]
@@ -311,6 +315,16 @@ def prune(st: State, all_images: bool) -> tuple[list[str], list[str]]:
         st.images.pop(image_id)
         deleted.append(image_id)
     return untagged, deleted
+
+
+def _with_parents(st: State, ids: set[str]) -> set[str]:
+    """``ids`` and the images they were built from, step by step (the records' parents)."""
+    out: set[str] = set()
+    for image_id in ids:
+        while image_id and image_id in st.images and image_id not in out:
+            out.add(image_id)
+            image_id = str(st.images[image_id].get("parent") or "")
+    return out
 
 
 def history(image: Image, layer_size: Callable[[Digest], int]) -> list[dict[str, Any]]:

@@ -108,6 +108,11 @@ def test_intermediate_images_hidden_and_pruned(strata: Strata, store: Store, bas
     assert len(every) == 1 + 7  # base, and one image per step (the last is app:1)
     assert store.inspect(image)["Parent"] in every
     # the cache survives a prune while the image is tagged (its parents are not dangling)...
+    strata("image", "prune", "-f")
+    assert sorted(strata.out("images", "-a", "-q", "--no-trunc").split()) == sorted(every)
+    _, ev = build(store, ctx)
+    assert list(steps(ev).values()).count("CACHED") == 7
+    # ... and goes with it
     strata("rmi", "app:1")
     strata("image", "prune", "-f")
     assert strata.out("images", "-a", "-q", "--no-trunc").split() == [
