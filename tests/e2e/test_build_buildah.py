@@ -10,6 +10,7 @@ import gzip
 import http.server
 import io
 import lzma
+import os
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -134,6 +135,19 @@ COPY a.txt /home/app/
 COPY a.txt /a.txt/
 """
     build_both(strata, buildah, tmp_path, df, CONTEXT)
+
+
+def test_copy_hardlinks_and_xattrs(strata: Strata, buildah: bh.Buildah, tmp_path: Path,
+                                   build_bases: dict[str, str]) -> None:
+    ctx = bh.write_context(tmp_path / "ctx", {"tree/one": "1\n", "tree/deep/x": "x\n"})
+    os.link(ctx / "tree" / "one", ctx / "tree" / "deep" / "hard")
+    os.setxattr(ctx / "tree" / "one", "user.origin", b"context")
+    os.setxattr(ctx / "tree" / "deep", "user.dir", b"yes")
+    df = f"""FROM {build_bases['base']}
+COPY tree /tree/
+"""
+    tree, _ = build_both(strata, buildah, tmp_path, df, {})
+    assert ("user.origin", b"context") in tree["tree/one"][8]
 
 
 def test_copy_chown_chmod(strata: Strata, buildah: bh.Buildah, tmp_path: Path,
