@@ -26,6 +26,7 @@ Caveats:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from .ignore import Matcher, read_patterns
 from .records import StepImages
 from .shell import ShellError, expand
 from .sources import HostTree
-from .stage import PROXY_ARGS, StageBuilder
+from .stage import PROXY_ARGS, StageBuilder, StageMount
 
 if TYPE_CHECKING:
     from ..api import Store
@@ -106,6 +107,7 @@ class Builder:
         self.results: dict[int, Image | None] = {}
         self.pulled: dict[str, Image] = {}
         self.step_no = 0
+        self.closing: list[threading.Thread] = []
         self.downloads = Downloads(store.layers.tmp_dir)
         self.context_tree = HostTree(self.context, Matcher(self._ignore_patterns()))
         self.meta: dict[str, str | None] = {}
@@ -171,6 +173,13 @@ class Builder:
 
     def output(self, step: int, line: str, seconds: float) -> None:
         self.events(BuildEvent("output", step, line, seconds))
+
+    def close_later(self, mount: StageMount) -> None:
+        """Take a stage's mount down in a thread of its own (``run`` waits for it at the
+        end): the unmount and the daemon's exit overlap with the work that follows."""
+        t = threading.Thread(target=mount.close, name="strata-build-unmount")
+        t.start()
+        self.closing.append(t)
 
     def warn(self, text: str) -> None:
         self.events(BuildEvent("warning", 0, text))
@@ -257,8 +266,12 @@ class Builder:
                 sb = StageBuilder(self, st, len(self.df.stages))
                 self.results[st.index] = sb.run()
         finally:
-            self.downloads.close()
-            self.images.flush()  # the steps that finished, also when one failed: the cache
+            try:
+                self.downloads.close()
+                self.images.flush()  # the steps that finished, also when one failed: the cache
+            finally:
+                for t in self.closing:  # no mount outlives the build
+                    t.join()
         image = self.results[self.target.index]
         if image is None:
             raise BuildFileError(f"{self.df.name}:{self.target.line}: the target stage makes "

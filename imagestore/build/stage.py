@@ -173,7 +173,7 @@ class StageBuilder:
             return self.image
         finally:
             if self.mount is not None:
-                self.mount.close()
+                self.b.close_later(self.mount)  # while the images are recorded
                 self.mount = None
 
     def label(self, i: int, total: int) -> str:
