@@ -529,6 +529,20 @@ def build_bases(registry: _rh.RegistryProcess,
 
 
 @pytest.fixture
+def build_base(strata: Strata, tmp_path: Path) -> str:
+    """``base`` in the store: the build tests' base image (``build_base_entries``), loaded
+    from an OCI layout, not pulled."""
+    require_root()
+    require_fuse()
+    layout = str(tmp_path / "base-layout")
+    _b.oci_layout(layout, [_b.tar_bytes(build_base_entries())],
+                  config={"config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}})
+    image_id = strata.out("load", "-q", "-i", layout).split()[-1]
+    strata("tag", image_id, "base")
+    return "base"
+
+
+@pytest.fixture
 def buildah(tmp_path: Path) -> Iterator[_bh.Buildah]:
     require_root()
     require_tool("buildah")

@@ -18,20 +18,7 @@ import pytest
 from imagestore import BuildEvent, BuildFileError, CopySourceError, Store
 from tests import builders as b
 from tests.buildah import write_context
-from tests.conftest import REPO, Strata, build_base_entries, require_fuse, require_root
-
-
-@pytest.fixture
-def base(strata: Strata, tmp_path: Path) -> str:
-    """``base`` in the store: the build tests' base image, loaded from an OCI layout."""
-    require_root()
-    require_fuse()
-    layout = str(tmp_path / "base-layout")
-    b.oci_layout(layout, [b.tar_bytes(build_base_entries())],
-                 config={"config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}})
-    image_id = strata.out("load", "-q", "-i", layout).split()[-1]
-    strata("tag", image_id, "base")
-    return "base"
+from tests.conftest import REPO, Strata, require_fuse, require_root
 
 
 def build(store: Store, ctx: Path, **kw: object) -> tuple[str, list[BuildEvent]]:
@@ -63,7 +50,7 @@ LABEL done=yes
 """
 
 
-def test_cache(store: Store, base: str, tmp_path: Path) -> None:
+def test_cache(store: Store, build_base: str, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": DOCKERFILE, "a.txt": "a\n",
                                            "b.txt": "b\n", "dir/f": "f\n"})
     first, ev = build(store, ctx, tags=["app"])
@@ -97,7 +84,7 @@ def test_cache(store: Store, base: str, tmp_path: Path) -> None:
     assert "CACHED" not in steps(ev).values()
 
 
-def test_intermediate_images_hidden_and_pruned(strata: Strata, store: Store, base: str,
+def test_intermediate_images_hidden_and_pruned(strata: Strata, store: Store, build_base: str,
                                                tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": DOCKERFILE, "a.txt": "a\n",
                                            "b.txt": "b\n", "dir/f": "f\n"})
@@ -120,7 +107,7 @@ def test_intermediate_images_hidden_and_pruned(strata: Strata, store: Store, bas
     assert b"no problems" in strata("check").stderr
 
 
-def test_history_and_layers(store: Store, base: str, tmp_path: Path) -> None:
+def test_history_and_layers(store: Store, build_base: str, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", {
         "Dockerfile": "FROM base\nENV A=1\nCOPY a.txt /\nCOPY a.txt /\nWORKDIR /usr\n"
                       "WORKDIR /made/here\nCMD [\"x\"]\n", "a.txt": "a\n"})
@@ -140,7 +127,7 @@ def test_history_and_layers(store: Store, base: str, tmp_path: Path) -> None:
         assert (mp / "made" / "here").is_dir() and (mp / "a.txt").read_text() == "a\n"
 
 
-def test_cli_flags(strata: Strata, base: str, tmp_path: Path) -> None:
+def test_cli_flags(strata: Strata, build_base: str, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", {"a.txt": "a\n", "other.Dockerfile":
                                            "FROM base\nARG X\nCOPY a.txt /$X\n"})
     out = strata("build", "-q", "-f", str(ctx / "other.Dockerfile"), "--build-arg", "X=y",
@@ -178,7 +165,7 @@ def test_cli_flags(strata: Strata, base: str, tmp_path: Path) -> None:
     ({"Dockerfile": "FROM base\nCOPY --from=nostage /a /x\n"}, "nostage"),
     ({"Dockerfile": "FROM base\nENV X=${Y\n"}, "Dockerfile:2: failed to process"),
 ])
-def test_bad_input(strata: Strata, base: str, tmp_path: Path, files: dict[str, str],
+def test_bad_input(strata: Strata, build_base: str, tmp_path: Path, files: dict[str, str],
                    message: str) -> None:
     ctx = write_context(tmp_path / "ctx", files)
     before = strata.out("images", "-a", "-q", "--no-trunc")
@@ -191,7 +178,7 @@ def test_bad_input(strata: Strata, base: str, tmp_path: Path, files: dict[str, s
     assert b"no problems" in strata("check").stderr
 
 
-def test_api_errors_are_typed(store: Store, base: str, tmp_path: Path) -> None:
+def test_api_errors_are_typed(store: Store, build_base: str, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM base\nCOPY nope /\n"})
     with pytest.raises(CopySourceError, match="nope"):
         store.build(ctx)
@@ -221,7 +208,7 @@ def _slow_server(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_build_leaves_nothing(strata: Strata, store: Store, base: str,
+def test_interrupted_build_leaves_nothing(strata: Strata, store: Store, build_base: str,
                                           tmp_path: Path, sig: int) -> None:
     server, url = _slow_server(tmp_path)
     try:
@@ -292,7 +279,7 @@ def test_pull_flag_and_missing_base(store: Store, tmp_path: Path, registry: obje
     assert version(pulled) == "two\n" and any(e.text == f"pull {ref}" for e in ev)
 
 
-def test_dockerfile_and_dockerignore_excluded(strata: Strata, base: str,
+def test_dockerfile_and_dockerignore_excluded(strata: Strata, build_base: str,
                                               tmp_path: Path) -> None:
     """.dockerignore may exclude the Dockerfile and itself: the build still reads them, a COPY
     does not see them (docker's rule)."""
@@ -304,7 +291,7 @@ def test_dockerfile_and_dockerignore_excluded(strata: Strata, base: str,
         assert sorted(os.listdir(mp / "ctx")) == ["kept"]
 
 
-def test_heredoc_copy_and_platform(store: Store, base: str, tmp_path: Path) -> None:
+def test_heredoc_copy_and_platform(store: Store, build_base: str, tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "ctx", {"Dockerfile": (
         "FROM --platform=$BUILDPLATFORM base\nARG WHO=world\n"
         "COPY <<EOF /greeting\nhello $WHO\nEOF\n"
