@@ -183,7 +183,8 @@ class StageBuilder:
     def _from(self) -> None:
         stage = self.stage
         where = f"{self.df.name}:{stage.line}"
-        total = len(stage.instructions) + 1
+        total = len(stage.instructions) + 1 + (1 if self.b.labels and stage is self.b.target
+                                               else 0)
         base = self.b.expand_meta(stage.base, where)
         if stage.platform is not None:
             wanted = self.b.expand_meta(stage.platform, where)
@@ -209,7 +210,7 @@ class StageBuilder:
 
     def _step(self, inst: Instruction, i: int, total: int) -> None:
         where = f"{self.df.name}:{inst.line}"
-        title = f"{self.label(i, total)} {inst.original}" if inst.line else \
+        title = f"{self.label(i, total)} {inst.original.splitlines()[0]}" if inst.line else \
             f"{self.label(i, total)} LABEL " + " ".join(f"{k}={v}" for k, v in
                                                          self.b.labels.items())
         step = self.b.step_start(title)
@@ -230,16 +231,16 @@ class StageBuilder:
         """A step that changes the config only; True when the cache had it."""
         key = records.cache_key(self.image.id if self.image else "scratch", key_text)
         hit = None if self.b.no_cache else self.b.images.cached(key)
+        parent = self.image.id if self.image else ""
         if hit is not None:
+            if self.mount is not None and self.mount.image_id == parent:
+                self.mount.image_id = hit.id  # the same files: only the config changed
             self._set_image(hit)
-            if self.mount is not None:
-                self.mount.image_id = hit.id
             return True
         doc = dict(self.doc)
         doc["config"] = cfg
         image = self.b.images.new_image(self.image, doc, created_by, None, key, self.author)
-        if self.mount is not None and self.mount.image_id == (self.image.id if self.image
-                                                               else ""):
+        if self.mount is not None and self.mount.image_id == parent:
             self.mount.image_id = image.id
         self._set_image(image)
         return False
