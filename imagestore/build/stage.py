@@ -391,14 +391,19 @@ class StageBuilder:
             raise BuildFileError(f"{where}: COPY cannot take a URL ({urls[0]}): use ADD")
         if checksum_flag is not None and not (urls and add):
             raise BuildFileError(f"{where}: ADD --checksum needs a URL source")
+        contents = [(h.name, self.expand(h.content, where) if h.expand else h.content)
+                    for h in heredocs]
         with self._source_tree(src_from, where) as (tree, from_text):
             sources: list[Source] = []
             for s in srcs:
                 if is_url(s):
                     continue
                 sources += find_sources(tree, s, wildcards=True, what=cmd)
+            if len(sources) + len(urls) + len(heredocs) > 1 and not dest.endswith("/"):
+                raise CopyError(f"{cmd} failed: when using {cmd} with more than one source "
+                                "file, the destination must be a directory and end with a /")
             text = self._copy_text(cmd, tree, sources, urls, dest, chown, chmod_v, from_text,
-                                   heredocs, checksum_flag, where)
+                                   contents, checksum_flag, where)
             key = records.cache_key(self.parent_id(), text)
             if self.cached_step(key):
                 return True
@@ -406,21 +411,19 @@ class StageBuilder:
             root = DestRoot(m.path)
             owner = lookup_owner(root, chown) if chown else None
             opts = CopyOptions(owner, chmod_v, keep_owner=src_from is not None)
-            if len(sources) + len(urls) + len(heredocs) > 1 and not dest.endswith("/"):
-                raise CopyError(f"{cmd} failed: when using {cmd} with more than one source "
-                                "file, the destination must be a directory and end with a /")
             if sources:
                 copy_sources(tree, sources, root, dest, opts, add=add, what=cmd)
             if urls:
                 self.b.downloads.add(urls, root, dest, opts, checksum_flag, where)
-            if heredocs:
-                self._heredoc_files(inst, root, dest, opts, where)
+            if contents:
+                self._heredoc_files(contents, root, dest, opts)
         self.commit_files(self._created_by(text), key)
         return False
 
     def _copy_text(self, cmd: str, tree: Any, sources: list[Source], urls: list[str],
                    dest: str, chown: str | None, chmod: int | None, from_text: str,
-                   heredocs: Any, checksum_flag: str | None, where: str) -> str:
+                   contents: list[tuple[str, str]], checksum_flag: str | None,
+                   where: str) -> str:
         if len(sources) == 1 and not urls:
             kind = "dir" if sources[0].entry.is_dir else "file"
         else:
@@ -428,8 +431,8 @@ class StageBuilder:
         digest = checksum(tree, sources) if sources else ""
         if urls:
             digest = self.b.downloads.digests(urls, checksum_flag, where) + digest
-        if heredocs:
-            digest += json.dumps([[h.name, h.content] for h in heredocs])
+        if contents:
+            digest += json.dumps(contents)
         flags = "".join([f"--from={from_text} " if from_text else "",
                          f"--chown={chown} " if chown else "",
                          f"--chmod={chmod:o} " if chmod is not None else ""])
@@ -448,11 +451,11 @@ class StageBuilder:
     def _source_tree(self, src_from: str | None, where: str) -> _SourceTree:
         return _SourceTree(self, src_from, where)
 
-    def _heredoc_files(self, inst: Instruction, root: DestRoot, dest: str,
-                       opts: CopyOptions, where: str) -> None:
-        for h in inst.heredocs:
-            content = self.expand(h.content, where) if h.expand else h.content
-            target = dest + h.name if dest.endswith("/") else dest
+    @staticmethod
+    def _heredoc_files(contents: list[tuple[str, str]], root: DestRoot, dest: str,
+                       opts: CopyOptions) -> None:
+        for name, content in contents:
+            target = dest + name if dest.endswith("/") else dest
             rel = root.locate(target, follow_last=False)
             root.mkdirs(posixpath.dirname(rel), opts.owner or (0, 0))
             with open(root.host(rel), "w") as f:

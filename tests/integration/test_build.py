@@ -299,6 +299,8 @@ def test_heredoc_copy_and_platform(store: Store, build_base: str, tmp_path: Path
     with store.mount(store.build(ctx)) as mp:
         assert (mp / "greeting").read_text() == "hello world\n"
         assert (mp / "raw").read_text() == "kept $WHO\n"
+    with store.mount(store.build(ctx, build_args={"WHO": "you"})) as mp:
+        assert (mp / "greeting").read_text() == "hello you\n"  # a new key: not the cache
     (ctx / "Dockerfile").write_text("FROM --platform=linux/s390x base\n")
     with pytest.raises(BuildFileError, match="host's platform"):
         store.build(ctx)
