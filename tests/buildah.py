@@ -14,6 +14,7 @@ Where buildah and docker differ, docker is the reference and the comparison says
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -154,3 +155,22 @@ def write_context(root: Path, files: dict[str, Any]) -> Path:
         else:
             p.write_bytes(spec.encode() if isinstance(spec, str) else spec)
     return root
+
+
+def small_tar(entries: dict[str, bytes]) -> bytes:
+    """A tar of ``entries`` (a name ending in ``/`` is a directory, mode 0750; files 0640,
+    owned by 1000:50)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in entries.items():
+            ti = tarfile.TarInfo(name)
+            if name.endswith("/"):
+                ti.type = tarfile.DIRTYPE
+                ti.mode = 0o750
+                tf.addfile(ti)
+                continue
+            ti.size = len(data)
+            ti.mode = 0o640
+            ti.uid, ti.gid = 1000, 50
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()

@@ -552,3 +552,34 @@ def buildah(tmp_path: Path) -> Iterator[_bh.Buildah]:
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture
+def http_files(tmp_path: Path) -> Iterator[str]:
+    """A web server on 127.0.0.1 serving ``tmp_path/www`` (``file.txt``, ``archive.tar``),
+    with ``Last-Modified`` headers from the files' mtimes."""
+    import http.server
+    import threading
+    from typing import Any
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "file.txt").write_bytes(b"downloaded\n")
+    (www / "archive.tar").write_bytes(_bh.small_tar({"x": b"x\n"}))
+    os.utime(www / "file.txt", (1_600_000_000, 1_600_000_000))
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(www), **kw)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import http.server
-import io
 import lzma
 import os
-import tarfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests import buildah as bh
 from tests.conftest import Strata
@@ -165,20 +158,7 @@ COPY --chown=app --chmod=600 a.txt /both/deep/
 
 
 def _tar(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in entries.items():
-            ti = tarfile.TarInfo(name)
-            if name.endswith("/"):
-                ti.type = tarfile.DIRTYPE
-                ti.mode = 0o750
-                tf.addfile(ti)
-                continue
-            ti.size = len(data)
-            ti.mode = 0o640
-            ti.uid, ti.gid = 1000, 50
-            tf.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
+    return bh.small_tar(entries)
 
 
 def test_add_archives(strata: Strata, buildah: bh.Buildah, tmp_path: Path,
@@ -203,31 +183,6 @@ ADD --chown=app a.txt /added-owned/
 """
     tree, _ = build_both(strata, buildah, tmp_path, df, files)
     assert "gz/pkg/two" in tree and "kept/notatar.gz" in tree
-
-
-@pytest.fixture
-def http_files(tmp_path: Path) -> Iterator[str]:
-    """A web server on 127.0.0.1 serving tmp_path/www (with Last-Modified headers)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    (www / "file.txt").write_bytes(b"downloaded\n")
-    (www / "archive.tar").write_bytes(_tar({"x": b"x\n"}))
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, directory=str(www), **kw)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_add_url(strata: Strata, buildah: bh.Buildah, tmp_path: Path,

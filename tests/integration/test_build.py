@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imagestore import BuildEvent, BuildFileError, CopySourceError, Store
+from imagestore import BuildEvent, BuildFileError, CopySourceError, Store, StoreError
 from tests import builders as b
 from tests.buildah import write_context
 from tests.conftest import REPO, Strata, require_fuse, require_root
@@ -303,4 +303,29 @@ def test_heredoc_copy_and_platform(store: Store, build_base: str, tmp_path: Path
         assert (mp / "greeting").read_text() == "hello you\n"  # a new key: not the cache
     (ctx / "Dockerfile").write_text("FROM --platform=linux/s390x base\n")
     with pytest.raises(BuildFileError, match="host's platform"):
+        store.build(ctx)
+
+
+def test_add_url_mtime_and_checksum(store: Store, build_base: str, tmp_path: Path,
+                                    http_files: str) -> None:
+    import hashlib
+
+    good = "sha256:" + hashlib.sha256(b"downloaded\n").hexdigest()
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": (
+        f"FROM base\nADD {http_files}/file.txt /plain/\n"
+        f"ADD --checksum={good} {http_files}/file.txt /checked\n")})
+    with store.mount(store.build(ctx)) as mp:
+        st = os.stat(mp / "plain" / "file.txt")
+        assert st.st_mtime == 1_600_000_000 and st.st_mode & 0o7777 == 0o600
+        assert (mp / "checked").read_bytes() == b"downloaded\n"
+    bad = "sha256:" + "0" * 64
+    (ctx / "Dockerfile").write_text(f"FROM base\nADD --checksum={bad} {http_files}/file.txt "
+                                    "/x\n")
+    with pytest.raises(StoreError, match="digest mismatch"):
+        store.build(ctx)
+    (ctx / "Dockerfile").write_text(f"FROM base\nADD {http_files}/missing /x\n")
+    with pytest.raises(StoreError, match="404"):
+        store.build(ctx)
+    (ctx / "Dockerfile").write_text(f"FROM base\nCOPY {http_files}/file.txt /x\n")
+    with pytest.raises(BuildFileError, match="COPY cannot take a URL"):
         store.build(ctx)
