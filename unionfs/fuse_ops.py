@@ -74,9 +74,6 @@ def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
 # A pyfuse3 built with ``patches/pyfuse3-cache-readdir.patch`` lets ``opendir`` ask the kernel
 # to cache listings; the stock one takes only a number there.
 CACHE_READDIR = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
-# ``patches/pyfuse3-plain-readdir.patch``: the kernel may send plain READDIR requests (names,
-# numbers and types; no attributes, no lookup counts) where it does not need attributes.
-READDIR_PLAIN = bool(getattr(pyfuse3, "READDIR_PLAIN", False))
 
 
 def _name(raw: bytes) -> str:
@@ -86,9 +83,6 @@ def _name(raw: bytes) -> str:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
-    # plain READDIR where the kernel wants no attributes: off, since a find then pays a LOOKUP
-    # per name (docs/bench/issue14.md: first ls -45%, find +10..45%)
-    enable_readdirplus_auto = False
 
     def __init__(self, union: Union, timeout: float = 86400.0) -> None:
         super().__init__()
@@ -226,6 +220,9 @@ class Operations(pyfuse3.Operations):
         with its tree for a ``rename``): in a worker thread when that copy is big, so other
         requests go on.  Read handles on the lower file then read the upper copy, as
         overlayfs's do."""
+        node = self.union.find(path)
+        if node is None or self.union.in_upper(node) and not rename:
+            return fn(*args)  # nothing to copy up
         if self.union.copy_cost(path, size, rename) > BIG_COPY:
             got = await trio.to_thread.run_sync(lambda: fn(*args), limiter=self.limiter)
         else:
@@ -354,8 +351,10 @@ class Operations(pyfuse3.Operations):
         so a reader resumes after the name it saw last in any listing.  "." and ".." come
         first and, as pyfuse3 asks, add no lookup count.  The kernel applies the attributes
         it gets here to inodes it holds, so a listing made by an earlier call answers with
-        what upper files are now (data written since must not read back as lost).  A plain
-        READDIR (the kernel wants no attributes) gets names, numbers and types only."""
+        what upper files are now (data written since must not read back as lost).  Every
+        request is a READDIRPLUS: plain READDIR for the requests the kernel would make
+        without attributes was measured and rejected (docs/bench/issue14.md: a first ls 45%
+        faster, a find 10-45% slower, as every name then costs a LOOKUP)."""
         d = self.dirs[fh]
         made = d.listing is None or start_id == 0
         if made:
@@ -366,9 +365,6 @@ class Operations(pyfuse3.Operations):
         for i in range(start_id, len(dots)):
             if not pyfuse3.readdir_reply(token, dots[i][0], dots[i][1], i + 1):
                 return
-        if READDIR_PLAIN and not getattr(token, "plus", True):
-            self._readdir_names(token, offsets, entries, start_id)
-            return
         ref, attr, reply, encode = self.inodes.ref, self._attr, pyfuse3.readdir_reply, os.fsencode
         for i in range(bisect.bisect_right(offsets, start_id), len(entries)):
             name, node = entries[i]
@@ -379,15 +375,6 @@ class Operations(pyfuse3.Operations):
                 self.inodes.forget(inode.ino, 0)
                 return
             inode.lookups += 1
-
-    def _readdir_names(self, token: pyfuse3.ReaddirToken, offsets: list[int],
-                       entries: list[tuple[str, Node]], start_id: int) -> None:
-        number, encode = self.inodes.number, os.fsencode
-        reply = getattr(pyfuse3, "readdir_reply_name")  # noqa: B009 (only patched builds)
-        for i in range(bisect.bisect_right(offsets, start_id), len(entries)):
-            name, node = entries[i]
-            if not reply(token, encode(name), number(node), node.entry.mode, offsets[i]):
-                return
 
     @handler
     async def releasedir(self, fh: int) -> None:
@@ -505,12 +492,12 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
         async with self.lock:
-            node = self.union.create(self._path(parent_inode), _name(name), stat.S_IMODE(mode),
-                                     ctx.uid, ctx.gid)
+            node, fd = self.union.create_open(self._path(parent_inode), _name(name),
+                                              stat.S_IMODE(mode), ctx.uid, ctx.gid)
         attr = self._entry(node, new=True)
         i = self._inode(attr.st_ino)
         fh = self._new_fh()
-        self.handles[fh] = Handle(i, self.union.open_file(node, True), node, True, False)
+        self.handles[fh] = Handle(i, fd, node, True, False)
         self.inodes.opened(i)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), attr
 

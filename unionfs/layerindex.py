@@ -136,7 +136,7 @@ class LayerIndex:
 class Block:
     """One directory's children, decoded on first use."""
 
-    __slots__ = ("names", "pos", "cols", "targets", "xattrs", "sparse")
+    __slots__ = ("names", "pos", "cols", "targets", "xattrs", "sparse", "_row_cols")
 
     def __init__(self, raw: bytes) -> None:
         names, cols, self.targets, self.xattrs, self.sparse = marshal.loads(raw)
@@ -147,9 +147,10 @@ class Block:
             a = array("q")
             a.frombytes(v)
             self.cols[k] = a
+        self._row_cols = [self.cols[k] for k in _ROW]
 
     def row(self, j: int) -> tuple[Any, ...]:
-        return (*(self.cols[k][j] for k in _ROW), self.targets.get(j, ""),
+        return (*[c[j] for c in self._row_cols], self.targets.get(j, ""),
                 self.xattrs.get(j, {}), self.sparse.get(j))
 
 

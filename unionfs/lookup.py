@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Sequence
 
 from .errors import UnionError
@@ -105,10 +106,11 @@ class Lookup:
         """The link count ``stat`` shows: 1 for a directory that merges layers, as overlayfs
         shows every merged directory, and for a renamed one with lower content (overlayfs's
         stays merged through its redirect), else the object's own."""
-        if node.is_dir and (node.merged or (self.ids[node.layer], node.entry.obj)
-                            in self.renamed):
+        e = node.entry
+        if stat.S_ISDIR(e.mode) and (len(node.stack) > 1 or (self.ids[node.layer], e.obj)
+                                     in self.renamed):
             return 1
-        return node.entry.nlink
+        return e.nlink
 
     def identity(self, node: Node) -> tuple[int, int]:
         """What ``node`` is: ``(layer id, object in that layer)``; a copied-up object is

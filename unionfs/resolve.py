@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .layers import Entry, LowerLayer, join
+from .layers import WHITEOUT, Entry, LowerLayer, join
 
 Stack = tuple[tuple[int, Entry], ...]
 
@@ -125,6 +125,12 @@ class UnionView:
 
     def listdir(self, node: Node) -> list[tuple[str, Node]]:
         """Visible children of the directory ``node``, sorted by name."""
+        if len(node.stack) == 1:  # one layer: nothing to merge, whiteouts aside
+            li = node.stack[0][0]
+            prefix = node.path + "/" if node.path else ""
+            return sorted((name, Node(prefix + name, e, li, ((li, e),)))
+                          for name, e in self.layers[li].children(node.path)
+                          if not e.flags & WHITEOUT)
         per_name: dict[str, list[tuple[int, Entry]]] = {}
         for li, _ in node.stack:
             for name, e in self.layers[li].children(node.path):

@@ -210,10 +210,26 @@ class Union(Lookup):
         return self._made(path, lower)
 
     def create(self, parent_path: str, name: str, mode: int, uid: int, gid: int) -> Node:
+        node, fd = self.create_open(parent_path, name, mode, uid, gid)
+        os.close(fd)
+        return node
+
+    def create_open(self, parent_path: str, name: str, mode: int, uid: int,
+                    gid: int) -> tuple[Node, int]:
+        """``create``, returning the new file open for reading and writing as well."""
         mode, gid = self._owned(parent_path, mode, gid, False)
         path, over, lower = self._prepare_new(parent_path, name)
-        self._up().make_file(path, Attrs(mode, uid, gid), over=over)
-        return self._made(path, lower)
+        upper = self._up()
+        if over:  # a whiteout is there: the file is built in the work dir and put over it
+            upper.make_file(path, Attrs(mode, uid, gid), over=True)
+            node = self._made(path, lower)
+            return node, upper.open_path(path, os.O_RDWR)
+        fd, e = upper.create_file(path, Attrs(mode, uid, gid))
+        self._changed(path)
+        node = Node(path, e, 0, ((0, e),))
+        self.origins.pop((self.ids[0], e.obj), None)  # its host inode number may be reused
+        self._remember(path, node)
+        return node, fd
 
     def mknod(self, parent_path: str, name: str, mode: int, rdev: int, uid: int,
               gid: int) -> Node:
@@ -417,13 +433,10 @@ class Union(Lookup):
                 raise UnionError(errno.EINVAL, path)
         node = self.copy_up(path, size=size)
         times = None if atime_ns is None and mtime_ns is None else (atime_ns, mtime_ns)
-        upper = self._up()
-        upper.set_attrs(path, mode=mode, uid=uid, gid=gid, size=size, times=times)
+        e = self._up().set_attrs(path, node.entry, mode=mode, uid=uid, gid=gid, size=size,
+                                 times=times)
         # only the top entry's attributes changed: no need to look the path up again
-        e = upper.entry(path)
         self._changed(path)
-        if e is None or e.is_whiteout:
-            return self.resolve(path)
         fresh = Node(path, e, 0, ((0, e), *node.stack[1:]))
         self._remember(path, fresh)
         return fresh

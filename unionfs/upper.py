@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from . import hostdir
 from . import whiteout as wh
 from .hostdir import HostDir, errno_error
-from .layers import DirLayer, Entry, LowerLayer, split
+from .layers import DirLayer, Entry, LowerLayer, restat, split
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -207,6 +207,30 @@ class UpperLayer(DirLayer):
             raise
         self._install(tmp, path, over)
 
+    def create_file(self, path: str, attrs: Attrs) -> tuple[int, Entry]:
+        """A new empty regular file at ``path`` (where nothing is, not even a whiteout), made
+        in place as the kernel does and left open for reading and writing: its descriptor
+        and its entry.  (The request that creates a file goes on to write it.)"""
+        fd = self.dir.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        perm = attrs.mode & 0o7777
+        try:
+            st = os.fstat(fd)
+            if not self.is_root:
+                self._apply(self.dir, path, attrs, stat.S_IFREG, fd)
+            else:
+                if (st.st_uid, st.st_gid) != (attrs.uid, attrs.gid):
+                    os.fchown(fd, attrs.uid, attrs.gid)
+                if stat.S_IMODE(st.st_mode) != perm:
+                    os.fchmod(fd, perm)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            self.dir.unlink(path)
+            raise
+        return fd, Entry(stat.S_IFREG | perm, attrs.uid, attrs.gid, st.st_size, st.st_mtime_ns,
+                         0, st.st_nlink, "", 0, path, self._obj(st), st.st_atime_ns,
+                         st.st_ctime_ns, st.st_blocks)
+
     def make_file(self, path: str, attrs: Attrs, src: tuple[LowerLayer, Entry] | None = None,
                   over: bool = False, size: int | None = None) -> None:
         """A regular file at ``path``: empty, or a copy of ``src``'s data (copy-up).  ``size``
@@ -321,39 +345,40 @@ class UpperLayer(DirLayer):
     def set_opaque(self, path: str) -> None:
         self.dir.call(path, wh.make_opaque)
 
-    def set_attrs(self, path: str, *, mode: int | None = None, uid: int | None = None,
-                  gid: int | None = None, size: int | None = None,
-                  times: tuple[int | None, int | None] | None = None) -> None:
-        """chmod/chown/truncate/utimens on an upper object (``times``: atime, mtime in ns;
-        None keeps that one)."""
-        st = self.dir.lstat(path)
-        kind = stat.S_IFMT(st.st_mode)
-        is_link = stat.S_ISLNK(st.st_mode)
+    def set_attrs(self, path: str, cur: Entry, *, mode: int | None = None,
+                  uid: int | None = None, gid: int | None = None, size: int | None = None,
+                  times: tuple[int | None, int | None] | None = None) -> Entry:
+        """chmod/chown/truncate/utimens on the upper object at ``path`` whose entry is ``cur``
+        (``times``: atime, mtime in ns; None keeps that one).  Returns its entry now."""
+        kind = stat.S_IFMT(cur.mode)
+        is_link = stat.S_ISLNK(kind)
+        new_uid = cur.uid if uid is None else uid
+        new_gid = cur.gid if gid is None else gid
+        perm = stat.S_IMODE(cur.mode) if mode is None else mode & 0o7777
+        foreign = (new_uid, new_gid) != (os.geteuid(), os.getegid())
         if uid is not None or gid is not None:
-            cur = self.entry(path)
-            assert cur is not None
-            new_uid = cur.uid if uid is None else uid
-            new_gid = cur.gid if gid is None else gid
-            perm = stat.S_IMODE(cur.mode)
             if self.is_root:
                 self.dir.chown(path, new_uid, new_gid)  # clears setuid/setgid as for the union
             else:
-                self._apply(self.dir, path,
-                            Attrs(perm if mode is None else mode, new_uid, new_gid), kind)
+                self._apply(self.dir, path, Attrs(perm, new_uid, new_gid), kind)
         if mode is not None and not is_link:
-            self.dir.chmod(path, mode & 0o7777)
-            if not self.is_root:
-                cur = self.entry(path)
-                assert cur is not None
-                if (cur.uid, cur.gid) != (os.geteuid(), os.getegid()):
-                    self._apply(self.dir, path, Attrs(mode, cur.uid, cur.gid), kind)
+            self.dir.chmod(path, perm)
+            if not self.is_root and foreign:
+                self._apply(self.dir, path, Attrs(perm, new_uid, new_gid), kind)
         if size is not None:
             self.dir.truncate(path, size)
         if times is not None:
-            st = self.dir.lstat(path)
-            atime = st.st_atime_ns if times[0] is None else times[0]
-            mtime = st.st_mtime_ns if times[1] is None else times[1]
+            atime, mtime = times
+            if atime is None or mtime is None:
+                st = self.dir.lstat(path)
+                atime = st.st_atime_ns if atime is None else atime
+                mtime = st.st_mtime_ns if mtime is None else mtime
             self.dir.utime(path, (atime, mtime))
+        st = self.dir.lstat(path)
+        if self.is_root:
+            return restat(cur._replace(uid=st.st_uid, gid=st.st_gid), st, mode=True)
+        shown = kind | perm if foreign or mode is not None else st.st_mode
+        return restat(cur._replace(uid=new_uid, gid=new_gid, mode=shown), st, mode=False)
 
     def times(self, path: str) -> tuple[int, int]:
         """(atime, mtime) of ``path`` in ns."""

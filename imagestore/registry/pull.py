@@ -307,6 +307,7 @@ class _PartialReader:
             self.resumed = 0
         self.pos = 0  # bytes handed to the reader
         self.buf = b""
+        self.eof = False  # the pump's end was handed out: nothing more will come
         self._ahead: queue.Queue[bytes | BaseException] = queue.Queue(self.AHEAD)
         self._done = threading.Event()
 
@@ -347,12 +348,15 @@ class _PartialReader:
             data = os.pread(self.fd, min(n, self.resumed - self.pos), self.pos)
             if not data:
                 raise StoreError(f"partial download of {self.desc.digest} shrank while read")
+        elif self.eof:
+            return b""  # (a reader that drains after the end must not wait for more)
         else:
             item = self._ahead.get()
             if isinstance(item, BaseException):
                 self._ahead.put(item)  # again, for a reader that reads on
                 raise item
             data = item
+            self.eof = not data
         self.pos += len(data)
         return data
 
