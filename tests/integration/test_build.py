@@ -329,3 +329,19 @@ def test_add_url_mtime_and_checksum(store: Store, build_base: str, tmp_path: Pat
     (ctx / "Dockerfile").write_text(f"FROM base\nCOPY {http_files}/file.txt /x\n")
     with pytest.raises(BuildFileError, match="COPY cannot take a URL"):
         store.build(ctx)
+
+
+def test_built_image_is_a_normal_image(strata: Strata, build_base: str, tmp_path: Path,
+                                       registry: object) -> None:
+    """A built image pushes, pulls elsewhere and mounts like any other."""
+    host = registry.host  # type: ignore[attr-defined]
+    ctx = write_context(tmp_path / "ctx", {"Dockerfile": "FROM base\nCOPY a /a\nCMD [\"x\"]\n",
+                                           "a": "payload\n"})
+    strata("build", "-q", "-t", f"{host}/test/built:1", str(ctx))
+    strata("push", "-q", f"{host}/test/built:1")
+    other = Strata(tmp_path / "other-store")
+    other("pull", "-q", f"{host}/test/built:1")
+    with Store(str(other.root)).mount(f"{host}/test/built:1") as mp:
+        assert (mp / "a").read_text() == "payload\n"
+    assert strata.out("inspect", "-f", "{{.Id}}", f"{host}/test/built:1") == \
+        other.out("inspect", "-f", "{{.Id}}", f"{host}/test/built:1")
