@@ -12,8 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import buildah as bh
 from tests.conftest import Strata
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.registry, pytest.mark.interop]
 
 
 def build_both(strata: Strata, buildah: bh.Buildah, tmp_path: Path, dockerfile: str,

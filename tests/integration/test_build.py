@@ -20,6 +20,8 @@ from tests import builders as b
 from tests.buildah import write_context
 from tests.conftest import REPO, Strata, require_fuse, require_root
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
 
 def build(store: Store, ctx: Path, **kw: object) -> tuple[str, list[BuildEvent]]:
     events: list[BuildEvent] = []

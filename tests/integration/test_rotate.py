@@ -13,6 +13,8 @@ from imagestore.errors import MountFailed
 from imagestore.mounts import Mounts, rotate
 from tests.conftest import require_fuse, require_root
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> dict[str, Path]:
