@@ -14,8 +14,8 @@ stages' results); ``copy`` and ``sources`` do COPY/ADD, ``metadata`` the config,
 RUN, ``records`` the images and the cache.
 
 Caveats:
-* The mount is made with ``allow_other`` and ``suid`` (the image's users must reach their
-  files, a setuid program must work in RUN), never ``dev``.
+* As root, the mount is made with ``allow_other`` and ``suid`` (the image's users must reach
+  their files, a setuid program must work in RUN), never ``dev``.
 * Directories the stage made in ``<root>/tmp/build-*`` are removed by the mount daemon when
   the mount ends, also when the build was killed (the daemon's lifeline).
 """
@@ -69,8 +69,9 @@ class StageMount:
         upper, work = self._pair()
         mp = os.path.join(self.dir, "rootfs")
         os.mkdir(mp)
+        root = os.geteuid() == 0  # RUN needs root; a COPY-only build runs without
         plan = mounting.plan(store, mounting.Layers(tuple(layers), upper, work, self.dir), mp,
-                             allow_other=True, suid=True)
+                             allow_other=root, suid=root)
         self.log = plan.log
         self._cm = mounting.mounted(plan)
         self.path = str(self._cm.__enter__())
