@@ -184,6 +184,7 @@ ADD packed.xz /xz
 ADD notatar.gz /kept/
 ADD a.txt /added
 ADD --chown=app a.txt /added-owned/
+ADD --chown=app plain.tar /owned-tar/
 """
     tree, _ = build_both(strata, buildah, tmp_path, df, files)
     assert "gz/pkg/two" in tree and "kept/notatar.gz" in tree
