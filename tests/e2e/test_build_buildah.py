@@ -290,3 +290,14 @@ COPY a.txt $WHERE/
     assert "WHERE_ENV=/given" in cfg["config"]["Env"]
     assert "OTHER_ENV=other" in cfg["config"]["Env"]
     assert cfg["config"]["Labels"]["extra"] == "label"
+
+
+def test_workdir_as_a_user(strata: Strata, buildah: bh.Buildah, tmp_path: Path,
+                           build_bases: dict[str, str]) -> None:
+    df = f"""FROM {build_bases['base']}
+USER app
+WORKDIR /appdir/deeper
+COPY a.txt ./
+COPY --chown=app b.txt ./
+"""
+    build_both(strata, buildah, tmp_path, df, CONTEXT)
