@@ -24,8 +24,9 @@ def register(sub: Any, image_sub: Any) -> None:
                    help="apply a Dockerfile instruction (CMD, ENV, ...) to the image")
     p.add_argument("--squash", action="store_true",
                    help="write the whole merged rootfs as a single layer")
-    p.add_argument("--compression", choices=LAYER_COMPRESSIONS, default="gzip",
-                   help="layer compression (default gzip)")
+    p.add_argument("--compression", choices=(*LAYER_COMPRESSIONS, "estargz"), default="gzip",
+                   help="layer compression (default gzip; estargz: gzip that can be pulled "
+                        "lazily)")
     p.add_argument("--format", choices=["oci", "docker"], default="oci",
                    help="manifest and config media types (default oci)")
     p.add_argument("--timestamp", type=int, metavar="SECONDS",

@@ -32,7 +32,8 @@ def register(sub: Any, image_sub: Any) -> None:
     for parent, name in ((sub, "rm"), (csub, "rm")):
         p = parent.add_parser(name, help="remove containers")
         p.add_argument("containers", nargs="+", metavar="CONTAINER")
-        p.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
+        p.add_argument("-f", "--force", action="store_true",
+                       help="kill it first if it runs, unmount it first if mounted")
         p.set_defaults(func=cmd_rm)
     p = csub.add_parser("create", help="create a container")
     p.add_argument("image", metavar="IMAGE")
@@ -56,12 +57,22 @@ def image_column(c: Container, no_trunc: bool) -> str:
 
 
 def status(c: Container) -> str:
-    if c.mount is None:
-        return "Created"
-    if c.mount.elsewhere:
+    """docker's STATUS: ``Up 3 seconds`` while ``strata run`` runs it, else where it is
+    mounted, else ``Exited (0) 2 minutes ago`` after a run, else ``Created``."""
+    ran = c.last_run
+    if ran is not None and ran.status == "running":
+        return "Up " + since(ran.started).removesuffix(" ago") + \
+            (" (orphaned: its strata run was killed)" if ran.orphaned else "")
+    if c.mount is not None and c.mount.elsewhere:
         return (f"Mounted in another mount namespace only (unmounted from "
                 f"{c.mount.mountpoint} here)")
-    return f"Mounted at {c.mount.mountpoint}"
+    if c.mount is not None:
+        return f"Mounted at {c.mount.mountpoint}"
+    if ran is not None and ran.status == "exited":
+        return f"Exited ({ran.exit_code}) {since(ran.finished)}"
+    if ran is not None:
+        return "Exited (unknown)"  # its strata run was killed
+    return "Created"
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -166,6 +166,8 @@ def _image_rows(args: argparse.Namespace, damaged: list[InvalidImage]
                 "SharedSize": "N/A",
                 "UniqueSize": "N/A",
                 "Containers": "N/A",
+                # strata's own: "partial" while layers pulled with --lazy are still arriving
+                "Local": "partial" if store.lazy_layers(image) else "complete",
             })
     return rows
 
@@ -195,6 +197,11 @@ def _print_images(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         head = {"Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST",
                 "ID": "IMAGE ID", "CreatedSince": "CREATED", "Size": "SIZE"}
         table([[head[c] for c in cols]] + [[r[c] for c in cols] for r in rows])
+        partial = list(dict.fromkeys(r["ID"] for r in rows if r["Local"] == "partial"))
+        if partial:  # docker has no such column: a note keeps the table docker's
+            sys.stdout.flush()
+            print(f"note: not fully local (pulled with --lazy; `strata pull` completes them): "
+                  f"{', '.join(partial)}", file=sys.stderr)
 
 
 def cmd_tag(args: argparse.Namespace) -> int:

@@ -27,6 +27,9 @@ def register(sub: Any, image_sub: Any) -> None:
                                           "image (default: the host's)")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="print only the image reference")
+        p.add_argument("--lazy", action="store_true",
+                       help="fetch only the table of contents of layers in a seekable format "
+                            "(eStargz, zstd:chunked); their files are fetched when read")
         p.set_defaults(func=cmd_pull)
     for parent in (sub, image_sub):
         p = parent.add_parser(
@@ -39,6 +42,9 @@ def register(sub: Any, image_sub: Any) -> None:
                        help="where to push it (default: NAME)")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="print only the pushed reference")
+        p.add_argument("--compression", choices=("gzip", "zstd", "estargz", "zstd:chunked"),
+                       help="recompress the layers in another form on the way (estargz and "
+                            "zstd:chunked can be pulled lazily); the pushed manifest is OCI")
         p.set_defaults(func=cmd_push)
     p = sub.add_parser("login", help="log in to a registry",
                        description="Check credentials against a registry and store them as "
@@ -57,7 +63,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .progress import ProgressPrinter
 
     printer = None if args.quiet else ProgressPrinter()
-    result = store_of(args).pull(args.name, platform=args.platform, progress=printer)
+    result = store_of(args).pull(args.name, platform=args.platform, progress=printer,
+                                lazy=args.lazy)
     if not args.quiet:
         print(f"Digest: {result.digest}")
         status = "Image is up to date" if result.up_to_date else "Downloaded newer image"
@@ -70,7 +77,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .progress import ProgressPrinter
 
     printer = None if args.quiet else ProgressPrinter()
-    result = store_of(args).push(args.name, args.dest, progress=printer)
+    result = store_of(args).push(args.name, args.dest, progress=printer,
+                                 compression=args.compression)
     if args.quiet:
         print(result.ref)
     else:

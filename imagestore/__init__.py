@@ -3,9 +3,9 @@ the public Python API of strata.
 
 ``Store`` (``api.py``) is the entry point, the one public class: ``Store(root=None)`` opens a
 store and offers everything the ``strata`` command does — pull, push, load, import, tag,
-remove, save, export, containers, commit, mounts, check.  The values it returns and the errors
-it raises are exported here; ``docs/api.md`` is the reference, ``docs/architecture.md`` the map
-of the modules behind it.
+remove, save, export, containers, commit, mounts, run, check.  The values it returns and the
+errors it raises are exported here; ``docs/api.md`` is the reference, ``docs/architecture.md``
+the map of the modules behind it.
 
 Caveats:
 * The names below are imported on first use (PEP 562), so that importing a submodule — the
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .build.dockerfile import BuildFileError
     from .build.errors import BuildStepFailed
     from .build.sources import CopySourceError
-    from .containers import Container
+    from .containers import Container, RunState
     from .errors import (
         Ambiguous,
         Conflict,
@@ -48,11 +48,14 @@ if TYPE_CHECKING:
     from .progress import ProgressEvent, ProgressFn
     from .reference import Reference
     from .registry import AuthError, NotFound, PullResult, PushResult, RegistryError
+    from .runner import RunResult
+    from .runtime import RunError
 
 _WHERE = {
-    "Store": "api", "Loaded": "archive", "Container": "containers", "MountRecord": "mounts",
-    "Directories": "mounting", "ProgressEvent": "progress", "ProgressFn": "progress",
-    "Reference": "reference", "Image": "images", "Removed": "images",
+    "Store": "api", "Loaded": "archive", "Container": "containers", "RunState": "containers",
+    "MountRecord": "mounts", "Directories": "mounting", "ProgressEvent": "progress",
+    "ProgressFn": "progress", "Reference": "reference", "Image": "images", "Removed": "images",
+    "RunError": "runtime", "RunResult": "runner",
     "BuildEvent": "build.builder", "BuildProgress": "build.builder",
     "BuildFileError": "build.dockerfile", "CopySourceError": "build.sources",
     "BuildStepFailed": "build.errors",
@@ -70,7 +73,8 @@ __all__ = [
     "Directories", "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
     "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
     "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",
-    "Removed", "Store", "StoreError", "StoreFull", "Unsupported",
+    "Removed", "RunError", "RunResult", "RunState", "Store", "StoreError", "StoreFull",
+    "Unsupported",
 ]
 
 

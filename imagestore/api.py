@@ -16,8 +16,11 @@ Layout under the root (``root``, ``$STRATA_ROOT``, ``/var/lib/strata`` for root,
     layers/sha256/<hex>/        per diff_id: layer.tar, index, meta.json
     state.json                  tags, images (manifest, repo digests), containers
     lock, gc.lock               flock files (state.py)
-    containers/<id>/            upper/ and work/ of a container, mount.lock
+    containers/<id>/            upper/ and work/ of a container, mount.lock; after a run also
+                                init/ (stubs of mount targets), hosts, hostname, resolv.conf,
+                                run/ (the runtime bundle and state.json)
     mounts/<key>.json .log .sock    a live mount's record, its daemon's log, control socket
+    runtime/<crun|runc>/<id>    the OCI runtime's state of a running container (crun --root)
     blob-sources.json           repositories each blob came from or went to (push mounts)
     tmp/                        in-progress writes (same file system, so renames are atomic)
 
@@ -25,8 +28,10 @@ Seams: the class holds argument handling and locking order only.  ``layers`` (a
 ``LayerStore``, which owns the ``BlobStore`` ``blobs``) and ``state`` (``StateFile``) are the
 storage; ``images`` (records, names, docker's removal rules), ``gc`` (collection, ingesting),
 ``archive``, ``commit``, ``changeset``, ``containers``, ``mounts``, ``mounting`` (the only
-spawner of the mount daemon), ``check`` and ``registry`` do the work.  The registry client
-(httpx, trio) is imported only when ``pull``/``push`` run.
+spawner of the mount daemon), ``run`` (the OCI runtime), ``check`` and ``registry`` do the
+work.  The registry client (httpx, trio) is imported only when ``pull``/``push`` run, and
+``archive``, ``changeset``, ``commit``, ``gc`` and ``run`` only by the methods that use them
+(every ``strata`` command pays for what it imports).
 
 Caveats:
 * ``pull``/``push`` run their own trio loop; in trio code use ``pull_async``/``push_async``.
@@ -43,18 +48,18 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
 
 from unionfs.resolve import UnionView
 
-from . import archive, changeset, gc, images, mounting, oci, reference
-from . import commit as _commit
+from . import images, mounting, oci, reference
 from .compress import LAYER_COMPRESSIONS, parse_size
 from .containers import Container, Containers
 from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, Unsupported
 from .fsutil import output_sink
 from .images import Image, Removed
 from .layerstore import LayerStore
+from .lazystate import promote_complete
 from .mounting import Directories
 from .mounts import MountRecord, Mounts
 from .progress import ByteCounter, ProgressEvent, ProgressFn, short
@@ -62,9 +67,11 @@ from .reference import Reference
 from .state import StateFile
 
 if TYPE_CHECKING:
+    from . import archive
     from .build.builder import BuildProgress
     from .check import Report
     from .registry import PullResult, PushResult
+    from .runner import RunResult
 
 ImageLike = str | Image
 ContainerLike = str | Container
@@ -76,6 +83,7 @@ __all__ = ["Container", "ContainerLike", "Directories", "Image", "ImageLike", "M
            "Output", "PathLike", "Removed", "Store", "default_root"]
 
 DEFAULT_MAX_LAYER_SIZE = 64 << 30
+PUSH_COMPRESSIONS = ("gzip", "zstd", "estargz", "zstd:chunked")  # convert.FORMATS
 
 
 def default_root() -> str:
@@ -172,6 +180,8 @@ class Store:
         ``Image`` (or an ID) deletes the image with all its names, which needs ``force`` when
         it has several.  Raises ``ImageNotFound``, ``Conflict`` (a container uses it, or
         ``force`` is needed)."""
+        from . import gc
+
         with self.state.transaction() as st:
             untagged, deleted = images.remove(st, name.id if isinstance(name, Image) else name,
                                               force)
@@ -183,6 +193,8 @@ class Store:
     def prune(self, all_images: bool = False) -> Removed:
         """``docker image prune``: delete dangling images (every image no container uses with
         ``all_images``) and collect what no image needs."""
+        from . import gc
+
         with self.state.transaction() as st:
             untagged, deleted = images.prune(st, all_images)
         layers, freed = gc.collect(self, wait=True)
@@ -200,28 +212,57 @@ class Store:
         """docker's ``image inspect`` document (``Id``, ``RepoTags``, ``Config``...)."""
         return images.inspect(self._image_of(image))
 
+    def lazy_layers(self, image: ImageLike) -> list[str]:
+        """Blob digests of the image's layers pulled with ``pull(lazy=True)`` whose bytes are
+        not all here yet (they arrive as they are read; a ``pull`` without ``lazy`` completes
+        them).  Empty for an image that is fully local."""
+        img = self._image_of(image)
+        lazy = self.layers.lazy
+        return [desc.digest for desc, diff_id in zip(img.manifest.layers, img.diff_ids,
+                                                     strict=True)
+                if not self.layers.has(diff_id) and lazy.layer_for(desc.digest, diff_id)
+                and not lazy.is_complete(desc.digest)]
+
+    def _complete_lazy(self, imgs: Sequence[Image]) -> None:
+        """Fetch what is missing of the images' lazily pulled layers and make them ordinary
+        layers (the caller holds ``reading`` or ``gc.ingesting``).  Raises ``StoreError``
+        when bytes cannot be had."""
+        digests = [d.digest for img in imgs for d, diff_id in zip(img.manifest.layers,
+                                                                   img.diff_ids, strict=True)
+                   if not self.layers.has(diff_id) and self.layers.lazy.has(d.digest)]
+        if digests:
+            from .registry import lazypull
+
+            for digest in dict.fromkeys(digests):
+                lazypull.complete_or_fail(self, digest)
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         """Hold while reading stored images' blobs and layers yourself: garbage collection
         waits, and a ``remove`` meanwhile leaves the collection to the next ``prune``, so
-        nothing being read is deleted under the reader.  Resolve names inside it."""
+        nothing being read is deleted under the reader.  Resolve names inside it.  (Lazily
+        pulled layers that a mount completed become ordinary layers on entry.)"""
         with self.state.ingesting():
+            promote_complete(self.layers)  # lazy layers a mount daemon completed
             yield
 
     # -- registries ----------------------------------------------------------------------------
 
     def pull(self, name: str, *, platform: str | None = None,
-             progress: ProgressFn | None = None) -> PullResult:
+             progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """Download ``name`` (``repo[:tag]`` or ``repo@digest``) from its registry, as
         ``strata pull`` does; returns the image with the digest pulled.  Raises
         ``InvalidReference``, ``registry.RegistryError`` (``AuthError``, ``NotFound``),
-        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``."""
+        ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``.  ``lazy``:
+        layers in a seekable format (eStargz, zstd:chunked) are recorded by their table of
+        contents only and fetched as they are read; a pull without it completes them."""
         import trio
 
-        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress))
+        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress,
+                                                lazy=lazy))
 
     async def pull_async(self, name: str, *, platform: str | None = None,
-                         progress: ProgressFn | None = None) -> PullResult:
+                         progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """``pull`` for trio code (the layers' work runs in worker threads)."""
         from . import registry
 
@@ -229,20 +270,26 @@ class Store:
         if progress is not None and ref.digest is None and \
                 reference.parse(name, default_tag=False).tag is None:
             progress(ProgressEvent("pull", "", f"Using default tag: {ref.tag}"))
-        return await registry.pull(self, ref, platform=_platform(platform), events=progress)
+        return await registry.pull(self, ref, platform=_platform(platform), events=progress,
+                                   lazy=lazy)
 
     def push(self, image: ImageLike, dest: str | None = None, *,
-             progress: ProgressFn | None = None) -> PushResult:
+             progress: ProgressFn | None = None, compression: str | None = None) -> PushResult:
         """Upload ``image`` to ``dest`` (default: the name given, which must be a local tag,
-        or an ``Image``'s first tag), with its blobs exactly as stored.  Raises
-        ``ImageNotFound``, ``InvalidReference``, ``registry.RegistryError``,
+        or an ``Image``'s first tag), with its blobs exactly as stored.  ``compression``
+        (``gzip``, ``zstd``, ``estargz``, ``zstd:chunked``) recompresses on the way the layers
+        in another form and pushes an OCI manifest of them (the store keeps the image as it
+        is, and records no RepoDigest for it).  Raises ``ImageNotFound``,
+        ``InvalidReference``, ``Unsupported``, ``registry.RegistryError``,
         ``DigestMismatch``."""
         import trio
 
-        return trio.run(lambda: self.push_async(image, dest, progress=progress))
+        return trio.run(lambda: self.push_async(image, dest, progress=progress,
+                                                compression=compression))
 
     async def push_async(self, image: ImageLike, dest: str | None = None, *,
-                         progress: ProgressFn | None = None) -> PushResult:
+                         progress: ProgressFn | None = None,
+                         compression: str | None = None) -> PushResult:
         """``push`` for trio code."""
         from . import registry
 
@@ -260,7 +307,10 @@ class Store:
                     f"An image does not exist locally with the tag: {ref.familiar}")
         if progress is not None:
             progress(ProgressEvent("push", "", f"The push refers to repository [{ref.name}]"))
-        return await registry.push(self, img, ref, events=progress)
+        if compression is not None and compression not in PUSH_COMPRESSIONS:
+            raise Unsupported(f"unknown compression {compression!r} "
+                              f"({', '.join(PUSH_COMPRESSIONS)})")
+        return await registry.push(self, img, ref, events=progress, compression=compression)
 
     # -- archives ------------------------------------------------------------------------------
 
@@ -270,6 +320,8 @@ class Store:
         or not, as a path or a binary file object, or a directory), tagged as the archive
         names them.  Raises ``InvalidImage`` (also for a missing or unreadable file),
         ``DigestMismatch``, ``Unsupported``, ``StoreFull``."""
+        from . import archive
+
         path = source if not isinstance(source, str | os.PathLike) else os.fspath(source)
         counters: list[ByteCounter] = []
 
@@ -296,6 +348,9 @@ class Store:
         object; raw, gzip, zstd, bzip2 or xz), named ``ref`` when given; ``changes`` are
         Dockerfile instructions (``"CMD ..."``, ``"ENV K=V"``...).  Raises ``InvalidImage``,
         ``InvalidLayer``, ``InvalidReference``, ``Unsupported``, ``StoreFull``."""
+        from . import archive
+        from . import commit as _commit
+
         tag = reference.parse_repo_tag(ref) if ref is not None else None
         plat = _platform(platform)
         with contextlib.ExitStack() as stack:
@@ -324,12 +379,15 @@ class Store:
         ``repo:tag`` saves that tag, a bare ``repo`` every tag of it, an ID the image without
         tags; an ``Image`` is saved with all its tags.  Raises ``ImageNotFound``,
         ``Unsupported`` (format), ``OutputError``."""
+        from . import archive
+
         if format not in ("docker", "oci"):
             raise Unsupported(f"unknown archive format {format!r} (docker or oci)")
         items = [images] if isinstance(images, str | Image) else list(images)
         write = archive.save_oci if format == "oci" else archive.save_docker
         with self.reading():  # an rmi meanwhile cannot collect what is being saved
             targets = archive.save_targets(self, items)
+            self._complete_lazy([image for image, _ in targets])  # every byte is needed
             with output_sink(dest, "the archive") as sink:
                 write(self, targets, sink)
 
@@ -338,6 +396,8 @@ class Store:
         on top; a mounted container is paused while it is read) as one tar.  A string names
         a container first, then an image, as ``strata export``.  Raises ``ImageNotFound``,
         ``ContainerNotFound``, ``MountFailed`` (pausing failed), ``OutputError``."""
+        from . import changeset
+
         cs = Containers(self)
         with self.reading(), contextlib.ExitStack() as stack:
             c = cs.get(target.id) if isinstance(target, Container) else \
@@ -376,10 +436,15 @@ class Store:
 
     def remove_container(self, container: ContainerLike, *, force: bool = False) -> None:
         """Delete a container and its writable layer.  A mounted container is refused
-        (``Conflict``) unless ``force``, which ends its mount first (here, and a daemon still
-        serving another mount namespace).  Raises ``ContainerNotFound``, ``Conflict``,
-        ``MountFailed``."""
+        (``Conflict``) unless ``force``, which first kills it if ``run`` runs it, then ends
+        its mount (here, and a daemon still serving another mount namespace).  Raises
+        ``ContainerNotFound``, ``Conflict``, ``MountFailed``."""
         c = self._container_of(container)
+        if force and c.last_run is not None:
+            from .run import stop
+
+            stop(self, c)  # as docker rm -f
+            c = self._container_of(c)
         if c.mount is not None and force:
             mounting.release(self.root, c.mount)
         Containers(self).remove(c)
@@ -388,6 +453,8 @@ class Store:
         """The container's changes as ``(kind, path)``, ``kind`` one of ``"A"`` (added),
         ``"C"`` (changed), ``"D"`` (deleted), sorted by path, as ``strata diff``.  Raises
         ``ContainerNotFound``, ``Ambiguous``."""
+        from . import changeset
+
         c = self._container_of(container)
         with Containers(self).layers(c, upper=False) as layers:
             return changeset.changes(c.upper, UnionView(layers))
@@ -403,9 +470,11 @@ class Store:
         sets ``created`` for reproducible IDs.  Raises ``ContainerNotFound``,
         ``InvalidReference``, ``Unsupported`` (compression, format), ``MountFailed`` (the
         mount did not pause), ``StoreFull``."""
-        if compression not in LAYER_COMPRESSIONS:
+        from . import commit as _commit
+
+        if compression not in (*LAYER_COMPRESSIONS, "estargz"):
             raise Unsupported(f"unknown compression {compression!r} "
-                              f"({', '.join(LAYER_COMPRESSIONS)})")
+                              f"({', '.join(LAYER_COMPRESSIONS)}, estargz)")
         if format not in ("oci", "docker"):
             raise Unsupported(f"unknown image format {format!r} (oci or docker)")
         if timestamp is not None and timestamp < 0:
@@ -449,6 +518,54 @@ class Store:
                      dockerfile_text=dockerfile_text, tags=refs, build_args=build_args or {},
                      target=target, no_cache=no_cache, pull=pull, labels=labels or {},
                      network=network, progress=progress)
+
+    # -- running -------------------------------------------------------------------------------
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[False] = ..., **options: Any) -> int: ...
+
+    @overload
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = ...,
+            *, capture_output: Literal[True], **options: Any) -> RunResult: ...
+
+    def run(self, target: ImageLike | Container, command: str | Sequence[str] | None = None,
+            *, capture_output: bool = False, input: bytes | None = None,
+            interactive: bool = False, tty: bool = False, name: str | None = None,
+            remove: bool = False, runtime: str | None = None,
+            **options: Any) -> int | RunResult:
+        """``strata run``: run ``command`` (a list, or a string split as a shell would;
+        default: the image's Entrypoint and Cmd) in a new container of the image ``target``
+        (named ``name``; removed at the end with ``remove``) or in the existing container
+        ``target``, through the OCI runtime (crun, or ``runtime``), and return its exit status
+        (docker's: 128+N when killed by signal N).  With ``capture_output`` the result is a
+        ``RunResult`` with ``status``, ``stdout`` and ``stderr`` (bytes); otherwise the
+        command writes to this process's stdout and stderr.  ``input`` is fed to its stdin;
+        ``interactive`` gives it this process's stdin (``-i``); otherwise stdin is /dev/null.
+        ``tty`` gives it a terminal (``-t``) the size of this process's.  ``options`` are
+        ``run.options``'s keywords, docker's flags: ``entrypoint``, ``env`` (a mapping or
+        ``K=V`` strings), ``env_file``, ``workdir``, ``user``, ``group_add``, ``hostname``,
+        ``network`` (``"none"`` or ``"host"``), ``volumes`` (``"HOST:CTR[:ro]"``), ``tmpfs``,
+        ``cap_add``, ``cap_drop``, ``privileged``, ``read_only``, ``security_opt``,
+        ``cgroups``.  Needs root.  Raises ``RunError`` (``exit_status`` 125; 126/127 when
+        the command cannot be executed or is not found), ``ImageNotFound``,
+        ``ContainerNotFound``, ``Conflict`` (the container is mounted or running),
+        ``MountFailed``."""
+        from . import run as _run
+        from .runner import Streams, window_size
+        from .runtime import RunError
+
+        if tty and capture_output:
+            raise RunError("a terminal's output cannot be captured (tty with capture_output)")
+        if tty and interactive and not os.isatty(0):
+            raise RunError("the input device is not a TTY")
+        opts = _run.options(command, interactive=interactive or input is not None, tty=tty,
+                            console_size=window_size(1, 0) if tty else None, **options)
+        streams = Streams(stdin=0 if interactive and input is None else None, input=input,
+                          capture=capture_output)
+        result = _run.run(self, target, opts, streams, name=name, remove=remove,
+                          runtime_path=runtime)
+        return result if capture_output else result.status
 
     # -- mounts --------------------------------------------------------------------------------
 

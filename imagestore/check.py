@@ -12,6 +12,9 @@ What is checked, one ``Problem`` per finding:
 * **containers** — every container record names a recorded image; its ``upper`` exists and
   can be read all the way down; ``work/`` holds no leftovers (unless it is mounted); no
   container directory lacks a record.
+* **runtime** — no OCI runtime state under ``runtime/`` (``crun --root``) of a container whose
+  ``strata run`` is gone: one killed with SIGKILL leaves its command running, orphaned, and
+  the runtime's state behind.
 * **mounts** — no record of a daemon that is gone, no FUSE mount left without its daemon, and
   no daemon left serving only another mount namespace (unmounted here, still holding its
   container).
@@ -19,8 +22,9 @@ What is checked, one ``Problem`` per finding:
 
 Repairs touch only what no ref needs: a corrupt blob or layer no image uses is deleted, an index
 that disagrees with a sound tar is rebuilt, a tag naming no image is dropped; leftovers (tmp/,
-work/, orphan container directories, stale mount records, dead mounts) are removed, and a
-daemon serving only another mount namespace is stopped.  A blob or
+work/, orphan container directories, stale mount records, dead mounts) are removed, a
+leftover container of the runtime is deleted (``RUNTIME delete --force``: what still runs of it
+is killed), and a daemon serving only another mount namespace is stopped.  A blob or
 layer an image uses is never removed: that problem stays reported (pull or load the image
 again).  Content no image names (layers kept by an interrupted pull) is valid: it is counted,
 not reported; ``strata image prune`` collects it.
@@ -51,7 +55,7 @@ from unionfs.control import is_mounted, unmount
 from unionfs.errors import MountError
 from unionfs.upper import remove_tree
 
-from . import gc, mounting, oci, reference
+from . import gc, lazystate, mounting, oci, reference
 from .cas import BlobStore
 from .containers import Containers
 from .digest import Digest, parse_digest
@@ -131,6 +135,7 @@ class _Checker:
             self.report.counts["images"] = self._images(st)
             self._tags(st)
             self.report.counts["containers"] = self._containers(st)
+            self._runtime(st)  # before the mounts: ending a container lets its mount go
             self._mounts()
             self._tmp()
             self.report.counts["unreferenced blobs"] = len(
@@ -243,6 +248,10 @@ class _Checker:
             out.append(f"manifest has {len(manifest.layers)} layers but the config lists "
                        f"{len(config.diff_ids)} diff_ids")
         for ldesc, diff_id in zip(manifest.layers, config.diff_ids, strict=False):
+            if not self.layers.has(diff_id) and \
+                    self.layers.lazy.layer_for(ldesc.digest, diff_id) is not None:
+                out += lazystate.check(self.layers.lazy, ldesc.digest)  # pulled with --lazy
+                continue
             try:
                 self._blob(ldesc.digest, "layer blob")
                 if self.blobs.size(ldesc.digest) != ldesc.size:
@@ -316,6 +325,25 @@ class _Checker:
                 self.add("container", name, "directory without a container record",
                          _remover(os.path.join(root, name)))
         return len(st.containers)
+
+    def _runtime(self, st: State) -> None:
+        from . import run
+
+        cs = Containers(self.store)
+        for kind, cid in run.runtime_leftovers(self.store.root):
+            rec = st.containers.get(cid)
+            if isinstance(rec, dict) and isinstance(rec.get("name"), str):
+                c = cs.of_record(cid, rec)
+                ran = c.last_run
+                if ran is not None and ran.status == "running" and not ran.orphaned:
+                    continue  # its strata run runs it
+                if cs.mounts.where(cid, c.root):
+                    continue  # mounted: a strata run starting it (killed, the mount goes too)
+            whose = f"container {rec['name']}" if isinstance(rec, dict) and "name" in rec else \
+                "a removed container"
+            self.add("runtime", cid[:12], f"{kind} still holds {whose}, whose strata run is "
+                     "gone (killed?); --repair deletes it, ending what still runs of it",
+                     partial(run.clear_runtime, self.store.root, cid))
 
     def _mounts(self) -> None:
         mounts = Mounts(self.store.root)

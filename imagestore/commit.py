@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from unionfs.resolve import UnionView
 
-from . import changeset, gc, images, oci, timefmt
+from . import changeset, estargz_write, gc, images, oci, timefmt
 from .compress import NONE
 from .containers import Container, Containers
 from .digest import Digest
@@ -148,9 +148,13 @@ def _new_image(store: Store, layer: Callable[[Callable[[bytes], None]], object] 
     a stream to ingest as received), then its config and manifest, and record it — all
     under ``gc.ingesting``, so a failure leaves nothing behind."""
     with gc.ingesting(store):
+        annotations: dict[str, str] = {}
         if callable(layer):
             produce = layer if progress is None else _counted(layer, progress)
-            got: Ingested = store.layers.ingest_produced(produce, compression)
+            if compression == estargz_write.ESTARGZ:  # seekable: can be pulled lazily
+                got, annotations = estargz_write.ingest_produced(store, produce)
+            else:
+                got = store.layers.ingest_produced(produce, compression)
         else:
             got = store.layers.ingest(layer, keep_blob=False, progress=progress)
             store.blobs.link(store.layers.tar_path(got.layer.diff_id), got.layer.diff_id)
@@ -158,7 +162,8 @@ def _new_image(store: Store, layer: Callable[[Callable[[bytes], None]], object] 
         doc = config(got.layer.diff_id)
         raw = oci.canonical_config(doc) if canonical else oci.dumps(doc)
         cdigest = store.blobs.put(raw)
-        desc = oci.Descriptor(oci.layer_media_type(got.compression), got.digest, got.size)
+        desc = oci.Descriptor(oci.layer_media_type(got.compression), got.digest, got.size,
+                              annotations=annotations)
         manifest = committed_manifest(parent, oci.Descriptor(oci.OCI_CONFIG, cdigest, len(raw)),
                                       desc, oci_format)
         return images.record(store, manifest, tags=[tag] if tag else [], replace=replace)

@@ -5,6 +5,14 @@ record in ``state.json`` (image ID, name, created).  The container keeps its ima
 refuses, ``prune`` skips it.  Whether and where it is mounted is ``mounts.py``'s business (its
 mount lock and the mount records); ``remove`` asks it.
 
+``describe`` is the one recipe of a container's layers, top first: its upper, its *init layer*
+``containers/<id>/init`` when ``strata run`` made one (empty stubs of the runtime's mount
+targets the image lacks, docker's ``-init`` layer, written by ``run.py``), then its image's
+layers.  A mount of the container (writable or read-only, so also ``strata run``'s) includes
+the init layer; ``diff``, ``commit`` (``--squash`` too) and ``export`` never do, so a stub
+never shows as a change.  ``RunState`` is the container's last run
+(``containers/<id>/run/state.json``, written by ``run.py``), read with the container.
+
 Caveats:
 * The upper's root directory takes the image root's mode, owner and mtime at create time, so
   the merged root looks like the image's.
@@ -13,6 +21,7 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -27,7 +36,7 @@ from unionfs.upper import remove_tree
 from . import timefmt
 from .digest import Digest
 from .errors import Ambiguous, Conflict, ContainerNotFound, InvalidReference
-from .mounts import MountRecord, Mounts
+from .mounts import MountRecord, Mounts, process_alive
 
 if TYPE_CHECKING:
     from .api import Store
@@ -41,6 +50,71 @@ _RIGHT = ("babbage", "curie", "darwin", "euler", "fermi", "galois", "hopper", "k
 
 
 @dataclass(frozen=True)
+class RunState:
+    """A container's last ``strata run``, as it was when read: ``status`` is ``"running"``
+    (its ``strata run`` or its command still runs), ``"exited"`` (``exit_code``,
+    ``finished``) or ``"unknown"`` (its ``strata run`` was killed and its command is gone);
+    ``pid`` is the ``strata run`` process, ``init`` the container's pid 1, ``started`` and
+    ``finished`` RFC 3339 times.  ``orphaned``: running, but its ``strata run`` is gone (it
+    was killed with SIGKILL): nothing waits for the command (``strata check`` reports it,
+    ``strata rm -f`` ends it)."""
+
+    status: str
+    pid: int
+    init: int
+    started: str
+    finished: str = ""
+    exit_code: int = 0
+    orphaned: bool = False
+
+
+def run_state_path(root: str) -> str:
+    """``containers/<id>/run/state.json`` of the container directory ``root``."""
+    return os.path.join(root, "run", "state.json")
+
+
+def read_run_state(root: str) -> RunState | None:
+    """The last run of the container at ``root``, None if it never ran (or the file is
+    damaged).  The file holds ``pid``/``init`` with their start times (``pid_start``,
+    ``init_start``: clock ticks since boot, ``/proc/PID/stat``), so a reused pid is not taken
+    for the run's."""
+    try:
+        with open(run_state_path(root)) as f:
+            doc = json.load(f)
+        status, pid, init = str(doc["status"]), int(doc["pid"]), int(doc["init"])
+        started, finished = str(doc["started"]), str(doc.get("finished", ""))
+        exit_code = int(doc.get("exit_code", 0))
+        pid_start, init_start = doc.get("pid_start"), doc.get("init_start")
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    orphaned = False
+    if status == "running":
+        runner = alive_since(pid, pid_start)
+        command = init > 0 and alive_since(init, init_start)
+        if not runner and not command:
+            status = "unknown"
+        orphaned = not runner and command
+    return RunState(status, pid, init, started, finished, exit_code, orphaned)
+
+
+def started_at(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, field 22 of ``/proc/PID/stat``), None if
+    it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def alive_since(pid: int, start: object) -> bool:
+    """``pid`` runs and is the process that started at ``start`` (any, when unknown)."""
+    if pid <= 0 or not process_alive(pid):
+        return False
+    return start is None or started_at(pid) == start
+
+
+@dataclass(frozen=True)
 class Container:
     id: str
     name: str
@@ -49,6 +123,7 @@ class Container:
     created: str
     root: str  # containers/<id>
     mount: MountRecord | None = field(default=None, compare=False)  # when it was read
+    last_run: RunState | None = field(default=None, compare=False)  # when it was read
 
     @property
     def upper(self) -> str:
@@ -57,6 +132,11 @@ class Container:
     @property
     def work(self) -> str:
         return os.path.join(self.root, "work")
+
+    @property
+    def init(self) -> str:
+        """The init layer (``strata run``'s stubs of mount targets), if it exists."""
+        return os.path.join(self.root, "init")
 
     @property
     def short_id(self) -> str:
@@ -73,9 +153,9 @@ class Containers:
     def _from(self, cid: str, rec: dict[str, Any],
               mounts: dict[str, MountRecord] | None = None) -> Container:
         mount = self.mounts.of_container(cid) if mounts is None else mounts.get(cid)
+        root = os.path.join(self.dir, cid)
         return Container(cid, rec["name"], Digest(rec["image"]), rec.get("imageName", ""),
-                         rec.get("created", ""), os.path.join(self.dir, cid),
-                         mount)
+                         rec.get("created", ""), root, mount, read_run_state(root))
 
     def of_record(self, cid: str, rec: dict[str, Any]) -> Container:
         """The container a ``state.json`` record describes."""
@@ -137,20 +217,28 @@ class Containers:
         os.chmod(upper, root.mode & 0o7777)
         os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
 
-    def describe(self, container: Container, upper: bool = True) -> list[dict[str, str]]:
+    def describe(self, container: Container, upper: bool = True,
+                 init: bool = False) -> list[dict[str, Any]]:
         """The container's layers as descriptions, top first: with ``upper`` its writable
-        layer (read as a plain directory), then its image's.  The one recipe of a container's
-        rootfs outside a writable mount: export, commit, diff and read-only mounts use it."""
+        layer (read as a plain directory), with ``init`` its init layer if it has one, then
+        its image's.  The one recipe of a container's rootfs: a mount takes it with ``init``
+        (a writable one without ``upper``: the upper is its writable layer); export, commit
+        and diff without ``init`` (its stubs are no change of the container's)."""
         image = self.store.image(container.image)
         top = [{"kind": "dir", "path": container.upper}] if upper else []
+        if init and os.path.isdir(container.init):
+            top.append({"kind": "dir", "path": container.init})
         return top + self.store.layers.stack(image.diff_ids)
 
-    def layers(self, container: Container,
-               upper: bool = True) -> contextlib.AbstractContextManager[list[LowerLayer]]:
+    def layers(self, container: Container, upper: bool = True,
+               init: bool = False) -> contextlib.AbstractContextManager[list[LowerLayer]]:
         """``describe``'s layers, opened for the block."""
-        return self.store.layers.opened(self.describe(container, upper))
+        return self.store.layers.opened(self.describe(container, upper, init))
 
     def remove(self, container: Container) -> None:
+        ran = read_run_state(container.root)
+        if ran is not None and ran.status == "running":
+            raise Conflict(f"container {container.name} is running; stop it first (or use -f)")
         where = self.mounts.where(container.id, container.root)
         if where:
             raise Conflict(f"container {container.name} is mounted {where}; unmount it first "

@@ -26,6 +26,7 @@ from .digest import Digest
 from .errors import StoreError
 from .fsutil import unshared_size
 from .images import documents
+from .lazystate import promote_complete
 from .state import State
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ PARTIAL = "partial-"  # tmp/partial-<hex>: a resumable download of that blob
 
 @contextlib.contextmanager
 def ingesting(store: Store) -> Iterator[None]:
-    """Hold while adding content that no ref names yet (keeps collection away).  When the
+    """Hold while adding content that no ref names yet (keeps collection away); lazily
+    pulled layers completed since (by a mount daemon) become ordinary layers here.  When the
     block fails, the blobs and layers it added that no image names are removed again, so a
     refused import or load leaves the store as it was (unless another command is adding
     content at that moment: then the next ``prune`` collects them)."""
@@ -45,6 +47,7 @@ def ingesting(store: Store) -> Iterator[None]:
     try:
         with store.state.ingesting():
             before = (set(store.blobs.digests()), set(store.layers.diff_ids()))
+            promote_complete(store.layers)  # lazy layers a mount daemon completed
             yield
     except BaseException:
         if before is not None:
@@ -60,7 +63,8 @@ def referenced(store: Store, st: State) -> tuple[set[Digest], set[Digest]]:
         try:
             desc, manifest, config = documents(store.blobs, rec)
         except (StoreError, KeyError, TypeError):
-            return set(store.blobs.digests()), set(store.layers.diff_ids())
+            return ({*store.blobs.digests(), *store.layers.lazy.digests()},
+                    set(store.layers.diff_ids()))
         blobs.update((desc.digest, manifest.config.digest))
         blobs.update(d.digest for d in manifest.layers)
         layers.update(config.diff_ids)
@@ -81,6 +85,10 @@ def collect(store: Store, wait: bool) -> tuple[tuple[str, ...], int]:
                 freed += unshared_size(store.layers.path(diff_id))
                 store.layers.delete(diff_id)
                 deleted.append(diff_id)
+        for digest in store.layers.lazy.digests():  # layers pulled with --lazy
+            if digest not in keep_blobs:
+                freed += unshared_size(store.layers.lazy.path(digest))
+                store.layers.lazy.delete(digest)
         for digest in store.blobs.digests():
             if digest not in keep_blobs:
                 # an uncompressed layer's blob is a hardlink of its tar: counted once, here
@@ -104,6 +112,8 @@ def discard_added(store: Store, blobs: set[Digest], layers: set[Digest]) -> None
             store.layers.delete(diff_id)
         for digest in set(store.blobs.digests()) - blobs - keep_blobs:
             store.blobs.delete(digest)
+        for digest in set(store.layers.lazy.digests()) - keep_blobs:
+            store.layers.lazy.delete(digest)  # no image names it: a pull --lazy that failed
 
 
 def sweep_leftovers(store: Store) -> None:

@@ -122,6 +122,11 @@ def _verified(store: Store, manifest_raw: bytes, media_type: str | None
             f"{len(config.diff_ids)} diff_ids")
     size = 0
     for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+        lazy = None if store.layers.has(diff_id) else \
+            store.layers.lazy.layer_for(desc.digest, diff_id)
+        if lazy is not None:  # pulled with --lazy: its bytes arrive as they are read
+            size += lazy.content
+            continue
         if not store.layers.has(diff_id):
             raise InvalidImage(f"layer {diff_id} is missing from the store")
         if not store.blobs.has(desc.digest):

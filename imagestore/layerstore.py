@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from unionfs.layerkinds import open_layer
 from unionfs.layers import LowerLayer
@@ -40,6 +40,7 @@ from .compress import NONE, Compressor, DecompressReader
 from .digest import Digest, Hasher, sha256_hex
 from .errors import DigestMismatch, ImageNotFound, InvalidLayer
 from .fsutil import disk_full_guard, fsync_dir
+from .lazystate import LazyStore
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
@@ -85,6 +86,7 @@ class LayerStore:
     def __init__(self, root: str, limit: int | None = None) -> None:
         self.limit = limit
         self.blobs = BlobStore(root)
+        self.lazy = LazyStore(root)  # layers pulled with --lazy, until complete (lazystate.py)
         self.dir = os.path.join(root, "layers", "sha256")
         self.tmp_dir = os.path.join(root, "tmp")
         os.makedirs(self.dir, exist_ok=True)
@@ -107,19 +109,29 @@ class LayerStore:
             raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
         return LayerInfo(diff_id, int(d["size"]), int(d["content"]), int(d["entries"]))
 
-    def describe(self, diff_id: Digest) -> dict[str, str]:
+    def describe(self, diff_id: Digest) -> dict[str, Any]:
         """The stored layer as a layer description (``unionfs.layerkinds``): what a mount spec
-        lists and ``open`` opens."""
+        lists and ``open`` opens.  A layer pulled lazily and not yet complete is described as
+        ``{"kind": "lazy", ...}`` (``lazystate.LazyStore.describe``)."""
+        if not self.has(diff_id) and (lazy := self.lazy.describe(diff_id)) is not None:
+            return lazy
         d = self.path(diff_id)
         return {"kind": "tar", "tar": os.path.join(d, "layer.tar"),
                 "index": os.path.join(d, "index"), "name": diff_id}
 
-    def stack(self, diff_ids: Sequence[Digest]) -> list[dict[str, str]]:
+    def stack(self, diff_ids: Sequence[Digest]) -> list[dict[str, Any]]:
         """The descriptions of an image's layers (``diff_ids`` bottom first), top first: the
         order of a mount spec's layers."""
         return [self.describe(d) for d in reversed(diff_ids)]
 
-    def open(self, desc: dict[str, str]) -> LowerLayer:
+    @staticmethod
+    def for_mount(descs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``descs`` as a mount spec lists them: a layer still arriving (pulled with
+        ``--lazy``) is completed in the background by the daemon that serves it, and the next
+        store command makes it an ordinary layer (``lazystate.promote_complete``)."""
+        return [{**d, "complete": True} if d.get("kind") == "lazy" else d for d in descs]
+
+    def open(self, desc: dict[str, Any]) -> LowerLayer:
         """The layer ``desc`` describes as a ``LowerLayer`` (keeps its files open until
         ``close``).  Raises ``ImageNotFound`` (not stored) and ``InvalidLayer``; the index of
         a stored layer in an older format is built again."""
@@ -138,7 +150,7 @@ class LayerStore:
             raise InvalidLayer(f"layer {name}: {exc}") from None
 
     @contextlib.contextmanager
-    def opened(self, descs: Sequence[dict[str, str]]) -> Iterator[list[LowerLayer]]:
+    def opened(self, descs: Sequence[dict[str, Any]]) -> Iterator[list[LowerLayer]]:
         """The layers ``descs`` describe (``stack``: an image's), opened, in the same order,
         and closed when the block ends."""
         layers: list[LowerLayer] = []

@@ -215,7 +215,8 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
         if container is not None:
             kind, ident, name = "container", container.id, container.name
             what = f"container {container.name}"
-            layers = cs.describe(container, upper=read_only)  # read-only: the upper on top
+            # read-only: the upper on top; either way with its init layer (strata run's stubs)
+            layers = cs.describe(container, upper=read_only, init=True)
             if not read_only:
                 upper, work = container.upper, container.work
         else:
@@ -246,7 +247,8 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
         "mountpoint": mp,
         "options": {"allow_other": allow_other, "ro": read_only, "suid": suid, "dev": dev,
                     "debug": debug},
-        "layers": layers, "upper": upper, "work": work, "control": control,
+        "layers": store.layers.for_mount(layers), "upper": upper, "work": work,
+        "control": control,
         "record": {"path": mounts.record_path(mp), "data": {
             "mountpoint": mp, "kind": kind, "target": ident, "name": name, "log": log,
             "started": timefmt.now(), "read_only": read_only, "control": control or ""}},

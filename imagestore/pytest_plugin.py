@@ -8,8 +8,9 @@ the guide.  It provides:
 * ``image_rootfs`` (session): a factory, image -> the path of its rootfs, mounted read-only
   once per session and unmounted when the session ends.  A name not in the store is pulled.
 * ``container_rootfs`` (function): a factory, image -> ``ContainerRootfs``, a new container
-  mounted writable for the test (``.path``, ``/``, ``.commit(ref)``, ``.diff()``), unmounted
-  and removed after it.
+  mounted writable for the test (``.path``, ``/``, ``.commit(ref)``, ``.diff()``,
+  ``.run(command)`` through the OCI runtime as ``strata run``), unmounted and removed after
+  it.
 * the marker ``strata_fuse``: the test needs FUSE.  The two factories imply it.  When FUSE is
   unusable the test is skipped with the exact reason (``/dev/fuse is missing``,
   ``fusermount3 is not installed``, or the kernel's refusal of a probe mount), or fails with it
@@ -33,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # the API is imported when a fixture is used, not when pytest
     from .api import Store
     from .containers import Container
     from .images import Image
+    from .runner import RunResult
 
 __all__ = ["ContainerFactory", "ContainerRootfs", "ImageRootfs", "require_fuse"]
 
@@ -173,10 +175,12 @@ def image_rootfs(strata_store: Store, request: pytest.FixtureRequest,
 class ContainerRootfs:
     """A container mounted writable for one test.  ``path`` is its root (also reached with
     ``rootfs / "etc/hosts"`` and ``os.fspath(rootfs)``); ``commit`` and ``diff`` act on it while
-    it is mounted."""
+    it is mounted; ``run`` runs a program in it."""
 
-    def __init__(self, store: Store, container: Container, path: Path) -> None:
+    def __init__(self, store: Store, container: Container, path: Path,
+                 mounts: contextlib.ExitStack | None = None) -> None:
         self.store, self.container, self.path = store, container, path
+        self._mounts = mounts
 
     def __truediv__(self, other: str | os.PathLike[str]) -> Path:
         return self.path / other
@@ -196,6 +200,21 @@ class ContainerRootfs:
         """``Store.diff`` of this container: ``[("A", "/path"), ...]``."""
         return self.store.diff(self.container)
 
+    def run(self, command: str | Sequence[str] | None = None, **options: Any) -> RunResult:
+        """``Store.run`` in this container (root and an OCI runtime needed): the program's
+        exit status and output (``.status``, ``.stdout``, ``.stderr``); what it writes to
+        the rootfs is under ``path`` afterwards.  The container is unmounted while the
+        program runs (the runtime mounts it itself) and mounted again at ``path`` after it,
+        so files opened below ``path`` before the call are stale.  ``options`` are those of
+        ``Store.run`` (``env``, ``user``, ``workdir``, ``input``...)."""
+        if self._mounts is not None:
+            self._mounts.close()
+        try:
+            return self.store.run(self.container, command, capture_output=True, **options)
+        finally:
+            if self._mounts is not None:
+                self._mounts.enter_context(self.store.mount(self.container, self.path))
+
 
 class ContainerFactory:
     """``container_rootfs(image, name=None, pull=True) -> ContainerRootfs``: a new container
@@ -212,12 +231,13 @@ class ContainerFactory:
         img = _image(self.store, image, pull)
         container = self.store.create_container(img, name)
         self._stack.callback(self.store.remove_container, container, force=True)
+        mounts = self._stack.enter_context(contextlib.ExitStack())
         try:
-            path = self._stack.enter_context(
+            path = mounts.enter_context(
                 self.store.mount(container, self._base / container.short_id))
         except FuseUnavailable as exc:
             _unusable(self._config, str(exc))
-        return ContainerRootfs(self.store, container, path)
+        return ContainerRootfs(self.store, container, path, mounts)
 
 
 @pytest.fixture

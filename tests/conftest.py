@@ -484,6 +484,56 @@ def fault_proxy(registry: _rh.RegistryProcess) -> Iterator[_rh.FaultProxy]:
 
 
 # =================================================================================================
+# strata run: a real OCI runtime (crun), the run test images (tests/run_images.py) and a Debian
+# image (tests/debian.py: built by scripts/install, imported once per session).
+# =================================================================================================
+
+
+def require_runtime() -> None:
+    """``strata run`` needs root, FUSE and crun: skipped with the reason (failed under CI)."""
+    require_root()
+    require_fuse()
+    require_tool("crun")
+
+
+@pytest.fixture(scope="session")
+def run_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """OCI layouts of ``run/busybox:1`` and ``run/configured:1`` (built once)."""
+    from tests import run_images
+
+    require_runtime()
+    return run_images.layouts(tmp_path_factory.mktemp("run-images"))
+
+
+@pytest.fixture
+def run_strata(strata: Strata, run_layouts: dict[str, str]) -> Strata:
+    """``strata`` on the test's store, with the run images in it."""
+    from imagestore import Store as ApiStore
+
+    store = ApiStore(str(strata.root))
+    for ref, layout in run_layouts.items():
+        [loaded] = store.load(layout)
+        store.tag(loaded.image, ref)
+    return strata
+
+
+@pytest.fixture(scope="session")
+def debian_strata(tmp_path_factory: pytest.TempPathFactory) -> tuple[Strata, str]:
+    """A session store holding ``debian:bookworm`` (minbase, the rootfs tar scripts/install
+    built with mmdebstrap, imported once per session), and the image's reference.  Tests make
+    their own containers in it and remove them."""
+    from tests import debian
+
+    require_runtime()
+    why = debian.missing()
+    if why is not None:
+        pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
+    base = tmp_path_factory.mktemp("debian")
+    strata = Strata(base / "store")
+    strata("import", str(debian.rootfs_tar()), "debian:bookworm")
+    return strata, "debian:bookworm"
+
+
 # build: base images in the test registry, and buildah as the oracle (tests/buildah.py)
 # =================================================================================================
 

@@ -30,7 +30,7 @@ import os
 import stat
 import tarfile
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -233,6 +233,17 @@ def build_index(tar_path: str) -> LayerIndex:
     except tarscan.Fallback:
         b, end = _index_tarfile(tar_path, file_size)
     _check_tail(tar_path, end, file_size)
+    return b.finish()
+
+
+def index_members(members: Iterable[Any]) -> LayerIndex:
+    """Index members described elsewhere than in a tar (a lazily pulled layer's table of
+    contents), under the same rules and refusals as ``build_index``.  Each member has the
+    attributes of ``tarscan.Member``; ``offset_data`` is the caller's handle for the file's
+    data (hardlinks share their target's), and data sizes are checked only for range."""
+    b = _Builder()
+    for m in members:
+        _add_member(b, m, _INT64)
     return b.finish()
 
 

@@ -54,6 +54,7 @@ from ..images import Image
 from ..layerstore import CHUNK, Ingested
 from ..progress import ProgressEvent, ProgressFn, ignore, short
 from ..reference import Reference
+from . import lazypull
 from .client import Registry, RetryPolicy, Transport, open_transport, read_limited
 from .errors import RegistryError, first_error
 from .sources import BlobSources
@@ -407,8 +408,10 @@ def _open_partial(path: str, blobs: BlobStore, digest: Digest) -> int | None:
 
 class _Puller:
     def __init__(self, store: Store, transport: Transport, ref: Reference,
-                 platform: oci.Platform | None, emit: ProgressFn, concurrency: int) -> None:
+                 platform: oci.Platform | None, emit: ProgressFn, concurrency: int,
+                 lazy: bool = False) -> None:
         self.store, self.transport, self.ref = store, transport, ref
+        self.lazy = lazy
         self.platform = platform
         self.emit = emit
         self.limiter = trio.CapacityLimiter(max(1, concurrency))
@@ -488,6 +491,8 @@ class _Puller:
                 self.emit(ProgressEvent("pull", short(desc.digest), "Already exists"))
             else:
                 todo.setdefault(desc.digest, (desc, diff_id))
+        if self.lazy:
+            await lazypull.take_seekable(self, reg, todo)
         for digest in todo:
             self.emit(ProgressEvent("pull", short(digest), "Pulling fs layer"))
         with first_error():
@@ -518,6 +523,8 @@ class _Puller:
     async def _layer(self, reg: Registry, desc: oci.Descriptor, diff_id: Digest) -> None:
         sid = short(desc.digest)
         async with self.limiter:
+            if await lazypull.completed(self, desc):
+                return
             if self.store.blobs.has(desc.digest):
                 await trio.to_thread.run_sync(self._ingest_local, desc, diff_id)
                 self.emit(ProgressEvent("pull", sid, "Pull complete"))
@@ -630,12 +637,14 @@ class _Puller:
 
 async def pull(store: Store, ref: Reference, *, platform: oci.Platform | None = None,
                transport: Transport | None = None, events: ProgressFn | None = None,
-               concurrency: int = 3) -> PullResult:
-    """Pull ``ref`` into ``store`` (see the module docstring)."""
+               concurrency: int = 3, lazy: bool = False) -> PullResult:
+    """Pull ``ref`` into ``store`` (see the module docstring).  ``lazy``: layers in a seekable
+    format are recorded with their table of contents only (``lazy.py``); without it, layers
+    pulled lazily before are completed."""
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
             transport = await stack.enter_async_context(open_transport())
         with gc.ingesting(store):
             puller = _Puller(store, transport, ref, platform, events or ignore,
-                             concurrency)
+                             concurrency, lazy)
             return await puller.run()

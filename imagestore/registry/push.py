@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urljoin
@@ -37,11 +39,13 @@ import httpx
 import trio
 
 from .. import gc, images, oci
+from ..convert import Converted, convert_image
 from ..digest import Digest, parse_digest, sha256_bytes
 from ..errors import DigestMismatch, InvalidReference
 from ..images import Image
 from ..progress import ProgressEvent, ProgressFn, ignore, short
 from ..reference import Reference
+from . import lazypull
 from .client import Registry, Transport, open_transport
 from .errors import RegistryError, first_error
 from .sources import BlobSources
@@ -92,6 +96,7 @@ class _Pusher:
     def __init__(self, store: Store, transport: Transport, image: Image, dest: Reference,
                  emit: ProgressFn, concurrency: int, chunk_size: int) -> None:
         self.store, self.image, self.dest = store, image, dest
+        self.converted: Converted | None = None  # push --compression: what is pushed instead
         self.emit = emit
         self.limiter = trio.CapacityLimiter(max(1, concurrency))
         self.chunk_size = max(1, chunk_size)
@@ -101,10 +106,11 @@ class _Pusher:
         self.counts = {"pushed": 0, "mounted": 0, "existed": 0}
 
     async def run(self) -> PushResult:
-        manifest = self.image.manifest
-        if self.dest.digest is not None and self.dest.digest != self.image.manifest_desc.digest:
+        manifest = self.converted.manifest if self.converted else self.image.manifest
+        mdigest = sha256_bytes(manifest.raw)
+        if self.dest.digest is not None and self.dest.digest != mdigest:
             raise InvalidReference(f"cannot push to {self.dest.familiar}: the image's manifest "
-                                   f"digest is {self.image.manifest_desc.digest}")
+                                   f"digest is {mdigest}")
         layers: dict[Digest, oci.Descriptor] = {}
         for desc in manifest.layers:
             layers.setdefault(desc.digest, desc)
@@ -128,8 +134,9 @@ class _Pusher:
         self._check_digest(resp, digest, "the manifest")
         self.sources.add(self.dest.name, [manifest.config.digest, *layers],
                          exists=lambda d: self.store.blobs.has(parse_digest(d)))
-        images.record(self.store, raw, manifest.media_type,
-                             repo_digest=f"{self.dest.name}@{digest}")
+        if self.converted is None:  # a converted manifest is not the one stored
+            images.record(self.store, raw, manifest.media_type,
+                          repo_digest=f"{self.dest.name}@{digest}")
         return PushResult(self.dest, digest, len(raw), self.counts["pushed"],
                           self.counts["mounted"], self.counts["existed"])
 
@@ -174,9 +181,17 @@ class _Pusher:
                     return
                 if location:
                     break
+            if not self.store.blobs.has(desc.digest) and self.store.layers.lazy.has(desc.digest) \
+                    and not self._converted_path(desc.digest):
+                # pulled with --lazy: its bytes are needed here
+                emit(ProgressEvent("push", sid, "Completing lazy layer"))
+                await trio.to_thread.run_sync(lazypull.complete_or_fail, self.store, desc.digest)
             await self._upload(desc, location or None, emit)
             emit(ProgressEvent("push", sid, "Pushed"))
             self.counts["pushed"] += shown
+
+    def _converted_path(self, digest: Digest) -> str | None:
+        return self.converted.paths.get(digest) if self.converted else None
 
     async def _mount(self, desc: oci.Descriptor, src: str) -> str | None:
         """Try mounting from ``src``: None when mounted, else an upload location the registry
@@ -202,7 +217,7 @@ class _Pusher:
         return urljoin(str(resp.request.url), resp.headers["location"])
 
     async def _upload(self, desc: oci.Descriptor, location: str | None, emit: ProgressFn) -> None:
-        path = self.store.blobs.path(desc.digest)
+        path = self._converted_path(desc.digest) or self.store.blobs.path(desc.digest)
         why = ""
         for _ in range(MAX_RESTARTS + 1):
             if location is None:
@@ -292,12 +307,30 @@ class _Pusher:
 
 async def push(store: Store, image: Image, dest: Reference, *,
                transport: Transport | None = None, events: ProgressFn | None = None,
-               concurrency: int = 3, chunk_size: int = CHUNK_SIZE) -> PushResult:
-    """Push ``image`` to ``dest`` (see the module docstring)."""
+               concurrency: int = 3, chunk_size: int = CHUNK_SIZE,
+               compression: str | None = None) -> PushResult:
+    """Push ``image`` to ``dest`` (see the module docstring).  ``compression`` (gzip, zstd,
+    estargz, zstd:chunked): push the image with its layers in that form, converted on the way
+    (``convert.py``); nothing converted is kept in the store."""
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
             transport = await stack.enter_async_context(open_transport())
         with gc.ingesting(store):
             pusher = _Pusher(store, transport, image, dest, events or ignore, concurrency,
                              chunk_size)
-            return await pusher.run()
+            if compression is None:
+                return await pusher.run()
+            work = tempfile.mkdtemp(dir=store.layers.tmp_dir, prefix="convert-")
+            try:
+                pusher.converted = await _convert(store, image, compression, work, pusher.emit)
+                return await pusher.run()
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+async def _convert(store: Store, image: Image, compression: str, work: str,
+                   emit: ProgressFn) -> Converted:
+    def note(digest: Digest, message: str) -> None:
+        trio.from_thread.run_sync(emit, ProgressEvent("push", short(digest), message))
+
+    return await trio.to_thread.run_sync(convert_image, store, image, compression, work, note)

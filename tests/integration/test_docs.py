@@ -64,7 +64,7 @@ def test_the_testing_guide_runs(pytester: pytest.Pytester, docker_hub_mirror: st
     if os.geteuid() == 0:
         result.assert_outcomes(passed=tests)
     else:
-        result.assert_outcomes(passed=tests - 1, skipped=1)  # the chroot example
+        result.assert_outcomes(passed=tests - 1, skipped=1)  # the run example
     assert strata_leftovers(pytester.path) == []
 
 

@@ -1,0 +1,158 @@
+"""``pull --lazy``: a seekable layer recorded by its table of contents alone; completing and
+promoting lazy layers for the commands that need their bytes (pull, push, save).
+
+``take_seekable`` (called by ``pull.py`` for a lazy pull) fetches each seekable layer's TOC —
+the tail of an eStargz blob, the announced frames of a zstd:chunked one — verifies it against the
+layer's annotation and records the lazy state (``lazystate``); layers in no seekable format stay
+in the pull's list and are downloaded whole, with a note.  ``completed`` (a pull without
+``--lazy``) and ``complete_or_fail`` (push, save) fetch what is missing of a lazy layer and
+promote it (``lazystate.promote``: the blob goes through ``LayerStore.ingest``, which checks its
+digest and diff_id and indexes the tar).
+
+Caveats:
+* Promotion needs the store's ingesting hold (``gc.ingesting`` or ``Store.reading``): the
+  callers have it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import estargz, oci, zstdchunked
+from ..digest import Digest
+from ..errors import DigestMismatch, StoreError
+from ..lazylayer import LazyLayer
+from ..lazystate import LazyInfo, LazyStore, promote
+from ..progress import ProgressEvent, short
+from ..seekable import ESTARGZ, SeekableError, Toc, detect
+from .client import Registry
+from .rangefetch import Source, get_range
+
+if TYPE_CHECKING:
+    from ..api import Store
+
+log = logging.getLogger(__name__)
+
+TAIL = 256 << 10  # the first TOC fetch of an eStargz layer takes this much of its end
+
+
+async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
+                    ) -> tuple[bytes, Toc, list[tuple[int, bytes]]]:
+    """The verified TOC of a seekable layer, and the blob bytes fetched for it (offset, bytes):
+    the TOC region, kept so completion need not fetch it again."""
+    fmt = detect(desc)
+    size = desc.size
+    ann = desc.annotations or {}
+    if fmt == ESTARGZ:
+        n = min(size, TAIL)
+        tail = await get_range(reg, path, desc.digest, size - n, size)
+        off = estargz.toc_offset(tail[-estargz.FOOTER_SIZE:], size)
+        if off < size - n:
+            tail = await get_range(reg, path, desc.digest, off, size - n) + tail
+            n = size - off
+        region = tail[len(tail) - (size - off):]
+        raw, toc = estargz.read_toc(region[:-estargz.FOOTER_SIZE], ann[estargz.TOC_ANNOTATION],
+                                    off)
+        return raw, toc, [(off, region)]
+    if fmt is None:
+        raise SeekableError(f"layer {desc.digest} is in no seekable format")
+    where = zstdchunked.toc_position(ann)
+    assert where is not None
+    offset, length, _ = where
+    if not 8 <= offset <= size - length:
+        raise SeekableError("zstd:chunked TOC position lies outside the blob")
+    region = await get_range(reg, path, desc.digest, offset - 8, size)
+    raw, toc = zstdchunked.read_toc(region[8:8 + length], ann, size)
+    return raw, toc, [(offset - 8, region)]
+
+
+def create_state(store_root: str, desc: oci.Descriptor, diff_id: Digest, raw: bytes, toc: Toc,
+                 extra: list[tuple[int, bytes]], source: Source) -> LazyInfo:
+    return LazyStore(store_root).create(desc, diff_id, raw, toc, source.to_json(), extra)
+
+
+def complete_and_promote(store: Store, digest: str) -> None:
+    """Complete the lazy layer of blob ``digest`` (fetching what is missing) and make it an
+    ordinary stored layer (``lazystate.promote``; the caller holds the ingesting hold).  A blob
+    that turns out wrong is dropped (the next pull fetches it whole) and raises
+    DigestMismatch; bytes that cannot be had raise OSError."""
+    lazy = store.layers.lazy
+    if not lazy.has(digest):
+        return
+    if not lazy.is_complete(digest):
+        layer = LazyLayer(store.root, digest)
+        try:
+            done = layer.complete()
+        except DigestMismatch:
+            layer.close()
+            lazy.delete(digest)
+            raise
+        finally:
+            layer.close()
+        if not done:
+            raise OSError(errno.EIO, f"lazy layer {digest} could not be completed")
+    promote(store.layers, digest)
+
+
+def complete_or_fail(store: Any, digest: str) -> None:
+    """``complete_and_promote`` for commands that need the blob (push, save): a StoreError
+    when it cannot be had."""
+    try:
+        complete_and_promote(store, digest)
+    except OSError as exc:
+        raise StoreError(f"layer {digest}: cannot complete the lazy layer: "
+                         f"{exc.strerror or exc}") from None
+
+
+async def take_seekable(puller: Any, reg: Registry, todo: dict[Digest, Any]) -> None:
+    """``pull --lazy``: record every layer of ``todo`` in a seekable format by its TOC alone
+    (removing it from ``todo``); the others stay in ``todo``, downloaded whole, with a note."""
+    import trio
+
+    store, ref = puller.store, puller.ref
+    source = Source(ref.domain, ref.api_host, ref.path)
+    for digest, (desc, diff_id) in list(todo.items()):
+        sid = short(digest)
+        if store.layers.lazy.layer_for(digest, diff_id) is not None:
+            puller.emit(ProgressEvent("pull", sid, "Already exists (lazy)"))
+            del todo[digest]
+            continue
+        if detect(desc) is None:
+            puller.emit(ProgressEvent("pull", sid, "Not seekable: pulling the whole layer"))
+            continue
+        try:
+            raw, toc, extra = await fetch_toc(reg, ref.path, desc)
+            await trio.to_thread.run_sync(create_state, store.root, desc, diff_id, raw, toc,
+                                          extra, source)
+        except SeekableError as exc:
+            log.warning("layer %s: %s; pulling it whole", sid, exc)
+            puller.emit(ProgressEvent("pull", sid,
+                                      "Unusable table of contents: pulling the whole layer"))
+            continue
+        del todo[digest]
+        puller.emit(ProgressEvent("pull", sid, "Pulled table of contents (lazy)"))
+
+
+async def completed(puller: Any, desc: oci.Descriptor) -> bool:
+    """In a pull that is not lazy: complete and promote the layer if it was pulled lazily
+    before (True: done); a lazy blob that turns out wrong is dropped (False: pull it)."""
+    import trio
+
+    store = puller.store
+    if not store.layers.lazy.has(desc.digest):
+        return False
+    sid = short(desc.digest)
+    puller.emit(ProgressEvent("pull", sid, "Completing lazy layer"))
+    try:
+        await trio.to_thread.run_sync(complete_and_promote, store, desc.digest)
+    except DigestMismatch as exc:
+        log.warning("layer %s: %s; pulling it again", sid, exc)
+        return False
+    except OSError as exc:
+        raise StoreError(f"layer {desc.digest}: cannot complete the lazy layer: "
+                         f"{exc.strerror or exc}") from None
+    puller.downloaded += 1
+    puller.emit(ProgressEvent("pull", sid, "Pull complete"))
+    return True
