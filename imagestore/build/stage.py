@@ -55,7 +55,7 @@ PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PRO
 class StageMount:
     """A writable mount of an image's layers whose upper turns into a layer per step."""
 
-    def __init__(self, b: Builder, image: Image | None) -> None:
+    def __init__(self, b: Builder, image: Image | None, run: bool) -> None:
         store = b.store
         self.dir = tempfile.mkdtemp(dir=store.layers.tmp_dir, prefix="build-")
         self.n = 0
@@ -66,6 +66,12 @@ class StageMount:
             empty = os.path.join(self.dir, "scratch")
             os.mkdir(empty)
             layers = [{"kind": "dir", "path": empty}]
+        if run:  # RUN's mount targets the rootfs lacks, below the steps' layers
+            from .runstep import write_init
+
+            init = os.path.join(self.dir, "init")
+            if write_init(store, image, init):
+                layers = [{"kind": "dir", "path": init}, *layers]
         upper, work = self._pair()
         mp = os.path.join(self.dir, "rootfs")
         os.mkdir(mp)
@@ -311,7 +317,8 @@ class StageBuilder:
             self.mount.close()
             self.mount = None
         if self.mount is None:
-            self.mount = StageMount(self.b, self.image)
+            self.mount = StageMount(self.b, self.image,
+                                    run=any(inst.cmd == "RUN" for inst in self.steps))
         return self.mount
 
     def commit_files(self, created_by: str, key: str, cfg: dict[str, Any] | None = None
