@@ -141,8 +141,11 @@ def _image_rows(args: argparse.Namespace, damaged: list[InvalidImage]
     if args.repository:  # docker adds REPOSITORY[:TAG] to the reference filters
         filters.append(("reference", args.repository))
     rows = []
-    for image in sorted(store.images(damaged=damaged.append),
-                        key=lambda i: timefmt.parse(i.created) or 0, reverse=True):
+    every = store.images(damaged=damaged.append)
+    parents = {i.parent for i in every if i.parent}
+    for image in sorted(every, key=lambda i: timefmt.parse(i.created) or 0, reverse=True):
+        if not args.all and not image.tags and image.id in parents:
+            continue  # a build's intermediate image, as docker hides them without -a
         for tag in image.tags or (None,):
             if not _matches_filters(image, tag, filters):
                 continue

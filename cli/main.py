@@ -26,7 +26,8 @@ from imagestore.errors import StoreError
 
 from .common import UserError, size_arg
 
-GROUPS = ("images", "transfer", "registry", "containers", "mount", "commit", "check", "run")
+GROUPS = ("images", "transfer", "registry", "containers", "mount", "commit", "build", "check",
+          "run")
 LIGHT = {"mount": "mount", "umount": "mount", "unmount": "mount", "mounts": "mount"}
 SILENT = ("umount", "unmount", "mounts")  # they log nothing: logging is not even imported
 

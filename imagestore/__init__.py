@@ -21,6 +21,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .api import Store
     from .archive import Loaded
+    from .build.builder import BuildEvent, BuildProgress
+    from .build.dockerfile import BuildFileError
+    from .build.errors import BuildStepFailed
+    from .build.sources import CopySourceError
     from .containers import Container, RunState
     from .errors import (
         Ambiguous,
@@ -52,6 +56,9 @@ _WHERE = {
     "MountRecord": "mounts", "Directories": "mounting", "ProgressEvent": "progress",
     "ProgressFn": "progress", "Reference": "reference", "Image": "images", "Removed": "images",
     "RunError": "runtime", "RunResult": "runner",
+    "BuildEvent": "build.builder", "BuildProgress": "build.builder",
+    "BuildFileError": "build.dockerfile", "CopySourceError": "build.sources",
+    "BuildStepFailed": "build.errors",
     **dict.fromkeys(("AuthError", "NotFound", "PullResult", "PushResult", "RegistryError"),
                     "registry"),
     **dict.fromkeys(("Ambiguous", "Conflict", "ContainerNotFound", "DigestMismatch",
@@ -61,7 +68,8 @@ _WHERE = {
 }
 
 __all__ = [
-    "Ambiguous", "AuthError", "Conflict", "Container", "ContainerNotFound", "DigestMismatch",
+    "Ambiguous", "AuthError", "BuildEvent", "BuildFileError", "BuildProgress", "BuildStepFailed",
+    "Conflict", "Container", "ContainerNotFound", "CopySourceError", "DigestMismatch",
     "Directories", "FuseUnavailable", "Image", "ImageNotFound", "InvalidImage", "InvalidLayer",
     "InvalidReference", "Loaded", "MountFailed", "MountRecord", "NotFound", "OutputError",
     "ProgressEvent", "ProgressFn", "PullResult", "PushResult", "Reference", "RegistryError",

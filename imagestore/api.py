@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
 
@@ -69,6 +69,7 @@ from .state import StateFile
 
 if TYPE_CHECKING:
     from . import archive
+    from .build.builder import BuildProgress
     from .check import Report
     from .registry import PullResult, PushResult
     from .runner import RunResult
@@ -480,6 +481,33 @@ class Store:
         if counter is not None:
             counter.finish(short(image.manifest.layers[-1].digest))
         return image
+
+    # -- build ---------------------------------------------------------------------------------
+
+    def build(self, context: PathLike, dockerfile: PathLike | None = None, *,
+              dockerfile_text: str | None = None, tags: Sequence[str] = (),
+              build_args: Mapping[str, str] | None = None, target: str | None = None,
+              no_cache: bool = False, pull: bool = False,
+              labels: Mapping[str, str] | None = None, network: str = "host",
+              progress: BuildProgress | None = None) -> Image:
+        """``docker build``: the image a Dockerfile makes from the build context directory
+        ``context``, tagged with each of ``tags``.  The Dockerfile is ``dockerfile`` (a path;
+        default ``CONTEXT/Dockerfile``) or the text ``dockerfile_text``; ``build_args`` set
+        ARGs, ``target`` names the last stage to build, ``labels`` are added to the image,
+        ``network`` (``host`` or ``none``) is RUN's.  Steps found in the build cache are
+        reused unless ``no_cache``; base images are pulled when missing (always with
+        ``pull``).  ``progress`` gets ``BuildEvent`` values (each step, CACHED or its time,
+        RUN output).  Raises ``BuildFileError`` (the Dockerfile, naming file and line),
+        ``CopySourceError`` (a COPY source), ``BuildStepFailed`` (a RUN that failed),
+        ``InvalidReference``, ``ImageNotFound``, ``registry.RegistryError``."""
+        from .build.builder import build
+
+        refs = [reference.parse_repo_tag(t) for t in tags]
+        return build(self, os.fspath(context),
+                     dockerfile=os.fspath(dockerfile) if dockerfile is not None else None,
+                     dockerfile_text=dockerfile_text, tags=refs, build_args=build_args or {},
+                     target=target, no_cache=no_cache, pull=pull, labels=labels or {},
+                     network=network, progress=progress)
 
     # -- running -------------------------------------------------------------------------------
 

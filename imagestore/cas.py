@@ -47,14 +47,17 @@ class BlobWriter:
             self._f.write(data)
         self.hasher.update(data)
 
-    def commit(self) -> Digest:
+    def commit(self, sync: bool = True) -> Digest:
+        """Verify and publish.  ``sync=False`` leaves the fsyncs to the caller, who must
+        ``syncfs`` the store before anything names the blob (a build's many small ones)."""
         with disk_full_guard("a blob"):
             self._f.flush()
-            os.fsync(self._f.fileno())
+            if sync:
+                os.fsync(self._f.fileno())
             self._f.close()
         self.hasher.verify(self.expected, self.expected_size)
         digest = self.hasher.digest
-        self._store.publish(self.tmp, digest)
+        self._store.publish(self.tmp, digest, sync)
         self.digest = digest
         return digest
 
@@ -106,8 +109,9 @@ class BlobStore:
     def writer(self, expected: Digest | None = None, size: int | None = None) -> BlobWriter:
         return BlobWriter(self, expected, size)
 
-    def put(self, data: bytes, expected: Digest | None = None) -> Digest:
-        """Store ``data`` (verified against ``expected`` when given); idempotent."""
+    def put(self, data: bytes, expected: Digest | None = None, sync: bool = True) -> Digest:
+        """Store ``data`` (verified against ``expected`` when given); idempotent.  ``sync``:
+        as ``BlobWriter.commit``'s."""
         h = new_hasher(expected)
         h.update(data)
         h.verify(expected, None)
@@ -115,15 +119,16 @@ class BlobStore:
             return h.digest
         with self.writer(expected, len(data)) as w:
             w.write(data)
-            return w.commit()
+            return w.commit(sync)
 
-    def publish(self, tmp: str, digest: Digest) -> None:
+    def publish(self, tmp: str, digest: Digest, sync: bool = True) -> None:
         """Move a verified temp file into place (idempotent: an existing blob wins)."""
         dst = self.path(digest)
         with disk_full_guard("a blob"):
             os.chmod(tmp, 0o644)
             os.rename(tmp, dst)
-            fsync_dir(self.dir)
+            if sync:
+                fsync_dir(self.dir)
 
     def link(self, path: str, digest: Digest) -> None:
         """Make the verified file at ``path`` the blob ``digest`` (hardlink, else copy)."""

@@ -1,7 +1,8 @@
 """Image records: the ``Image`` value, recording an image (``record``), reading records from
 ``state.json`` and the blobs, resolving names, and docker's rules for removing and pruning.
 
-Everything that adds an image goes through ``record``, which checks that the manifest, config,
+Everything that adds an image goes through ``record`` (or ``record_steps``, a build's
+images in one transaction), which checks that the manifest, config,
 every layer and every blob are present and consistent before a ref can name it.  The rest has
 no side effects beyond the ``State`` it is given: ``Store`` (``api.py``) runs the rules inside
 its state transactions, so they can be read — and tested — apart from locking and collection.
@@ -50,6 +51,7 @@ class Image:
     repo_digests: tuple[str, ...]
     size: int
     added: str
+    parent: str = ""  # the image a build step started from (docker's intermediate images)
 
     @property
     def short_id(self) -> str:
@@ -83,6 +85,32 @@ def record(store: Store, manifest_raw: bytes, media_type: str | None = None, *,
     An image already recorded under the same ID keeps its manifest, unless ``replace``
     asks for the new one (a commit that was asked for another compression or format)
     and no registry digest pins the old one."""
+    checked = _verified(store, manifest_raw, media_type)
+    with store.state.transaction() as st:
+        image_id = _enter(store, st, checked, replace=replace, repo_digest=repo_digest)
+        for t in tags:
+            st.tags[str(t)] = image_id
+        return image_of(store.blobs, st, image_id)
+
+
+def record_steps(store: Store, steps: Sequence[tuple[bytes, str, str]]) -> None:
+    """Record the images of a build's steps in one state transaction: each a manifest (its
+    blobs and layers stored), its parent's ID and its cache key (``build.records``).  The
+    record names the parent, as docker's intermediate images do, and the key finds the image
+    again.  Verified as ``record`` verifies."""
+    checked = [(_verified(store, raw, None), parent, key) for raw, parent, key in steps]
+    with store.state.transaction() as st:
+        for c, parent, key in checked:
+            image_id = _enter(store, st, c)
+            rec = st.images[image_id]
+            rec["parent"] = parent
+            if key not in rec.setdefault("buildKeys", []):
+                rec["buildKeys"].append(key)
+
+
+def _verified(store: Store, manifest_raw: bytes, media_type: str | None
+              ) -> tuple[Digest, oci.Descriptor, int]:
+    """Check what the manifest names, store it; (image ID, manifest descriptor, size)."""
     manifest = oci.parse_manifest(manifest_raw, media_type)
     config_raw = store.blobs.read(manifest.config.digest)
     config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
@@ -105,21 +133,23 @@ def record(store: Store, manifest_raw: bytes, media_type: str | None = None, *,
             raise InvalidImage(f"layer blob {desc.digest} is missing from the store")
         size += store.layers.info(diff_id).content
     mdigest = store.blobs.put(manifest_raw)
-    desc = oci.Descriptor(manifest.media_type, mdigest, len(manifest_raw))
-    image_id = manifest.config.digest
-    with store.state.transaction() as st:
-        rec = st.images.get(image_id)
-        if rec is None or not store.blobs.has(parse_digest(rec["manifest"]["digest"])):
-            rec = {"manifest": desc.to_json(), "repoDigests": [], "size": size,
-                   "added": timefmt.now()}
-            st.images[image_id] = rec
-        elif replace and not rec["repoDigests"]:
-            rec["manifest"] = desc.to_json()
-        if repo_digest and repo_digest not in rec["repoDigests"]:
-            rec["repoDigests"] = [*rec["repoDigests"], repo_digest]
-        for t in tags:
-            st.tags[str(t)] = image_id
-        return image_of(store.blobs, st, image_id)
+    return (manifest.config.digest, oci.Descriptor(manifest.media_type, mdigest,
+                                                    len(manifest_raw)), size)
+
+
+def _enter(store: Store, st: State, checked: tuple[Digest, oci.Descriptor, int], *,
+           replace: bool = False, repo_digest: str | None = None) -> str:
+    image_id, desc, size = checked
+    rec = st.images.get(image_id)
+    if rec is None or not store.blobs.has(parse_digest(rec["manifest"]["digest"])):
+        rec = {"manifest": desc.to_json(), "repoDigests": [], "size": size,
+               "added": timefmt.now()}
+        st.images[image_id] = rec
+    elif replace and not rec["repoDigests"]:
+        rec["manifest"] = desc.to_json()
+    if repo_digest and repo_digest not in rec["repoDigests"]:
+        rec["repoDigests"] = [*rec["repoDigests"], repo_digest]
+    return image_id
 
 
 def documents(blobs: BlobStore, rec: dict[str, Any]
@@ -139,7 +169,7 @@ def image_of(blobs: BlobStore, st: State, image_id: str) -> Image:
                         key=lambda r: r.familiar))
     return Image(Digest(image_id), desc, manifest, config, tags,
                  tuple(rec.get("repoDigests", [])), int(rec.get("size", 0)),
-                 str(rec.get("added", "")))
+                 str(rec.get("added", "")), str(rec.get("parent", "")))
 
 
 def image_unless_removed(blobs: BlobStore, st: State, image_id: str,
@@ -272,13 +302,17 @@ def _single_reference(tags: Sequence[str], digests: Sequence[str]) -> bool:
 
 def prune(st: State, all_images: bool) -> tuple[list[str], list[str]]:
     """``docker image prune`` applied to ``st``: dangling images (every unused one with
-    ``all_images``) go.  Returns (references untagged, image IDs deleted)."""
+    ``all_images``) go.  As docker's, a build's intermediate image is not dangling while an
+    image it led to is kept (it is that image's build cache), nor is any image a container
+    uses or an intermediate image of it.  Returns (references untagged, image IDs
+    deleted)."""
     deleted: list[str] = []
     untagged: list[str] = []
     tagged = set(st.tags.values())
-    used = {c.get("image") for c in st.containers.values()}
+    used = {str(c.get("image")) for c in st.containers.values()}
+    keep = _with_parents(st, used | (set() if all_images else tagged))
     for image_id in sorted(st.images):
-        if image_id in used or (image_id in tagged and not all_images):
+        if image_id in keep:
             continue
         for t in [t for t, i in st.tags.items() if i == image_id]:
             del st.tags[t]
@@ -286,6 +320,16 @@ def prune(st: State, all_images: bool) -> tuple[list[str], list[str]]:
         st.images.pop(image_id)
         deleted.append(image_id)
     return untagged, deleted
+
+
+def _with_parents(st: State, ids: set[str]) -> set[str]:
+    """``ids`` and the images they were built from, step by step (the records' parents)."""
+    out: set[str] = set()
+    for image_id in ids:
+        while image_id and image_id in st.images and image_id not in out:
+            out.add(image_id)
+            image_id = str(st.images[image_id].get("parent") or "")
+    return out
 
 
 def history(image: Image, layer_size: Callable[[Digest], int]) -> list[dict[str, Any]]:
@@ -320,7 +364,7 @@ def inspect(image: Image) -> dict[str, Any]:
         "Id": image.id,
         "RepoTags": [t.familiar for t in image.tags],
         "RepoDigests": [reference.parse(rd).familiar for rd in image.repo_digests],
-        "Parent": "",
+        "Parent": image.parent,
         "Comment": cfg.field("comment"),
         "Created": cfg.field("created"),
         "DockerVersion": cfg.field("docker_version"),

@@ -61,7 +61,16 @@ from unionfs.control import unmount as _unmount
 from unionfs.errors import MountError
 
 from .errors import MountFailed
-from .mountplan import DEFAULT_ENGINES, ENGINES, Directories, Plan, engine_for, fuse_missing, plan
+from .mountplan import (
+    DEFAULT_ENGINES,
+    ENGINES,
+    Directories,
+    Layers,
+    Plan,
+    engine_for,
+    fuse_missing,
+    plan,
+)
 from .mounts import clear_mount_dir
 from .unmounting import EXIT_TIMEOUT, release, unmount, wait_gone
 
@@ -444,7 +453,8 @@ def probe(store: Store) -> None:
             pass
 
 
-__all__: Sequence[str] = ["DEFAULT_ENGINES", "ENGINES", "Directories", "Plan", "daemon_command",
+__all__: Sequence[str] = ["DEFAULT_ENGINES", "ENGINES", "Directories", "Layers", "Plan",
+                          "daemon_command",
                           "engine_for", "exec_foreground", "fuse_missing", "mounted",
                           "open_mounted", "plan", "probe", "release", "start",
                           "unmount", "wait_gone"]

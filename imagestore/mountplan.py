@@ -59,8 +59,20 @@ class Directories:
     work: str | None = None
 
 
+@dataclass(frozen=True)
+class Layers:
+    """Stored layers (their descriptions, top first) under a writable ``upper``: the mount of a
+    build's stage.  ``cleanup``: a directory the daemon removes once the mount has ended (the
+    stage's uppers), even when whoever started it was killed."""
+
+    layers: tuple[dict[str, Any], ...]
+    upper: str
+    work: str
+    cleanup: str | None = None
+
+
 if TYPE_CHECKING:
-    Target = str | Image | Container | Directories
+    Target = str | Image | Container | Directories | Layers
 
 
 def fuse_missing() -> str | None:
@@ -194,7 +206,12 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
     upper = work = None
     lock: int | None = None
     container = None
-    if isinstance(target, Directories):
+    cleanup = None
+    if isinstance(target, Layers):
+        layers = list(target.layers)
+        upper, work, cleanup = target.upper, target.work, target.cleanup
+        kind, ident, name, what = "build", cleanup or upper, "build", "a build stage"
+    elif isinstance(target, Directories):
         if target.upper and not target.work and not read_only:
             raise MountFailed("a writable upper directory needs a work directory")
         for d in (*target.lower, target.upper, target.work):
@@ -252,6 +269,8 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
                 "started": timefmt.now(), "read_only": read_only, "control": control or "",
                 "engine": "fuse"}},
         }
+        if cleanup is not None:
+            spec["cleanup"] = cleanup
         p = Plan(spec, mp, created, log, what, lock)
         if chosen == "kernel":
             assert container is not None and upper is not None and work is not None

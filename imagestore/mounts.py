@@ -24,6 +24,9 @@ A container mounted with the kernel engine has its image served by the daemon at
 ``containers/<id>/lower`` only while the overlay is being mounted (``clear_lower`` removes
 what a daemon killed at that moment leaves); its record names the overlay (its device) and
 ``engine: kernel``.
+``rotate`` is its other client: it turns a writable mount's upper into a read-only layer and
+starts a fresh one, in the same mount (a build's step is done; ``unionfs.mount._control``);
+``guard`` has the daemon kill a process (a build's RUN) if this process dies first.
 
 Caveats:
 * Telling "held by another namespace" from "ending" reads ``/proc/*/mountinfo``
@@ -40,7 +43,7 @@ import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from unionfs.control import frozen, holders, is_mounted, unmount
+from unionfs.control import _libc_syncfs, frozen, holders, is_mounted, short_address, unmount
 from unionfs.errors import MountError
 
 from .errors import Conflict, MountFailed
@@ -273,3 +276,65 @@ def process_alive(pid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+# -- rotate ----------------------------------------------------------------------------------------
+
+
+def rotate(mountpoint: str, control: str, upper: str, work: str, timeout: float = 60.0) -> str:
+    """Make the upper of the writable mount at ``mountpoint`` its top read-only layer and the
+    empty directory ``upper`` (work dir ``work``, on the same file system) its new upper; the
+    mount stays, inode numbers and all.  The kernel's dirty pages are flushed first, and the
+    mount is frozen while it turns.  Returns the old upper's directory, read still from now
+    on.  Raises ``MountFailed`` (refused: a file is open for writing, the mount is gone)."""
+    import socket
+
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc_syncfs(fd)
+    finally:
+        os.close(fd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            with short_address(control) as short:
+                s.connect(short)
+            f = s.makefile("rwb")
+            f.write(b"freeze\n")
+            f.flush()
+            if f.readline().strip() != b"frozen":
+                raise MountFailed(f"the mount at {mountpoint} did not pause")
+            f.write(f"rotate {json.dumps(upper)} {json.dumps(work)}\n".encode())
+            f.flush()
+            answer = f.readline().decode(errors="replace").strip()
+            f.close()
+        except OSError as exc:
+            raise MountFailed(f"cannot rotate the upper of the mount at {mountpoint}: "
+                              f"{exc}") from None
+    word, _, rest = answer.partition(" ")
+    if word != "rotated":
+        raise MountFailed(f"cannot rotate the upper of the mount at {mountpoint}: "
+                          f"{rest or 'no answer'}")
+    old = json.loads(rest)
+    assert isinstance(old, str)
+    return old
+
+
+def guard(control: str, pid: int, on: bool = True, timeout: float = 10.0) -> None:
+    """Ask the daemon of a mount made with a lifeline (``mounting.mounted``) to kill ``pid``
+    should this process die before it unguards it (``on=False``): a build's RUN must not
+    outlive the build.  Raises ``MountFailed``."""
+    import socket
+
+    word = "guard" if on else "unguard"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            with short_address(control) as short:
+                s.connect(short)
+            s.sendall(f"{word} {pid}\n".encode())
+            answer = s.recv(256).decode(errors="replace").strip()
+        except OSError as exc:
+            raise MountFailed(f"cannot {word} process {pid}: {exc}") from None
+    if answer != word + "ed":
+        raise MountFailed(f"cannot {word} process {pid}: {answer.removeprefix('error ')}")

@@ -550,3 +550,104 @@ def debian_strata(tmp_path_factory: pytest.TempPathFactory) -> tuple[Strata, str
     strata = Strata(base / "store")
     strata("import", str(debian.rootfs_tar()), "debian:bookworm")
     return strata, "debian:bookworm"
+
+
+# build: base images in the test registry, and buildah as the oracle (tests/buildah.py)
+# =================================================================================================
+
+from tests import buildah as _bh  # noqa: E402
+
+
+def build_base_entries() -> list[_b.E]:
+    """busybox with users (app 1000:1000, staff group 50), /usr/local/bin, a symlinked
+    directory (/lnk -> usr/local) and a file only root may read."""
+    entries = [e for e in _b.busybox_entries() if e.name not in ("etc/passwd", "etc/group")]
+    return entries + [
+        _b.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
+                              b"app:x:1000:1000:app:/home/app:/bin/sh\n"
+                              b"nobody:x:65534:65534:nobody:/:/bin/false\n"),
+        _b.file("etc/group", b"root:x:0:\napp:x:1000:\nstaff:x:50:app\n"
+                             b"nogroup:x:65534:\n"),
+        _b.d("usr"), _b.d("usr/local"), _b.d("usr/local/bin"),
+        _b.sym("lnk", "usr/local"),
+        _b.d("home"), _b.d("home/app", uid=1000, gid=1000, mode=0o750),
+        _b.file("etc/secret", b"s\n", mode=0o600),
+        _b.d("opt", mode=0o711),
+    ]
+
+
+@pytest.fixture(scope="session")
+def build_bases(registry: _rh.RegistryProcess,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Base images for build tests, in ``registry``: ``base`` (``build_base_entries``,
+    Env PATH, Cmd /bin/sh) and ``onbuild`` (base with ONBUILD triggers)."""
+    work = tmp_path_factory.mktemp("build-bases")
+    out = {}
+    path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    for name, cfg in (
+            ("base", {"Cmd": ["/bin/sh"], "Env": [path]}),
+            ("onbuild", {"Cmd": ["/bin/sh"], "Env": [path],
+                         "OnBuild": ["COPY a.txt /from-onbuild/", "ENV ONBUILT=yes"]})):
+        layout = str(work / name)
+        _b.oci_layout(layout, [_b.tar_bytes(build_base_entries())], config={"config": cfg})
+        ref = f"{registry.host}/test/build-{name}:1"
+        _rh.skopeo_copy(f"oci:{layout}:latest", f"docker://{ref}")
+        out[name] = ref
+    return out
+
+
+@pytest.fixture
+def build_base(strata: Strata, tmp_path: Path) -> str:
+    """``base`` in the store: the build tests' base image (``build_base_entries``), loaded
+    from an OCI layout, not pulled."""
+    require_root()
+    require_fuse()
+    layout = str(tmp_path / "base-layout")
+    _b.oci_layout(layout, [_b.tar_bytes(build_base_entries())],
+                  config={"config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}})
+    image_id = strata.out("load", "-q", "-i", layout).split()[-1]
+    strata("tag", image_id, "base")
+    return "base"
+
+
+@pytest.fixture
+def buildah(tmp_path: Path) -> Iterator[_bh.Buildah]:
+    require_root()
+    require_tool("buildah")
+    require_tool("umoci")
+    b = _bh.Buildah(tmp_path / "buildah")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def http_files(tmp_path: Path) -> Iterator[str]:
+    """A web server on 127.0.0.1 serving ``tmp_path/www`` (``file.txt``, ``archive.tar``),
+    with ``Last-Modified`` headers from the files' mtimes."""
+    import http.server
+    import threading
+    from typing import Any
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "file.txt").write_bytes(b"downloaded\n")
+    (www / "archive.tar").write_bytes(_bh.small_tar({"x": b"x\n"}))
+    os.utime(www / "file.txt", (1_600_000_000, 1_600_000_000))
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(www), **kw)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -18,12 +18,15 @@ serves::
                                         are served read-only at "mountpoint" above, a private
                                         directory, and kernel overlayfs over that mount with
                                         this upper and work dir is mounted here; or null
-     "control": PATH,                   Unix socket answering ``freeze`` (writable mounts), or null
+     "control": PATH,                   Unix socket answering ``freeze`` and ``rotate`` (writable
+                                        mounts; ``_control`` says how), or null
      "ready_fd": N,                     gets ``ready`` or the one-line error, then is closed
      "lifeline_fd": N,                  read end of a pipe only the parent holds: EOF unmounts
      "hold_fds": [N, ...],              kept open while serving (a container's mount lock)
      "record": {"path": PATH, "data": {...}}}   written with "pid" and "dev" once the mount
                                         answers, removed when it ends (the store's mounts/)
+     "cleanup": PATH,                   a directory removed once the mount has ended (a
+                                        build's uppers: gone even if the builder was killed)
 
 Every key but ``mountpoint`` and ``layers`` may be left out.  The daemon mounts, answers
 ``ready`` once a ``stat`` of the mountpoint (from a worker thread) has been answered, and
@@ -80,6 +83,16 @@ if TYPE_CHECKING:  # pyfuse3 and trio load only in the process that serves (star
 
 log = logging.getLogger("unionfs.mount")  # also when run as __main__
 
+
+class _Ignored:
+    """``trio.TASK_STATUS_IGNORED`` without importing trio here (start-up time)."""
+
+    def started(self, value: object = None) -> None:
+        pass
+
+
+trio_ignored: Any = _Ignored()
+
 __all__ = ["MountOptions", "MountSpec", "main", "serve", "user_allow_other"]
 
 
@@ -121,6 +134,7 @@ class MountSpec:
     hold_fds: Sequence[int] = ()
     record: dict[str, Any] | None = None
     overlay: OverlaySpec | None = None
+    cleanup: str | None = None
 
     @property
     def target(self) -> str:
@@ -142,7 +156,8 @@ class MountSpec:
             raise MountError("the kernel engine's FUSE mount is read-only, without an upper")
         return cls(doc["mountpoint"], doc["layers"], options, doc.get("upper"), doc.get("work"),
                    doc.get("control"), doc.get("ready_fd"), doc.get("lifeline_fd"),
-                   tuple(doc.get("hold_fds") or ()), doc.get("record"), ov)
+                   tuple(doc.get("hold_fds") or ()), doc.get("record"), ov,
+                   doc.get("cleanup"))
 
     @classmethod
     def load(cls, path: str) -> MountSpec:
@@ -201,9 +216,23 @@ def user_allow_other(conf: str = "/etc/fuse.conf") -> bool:
         return False
 
 
-async def _control(ops: Operations, path: str) -> None:
-    """One request: ``freeze``.  Changes are held from the ``frozen`` answer until the client
-    closes the connection (or dies), so a commit can never leave the mount frozen."""
+async def _control(ops: Operations, path: str, guards: dict[int, int],
+                   task_status: trio.TaskStatus[None] = trio_ignored) -> None:
+    """The control socket: one request per line.
+
+    * ``freeze``: answered ``frozen``; changes are held from then until the client closes the
+      connection (or dies), so a commit can never leave the mount frozen.  More requests may
+      follow on the same connection, answered while frozen.
+    * ``rotate NEW_UPPER NEW_WORK`` (each path a JSON string): the writable layer becomes the
+      top read-only layer and ``NEW_UPPER`` (an empty directory; ``NEW_WORK`` its work dir)
+      the writable one, in the same mount (``Operations.rotate``: inode numbers unchanged,
+      refused while a file is open for writing).  Answered ``rotated OLD_UPPER`` (the
+      directory that is now a read-only layer, a JSON string) or ``error MESSAGE``.  A build
+      sends it between two steps: the old upper is then the step's layer, read still.
+    * ``guard PID`` / ``unguard PID``: answered ``guarded``/``unguarded``.  A guarded process
+      (held by a pidfd, so a reused pid is never hit) is killed with SIGKILL if the mount
+      ends because its parent is gone (the lifeline): a build's RUN, killed with the build
+      that runs it rather than left holding the mount."""
     import trio
 
     with contextlib.suppress(FileNotFoundError):
@@ -213,22 +242,123 @@ async def _control(ops: Operations, path: str) -> None:
         await sock.bind(short)
     os.chmod(path, 0o600)
     sock.listen(4)
+    task_status.started()  # listening before the mount is said to be ready
 
     async def handle(stream: trio.SocketStream) -> None:
+        lines = _Lines(stream)
         async with stream:
-            if (await stream.receive_some(64)).strip() != b"freeze":
-                return
-            await ops.freeze()
             try:
-                await stream.send_all(b"frozen\n")
-                while await stream.receive_some(64):
-                    pass
+                first = await lines.next()
+                if first == b"freeze":
+                    await ops.freeze()
+                    try:
+                        await stream.send_all(b"frozen\n")
+                        while (line := await lines.next()) is not None:
+                            await stream.send_all(await _request(ops, line, guards))
+                    finally:
+                        ops.thaw()
+                elif first is not None:
+                    await stream.send_all(await _request(ops, first, guards))
             except trio.BrokenResourceError:
                 pass
-            finally:
-                ops.thaw()
 
     await trio.serve_listeners(handle, [trio.SocketListener(sock)])
+
+
+class _Lines:
+    """Request lines from a control connection (None at its end)."""
+
+    MAX = 1 << 16
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def next(self) -> bytes | None:
+        while b"\n" not in self.buf:
+            if len(self.buf) > self.MAX:
+                return None
+            data = await self.stream.receive_some(4096)
+            if not data:  # the client is done: a last request without its newline counts
+                last, self.buf = self.buf.strip(), b""
+                return last or None
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.strip()
+
+
+def _json_words(text: str) -> list[str]:
+    """``"a" "b"``: JSON strings separated by white space."""
+    decoder = json.JSONDecoder()
+    out, i = [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        value, i = decoder.raw_decode(text, i)
+        if not isinstance(value, str):
+            raise ValueError("expected a JSON string")
+        out.append(value)
+    return out
+
+
+def _guard(guards: dict[int, int], word: str, rest: str) -> bytes:
+    if not rest.strip().isdigit():
+        return f"error usage: {word} PID\n".encode()
+    pid = int(rest)
+    if word == "unguard":
+        fd = guards.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+        return b"unguarded\n"
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError as exc:
+        return f"error {exc.strerror}\n".encode()
+    old = guards.pop(pid, None)
+    if old is not None:
+        os.close(old)
+    guards[pid] = fd
+    return b"guarded\n"
+
+
+def kill_guarded(guards: dict[int, int]) -> None:
+    """SIGKILL every guarded process (the mount's parent is gone)."""
+    for pid, fd in list(guards.items()):
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        log.info("killed guarded process %d", pid)
+        os.close(fd)
+        del guards[pid]
+
+
+async def _request(ops: Operations, line: bytes, guards: dict[int, int]) -> bytes:
+    """The answer to one control request other than ``freeze``."""
+    from .errors import UnionError
+    from .upper import UpperLayer
+
+    word, _, rest = line.decode(errors="replace").partition(" ")
+    if word in ("guard", "unguard"):
+        return _guard(guards, word, rest)
+    if word != "rotate":
+        return b"error unknown request\n"
+    try:
+        upper, work = _json_words(rest)
+    except ValueError:
+        return b"error usage: rotate NEW_UPPER NEW_WORK (JSON strings)\n"
+    try:
+        if os.listdir(upper):
+            return b"error the new upper is not empty\n"
+        old = ops.union.upper.root if ops.union.upper is not None else None
+        if old is None:
+            return b"error the mount is read-only\n"
+        await ops.rotate(UpperLayer(upper, work))
+    except UnionError as exc:
+        return f"error {os.strerror(exc.code)}\n".encode()
+    except OSError as exc:
+        return f"error {exc.strerror or exc}: {exc.filename or upper}\n".encode()
+    log.debug("rotated: %s is a read-only layer now, %s the upper", old, upper)
+    return f"rotated {json.dumps(old)}\n".encode()
 
 
 async def _watch(fd: int) -> None:
@@ -266,14 +396,16 @@ async def _run(ops: Operations, mountpoint: str, on_ready: Callable[[int], None]
             state.ending = True
             pyfuse3.terminate()
 
+    guards: dict[int, int] = {}  # pid: pidfd of processes to kill if the parent goes
     async with trio.open_nursery() as nursery:
         if control is not None:
-            nursery.start_soon(_control, ops, control)
+            await nursery.start(_control, ops, control, guards)
         if lifeline is not None:
 
             async def orphaned() -> None:
                 await _watch(lifeline)
                 log.info("the parent process is gone: unmounting")
+                kill_guarded(guards)
                 await end()
 
             nursery.start_soon(orphaned)
@@ -445,6 +577,11 @@ def run(spec: MountSpec) -> int:
         if not mounted:
             _tell(spec.ready_fd, message)
         return 1
+    finally:
+        if spec.cleanup is not None:
+            import shutil
+
+            shutil.rmtree(spec.cleanup, ignore_errors=True)
     return 0
 
 
