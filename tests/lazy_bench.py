@@ -78,8 +78,13 @@ def _first_read(root: Path, ref: str, proxy: rh.FaultProxy, lazy: bool) -> dict[
 
 
 def measure(work: Path, files: int = int(os.environ.get("LAZY_BENCH_FILES", 6000)),
-            big: int = 48 << 20) -> dict[str, Any]:
-    layers = lh.generated_layers(files=files, big=big)
+            big: int = 48 << 20, rootfs: Path | None = None) -> dict[str, Any]:
+    """The measurements; with ``rootfs`` (a rootfs tar: the Debian test image, tests/debian.py)
+    that one layer instead of the generated image."""
+    if rootfs is not None:
+        layers = [lh.tight(rootfs.read_bytes())]
+    else:
+        layers = lh.generated_layers(files=files, big=big)
     reg = rh.RegistryProcess(work / "registry")
     proxy = rh.FaultProxy(reg)
     try:
@@ -115,8 +120,9 @@ def measure(work: Path, files: int = int(os.environ.get("LAZY_BENCH_FILES", 6000
 
 
 if __name__ == "__main__":
-    d = Path(tempfile.mkdtemp(prefix="lazy-bench-"))
+    d = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="lazy-bench-"))
+    rootfs = os.environ.get("LAZY_BENCH_ROOTFS")
     try:
-        print(json.dumps(measure(d), indent=1))
+        print(json.dumps(measure(d, rootfs=Path(rootfs) if rootfs else None), indent=1))
     finally:
         shutil.rmtree(d, ignore_errors=True)
