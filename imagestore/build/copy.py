@@ -100,6 +100,28 @@ class DestRoot:
             done.append(name)
         return "/".join(done)
 
+    def read(self, path: str, limit: int = 16 << 20) -> bytes | None:
+        """The content of the regular file at ``path`` (absolute in the rootfs, symlinks
+        followed inside it), None if there is none: a FIFO or a device there is not opened
+        for reading (a FIFO's open would wait for a writer for ever)."""
+        try:
+            fd = os.open(self.host(self.locate(path)),
+                         os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+        except (OSError, CopyError):
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            os.set_blocking(fd, True)
+            out = bytearray()
+            while len(out) < limit and (chunk := os.read(fd, min(1 << 20, limit - len(out)))):
+                out += chunk
+            return bytes(out)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
     def lstat(self, rel: str) -> os.stat_result | None:
         try:
             return os.lstat(self.host(rel))
@@ -136,13 +158,9 @@ def lookup_owner(root: DestRoot, spec: str) -> tuple[int, int]:
         raise CopyError(f"--chown={spec}: no user")
 
     def table(name: str) -> list[list[str]]:
-        rel = root.locate(f"/etc/{name}")
-        try:
-            with open(root.host(rel), encoding="utf-8", errors="replace") as f:
-                return [line.rstrip("\n").split(":") for line in f if line.strip()
-                        and not line.startswith("#")]
-        except OSError:
-            return []
+        text = (root.read(f"/etc/{name}") or b"").decode("utf-8", "replace")
+        return [line.split(":") for line in text.splitlines() if line.strip()
+                and not line.startswith("#")]
 
     uid = gid = None
     if user.isdigit():

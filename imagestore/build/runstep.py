@@ -126,11 +126,10 @@ def _run(sb: StageBuilder, m: StageMount, argv: Sequence[str], env: tuple[str, .
     os.mkdir(bundle, 0o700)
     hostname = socket.gethostname() if network == "host" else cid[-12:]
     binds = _files(bundle, hostname, network)
-    passwd = _read(rootfs, "/etc/passwd")
-    group = _read(rootfs, "/etc/group")
+    root = DestRoot(rootfs)
+    passwd, group = root.read("/etc/passwd"), root.read("/etc/group")
     user = resolve_user(str(cfg.get("User") or ""), passwd, group, ())
     workdir = str(cfg.get("WorkingDir") or "/")
-    root = DestRoot(rootfs)
     wd = root.locate(workdir)
     if not os.path.isdir(root.host(wd)):
         root.mkdirs(wd, (0, 0))  # docker makes a missing working directory for RUN
@@ -209,15 +208,6 @@ def _run(sb: StageBuilder, m: StageMount, argv: Sequence[str], env: tuple[str, .
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-def _read(rootfs: str, path: str) -> bytes | None:
-    root = DestRoot(rootfs)
-    try:
-        with open(root.host(root.locate(path)), "rb") as f:
-            return f.read(16 << 20)
-    except OSError:
-        return None
 
 
 def _files(bundle: str, hostname: str, network: str) -> list[Bind]:

@@ -347,3 +347,31 @@ def test_built_image_is_a_normal_image(strata: Strata, build_base: str, tmp_path
         assert (mp / "a").read_text() == "payload\n"
     assert strata.out("inspect", "-f", "{{.Id}}", f"{host}/test/built:1") == \
         other.out("inspect", "-f", "{{.Id}}", f"{host}/test/built:1")
+
+
+def test_fifo_in_place_of_passwd_does_not_hang(strata: Strata, tmp_path: Path) -> None:
+    """An image whose /etc/passwd and /etc/group are FIFOs: RUN and COPY --chown read them as
+    missing (they are no regular files) instead of blocking in open(2) for ever.  (The
+    command itself must not read them: busybox's ``id`` would wait for ever, under docker
+    too.)"""
+    require_root()
+    require_fuse()
+    from tests.conftest import build_base_entries
+
+    entries = [e for e in build_base_entries() if e.name not in ("etc/passwd", "etc/group")]
+    layout = str(tmp_path / "layout")
+    b.oci_layout(layout, [b.tar_bytes([*entries, b.fifo("etc/passwd"), b.fifo("etc/group")])],
+                 config={"config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}})
+    strata("tag", strata.out("load", "-q", "-i", layout).split()[-1], "fifo-base")
+    ctx = write_context(tmp_path / "ctx", {
+        "Dockerfile": "FROM fifo-base\nCOPY --chown=1000 a.txt /a.txt\nRUN echo ran > /ran\n",
+        "a.txt": "a\n"})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cli.main", "--root", str(strata.root),
+                               "build", "-q", str(ctx)], env=env, capture_output=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the build hangs on the image's FIFOs")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"no problems" in strata("check").stderr
