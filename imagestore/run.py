@@ -279,7 +279,7 @@ def _prepare(store: Store, cs: Containers, container: Container, opts: RunOption
     config = store.image(container.image).config.container_config
     hostname = runtime.valid_hostname(opts.hostname) if opts.hostname else (
         socket.gethostname() if opts.network == "host" else container.short_id)
-    binds = _write_files(container, opts, hostname)
+    binds = runtime.etc_files(container.root, hostname, opts.network)
     workdir = opts.workdir or config.get("WorkingDir") or "/"
     if not workdir.startswith("/"):
         raise RunError(f"the working directory {workdir!r} is invalid: it needs to be an "
@@ -314,29 +314,6 @@ def _remove_cgroups(cid: str) -> None:
                 time.sleep(0.01)  # EBUSY while the last task goes
             else:
                 break
-
-
-def _write_files(container: Container, opts: RunOptions, hostname: str) -> list[Bind]:
-    """``/etc/hosts``, ``/etc/hostname`` (and the host's ``/etc/resolv.conf`` with ``--network
-    host``) as files of the container's directory, to be bind-mounted."""
-    files: dict[str, bytes] = {"hosts": runtime.hosts_file(hostname, opts.network),
-                               "hostname": hostname.encode() + b"\n"}
-    if opts.network == "host":
-        try:
-            with open("/etc/resolv.conf", "rb") as f:
-                files["resolv.conf"] = f.read()
-        except OSError:
-            files["resolv.conf"] = b""
-    binds = []
-    for name, data in files.items():
-        path = os.path.join(container.root, name)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-        binds.append(Bind(path, "/etc/" + name))
-    return binds
 
 
 def _build_init(container: Container, root: RootView,

@@ -436,6 +436,29 @@ def hosts_file(hostname: str, network: str) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def etc_files(directory: str, hostname: str, network: str) -> list[Bind]:
+    """``/etc/hosts``, ``/etc/hostname`` (and the host's ``/etc/resolv.conf`` with
+    ``--network host``) written as files of ``directory``, to be bind-mounted."""
+    files: dict[str, bytes] = {"hosts": hosts_file(hostname, network),
+                               "hostname": hostname.encode() + b"\n"}
+    if network == "host":
+        try:
+            with open("/etc/resolv.conf", "rb") as f:
+                files["resolv.conf"] = f.read()
+        except OSError:
+            files["resolv.conf"] = b""
+    binds = []
+    for name, data in files.items():
+        path = os.path.join(directory, name)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+        binds.append(Bind(path, "/etc/" + name))
+    return binds
+
+
 def valid_hostname(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})", name):
         raise RunError(f"invalid hostname {name!r}")

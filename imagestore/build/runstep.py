@@ -45,7 +45,7 @@ from unionfs.resolve import UnionView
 from ..errors import StoreError
 from ..mounts import guard
 from ..runner import OCIRuntime, RunResult, Streams, run_bundle
-from ..runtime import Bind, RunOptions, capabilities, hosts_file, spec, stub_targets
+from ..runtime import Bind, RunOptions, capabilities, etc_files, spec, stub_targets
 from ..runtime_seccomp import load
 from ..runtime_user import RootView, resolve_user
 from . import metadata, records
@@ -125,7 +125,7 @@ def _run(sb: StageBuilder, m: StageMount, argv: Sequence[str], env: tuple[str, .
     bundle = os.path.join(m.dir, cid)
     os.mkdir(bundle, 0o700)
     hostname = socket.gethostname() if network == "host" else cid[-12:]
-    binds = _files(bundle, hostname, network)
+    binds = etc_files(bundle, hostname, network)
     root = DestRoot(rootfs)
     passwd, group = root.read("/etc/passwd"), root.read("/etc/group")
     user = resolve_user(str(cfg.get("User") or ""), passwd, group, ())
@@ -208,25 +208,6 @@ def _run(sb: StageBuilder, m: StageMount, argv: Sequence[str], env: tuple[str, .
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-def _files(bundle: str, hostname: str, network: str) -> list[Bind]:
-    files: dict[str, bytes] = {"hosts": hosts_file(hostname, network),
-                               "hostname": hostname.encode() + b"\n"}
-    if network == "host":
-        try:
-            with open("/etc/resolv.conf", "rb") as f:
-                files["resolv.conf"] = f.read()
-        except OSError:
-            files["resolv.conf"] = b""
-    binds = []
-    for name, data in files.items():
-        path = os.path.join(bundle, name)
-        with open(path, "wb") as f:
-            f.write(data)
-        os.chmod(path, 0o644)
-        binds.append(Bind(path, "/etc/" + name))
-    return binds
 
 
 INIT_TARGETS = [("/proc", True), ("/dev", True), ("/sys", True), ("/etc/hosts", False),
