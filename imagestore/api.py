@@ -28,10 +28,11 @@ Seams: the class holds argument handling and locking order only.  ``layers`` (a
 ``LayerStore``, which owns the ``BlobStore`` ``blobs``) and ``state`` (``StateFile``) are the
 storage; ``images`` (records, names, docker's removal rules), ``gc`` (collection, ingesting),
 ``archive``, ``commit``, ``changeset``, ``containers``, ``mounts``, ``mounting`` (the only
-spawner of the mount daemon), ``run`` (the OCI runtime), ``check`` and ``registry`` do the
-work.  The registry client (httpx, trio) is imported only when ``pull``/``push`` run, and
-``archive``, ``changeset``, ``commit``, ``gc`` and ``run`` only by the methods that use them
-(every ``strata`` command pays for what it imports).
+spawner of the mount daemon; the mount methods are in ``storemounts``), ``run`` (the OCI
+runtime), ``check`` and ``registry`` do the work.  The registry client (httpx, trio) is
+imported only when ``pull``/``push`` run, and ``archive``, ``changeset``, ``commit``, ``gc``
+and ``run`` only by the methods that use them (every ``strata`` command pays for what it
+imports).
 
 Caveats:
 * ``pull``/``push`` run their own trio loop; in trio code use ``pull_async``/``push_async``.
@@ -46,16 +47,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, NoReturn, overload
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from unionfs.resolve import UnionView
 
-from . import images, mounting, oci, reference, unmounting
+from . import images, oci, reference, unmounting
 from .compress import LAYER_COMPRESSIONS, parse_size
 from .containers import Container, Containers
-from .errors import ImageNotFound, InvalidImage, InvalidReference, MountFailed, Unsupported
+from .errors import ImageNotFound, InvalidImage, InvalidReference, Unsupported
 from .fsutil import output_sink
 from .images import Image, Removed
 from .layerstore import LayerStore
@@ -66,6 +66,7 @@ from .paths import default_root
 from .progress import ByteCounter, ProgressEvent, ProgressFn, short
 from .reference import Reference
 from .state import StateFile
+from .storemounts import ImageLike, MountMethods, PathLike
 
 if TYPE_CHECKING:
     from . import archive
@@ -74,10 +75,7 @@ if TYPE_CHECKING:
     from .registry import PullResult, PushResult
     from .runner import RunResult
 
-ImageLike = str | Image
 ContainerLike = str | Container
-MountTarget = ImageLike | Container | Directories
-PathLike = str | os.PathLike[str]
 Output = PathLike | BinaryIO
 
 __all__ = ["Container", "ContainerLike", "Directories", "Image", "ImageLike", "MountRecord",
@@ -98,7 +96,7 @@ def default_max_layer_size() -> int:
         raise InvalidReference(f"STRATA_MAX_LAYER_SIZE: {exc}") from None
 
 
-class Store:
+class Store(MountMethods):
     """An image store (``root``: a directory, created if missing; default ``$STRATA_ROOT``,
     else ``/var/lib/strata`` for root, else ``$XDG_DATA_HOME/strata``).  Safe to use from
     several threads and processes at once; every method is atomic (a failure leaves the store
@@ -544,8 +542,9 @@ class Store:
         ``ContainerNotFound``, ``Conflict`` (the container is mounted or running),
         ``MountFailed``."""
         from . import run as _run
-        from .runner import Streams, window_size
+        from .runner import Streams
         from .runtime import RunError
+        from .terminal import window_size
 
         if tty and capture_output:
             raise RunError("a terminal's output cannot be captured (tty with capture_output)")
@@ -558,91 +557,6 @@ class Store:
         result = _run.run(self, target, opts, streams, name=name, remove=remove,
                           runtime_path=runtime, engine=engine)
         return result if capture_output else result.status
-
-    # -- mounts --------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
-              read_only: bool = False, allow_other: bool = False, suid: bool = False,
-              dev: bool = False, engine: str | None = None,
-              timeout: float = mounting.READY_TIMEOUT) -> Iterator[Path]:
-        """Mount an image (always read-only), a container (writable unless ``read_only``) or
-        ``Directories`` for the ``with`` block and yield the mountpoint: ``mountpoint``
-        (created if missing) or a new temporary directory, removed afterwards.  A string
-        names a container first, then an image, as ``strata mount``.  Mounts are
-        ``nosuid,nodev`` unless ``suid`` or ``dev``; ``allow_other`` lets other users in.
-        ``engine`` (a writable container's): ``"fuse"``, ``"kernel"`` (overlayfs over a
-        FUSE mount of the image; root) or ``"auto"`` (kernel where overlayfs may be
-        mounted, else FUSE); default ``$STRATA_ENGINE``, else ``"fuse"``.
-        The daemon runs in a child process; the mount is taken down when the block ends,
-        raises or is interrupted.  Raises ``FuseUnavailable``, ``MountFailed``,
-        ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted),
-        ``Unsupported`` (the engine)."""
-        p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other, suid=suid, dev=dev, engine=engine)
-        with mounting.mounted(p, timeout) as path:
-            yield path
-
-    @contextlib.asynccontextmanager
-    async def open_mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
-                         read_only: bool = False, allow_other: bool = False,
-                         suid: bool = False, dev: bool = False, engine: str | None = None,
-                         timeout: float = mounting.READY_TIMEOUT) -> AsyncIterator[Path]:
-        """``mount`` for trio code: ``async with store.open_mount("busybox") as root:``.
-        The event loop never blocks on the daemon; the teardown runs shielded from
-        cancellation."""
-        p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other, suid=suid, dev=dev, engine=engine)
-        async with mounting.open_mounted(p, timeout) as path:
-            yield path
-
-    def start_mount(self, target: MountTarget, mountpoint: PathLike, *,
-                    read_only: bool = False, allow_other: bool = False, suid: bool = False,
-                    dev: bool = False, debug: bool = False, engine: str | None = None,
-                    timeout: float = mounting.READY_TIMEOUT) -> MountRecord:
-        """Mount as ``mount`` does, but for good (``strata mount``): returns once the mount
-        answers, and the daemon serves on after this process exits, logging to
-        ``<root>/mounts/<key>.log`` (every request with ``debug``), until ``unmount``,
-        ``umount`` (``fusermount3 -u`` for the FUSE engine) or SIGTERM.  The mountpoint must
-        be an existing directory."""
-        p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other, suid=suid, dev=dev, debug=debug,
-                          make_mountpoint=False, engine=engine)
-        mounting.start(p, timeout)
-        rec = Mounts(self.root).record_for(p.mountpoint)
-        if rec is None:  # unmounted already, by someone else
-            raise MountFailed(f"{p.mountpoint} was unmounted as soon as it was ready")
-        return rec
-
-    def serve_mount(self, target: MountTarget, mountpoint: PathLike, *,
-                    read_only: bool = False, allow_other: bool = False, suid: bool = False,
-                    dev: bool = False, debug: bool = False,
-                    engine: str | None = None) -> NoReturn:
-        """Serve a mount in this very process until it is unmounted or signalled
-        (``strata mount -f``): the process becomes the mount daemon (``exec``), logging to
-        its stderr.  Checks and errors are those of ``start_mount`` (``auto`` does not fall
-        back to FUSE here once the kernel refuses the overlay: the process is the daemon)."""
-        p = mounting.plan(self, target, mountpoint, read_only=read_only,
-                          allow_other=allow_other, suid=suid, dev=dev, debug=debug,
-                          make_mountpoint=False, engine=engine)
-        mounting.exec_foreground(p)
-
-    def unmount(self, mountpoint: PathLike, *, lazy: bool = False) -> None:
-        """``strata umount``: unmount here and wait for the daemon; ``lazy`` detaches a busy
-        mount; a mount whose daemon died (``ENOTCONN``) is detached and forgotten.  A mount
-        another mount namespace still holds is served on there (``mounts()`` shows it as
-        ``elsewhere``); unmounting it again stops its daemon.  Raises ``MountFailed``."""
-        unmounting.unmount(self.root, os.fspath(mountpoint), lazy)
-
-    def mounts(self) -> list[MountRecord]:
-        """The live mounts of this store, whoever made them (``strata mounts``)."""
-        return Mounts(self.root).records()
-
-    def check_fuse(self) -> None:
-        """Mount and unmount an empty directory: raises ``FuseUnavailable`` with the reason
-        (no ``/dev/fuse``, no ``fusermount3``, the kernel refused the mount) when mounts
-        cannot work here, ``MountFailed`` for another failure."""
-        mounting.probe(self)
 
     # -- the store itself ----------------------------------------------------------------------
 

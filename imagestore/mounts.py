@@ -25,7 +25,7 @@ A container mounted with the kernel engine has its image served by the daemon at
 what a daemon killed at that moment leaves); its record names the overlay (its device) and
 ``engine: kernel``.
 ``rotate`` is its other client: it turns a writable mount's upper into a read-only layer and
-starts a fresh one, in the same mount (a build's step is done; ``unionfs.mount._control``);
+starts a fresh one, in the same mount (a build's step is done; ``unionfs.controlserver``);
 ``guard`` has the daemon kill a process (a build's RUN) if this process dies first.
 
 Caveats:

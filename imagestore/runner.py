@@ -51,11 +51,11 @@ import subprocess
 import termios
 import threading
 import time
-import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .runtime import RunError
+from .terminal import raw_mode, receive_master, window_size
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
@@ -248,36 +248,6 @@ def _subreaper() -> Iterator[None]:
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, old.value, 0, 0, 0)
 
 
-def _window(fd: int) -> bytes | None:
-    try:
-        return fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
-    except OSError:
-        return None
-
-
-def window_size(*fds: int) -> tuple[int, int] | None:
-    """(rows, columns) of the first terminal among ``fds``."""
-    for fd in fds:
-        raw = _window(fd) if os.isatty(fd) else None
-        if raw is not None:
-            rows, cols = struct.unpack("HHHH", raw)[:2]
-            if rows and cols:
-                return rows, cols
-    return None
-
-
-def _receive_master(server: socket.socket, deadline: float) -> int:
-    """Accept the runtime's connection on the console socket and take the pty master."""
-    server.settimeout(max(0.1, deadline - time.monotonic()))
-    conn, _ = server.accept()
-    with conn:
-        conn.settimeout(max(0.1, deadline - time.monotonic()))
-        _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
-    if not fds:
-        raise RunError("the runtime did not send the terminal")
-    return fds[0]
-
-
 @contextlib.contextmanager
 def _signals_forwarded(wake_w: int, tty: bool) -> Iterator[bool]:
     """Route the forwarded signals (and SIGWINCH with a terminal) to ``wake_w``; True when
@@ -296,19 +266,6 @@ def _signals_forwarded(wake_w: int, tty: bool) -> Iterator[bool]:
         for s, handler in old.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         signal.set_wakeup_fd(old_fd)
-
-
-@contextlib.contextmanager
-def _raw(fd: int | None) -> Iterator[None]:
-    if fd is None or not os.isatty(fd):
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -422,7 +379,7 @@ def _create(rt: OCIRuntime, bundle: str, cid: str, log: str, streams: Streams, r
         with open(os.path.join(bundle, "pid")) as f:
             pid = int(f.read().strip())
         if server is not None:
-            r.master = r.keep(_receive_master(server, time.monotonic() + 10))
+            r.master = r.keep(receive_master(server, time.monotonic() + 10))
         return pid
     finally:
         if server is not None:
@@ -519,7 +476,7 @@ class _Relay:
         self.poller.register(wake_r, select.POLLIN)
         status: int | None = None
         deadline = 0.0
-        with _raw(self.stdin):
+        with raw_mode(self.stdin):
             while status is None or self.sinks:
                 timeout = None
                 if status is not None:

@@ -32,6 +32,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
+from os import fsdecode  # names arrive as bytes
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -74,10 +75,6 @@ def handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
 # A pyfuse3 built with ``patches/pyfuse3-cache-readdir.patch`` lets ``opendir`` ask the kernel
 # to cache listings; the stock one takes only a number there.
 CACHE_READDIR = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
-
-
-def _name(raw: bytes) -> str:
-    return os.fsdecode(raw)
 
 
 class Operations(pyfuse3.Operations):
@@ -254,7 +251,7 @@ class Operations(pyfuse3.Operations):
             return self._entry(self.union.stat(parent))
         if name == b"..":
             return self._entry(self.union.stat(parent.rpartition("/")[0]))
-        path = f"{parent}/{_name(name)}" if parent else _name(name)
+        path = f"{parent}/{fsdecode(name)}" if parent else fsdecode(name)
         try:
             node = self.union.stat(path)
         except UnionError as exc:
@@ -388,14 +385,14 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         async with self.lock:
-            node = self.union.mkdir(self._path(parent_inode), _name(name), stat.S_IMODE(mode),
+            node = self.union.mkdir(self._path(parent_inode), fsdecode(name), stat.S_IMODE(mode),
                                     ctx.uid, ctx.gid)
         return self._entry(node, new=True)
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         async with self.lock:
-            node = self.union.rmdir(self._path(parent_inode), _name(name))
+            node = self.union.rmdir(self._path(parent_inode), fsdecode(name))
         self.inodes.unlinked(node.path)
 
     # -- names ---------------------------------------------------------------------------------
@@ -404,7 +401,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         async with self.lock:
-            node = self.union.mknod(self._path(parent_inode), _name(name), mode, rdev,
+            node = self.union.mknod(self._path(parent_inode), fsdecode(name), mode, rdev,
                                     ctx.uid, ctx.gid)
         return self._entry(node, new=True)
 
@@ -412,7 +409,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         async with self.lock:
-            node = self.union.symlink(self._path(parent_inode), _name(name),
+            node = self.union.symlink(self._path(parent_inode), fsdecode(name),
                                       os.fsdecode(target), ctx.uid, ctx.gid)
         return self._entry(node, new=True)
 
@@ -422,26 +419,26 @@ class Operations(pyfuse3.Operations):
         async with self.lock:
             src = self._path(inode)
             node = await self._changing(src, self.union.link, src, self._path(new_parent_inode),
-                                        _name(new_name))
+                                        fsdecode(new_name))
             self._node(self._inode(inode))  # the source's link count changed
         return self._entry(node)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         async with self.lock:
-            node = self.union.unlink(self._path(parent_inode), _name(name))
+            node = self.union.unlink(self._path(parent_inode), fsdecode(name))
         self.inodes.unlinked(node.path)
 
     @handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         src_parent, dst_parent = self._path(parent_inode_old), self._path(parent_inode_new)
-        src = f"{src_parent}/{_name(name_old)}" if src_parent else _name(name_old)
-        dst = f"{dst_parent}/{_name(name_new)}" if dst_parent else _name(name_new)
+        src = f"{src_parent}/{fsdecode(name_old)}" if src_parent else fsdecode(name_old)
+        dst = f"{dst_parent}/{fsdecode(name_new)}" if dst_parent else fsdecode(name_new)
         async with self.lock:
             moved, replaced = await self._changing(src, self.union.rename, src_parent,
-                                                   _name(name_old), dst_parent,
-                                                   _name(name_new), flags, rename=True)
+                                                   fsdecode(name_old), dst_parent,
+                                                   fsdecode(name_new), flags, rename=True)
         if not moved:
             return
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -492,7 +489,7 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
         async with self.lock:
-            node, fd = self.union.create_open(self._path(parent_inode), _name(name),
+            node, fd = self.union.create_open(self._path(parent_inode), fsdecode(name),
                                               stat.S_IMODE(mode), ctx.uid, ctx.gid)
         attr = self._entry(node, new=True)
         i = self._inode(attr.st_ino)

@@ -88,10 +88,18 @@ def test_the_api_reference_examples_run(tmp_path: Path, docker_hub_mirror: str,
     assert strata_leftovers(tmp_path) == []
 
 
+def members(cls: type) -> dict[str, object]:
+    """What ``cls`` and the classes it inherits from (``Store``'s mixins) define."""
+    out: dict[str, object] = {}
+    for base in reversed([c for c in cls.__mro__ if c is not object]):
+        out.update(vars(base))
+    return out
+
+
 def test_the_reference_names_every_public_name() -> None:
     text = (DOCS / "api.md").read_text()
     public: list[str] = [n for n in imagestore.__all__ if n != "ProgressFn"]
-    public += [f"Store.{name}" for name, member in vars(api.Store).items()
+    public += [f"Store.{name}" for name, member in members(api.Store).items()
                if not name.startswith("_") and callable(member)]
     public += [f"Store.{name}" for name in ("images", "resolve", "prune", "history", "inspect")]
     public += ["strata_store", "image_rootfs", "container_rootfs", "strata_fuse",
@@ -107,6 +115,6 @@ def test_the_reference_names_every_public_name() -> None:
 def test_every_public_method_has_a_docstring() -> None:
     for cls in (api.Store, pytest_plugin.ImageRootfs, pytest_plugin.ContainerRootfs,
                 pytest_plugin.ContainerFactory):
-        for name, member in vars(cls).items():
+        for name, member in members(cls).items():
             if not name.startswith("_") and callable(member):
                 assert inspect.getdoc(member), f"{cls.__name__}.{name}"
