@@ -3,7 +3,7 @@
 Every call takes a union path (relative POSIX, ``""`` for the root) and goes through the
 ``*at()`` system calls relative to the root's descriptor, so the host path of the root never
 counts against PATH_MAX: a path of 4095 bytes inside the mount works as on kernel overlayfs,
-however deep the layer directory itself lives (DESIGN.md decision 11).  A path too long for
+however deep the layer directory itself lives (architecture.md, decision 11).  A path too long for
 one call (``WALK_FROM`` bytes and more) is reached by opening its parent directories one
 component at a time (``O_PATH | O_NOFOLLOW``, never through a symlink), so trees deeper than
 PATH_MAX work too.

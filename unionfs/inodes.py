@@ -1,6 +1,6 @@
 """Inode numbers derived from the entry, lookup counts, and the names the kernel knows.
 
-An inode's number is a function of the object, never of the kernel's lookup history (DESIGN.md
+An inode's number is a function of the object, not of the kernel's lookup history (architecture.md,
 decision 6): ``number((layer, obj))`` puts the layer's index in the top ``LAYER_BITS`` bits and
 the object's number within its layer below (a tar layer's hardlink group, a directory layer's
 or the upper's host inode number).  The union gives every node its identity

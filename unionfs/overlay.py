@@ -9,7 +9,7 @@ system lives exactly as long as the overlay does (in every mount namespace), nob
 it but the overlay, and the daemon's session ends when the last overlay mount goes, as a FUSE
 engine mount's does at its unmount.
 
-``OPTIONS`` keeps an upper that either engine reads the same way (DESIGN.md decision 12):
+``OPTIONS`` keeps an upper that either engine reads the same way (architecture.md, decision 12):
 
 * ``redirect_dir=nofollow`` — no ``overlay.redirect`` xattrs written or followed: renaming a
   directory that has lower content answers EXDEV (``mv`` then copies), and the FUSE engine,

@@ -1,4 +1,4 @@
-"""Inode numbers derived from the objects (DESIGN.md decision 6): every name of a hardlink
+"""Inode numbers derived from the objects (architecture.md, decision 6): every name of a hardlink
 group shares one, a forgotten inode gets the same one back, a copy-up keeps it, and a number
 the host hands out again for a new object gets a new generation."""
 
