@@ -64,7 +64,7 @@ class LayerIndex:
             blocks.append(blob)
             pos += len(blob)
         header = marshal.dumps((INDEX_VERSION, self._row(0), table,
-                                (len(self.paths), self.content_size())), 4)
+                                (len(self.paths), self.content_size(), len(self.xattrs))), 4)
         with open(path, "wb") as f:
             f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
             for blob in blocks:

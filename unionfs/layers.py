@@ -104,7 +104,9 @@ class LowerLayer(Protocol):
       worker thread, and the layer itself bounds how long one may wait (a timeout, then
       ``OSError(EIO)``; the next read tries again).
     * Optional: ``open_file(entry) -> fd`` lets a handle read the file's descriptor directly
-      (directory layers); ``usage() -> (bytes, entries)`` sizes the layer for ``statfs``.
+      (directory layers); ``usage() -> (bytes, entries)`` sizes the layer for ``statfs``;
+      ``xattr_free() -> True`` says no entry has an extended attribute (the kernel engine's
+      lower then stops the kernel's ``getxattr`` requests).
     * ``close`` is called once, after the mount has ended.
     """
 

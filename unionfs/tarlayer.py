@@ -501,6 +501,12 @@ class TarLayer:
     def entries(self) -> int:
         return int(self._index.stats[0])
 
+    def xattr_free(self) -> bool | None:
+        """Whether no entry of the layer has an extended attribute; None when its index is
+        older than that count (indexes written before it say only entries and bytes)."""
+        stats = self._index.stats
+        return None if len(stats) < 3 else stats[2] == 0
+
     def usage(self) -> tuple[int, int]:
         """(bytes, entries) of the layer, for ``statfs``: the tar's size and its entries."""
         return os.fstat(self._fd).st_size, self.entries

@@ -117,6 +117,37 @@ def test_the_kernel_engine_is_kernel_overlayfs(strata: Strata, mounter: Mounter,
     assert f"Mounted at {mp} (kernel engine)" in ps, ps
 
 
+def test_the_kernel_engine_s_lower_and_extended_attributes(strata: Strata, mounter: Mounter,
+                                                           sample_image: str,
+                                                           tmp_path: Path) -> None:
+    """An image with extended attributes shows them under the kernel engine; over one with
+    none the lower answers the kernel's first getxattr with ENOSYS (the kernel then stops
+    asking for each file overlayfs meets): a name reads as unsupported rather than absent,
+    listings are empty, copy-up and setting one in the upper work."""
+    from tests.builders import busybox_entries, oci_layout, tar_bytes
+
+    require_root()
+    strata("create", "--name", "with", sample_image)
+    mp = mounter.mount("--engine", "kernel", "with", at=mounter.mountpoint("with"))
+    assert os.getxattr(mp / "xattrs", "user.k") == b"v"
+    with pytest.raises(OSError) as exc:
+        os.getxattr(mp / "etc/passwd", "user.k")
+    assert exc.value.errno == errno.ENODATA
+    oci_layout(str(tmp_path / "plain"), [tar_bytes(busybox_entries())], tag="v1")
+    strata("tag", strata.out("load", "-q", "-i", str(tmp_path / "plain")).split()[-1], "plain")
+    strata("create", "--name", "without", "plain")
+    mp = mounter.mount("--engine", "kernel", "without", at=mounter.mountpoint("without"))
+    subprocess.run(["find", str(mp), "-xdev"], check=True, capture_output=True)
+    with pytest.raises(OSError) as exc:
+        os.getxattr(mp / "bin/busybox", "user.k")
+    assert exc.value.errno == errno.EOPNOTSUPP
+    assert os.listxattr(mp / "bin/busybox") == []
+    os.setxattr(mp / "bin/busybox", "user.k", b"set")  # copied up: the upper's file system
+    assert os.getxattr(mp / "bin/busybox", "user.k") == b"set"
+    assert subprocess.run([str(mp / "bin/busybox"), "true"]).returncode == 0
+    assert "bin/busybox" in strata.out("diff", "without")
+
+
 def test_umount_rm_f_and_check_with_the_kernel_engine(strata: Strata, mounter: Mounter,
                                                       sample_image: str) -> None:
     require_root()

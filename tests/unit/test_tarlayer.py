@@ -174,6 +174,19 @@ def test_overlay_private_xattrs_are_dropped(tmp_path: Path) -> None:
     assert e is not None and t.xattrs(e) == {"user.fine": b"1"}
 
 
+def test_the_index_says_whether_any_entry_has_xattrs(tmp_path: Path) -> None:
+    """``xattr_free`` (the kernel engine's lower stops getxattr requests on it): True only
+    when no entry, the root included, has one; None for an index written before the count."""
+    assert layer(tmp_path, [d("a"), file("a/f", b"x")], "plain.tar").xattr_free() is True
+    assert layer(tmp_path, [d("a"), file("a/f", b"x", xattrs={"user.k": b"v"})],
+                 "deep.tar").xattr_free() is False
+    assert layer(tmp_path, [d(".", xattrs={"user.k": b"v"}), file("f", b"x")],
+                 "root.tar").xattr_free() is False
+    old = layer(tmp_path, [file("f", b"x")], "old.tar")
+    old._index.stats = old._index.stats[:2]  # as an index of the last release
+    assert old.xattr_free() is None
+
+
 def _hostile(name: str, **kw: object) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
