@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from unionfs.layerindex import xattr_count
 from unionfs.layerkinds import open_layer
 from unionfs.layers import LowerLayer
 from unionfs.tarlayer import LayerError, LayerIndex, build_index
@@ -334,10 +335,14 @@ class LayerStore:
         if h.digest != diff_id:
             problems.append(f"layer {diff_id}: tar hashes to {h.digest}")
         try:
-            stored = LayerIndex.load(os.path.join(self.path(diff_id), "index"))
+            index_path = os.path.join(self.path(diff_id), "index")
+            stored = LayerIndex.load(index_path)
             fresh = build_index(self.tar_path(diff_id))
             if not stored.same_as(fresh):
                 problems.append(f"layer {diff_id}: index does not match the tar")
+            elif xattr_count(index_path) not in (None, len(fresh.xattrs)):
+                # a count of 0 where there are some would hide them under the kernel engine
+                problems.append(f"layer {diff_id}: index miscounts the entries with xattrs")
         except (LayerError, OSError) as exc:
             problems.append(f"layer {diff_id}: {exc}")
         try:

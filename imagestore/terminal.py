@@ -48,7 +48,6 @@ def receive_master(server: socket.socket, deadline: float) -> int:
     return fds[0]
 
 
-
 @contextlib.contextmanager
 def raw_mode(fd: int | None) -> Iterator[None]:
     if fd is None or not os.isatty(fd):

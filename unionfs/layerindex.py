@@ -200,3 +200,11 @@ class IndexFile:
             self.fd = -1
 
 
+def xattr_count(path: str) -> int | None:
+    """How many entries of the index at ``path`` have extended attributes, as its header
+    says (None for an index written before the header counted them)."""
+    index = IndexFile(path)
+    try:
+        return int(index.stats[2]) if len(index.stats) > 2 else None
+    finally:
+        index.close()

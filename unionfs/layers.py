@@ -106,7 +106,8 @@ class LowerLayer(Protocol):
     * Optional: ``open_file(entry) -> fd`` lets a handle read the file's descriptor directly
       (directory layers); ``usage() -> (bytes, entries)`` sizes the layer for ``statfs``;
       ``xattr_free() -> True`` says no entry has an extended attribute (the kernel engine's
-      lower then stops the kernel's ``getxattr`` requests).
+      lower then stops the kernel's ``getxattr`` requests; a subclass of ``TarLayer`` that
+      serves other xattrs than its index holds must override it).
     * ``close`` is called once, after the mount has ended.
     """
 
@@ -312,6 +313,31 @@ class DirLayer:
 
     def xattrs_at(self, path: str) -> dict[str, bytes]:
         return self.dir.proc(path, _private_free_xattrs)
+
+    XATTR_SCAN = 4096  # entries: a larger directory layer is not scanned for ``xattr_free``
+
+    def xattr_free(self) -> bool | None:
+        """Whether no entry has an extended attribute (overlay-private ones aside), for a
+        small layer such as a run's init layer of stubs; None for a larger one (not scanned)
+        or one that cannot be read."""
+        try:
+            if self.xattrs_at(""):
+                return False
+            seen, todo = 0, [""]
+            while todo:
+                directory = todo.pop()
+                for name in self._names(directory):
+                    seen += 1
+                    if seen > self.XATTR_SCAN:
+                        return None
+                    path = join(directory, name)
+                    if self.xattrs_at(path):
+                        return False
+                    if stat.S_ISDIR(self.dir.lstat(path).st_mode):
+                        todo.append(path)
+        except OSError:
+            return None
+        return True
 
     def hardlinks(self, entry: Entry) -> list[str]:
         if entry.nlink < 2 or stat.S_ISDIR(entry.mode):

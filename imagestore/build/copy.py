@@ -104,10 +104,10 @@ class DestRoot:
         """The content of the regular file at ``path`` (absolute in the rootfs, symlinks
         followed inside it), None if there is none: a FIFO or a device there is not opened
         for reading (a FIFO's open would wait for a writer for ever)."""
-        try:
+        try:  # (a symlink loop is CopyError's "too many levels of symbolic links")
             fd = os.open(self.host(self.locate(path)),
                          os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
-        except (OSError, CopyError):
+        except OSError:
             return None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -54,6 +54,21 @@ def _edit_state(root: Path, change: Callable[[dict[str, object]], None]) -> None
     (root / "state.json").write_text(json.dumps(state))
 
 
+def _miscount_xattrs(index: Path) -> None:
+    """Rewrite the index's header with a wrong count of entries with xattrs (a count of 0
+    where there are some would hide them under the kernel engine)."""
+    import marshal
+
+    from unionfs.layerindex import _MAGIC
+
+    raw = index.read_bytes()
+    n = int.from_bytes(raw[len(_MAGIC):len(_MAGIC) + 8], "little")
+    version, root, table, stats = marshal.loads(raw[len(_MAGIC) + 8:len(_MAGIC) + 8 + n])
+    header = marshal.dumps((version, root, table, (stats[0], stats[1], stats[2] + 7)), 4)
+    index.write_bytes(_MAGIC + len(header).to_bytes(8, "little") + header
+                      + raw[len(_MAGIC) + 8 + n:])
+
+
 Damage = Callable[[Path, dict[str, str]], None]
 CASES: dict[str, tuple[Damage, str, bool]] = {
     # name: (damage, the line it gives, repaired?)
@@ -69,6 +84,10 @@ CASES: dict[str, tuple[Damage, str, bool]] = {
     "corrupt-index": (lambda r, i: (r / "layers/sha256" / _hex(i["diff_id"]) / "index"
                                     ).write_bytes(b"garbage"),
                       r"^layer sha256:\w+: corrupt layer index .*the index can be rebuilt", True),
+    "index-miscounts-xattrs": (
+        lambda r, i: _miscount_xattrs(r / "layers/sha256" / _hex(i["diff_id"]) / "index"),
+        r"^layer sha256:\w+: index miscounts the entries with xattrs .*the index can be rebuilt",
+        True),
     "bad-meta": (lambda r, i: (r / "layers/sha256" / _hex(i["diff_id"]) / "meta.json"
                                ).write_text("{"), r"bad meta.json", True),
     "corrupt-layer-tar": (lambda r, i: (r / "layers/sha256" / _hex(i["diff_id"]) / "layer.tar"

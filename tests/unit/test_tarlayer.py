@@ -328,3 +328,25 @@ def test_fast_scanner_agrees_on_strata_and_python_writers(tmp_path: Path) -> Non
 
                 with pytest.raises(LayerError, match="out-of-range owner"):
                     getattr(tarlayer, reader)(str(p), p.stat().st_size)
+
+
+def test_a_small_directory_layer_says_whether_it_has_xattrs(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """``DirLayer.xattr_free`` (a run's init layer of stubs under the kernel engine): True
+    for a small tree without any, False with one anywhere, None past ``XATTR_SCAN``."""
+    from unionfs.layers import DirLayer
+
+    root = tmp_path / "init"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hosts").write_bytes(b"")
+    (root / "proc").mkdir()
+    assert DirLayer(str(root)).xattr_free() is True
+    monkeypatch.setattr(DirLayer, "XATTR_SCAN", 2)
+    assert DirLayer(str(root)).xattr_free() is None
+    monkeypatch.undo()
+    try:
+        os.setxattr(root / "etc/hosts", "user.k", b"v")
+    except OSError:
+        pytest.skip("this file system has no user xattrs")
+    assert DirLayer(str(root)).xattr_free() is False
