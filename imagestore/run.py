@@ -66,6 +66,7 @@ from . import mounting, runtime, runtime_seccomp, runtime_user, timefmt
 from .containers import Container, Containers, alive_since, run_state_path, started_at
 from .errors import Conflict, ContainerNotFound, ImageNotFound
 from .images import Image
+from .initlayer import write_stubs
 from .runner import OCIRuntime, RunResult, Streams, run_bundle
 from .runtime import Bind, RunError, RunOptions
 from .runtime_user import RootView
@@ -325,36 +326,7 @@ def _build_init(container: Container, root: RootView,
     new, old = init + ".new", init + ".old"
     for leftover in (new, old):
         remove_tree(leftover)
-    attrs: dict[str, Any] = {}
-    made = False
-    for path, is_dir in targets:
-        resolved, node = root.resolve(path)
-        if node is not None or not resolved:
-            continue
-        parents = root.parents(resolved)
-        if any(n is not None and not n.is_dir for _, n in parents):
-            continue  # a file where a directory should be: the runtime will say so
-        if not made:
-            os.mkdir(new, 0o755)
-            attrs[""] = root.view.root().entry
-            made = True
-        for rel, n in [*parents, (resolved, None)]:
-            full = os.path.join(new, rel)
-            if rel == resolved and not is_dir:
-                if not os.path.lexists(full):
-                    os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC))
-                    os.chmod(full, 0o644)  # whatever the umask
-            elif not os.path.isdir(full):
-                os.mkdir(full)
-                os.chmod(full, 0o755)
-            if n is not None:
-                attrs[rel] = n.entry
-    for rel, e in attrs.items():
-        full = os.path.join(new, rel) if rel else new
-        if os.geteuid() == 0:
-            os.chown(full, e.uid, e.gid)
-        os.chmod(full, e.mode & 0o7777)
-        os.utime(full, ns=(e.mtime_ns, e.mtime_ns))
+    made = write_stubs(root, new, targets)
     if os.path.isdir(init):
         os.rename(init, old)
     if made:

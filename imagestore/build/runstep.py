@@ -38,11 +38,12 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from unionfs.resolve import UnionView
 
 from ..errors import StoreError
+from ..initlayer import write_stubs
 from ..mounts import guard
 from ..runner import OCIRuntime, RunResult, Streams, run_bundle
 from ..runtime import Bind, RunOptions, capabilities, etc_files, spec, stub_targets
@@ -220,45 +221,6 @@ def write_init(store: Store, image: Image | None, init: str) -> bool:
     targets = stub_targets(RunOptions(), [Bind("/dev/null", p) for p, d in INIT_TARGETS
                                           if not d])
     if image is None or not image.diff_ids:
-        return _stubs(None, init, targets)
+        return write_stubs(None, init, targets)
     with store.layers.opened(store.layers.stack(image.diff_ids)) as layers:
-        return _stubs(RootView(UnionView(layers)), init, targets)
-
-
-def _stubs(root: RootView | None, init: str, targets: list[tuple[str, bool]]) -> bool:
-    attrs: dict[str, Any] = {}
-    made = False
-    for path, is_dir in targets:
-        if root is not None:
-            resolved, node = root.resolve(path)
-            if node is not None or not resolved:
-                continue
-            parents = root.parents(resolved)
-            if any(n is not None and not n.is_dir for _, n in parents):
-                continue
-        else:
-            resolved = path.strip("/")
-            parents = [("/".join(resolved.split("/")[:i]), None)
-                       for i in range(1, resolved.count("/") + 1)]
-        if not made:
-            os.makedirs(init, 0o755, exist_ok=True)
-            if root is not None:
-                attrs[""] = root.view.root().entry
-            made = True
-        for rel, n in [*parents, (resolved, None)]:
-            full = os.path.join(init, rel)
-            if rel == resolved and not is_dir:
-                if not os.path.lexists(full):
-                    os.close(os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC))
-                    os.chmod(full, 0o644)
-            elif not os.path.isdir(full):
-                os.mkdir(full)
-                os.chmod(full, 0o755)
-            if n is not None:
-                attrs[rel] = n.entry
-    for rel, e in attrs.items():
-        full = os.path.join(init, rel) if rel else init
-        os.chown(full, e.uid, e.gid)
-        os.chmod(full, e.mode & 0o7777)
-        os.utime(full, ns=(e.mtime_ns, e.mtime_ns))
-    return made
+        return write_stubs(RootView(UnionView(layers)), init, targets)
