@@ -33,18 +33,13 @@ SILENT = ("umount", "unmount", "mounts")  # they log nothing: logging is not eve
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
+    from imagestore import __version__
 
-    try:
-        return installed("strata")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    return __version__
 
 
 class _Version(argparse.Action):
-    """``--version``, looked up only when asked (``importlib.metadata`` costs every command
-    tens of milliseconds otherwise)."""
+    """``--version``."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:

@@ -76,6 +76,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from imagestore import Directories, mounting
 
     mounting.fork_daemons = True  # this process is about to exit: its daemon may be its fork
+    if not args.foreground:
+        mounting.preload(root_of(args))  # ... made now, to start while this process plans
     opts = _options(args.options)
     target: str | Directories = args.args[0] if not args.lower else Directories(
         tuple(args.lower.split(":")), args.upper, args.work)

@@ -16,6 +16,8 @@ Caveats:
 from __future__ import annotations
 
 import importlib
+
+__version__ = "0.1.0"  # the one place it is written (pyproject.toml reads it)
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:

@@ -135,10 +135,13 @@ class LazyLayer(TarLayer):
         return self._fetcher
 
     def warm_up(self) -> None:
-        """Start the network client now, in a thread, so the first read finds it ready (the
-        mount daemon calls this while it mounts)."""
-        threading.Thread(target=lambda: self.fetcher.start(), name="strata-warm-up",
-                         daemon=True).start()
+        """Start the network client now, in a thread, so the first read finds it ready, the
+        registry's scheme known and its token in hand (the mount daemon calls this while it
+        mounts)."""
+        if os.path.exists(os.path.join(self.blob.dir, "complete")):
+            return  # nothing to fetch
+        threading.Thread(target=lambda: self.fetcher.prepare(self.info.source),
+                         name="strata-warm-up", daemon=True).start()
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -198,19 +198,28 @@ class LazyStore:
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="lazy-")
         try:
             with disk_full_guard("a lazy layer"):
-                index.dump(os.path.join(work, "index"))
+                # written unsynced, then synced together: one journal commit, not one a file
+                index.dump(os.path.join(work, "index"), sync=False)
                 meta = {"digest": desc.digest, "diff_id": diff_id, "size": desc.size,
                         "media_type": desc.media_type, "format": toc.format,
                         "content": index.content_size(), "entries": len(index),
                         "source": source, "annotations": dict(desc.annotations or {}),
                         "toc_file": toc.toc_file, "prefetch_end": toc.prefetch_end}
-                _write(os.path.join(work, "toc"), toc_raw)
-                _write(os.path.join(work, "files"), dump_files(toc.files))
+                if toc.toc_file >= 0:  # served as the TOC's own file (eStargz)
+                    _write(os.path.join(work, "toc"), toc_raw, sync=False)
+                _write(os.path.join(work, "files"), dump_files(toc.files), sync=False)
                 with open(os.path.join(work, "blob"), "wb") as f:
                     f.truncate(desc.size)
-                _write(os.path.join(work, "ranges"), b"")
-                _write(os.path.join(work, "meta.json"), json.dumps(meta, indent=1).encode())
+                _write(os.path.join(work, "ranges"), b"", sync=False)
+                _write(os.path.join(work, "meta.json"), json.dumps(meta, indent=1).encode(),
+                       sync=False)
                 os.chmod(work, 0o755)
+                for name in sorted(os.listdir(work)):
+                    fd = os.open(os.path.join(work, name), os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
                 blob = LazyBlob(work, desc.size)
                 try:
                     blob.store([(off, data) for off, data in extra], RAW)
@@ -253,11 +262,12 @@ class LazyStore:
         return LazyBlob(self.path(digest), info.size)
 
 
-def _write(path: str, data: bytes) -> None:
+def _write(path: str, data: bytes, sync: bool = True) -> None:
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class LazyBlob:

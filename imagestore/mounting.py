@@ -42,9 +42,13 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
+import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -378,11 +382,99 @@ class _Forked:
         self.send_signal(signal.SIGTERM)
 
 
+_log = logging.getLogger(__name__)
+_preloaded: tuple[int, socket.socket] | None = None  # (pid, our end) of ``preload``'s fork
+
+
+def preload(store_root: str) -> None:
+    """Fork the daemon of the mount this command is about to make now, before it plans it
+    (``strata mount``): the fork imports the FUSE and union modules (the lazy layer's and the
+    network client's too when the store holds lazy layers) while this process plans, on the
+    other core, then waits for ``_fork_daemon`` to send it its argv and descriptors.  If this
+    process exits first, the fork reads end-of-file and exits.  Call it while this process
+    is single-threaded, as ``fork_daemons`` requires."""
+    global _preloaded
+    if _preloaded is not None or threading.active_count() != 1:
+        return
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        theirs.close()
+        _preloaded = (pid, ours)
+        return
+    status = 70
+    lazy = False
+    try:
+        ours.close()
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        from unionfs import mount
+
+        mount.preload()
+
+        with contextlib.suppress(OSError):
+            lazy = bool(os.listdir(os.path.join(store_root, "lazy", "sha256")))
+        if lazy:
+            import imagestore.lazylayer  # noqa: F401
+            import imagestore.registry.rangefetch  # noqa: F401
+        msg, fds, _, _ = socket.recv_fds(theirs, 1 << 16, 64)
+        if not msg:
+            status = 0
+            return
+        request = json.loads(msg)
+        keep = [int(fd) for fd in request["keep"]]
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1024) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        theirs.close()
+        for src, dst in zip(moved, keep, strict=True):  # where the argv and spec name them
+            os.dup2(src, dst, inheritable=False)
+            os.close(src)
+        status = _serve_as_daemon(request["argv"], keep, request["log"])
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def _from_preloaded(argv: list[str], keep: list[int], log: str) -> _Forked | None:
+    """Hand the daemon's argv and descriptors to ``preload``'s fork (None: there is none, or
+    it is gone; the caller forks instead)."""
+    global _preloaded
+    if _preloaded is None:
+        return None
+    pid, sock = _preloaded
+    _preloaded = None
+    try:
+        request = json.dumps({"argv": argv, "keep": keep, "log": log}).encode()
+        socket.send_fds(sock, [request], keep)
+        return _Forked(pid)
+    except OSError as exc:
+        _log.debug("the preloaded daemon is gone (%s): forking another", exc)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        return None
+    finally:
+        sock.close()
+
+
 def _fork_daemon(argv: list[str], keep: list[int], log: str) -> _Forked:
     """The daemon as a fork of this process (``python -m unionfs.mount`` ``argv`` without the
     interpreter's start and the imports this process has made already): in a session of its
     own, logging to ``log``, with only ``keep`` of our descriptors, its signals at their
-    defaults; it runs ``unionfs.mount.main`` and exits without this process's teardown."""
+    defaults; it runs ``unionfs.mount.main`` and exits without this process's teardown.  The
+    fork ``preload`` made, if any, is used."""
+    preloaded = _from_preloaded(argv, keep, log)
+    if preloaded is not None:
+        return preloaded
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -393,20 +485,7 @@ def _fork_daemon(argv: list[str], keep: list[int], log: str) -> _Forked:
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) > 2 and int(name) not in keep:
-                with contextlib.suppress(OSError):
-                    os.close(int(name))
-        from unionfs import mount
-
-        status = mount.main(argv)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        status = _serve_as_daemon(argv, keep, log)
     except BaseException:
         with contextlib.suppress(BaseException):
             import traceback
@@ -415,6 +494,26 @@ def _fork_daemon(argv: list[str], keep: list[int], log: str) -> _Forked:
             sys.stderr.flush()
     finally:
         os._exit(status)
+
+
+def _serve_as_daemon(argv: list[str], keep: list[int], log: str) -> int:
+    """In a daemon's fork: standard streams to ``log``, every descriptor but ``keep``
+    closed, then ``unionfs.mount.main(argv)``; returns its exit status."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2 and int(name) not in keep:
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+    from unionfs import mount
+
+    status = mount.main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return status
 
 
 def start(p: Plan, timeout: float = READY_TIMEOUT) -> None:

@@ -14,7 +14,7 @@ Caveats:
 from __future__ import annotations
 
 import json
-import platform as _platform
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,7 +192,7 @@ def _normalize_arch(arch: str, variant: str = "") -> tuple[str, str]:
 
 
 def host_platform() -> Platform:
-    arch, variant = _normalize_arch(_platform.machine().lower())
+    arch, variant = _normalize_arch(os.uname().machine.lower())
     return Platform("linux", arch, variant)
 
 

@@ -39,7 +39,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import zstandard
 
@@ -68,9 +68,9 @@ class SeekableError(InvalidImage):
     """A TOC or chunk that is malformed, inconsistent or does not match its digest."""
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One run of a regular file's data."""
+class Chunk(NamedTuple):
+    """One run of a regular file's data (a tuple: a layer's table of thousands is loaded at
+    every mount)."""
 
     start: int  # where the gzip member / zstd frame holding it starts in the blob
     end: int  # where that member or frame ends (exclusive)
@@ -194,7 +194,7 @@ def _xattrs(e: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Raw:
     """A chunk as the TOC states it, before its end is known."""
 
@@ -207,17 +207,31 @@ class _Raw:
     zeros: bool
 
 
+_IDS = (1 << 32) - 1
+
+
 def _member(e: dict[str, Any], typeflag: bytes, file_no: int) -> Member:
-    pax = _xattrs(e)
-    mtime = parse_time(_str(e, "modtime"))
+    get = e.get
+    pax = _xattrs(e) if "xattrs" in e else {}
+    text = get("modtime")
+    mtime = parse_time(text if type(text) is str else _str(e, "modtime"))
     if mtime is not None:
         pax["mtime"] = mtime
     size = _int(e, "size") if typeflag == b"0" else 0
-    return Member(name=_str(e, "name"), type=typeflag, mode=_int(e, "mode", high=(1 << 32) - 1),
-                  uid=_int(e, "uid", high=(1 << 32) - 1), gid=_int(e, "gid", high=(1 << 32) - 1),
-                  size=size, mtime=float(mtime.partition(".")[0]) if mtime else 0.0,
-                  linkname=_str(e, "linkName"), devmajor=_int(e, "devMajor"),
-                  devminor=_int(e, "devMinor"), offset_data=file_no, pax_headers=pax)
+    name, link = get("name", ""), get("linkName", "")
+    mode, uid, gid = get("mode", 0), get("uid", 0), get("gid", 0)
+    major, minor = get("devMajor", 0), get("devMinor", 0)
+    if not (type(name) is str and type(link) is str and type(mode) is int
+            and type(uid) is int and type(gid) is int and type(major) is int
+            and type(minor) is int and 0 <= mode <= _IDS and 0 <= uid <= _IDS
+            and 0 <= gid <= _IDS and 0 <= major < 1 << 63 and 0 <= minor < 1 << 63):
+        # the uncommon case (null, out of range, a wrong type): checked field by field
+        name, link = _str(e, "name"), _str(e, "linkName")
+        mode, uid, gid = (_int(e, k, high=_IDS) for k in ("mode", "uid", "gid"))
+        major, minor = _int(e, "devMajor"), _int(e, "devMinor")
+    return Member(name, typeflag, mode, uid, gid, size,
+                  float(mtime.partition(".")[0]) if mtime else 0.0, link, major, minor,
+                  file_no, pax)
 
 
 def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:
@@ -262,7 +276,8 @@ def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:
             sizes.append(current_size)
             toc.digests.append(_str(e, "digest"))
         m = _member(e, typeflag, file_no)
-        if m.name.strip("/").removeprefix("./") == PREFETCH_LANDMARK and current:
+        if current and PREFETCH_LANDMARK in m.name and \
+                m.name.strip("/").removeprefix("./") == PREFETCH_LANDMARK:
             prefetch_at = current[0].start
         toc.members.append(m)
     boundaries = sorted({c.start for cs in raws for c in cs} | {data_end})
@@ -272,12 +287,21 @@ def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:
     return toc
 
 
+_MAX = (1 << 63) - 1
+_CHUNK_INTS = ("offset", "innerOffset", "chunkOffset", "chunkSize", "endOffset")
+
+
 def _chunk(e: dict[str, Any], file_size: int) -> _Raw:
-    digest = _str(e, "chunkDigest")
-    start = _int(e, "offset")
-    return _Raw(start=start, inner=_int(e, "innerOffset"), offset=_int(e, "chunkOffset"),
-                size=_int(e, "chunkSize"), digest=digest, end=_int(e, "endOffset"),
-                zeros=_str(e, "chunkType") == "zeros")
+    get = e.get
+    digest, kind = get("chunkDigest", ""), get("chunkType", "")
+    ints = [get(k, 0) for k in _CHUNK_INTS]
+    if not (type(digest) is str and type(kind) is str
+            and all(type(v) is int and 0 <= v <= _MAX for v in ints)):
+        # the uncommon case (null, out of range, a wrong type): checked field by field
+        digest, kind = _str(e, "chunkDigest"), _str(e, "chunkType")
+        ints = [_int(e, k) for k in _CHUNK_INTS]
+    start, inner, offset, size, end = ints
+    return _Raw(start, inner, offset, size, digest, end, kind == "zeros")
 
 
 def _finish(raws: list[_Raw], size: int, boundaries: Sequence[int], file_digest: str,
@@ -372,6 +396,6 @@ def dump_files(files: list[list[Chunk]]) -> bytes:
 def load_files(raw: bytes) -> list[list[Chunk]]:
     try:
         rows = marshal.loads(raw)
-        return [[Chunk(*row) for row in cs] for cs in rows]
+        return [[Chunk._make(row) for row in cs] for cs in rows]
     except (ValueError, EOFError, TypeError) as exc:
         raise SeekableError(f"corrupt chunk table: {exc}") from None

@@ -48,17 +48,20 @@ class LayerIndex:
         return (*(self.cols[k][i] for k in _ROW), self.targets.get(i, ""),
                 self.xattrs.get(i, {}), self.sparse.get(i))
 
-    def dump(self, path: str) -> None:
-        """Write the index to ``path`` (the caller makes it atomic)."""
+    def dump(self, path: str, sync: bool = True) -> None:
+        """Write the index to ``path`` (the caller makes it atomic), synced to disk unless
+        ``sync`` is false (the caller then does it)."""
         table: dict[str, tuple[int, int]] = {}
         blocks: list[bytes] = []
         pos = 0
+        allcols = [(k, self.cols[k]) for k in _ROW]
+        targets, xattrs, sparse = self.targets, self.xattrs, self.sparse
         for d, kids in self.children.items():
             names = [self.paths[c].rpartition("/")[2] for c in kids]
-            cols = {k: array("q", (self.cols[k][c] for c in kids)).tobytes() for k in _ROW}
-            extra = ({j: self.targets[c] for j, c in enumerate(kids) if c in self.targets},
-                     {j: self.xattrs[c] for j, c in enumerate(kids) if c in self.xattrs},
-                     {j: self.sparse[c] for j, c in enumerate(kids) if c in self.sparse})
+            cols = {k: array("q", [col[c] for c in kids]).tobytes() for k, col in allcols}
+            extra = ({j: targets[c] for j, c in enumerate(kids) if c in targets},
+                     {j: xattrs[c] for j, c in enumerate(kids) if c in xattrs} if xattrs else {},
+                     {j: sparse[c] for j, c in enumerate(kids) if c in sparse} if sparse else {})
             blob = marshal.dumps((names, cols, *extra), 4)
             table[self.paths[d]] = (pos, len(blob))
             blocks.append(blob)
@@ -69,8 +72,9 @@ class LayerIndex:
             f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
             for blob in blocks:
                 f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
 
     @classmethod
     def load(cls, path: str) -> LayerIndex:

@@ -437,6 +437,15 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
+def preload() -> None:
+    """Import now what serving a mount imports on its way (pyfuse3 and trio most of all):
+    for a daemon forked ahead of its spec (``imagestore.mounting.preload``)."""
+    import pyfuse3  # noqa: F401
+    import trio  # noqa: F401
+
+    from . import controlserver, fuse_ops, tarlayer, union, upper  # noqa: F401
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

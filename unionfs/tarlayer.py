@@ -54,6 +54,15 @@ def normalize_name(name: str) -> str:
     """A tar entry name as a relative POSIX path (``""`` for the root); raises LayerError."""
     if name.startswith("/"):
         raise LayerError(f"entry {name!r} has an absolute name")
+    # the common case first (``./usr/bin/``, ``usr/bin``): no empty, "." or ".." component
+    # can hide in a name that, after one leading "./" and one trailing "/", neither starts
+    # nor ends with "/" or ".", holds no "//" nor "/." and no NUL
+    fast = name[2:] if name.startswith("./") else name
+    if fast.endswith("/"):
+        fast = fast[:-1]
+    if fast and "/." not in fast and "//" not in fast and "\0" not in fast and \
+            fast[0] not in "/." and fast[-1] not in "/.":
+        return fast
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise LayerError(f"entry {name!r} climbs out of the layer with '..'")
@@ -62,7 +71,7 @@ def normalize_name(name: str) -> str:
     return "/".join(parts)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Rec:
     mode: int
     uid: int = 0
@@ -89,6 +98,10 @@ def _implicit_dir() -> _Rec:
 
 def _mtime_ns(ti: Any) -> int:
     raw = ti.pax_headers.get("mtime")
+    if raw is not None and raw.isascii():  # the common "SECONDS[.FRACTION]", without Decimal
+        secs, _, frac = raw.partition(".")
+        if secs.isdigit() and (frac.isdigit() or not frac) and len(secs) < 12:
+            return int(secs) * 10**9 + int(frac[:9].ljust(9, "0"))
     try:
         ns = int(Decimal(raw) * 1_000_000_000) if raw is not None else int(ti.mtime) * 10**9
     except (ArithmeticError, ValueError):  # decimal's Overflow and InvalidOperation included
@@ -98,7 +111,10 @@ def _mtime_ns(ti: Any) -> int:
 
 def _xattrs(ti: Any) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    for key, value in ti.pax_headers.items():
+    pax = ti.pax_headers
+    if not pax or (len(pax) == 1 and "mtime" in pax):
+        return out
+    for key, value in pax.items():
         if key.startswith("SCHILY.xattr."):
             name = key[len("SCHILY.xattr.") :]
             data = value.encode("utf-8", "surrogateescape")
@@ -140,10 +156,10 @@ class _Builder:
             self.serial += 1
             rec.group = self.serial
         self.recs[path] = rec
-        if rec.is_dir:
+        if stat.S_ISDIR(rec.mode):
             self.kids.setdefault(path, {})
         if path:
-            parent, name = split(path)
+            parent, _, name = path.rpartition("/")
             self.kids[parent][name] = None
 
     def _remove_tree(self, path: str) -> None:
@@ -184,41 +200,25 @@ class _Builder:
 
 def _pack(recs: dict[str, _Rec], kids: dict[str, dict[str, None]]) -> LayerIndex:
     paths = list(recs)
+    rs = list(recs.values())
     pos = {p: i for i, p in enumerate(paths)}
-    cols = {k: array("q") for k in ("mode", "uid", "gid", "size", "mtime", "rdev", "nlink",
-                                        "offset", "obj", "flags")}
-    targets: dict[int, str] = {}
-    xattrs: dict[int, dict[str, bytes]] = {}
-    sparse: dict[int, list[tuple[int, int]]] = {}
     first: dict[int, int] = {}
-    objs: list[int] = []
-    for i, p in enumerate(paths):
-        objs.append(first.setdefault(recs[p].group, i))
+    objs = [first.setdefault(r.group, i) for i, r in enumerate(rs)]
     group: dict[int, int] = {}
     for obj in objs:
         group[obj] = group.get(obj, 0) + 1
-    for i, p in enumerate(paths):
-        r = recs[p]
-        cols["mode"].append(r.mode)
-        cols["uid"].append(r.uid)
-        cols["gid"].append(r.gid)
-        cols["size"].append(r.size)
-        cols["mtime"].append(r.mtime_ns)
-        cols["rdev"].append(r.rdev)
-        if r.is_dir:
-            nl = 2 + sum(1 for n in kids.get(p, ()) if recs[join(p, n)].is_dir)
-        else:
-            nl = group[objs[i]]
-        cols["nlink"].append(nl)
-        cols["offset"].append(r.offset)
-        cols["obj"].append(objs[i])
-        cols["flags"].append(r.flags)
-        if r.target:
-            targets[i] = r.target
-        if r.xattrs:
-            xattrs[i] = r.xattrs
-        if r.sparse is not None:
-            sparse[i] = r.sparse
+    is_dir = [stat.S_ISDIR(r.mode) for r in rs]
+    nlink = [2 + sum(1 for n in kids.get(p, ()) if is_dir[pos[join(p, n)]]) if is_dir[i]
+             else group[objs[i]] for i, p in enumerate(paths)]
+    cols = {"mode": array("q", [r.mode for r in rs]), "uid": array("q", [r.uid for r in rs]),
+            "gid": array("q", [r.gid for r in rs]), "size": array("q", [r.size for r in rs]),
+            "mtime": array("q", [r.mtime_ns for r in rs]),
+            "rdev": array("q", [r.rdev for r in rs]), "nlink": array("q", nlink),
+            "offset": array("q", [r.offset for r in rs]), "obj": array("q", objs),
+            "flags": array("q", [r.flags for r in rs])}
+    targets = {i: r.target for i, r in enumerate(rs) if r.target}
+    xattrs = {i: r.xattrs for i, r in enumerate(rs) if r.xattrs}
+    sparse = {i: r.sparse for i, r in enumerate(rs) if r.sparse is not None}
     children = {
         pos[d]: [pos[join(d, n)] for n in sorted(names)] for d, names in kids.items() if d in pos
     }
@@ -297,26 +297,29 @@ def _add_member(b: _Builder, ti: Any, file_size: int) -> None:
         b.recs[""] = _Rec(mode=stat.S_IFDIR | (ti.mode & 0o7777), uid=ti.uid, gid=ti.gid,
                           mtime_ns=_mtime_ns(ti), xattrs=_xattrs(ti))
         return
-    parent, base = split(path)
-    try:
-        kind, target = wh.classify_tar_name(base)
-        above = ([wh.classify_tar_name(p)[0] for p in parent.split("/")]
-                 if wh.WH_PREFIX in parent else [])
-    except wh.WhiteoutError as exc:
-        raise LayerError(f"entry {ti.name!r}: {exc}") from None
-    if wh.TarName.META in above:
-        return  # inside AUFS metadata (.wh..wh.plnk/...): ignored
-    if any(k is not wh.TarName.NORMAL for k in above):
-        raise LayerError(f"entry {ti.name!r} lies below a whiteout or opaque marker")
-    b.ensure_dir(parent, ti.name)
-    if kind is wh.TarName.META:
-        return
-    if kind is wh.TarName.OPAQUE:
-        b.opaques.append(parent)
-        return
-    if kind is wh.TarName.WHITEOUT:
-        b.whiteouts.append(join(parent, target))
-        return
+    parent, _, base = path.rpartition("/")
+    if wh.WH_PREFIX in path:
+        try:
+            kind, target = wh.classify_tar_name(base)
+            above = ([wh.classify_tar_name(p)[0] for p in parent.split("/")]
+                     if wh.WH_PREFIX in parent else [])
+        except wh.WhiteoutError as exc:
+            raise LayerError(f"entry {ti.name!r}: {exc}") from None
+        if wh.TarName.META in above:
+            return  # inside AUFS metadata (.wh..wh.plnk/...): ignored
+        if any(k is not wh.TarName.NORMAL for k in above):
+            raise LayerError(f"entry {ti.name!r} lies below a whiteout or opaque marker")
+        b.ensure_dir(parent, ti.name)
+        if kind is wh.TarName.META:
+            return
+        if kind is wh.TarName.OPAQUE:
+            b.opaques.append(parent)
+            return
+        if kind is wh.TarName.WHITEOUT:
+            b.whiteouts.append(join(parent, target))
+            return
+    elif parent not in b.recs or not b.recs[parent].is_dir:
+        b.ensure_dir(parent, ti.name)
     rec = _Rec(mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti),
                xattrs=_xattrs(ti))
     if ti.islnk():

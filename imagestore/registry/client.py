@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import importlib.metadata
 import logging
 import os
 import ssl
@@ -36,6 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
+from .. import __version__
 from .auth import Authorizer, merge_scopes, parse_challenges
 from .config import Endpoint, RegistriesConfig, load_config
 from .credentials import Credentials
@@ -49,14 +49,7 @@ MAX_REDIRECTS = 10
 MAX_AUTH_RETRIES = 2
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("strata")
-    except importlib.metadata.PackageNotFoundError:
-        return "dev"
-
-
-USER_AGENT = f"strata/{_version()}"
+USER_AGENT = f"strata/{__version__}"
 MAX_ERROR_BODY = 1 << 16
 
 
@@ -124,8 +117,8 @@ class Transport:
 
     def client_for(self, url: str) -> httpx.AsyncClient:
         parts = urlsplit(url)
-        return self.client(not (parts.scheme == "https"
-                                and self.config.is_insecure(parts.netloc)))
+        # plain HTTP has no certificate to check: its client loads no CA bundle (~20 ms)
+        return self.client(parts.scheme == "https" and not self.config.is_insecure(parts.netloc))
 
     async def send(self, request: httpx.Request, *, stream: bool = False,
                    retry: bool = True, what: str = "", verify: bool | None = None

@@ -1,10 +1,11 @@
 """``pull --lazy``: a seekable layer recorded by its table of contents alone; completing and
 promoting lazy layers for the commands that need their bytes (pull, push, save).
 
-``take_seekable`` (called by ``pull.py`` for a lazy pull) fetches each seekable layer's TOC —
-the tail of an eStargz blob, the announced frames of a zstd:chunked one — verifies it against the
-layer's annotation and records the lazy state (``lazystate``); layers in no seekable format stay
-in the pull's list and are downloaded whole, with a note.  ``completed`` (a pull without
+``fetch_tocs`` (called by ``pull.py`` for a lazy pull, while the config comes) fetches every
+seekable layer's TOC at once — the tail of an eStargz blob, the announced frames of a
+zstd:chunked one — and verifies it against the layer's annotation; ``take_seekable`` records
+the lazy states (``lazystate``); layers in no seekable format stay in the pull's list and are
+downloaded whole, with a note.  ``completed`` (a pull without
 ``--lazy``) and ``complete_or_fail`` (push, save) fetch what is missing of a lazy layer and
 promote it (``lazystate.promote``: the blob goes through ``LayerStore.ingest``, which checks its
 digest and diff_id and indexes the tar).
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import estargz, oci, zstdchunked
 from ..digest import Digest
 from ..errors import DigestMismatch, StoreError
-from ..lazylayer import LazyLayer
 from ..lazystate import LazyInfo, LazyStore, promote
 from ..progress import ProgressEvent, short
 from ..seekable import ESTARGZ, SeekableError, Toc, detect
@@ -35,7 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TAIL = 256 << 10  # the first TOC fetch of an eStargz layer takes this much of its end
+TAIL = 256 << 10  # the first TOC fetch of an eStargz layer takes at least this much of its end,
+TAIL_SHARE = 64  # ... or this share of the layer (its TOC is most often within, so one request
+TAIL_MAX = 4 << 20  # is enough), at most this much
 
 
 async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
@@ -46,7 +49,7 @@ async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
     size = desc.size
     ann = desc.annotations or {}
     if fmt == ESTARGZ:
-        n = min(size, TAIL)
+        n = min(size, max(TAIL, min(TAIL_MAX, size // TAIL_SHARE)))
         tail = await get_range(reg, path, desc.digest, size - n, size)
         off = estargz.toc_offset(tail[-estargz.FOOTER_SIZE:], size)
         if off < size - n:
@@ -82,6 +85,8 @@ def complete_and_promote(store: Store, digest: str) -> None:
     if not lazy.has(digest):
         return
     if not lazy.is_complete(digest):
+        from ..lazylayer import LazyLayer
+
         layer = LazyLayer(store.root, digest)
         try:
             done = layer.complete()
@@ -106,9 +111,35 @@ def complete_or_fail(store: Any, digest: str) -> None:
                          f"{exc.strerror or exc}") from None
 
 
-async def take_seekable(puller: Any, reg: Registry, todo: dict[Digest, Any]) -> None:
+FetchedToc = tuple[bytes, Toc, list[tuple[int, bytes]]] | SeekableError
+
+
+async def fetch_tocs(puller: Any, reg: Registry, layers: Sequence[oci.Descriptor],
+                     out: dict[Digest, FetchedToc]) -> None:
+    """``pull --lazy``: the verified TOC (``fetch_toc``) of every layer in a seekable format
+    not in the store yet, all at once, into ``out``; an unusable TOC is kept as its error."""
+    import trio
+
+    store = puller.store
+
+    async def one(desc: oci.Descriptor) -> None:
+        try:
+            out[desc.digest] = await fetch_toc(reg, puller.ref.path, desc)
+        except SeekableError as exc:
+            out[desc.digest] = exc
+
+    wanted = {d.digest: d for d in layers if detect(d) is not None
+              and not store.blobs.has(d.digest) and not store.layers.lazy.has(d.digest)}
+    async with trio.open_nursery() as nursery:
+        for desc in wanted.values():
+            nursery.start_soon(one, desc)
+
+
+async def take_seekable(puller: Any, tocs: dict[Digest, FetchedToc],
+                        todo: dict[Digest, Any]) -> None:
     """``pull --lazy``: record every layer of ``todo`` in a seekable format by its TOC alone
-    (removing it from ``todo``); the others stay in ``todo``, downloaded whole, with a note."""
+    (``tocs``, from ``fetch_tocs``), removing it from ``todo``; the others stay in ``todo``,
+    downloaded whole, with a note."""
     import trio
 
     store, ref = puller.store, puller.ref
@@ -119,11 +150,16 @@ async def take_seekable(puller: Any, reg: Registry, todo: dict[Digest, Any]) -> 
             puller.emit(ProgressEvent("pull", sid, "Already exists (lazy)"))
             del todo[digest]
             continue
-        if detect(desc) is None:
+        fetched = tocs.get(digest)
+        if store.blobs.has(digest):
+            continue  # the blob is here: its layer is made from it
+        if detect(desc) is None or fetched is None:
             puller.emit(ProgressEvent("pull", sid, "Not seekable: pulling the whole layer"))
             continue
         try:
-            raw, toc, extra = await fetch_toc(reg, ref.path, desc)
+            if isinstance(fetched, SeekableError):
+                raise fetched
+            raw, toc, extra = fetched
             await trio.to_thread.run_sync(create_state, store.root, desc, diff_id, raw, toc,
                                           extra, source)
         except SeekableError as exc:

@@ -208,10 +208,14 @@ class _Puller:
         self.emit(ProgressEvent("pull", "", f"{named}: Pulling from {ref.path}"))
         reg, top, top_digest = await self._resolve()
         manifest = await self._choose(reg, top)
-        if self.store.blobs.has(manifest.config.digest):
-            config_raw = self.store.blobs.read(manifest.config.digest)
+        tocs: dict[Digest, lazypull.FetchedToc] = {}
+        if self.lazy:  # the tables of contents come while the config does
+            with first_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lazypull.fetch_tocs, self, reg, manifest.layers, tocs)
+                    config_raw = await self._config(reg, manifest)
         else:
-            config_raw = await fetch_blob_bytes(reg, ref.path, manifest.config, self.scopes)
+            config_raw = await self._config(reg, manifest)
         config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
         if isinstance(top, oci.Manifest):
             self._check_platform(config)
@@ -230,7 +234,7 @@ class _Puller:
             else:
                 todo.setdefault(desc.digest, (desc, diff_id))
         if self.lazy:
-            await lazypull.take_seekable(self, reg, todo)
+            await lazypull.take_seekable(self, tocs, todo)
         for digest in todo:
             self.emit(ProgressEvent("pull", short(digest), "Pulling fs layer"))
         with first_error():
@@ -247,6 +251,11 @@ class _Puller:
             exists=lambda d: self.store.blobs.has(parse_digest(d)))
         up_to_date = before == image.id and self.downloaded == 0
         return PullResult(image, ref, top_digest, up_to_date, self.downloaded)
+
+    async def _config(self, reg: Registry, manifest: oci.Manifest) -> bytes:
+        if self.store.blobs.has(manifest.config.digest):
+            return self.store.blobs.read(manifest.config.digest)
+        return await fetch_blob_bytes(reg, self.ref.path, manifest.config, self.scopes)
 
     def _before(self, top_digest: Digest) -> str | None:
         st = self.store.state.read()

@@ -144,6 +144,22 @@ class Fetcher:
             raise OSError(errno.EIO, str(exc)) from None
         return data
 
+    def prepare(self, source: Source | dict[str, str]) -> None:
+        """Start the loop and do now what the first fetch from ``source`` would do first: find
+        the registry's scheme and challenge and get its token (the mount daemon calls this
+        while it mounts, so a first read costs one request).  Failures are left for the
+        fetch to meet."""
+        if isinstance(source, dict):
+            source = Source.from_json(source)
+        with contextlib.suppress(OSError, RegistryError, httpx.HTTPError):
+            self.call(self._prepare, source, timeout=min(self.timeout, 10.0))
+
+    async def _prepare(self, source: Source) -> None:
+        ep = self._transport().config.pull_endpoints(source.domain, source.api_host)[0]
+        reg = self._registry(ep)
+        await reg.ping()
+        await reg.auth.header((f"repository:{source.path}:pull",))
+
     def _registry(self, endpoint: Any) -> Registry:
         reg = self._regs.get(endpoint.host)
         if reg is None:
