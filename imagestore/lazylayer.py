@@ -36,14 +36,16 @@ import concurrent.futures
 import errno
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from unionfs.layers import Entry
+from unionfs.layers import Entry, copy_range
 from unionfs.tarlayer import TarLayer
 
+from . import lazyunpack
 from .errors import DigestMismatch, StoreError
 from .lazystate import RAW, VERIFIED, LazyBlob, LazyInfo, LazyStore
 from .seekable import (
@@ -64,11 +66,14 @@ log = logging.getLogger(__name__)
 MIN_SPAN = 256 << 10  # a fetch for one chunk takes missing neighbours up to this many bytes
 MAX_GAP = 64 << 10  # ... across gaps of at most this many bytes
 MAX_SPAN = 8 << 20
-WINDOW = 4 << 20  # completion fetches this much at a time
+WINDOW = 4 << 20  # completion fetches this much at a time,
+MERGE_GAP = 1 << 20  # over what reads fetched already when less than this lies between gaps
 CACHE_BYTES = 64 << 20
+INLINE_CHUNK = 128 << 10  # a stored chunk up to this size is read on the request loop
 COMPLETE_DELAY = 3.0  # seconds a mount lets its first reads have the network alone
 COMPLETERS = 3  # windows fetched at once while completing
-BUSY_FETCHES = 16  # ... unless reads need this many fetches first: then it completes at once
+BUSY_FETCHES = 16  # ... unless reads need this many fetches first: then it completes at once,
+BUSY_SHARE = 8  # or fetch this share of the blob (a walk through the image, in growing spans)
 
 
 @dataclass
@@ -104,6 +109,8 @@ class LazyLayer(TarLayer):
             self.blob.close()
             raise
         self._fetcher = fetcher  # the network client is imported on first use (or warm-up)
+        # once complete: the layer's tar and where each file's data lies in it (lazyunpack)
+        self._tar: tuple[int, dict[int, int]] | None = None
         self.compression = GZIP if self.info.format == ESTARGZ else ZSTD
         seen: dict[tuple[int, int], Chunk] = {}
         for cs in self.files:
@@ -124,6 +131,7 @@ class LazyLayer(TarLayer):
         self._stop = threading.Event()
         self._busy = threading.Event()  # set after BUSY_FETCHES fetches: complete now
         self._fetches = 0
+        self._fetched = 0  # bytes the reads fetched
         self._completer: threading.Thread | None = None
 
     @property
@@ -145,11 +153,24 @@ class LazyLayer(TarLayer):
 
     # -- reading -------------------------------------------------------------------------------
 
+    def locate(self, path: str) -> tuple[int, int] | None:
+        """(file number, size) of the regular file at ``path``, or None."""
+        found = self._locate(path)
+        if found is None:
+            return None
+        block, j = found
+        if not stat.S_ISREG(block.cols["mode"][j]):
+            return None
+        return block.cols["offset"][j], block.cols["size"][j]
+
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         size = max(0, min(size, entry.size - offset))
         if size == 0:
             return b""
         file_no = self._data(entry)[0]
+        tar = self._tar
+        if tar is not None and file_no in tar[1]:
+            return os.pread(tar[0], size, tar[1][file_no] + offset)
         if file_no == self.toc_file:
             return self.toc_raw[offset:offset + size]
         out = []
@@ -162,8 +183,31 @@ class LazyLayer(TarLayer):
             out.append(data[max(0, offset - c.offset):offset + size - c.offset])
         return b"".join(out)
 
+    def read_would_block(self, entry: Entry, offset: int, size: int) -> bool:
+        """False when the bytes of this read are here (decompressed in the cache, or stored
+        in chunks small enough to decompress on the request loop): the FUSE adapter then
+        reads without a worker thread."""
+        file_no = self._data(entry)[0]
+        tar = self._tar
+        if file_no == self.toc_file or (tar is not None and file_no in tar[1]):
+            return False
+        for c in self.files[file_no]:
+            if c.offset + c.size <= offset or c.zeros:
+                continue
+            if c.offset >= offset + size:
+                break
+            if (c.start, c.inner, c.size) in self._cache:
+                continue
+            if c.end - c.start > INLINE_CHUNK or not self.present(c):
+                return True
+        return False
+
     def copy_data(self, entry: Entry, dst_fd: int) -> None:
         file_no = self._data(entry)[0]
+        tar = self._tar
+        if tar is not None and file_no in tar[1]:
+            copy_range(tar[0], dst_fd, tar[1][file_no], entry.size)
+            return
         if file_no == self.toc_file:
             _write_all(dst_fd, self.toc_raw)
             return
@@ -184,8 +228,16 @@ class LazyLayer(TarLayer):
         try:
             data = chunk_bytes(self.compression, c, self.blob.read(c.start, c.end))
         except SeekableError as exc:
-            log.warning("layer %s: stored chunk is damaged (%s)", self.name, exc)
-            raise OSError(errno.EIO, str(exc)) from None
+            with self.blob.lock:
+                verified = self.blob.verified.covers(c.start, c.end)
+            if verified:
+                log.warning("layer %s: stored chunk is damaged (%s)", self.name, exc)
+                raise OSError(errno.EIO, str(exc)) from None
+            # bytes the completion fetched unchecked, and wrong: fetch the chunk again
+            log.warning("layer %s: refused fetched bytes (%s); fetching them again",
+                        self.name, exc)
+            self._fetch([c], c)
+            return self.chunk_data(c)
         self._remember(key, data)
         return data
 
@@ -200,8 +252,10 @@ class LazyLayer(TarLayer):
                 self._cache_size -= len(old)
 
     def present(self, c: Chunk) -> bool:
+        """Whether the bytes of ``c`` are here: checked against its digest, or fetched by the
+        completion and checked when first decompressed (``chunk_data``)."""
         with self.blob.lock:
-            return self.blob.verified.covers(c.start, c.end)
+            return self.blob.present.covers(c.start, c.end)
 
     def ensure(self, c: Chunk) -> None:
         """Make the bytes of ``c`` present and verified (fetching them, or waiting for a fetch
@@ -283,10 +337,11 @@ class LazyLayer(TarLayer):
         return span
 
     def _fetch(self, span: list[Chunk], wanted: Chunk) -> None:
-        self._fetches += 1
-        if self._fetches >= BUSY_FETCHES:
-            self._busy.set()
         start, end = span[0].start, max(x.end for x in span)
+        self._fetches += 1
+        self._fetched += end - start
+        if self._fetches >= BUSY_FETCHES or self._fetched * BUSY_SHARE >= self.blob.size:
+            self._busy.set()
         data = self.fetcher.fetch(self.info.source, self.info.digest, start, end)
         pieces: list[tuple[int, bytes]] = []
         bad = None
@@ -313,7 +368,12 @@ class LazyLayer(TarLayer):
         """Fetch everything still missing, prioritised files first; then check the blob and
         mark the state complete.  True when complete; raises OSError when bytes cannot be
         had, DigestMismatch when the whole blob is wrong."""
-        gaps = self.blob.missing()
+        gaps: list[tuple[int, int]] = []
+        for s, e in self.blob.missing():  # gaps close together in one request (what reads
+            if gaps and s - gaps[-1][1] <= MERGE_GAP:  # fetched between them is skipped)
+                gaps[-1] = (gaps[-1][0], e)
+            else:
+                gaps.append((s, e))
         prefetch = _prefetch_end(self)
         gaps.sort(key=lambda g: (g[0] >= prefetch, g[0]))
         windows = [w for s, e in gaps for w in self._windows(s, e)]
@@ -328,13 +388,37 @@ class LazyLayer(TarLayer):
                     pass
             if self._stop.is_set():
                 return False
-        if self.blob.mark_complete(self.info.digest):
-            log.info("layer %s is complete", self.name)
-            return True
-        if self.blob.missing():
-            return False
+        for attempt in range(2):
+            if self.blob.mark_complete(self.info.digest):
+                log.info("layer %s is complete", self.name)
+                return True
+            if self.blob.missing():
+                return False
+            if attempt == 0:  # bytes the completion took unchecked were wrong: find them
+                log.warning("layer %s: the completed blob does not match its digest; "
+                            "checking what was fetched", self.name)
+                self._repair()
         raise DigestMismatch(f"lazy layer {self.info.digest}: the completed blob does not "
                              "match its digest")
+
+    def _repair(self) -> None:
+        """Check every chunk the completion stored unchecked, fetching the wrong ones again
+        (checked), then fetch again the bytes between chunks (tar headers, the TOC)."""
+        for c in self.sorted:
+            with self.blob.lock:
+                if self.blob.verified.covers(c.start, c.end):
+                    continue
+            try:
+                chunk_bytes(self.compression, c, self.blob.read(c.start, c.end))
+            except SeekableError:
+                self._fetch([c], c)
+        pos = 0
+        for start, end in [(c.start, c.end) for c in self.sorted] + [(self.blob.size, 0)]:
+            if pos < start:
+                for s, e in self._windows(pos, start):
+                    data = self.fetcher.fetch(self.info.source, self.info.digest, s, e)
+                    self.blob.store([(s, data)], RAW)
+            pos = max(pos, end)
 
     def _windows(self, pos: int, end: int) -> list[tuple[int, int]]:
         """The gap [pos, end) cut into windows of about ``WINDOW`` bytes, never inside a
@@ -376,30 +460,13 @@ class LazyLayer(TarLayer):
             flight.done.set()
 
     def _fill_window(self, pos: int, wend: int) -> bool:
+        """Fetch [pos, wend) and store it unchecked (``RAW``): the whole blob is checked
+        against its digest once complete, and each chunk when it is first decompressed for a
+        read, so the completion spends no time decompressing what may never be read."""
         data = self.fetcher.fetch(self.info.source, self.info.digest, pos, wend)
-        verified: list[tuple[int, bytes]] = []
-        lo = bisect.bisect_left(self.starts, pos)
-        for c in self.sorted[lo:]:
-            if c.start >= wend:
-                break
-            if c.end > wend or self.present(c):
-                continue
-            raw = data[c.start - pos:c.end - pos]
-            try:  # kept for the reads that come next (the cache is bounded)
-                self._remember((c.start, c.inner, c.size), chunk_bytes(self.compression, c, raw))
-            except SeekableError as exc:
-                raise OSError(errno.EIO, f"refused: {exc}") from None
-            verified.append((c.start, raw))
-        self.blob.store(verified, VERIFIED)
-        raw_pieces = []
-        cur = pos
-        for s, data_piece in verified:
-            if s > cur:
-                raw_pieces.append((cur, data[cur - pos:s - pos]))
-            cur = max(cur, s + len(data_piece))
-        if cur < wend:
-            raw_pieces.append((cur, data[cur - pos:wend - pos]))
-        self.blob.store(raw_pieces, RAW)
+        with self.blob.lock:
+            gaps = list(self.blob.present.gaps(pos, wend))  # what readers fetched meanwhile
+        self.blob.store([(s, data[s - pos:e - pos]) for s, e in gaps], RAW)
         return True
 
     def start_completing(self, delay: float | None = None, retry_delay: float = 5.0) -> None:
@@ -415,6 +482,7 @@ class LazyLayer(TarLayer):
             while not self._stop.is_set():
                 try:
                     if self.complete():
+                        self._unpack()
                         return
                 except (OSError, StoreError) as exc:
                     log.info("layer %s: background completion paused: %s", self.name, exc)
@@ -423,6 +491,17 @@ class LazyLayer(TarLayer):
         self._completer = threading.Thread(target=run, name="strata-complete", daemon=True)
         self._completer.start()
 
+    def _unpack(self) -> None:
+        """Serve the rest of this mount's reads from the layer's tar (``lazyunpack``)."""
+        tar = lazyunpack.unpack(self)
+        if tar is None:
+            return
+        self._tar = tar
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_size = 0
+        log.info("layer %s: reads are served from its tar now", self.name)
+
     def close(self) -> None:
         self._stop.set()
         self._busy.set()
@@ -430,6 +509,9 @@ class LazyLayer(TarLayer):
         if t is not None and t is not threading.current_thread():
             t.join((self._fetcher.timeout if self._fetcher else 30.0) + 10)
         super().close()
+        if self._tar is not None:
+            os.close(self._tar[0])
+            self._tar = None
         self.blob.close()
 
 

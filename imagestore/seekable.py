@@ -30,12 +30,14 @@ from __future__ import annotations
 import base64
 import bisect
 import calendar
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import marshal
 import re
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from unionfs.tarlayer import LayerError, LayerIndex, index_members
 from unionfs.tarscan import Member
 
 from . import oci
+from .compress import fast_zlib
 from .errors import InvalidImage
 
 ESTARGZ = "estargz"
@@ -346,17 +349,32 @@ def _finish(raws: list[_Raw], size: int, boundaries: Sequence[int], file_digest:
 # -- chunk data ----------------------------------------------------------------------------------
 
 
+_local = threading.local()
+
+
+def _zstd_context() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor (making one costs more than a small frame's work)."""
+    dctx = getattr(_local, "zstd", None)
+    if dctx is None:
+        dctx = _local.zstd = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def decompress_member(compression: str, raw: bytes, want: int) -> bytes:
     """Up to ``want`` bytes of the first gzip member / zstd frame of ``raw``."""
     try:
         if compression == GZIP:
-            d = zlib.decompressobj(zlib.MAX_WBITS | 16)
-            out = d.decompress(raw, want)
+            d = fast_zlib.decompressobj(zlib.MAX_WBITS | 16)
+            out: bytes = d.decompress(raw, want)
             while len(out) < want and d.unconsumed_tail and not d.eof:
                 out += d.decompress(d.unconsumed_tail, want - len(out))
             return out
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw),
-                                                            read_across_frames=False)
+        dctx = _zstd_context()
+        with contextlib.suppress(zstandard.ZstdError):  # the frame holds more than wanted
+            whole: bytes = dctx.decompress(raw, max_output_size=want, read_across_frames=False,
+                                           allow_extra_data=True)
+            return whole[:want]
+        reader = dctx.stream_reader(io.BytesIO(raw), read_across_frames=False)
         parts = []
         got = 0
         while got < want:
@@ -366,7 +384,7 @@ def decompress_member(compression: str, raw: bytes, want: int) -> bytes:
             parts.append(part)
             got += len(part)
         return b"".join(parts)
-    except (zlib.error, zstandard.ZstdError) as exc:
+    except (zlib.error, fast_zlib.error, zstandard.ZstdError) as exc:
         raise SeekableError(f"chunk does not decompress: {exc}") from None
 
 

@@ -509,7 +509,7 @@ class Operations(pyfuse3.Operations):
                                                      limiter=self.readers)
             return os.pread(h.fd, size, off)
         assert h.node is not None
-        if size >= BIG_READ or self.union.blocking(h.node):
+        if size >= BIG_READ or self.union.read_blocks(h.node, off, size):
             return await trio.to_thread.run_sync(self.union.read, h.node, off, size,
                                                  limiter=self.readers)
         return self.union.read(h.node, off, size)

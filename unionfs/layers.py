@@ -102,7 +102,9 @@ class LowerLayer(Protocol):
       copy-ups of large files).  A layer whose bytes may still be arriving sets the class
       attribute ``blocking = True``: then every ``read`` and ``copy_data`` of it runs in a
       worker thread, and the layer itself bounds how long one may wait (a timeout, then
-      ``OSError(EIO)``; the next read tries again).
+      ``OSError(EIO)``; the next read tries again).  Such a layer may also offer
+      ``read_would_block(entry, offset, size) -> bool``: False lets a small ``read`` whose
+      bytes are at hand run on the request loop, without a thread's round trip.
     * Optional: ``open_file(entry) -> fd`` lets a handle read the file's descriptor directly
       (directory layers); ``usage() -> (bytes, entries)`` sizes the layer for ``statfs``;
       ``xattr_free() -> True`` says no entry has an extended attribute (the kernel engine's

@@ -223,6 +223,15 @@ class Lookup:
         its ``blocking`` attribute)."""
         return bool(getattr(self.view.layers[node.layer], "blocking", False))
 
+    def read_blocks(self, node: Node, offset: int, size: int) -> bool:
+        """Whether this read of ``node`` may wait (``blocking``, unless the layer's
+        ``read_would_block`` says these bytes are at hand)."""
+        layer = self.view.layers[node.layer]
+        if not getattr(layer, "blocking", False):
+            return False
+        would_block = getattr(layer, "read_would_block", None)
+        return would_block is None or bool(would_block(node.entry, offset, size))
+
     def open_file(self, node: Node, writable: bool) -> int | None:
         """A descriptor of ``node``'s data for a handle: the upper file (read-write when
         ``writable``; write-only where the owner may not read it), a directory layer's file,

@@ -36,6 +36,8 @@ from .client import Registry, Transport
 from .errors import RegistryError
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: in a mount daemon's log (INFO) that is a line a range read
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 DEFAULT_TIMEOUT = 30.0
 
