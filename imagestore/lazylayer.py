@@ -394,31 +394,22 @@ class LazyLayer(TarLayer):
                 return True
             if self.blob.missing():
                 return False
-            if attempt == 0:  # bytes the completion took unchecked were wrong: find them
+            if attempt == 0:  # bytes the completion took unchecked were wrong
                 log.warning("layer %s: the completed blob does not match its digest; "
-                            "checking what was fetched", self.name)
+                            "fetching again what was not checked", self.name)
                 self._repair()
         raise DigestMismatch(f"lazy layer {self.info.digest}: the completed blob does not "
                              "match its digest")
 
     def _repair(self) -> None:
-        """Check every chunk the completion stored unchecked, fetching the wrong ones again
-        (checked), then fetch again the bytes between chunks (tar headers, the TOC)."""
-        for c in self.sorted:
-            with self.blob.lock:
-                if self.blob.verified.covers(c.start, c.end):
-                    continue
-            try:
-                chunk_bytes(self.compression, c, self.blob.read(c.start, c.end))
-            except SeekableError:
-                self._fetch([c], c)
-        pos = 0
-        for start, end in [(c.start, c.end) for c in self.sorted] + [(self.blob.size, 0)]:
-            if pos < start:
-                for s, e in self._windows(pos, start):
-                    data = self.fetcher.fetch(self.info.source, self.info.digest, s, e)
-                    self.blob.store([(s, data)], RAW)
-            pos = max(pos, end)
+        """Fetch again every byte the completion stored unchecked (a member's bytes past the
+        data its chunk digest covers are checked by nothing but the blob's digest)."""
+        with self.blob.lock:
+            unchecked = list(self.blob.verified.gaps(0, self.blob.size))
+        for pos, end in unchecked:
+            for s, e in self._windows(pos, end):
+                data = self.fetcher.fetch(self.info.source, self.info.digest, s, e)
+                self.blob.store([(s, data)], RAW)
 
     def _windows(self, pos: int, end: int) -> list[tuple[int, int]]:
         """The gap [pos, end) cut into windows of about ``WINDOW`` bytes, never inside a
