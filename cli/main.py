@@ -4,9 +4,9 @@ of ``imagestore.Store``, print (docs/architecture.md: where a new command goes).
 
 Caveats:
 * Start-up is most of what ``strata umount`` costs: the command groups are imported by name,
-  a command of ``LIGHT`` loads only its own group (``strata umount`` then loads no image code,
-  nor the registry client, nor logging), and the program ends without the interpreter's
-  teardown (``os._exit`` once its output is flushed; not under a profiler or tracer).
+  a command loads only its own group (``strata umount`` then loads no image code, nor the
+  registry client, nor logging), and the program ends without the interpreter's teardown
+  (``os._exit`` once its output is flushed; not under a profiler or tracer).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import importlib
 import io
 import os
@@ -28,7 +29,15 @@ from .common import UserError, size_arg
 
 GROUPS = ("images", "transfer", "registry", "containers", "mount", "commit", "build", "check",
           "run")
-LIGHT = {"mount": "mount", "umount": "mount", "unmount": "mount", "mounts": "mount"}
+GROUP_OF = {  # command -> the group that registers it (tests/unit/test_cli_groups.py)
+    "history": "images", "images": "images", "inspect": "images", "rmi": "images",
+    "tag": "images", "export": "transfer", "import": "transfer", "load": "transfer",
+    "save": "transfer", "login": "registry", "logout": "registry", "pull": "registry",
+    "push": "registry", "container": "containers", "create": "containers", "ps": "containers",
+    "rm": "containers", "mount": "mount", "mounts": "mount", "umount": "mount",
+    "unmount": "mount", "commit": "commit", "diff": "commit", "build": "build",
+    "check": "check", "run": "run"}
+GC_THRESHOLD = 50_000
 SILENT = ("umount", "unmount", "mounts")  # they log nothing: logging is not even imported
 
 
@@ -132,10 +141,28 @@ def command_of(argv: Sequence[str]) -> str | None:
 
 
 def groups_for(argv: Sequence[str]) -> Sequence[str]:
-    """The command groups to load for ``argv``: the one group of a ``LIGHT`` command, else all
-    (help, the image commands and a mistyped command's error need them all)."""
-    group = LIGHT.get(command_of(argv) or "")
+    """The command groups to load for ``argv``: the command's own, else all (help, ``image
+    ...`` and a mistyped command's error need them all)."""
+    group = GROUP_OF.get(command_of(argv) or "")
     return (group,) if group else GROUPS
+
+
+def _preload_mount(argv: Sequence[str]) -> None:
+    """``strata mount``: fork its daemon now, before anything is parsed or opened, so that it
+    imports what serving takes while this process plans (``imagestore.daemonfork``)."""
+    if command_of(argv) != "mount" or any(
+            a in ("-f", "--foreground", "-h", "--help") for a in argv):
+        return
+    from imagestore import daemonfork
+    from imagestore.paths import root_of
+
+    root = None
+    for i, word in enumerate(argv):  # the last --root, as argparse takes it
+        if word == "--root" and i + 1 < len(argv):
+            root = argv[i + 1]
+        elif word.startswith("--root="):
+            root = word.partition("=")[2]
+    daemonfork.preload(root_of(root))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
     argv = sys.argv[1:] if argv is None else list(argv)
+    # a command makes objects by the hundred thousand (a TOC, an index) and few cycles: the
+    # default threshold (700) collects a hundred times as often, ~10% of a lazy pull
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
+    _preload_mount(argv)
     parser = build_parser(groups_for(argv))
     args = parser.parse_args(argv)
     if args.command is None:

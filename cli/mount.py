@@ -73,11 +73,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError("--upper and --work go together")
     if args.upper and not args.lower:
         raise UserError("--upper needs --lower")
-    from imagestore import Directories, mounting
+    from imagestore import Directories, daemonfork
 
-    mounting.fork_daemons = True  # this process is about to exit: its daemon may be its fork
-    if not args.foreground:
-        mounting.preload(root_of(args))  # ... made now, to start while this process plans
+    daemonfork.enabled = True  # this process is about to exit: its daemon may be its fork
     opts = _options(args.options)
     target: str | Directories = args.args[0] if not args.lower else Directories(
         tuple(args.lower.split(":")), args.upper, args.work)

@@ -172,7 +172,8 @@ class LazyStore:
         digest = self.for_diff_id(diff_id)
         if digest is None:
             return None
-        return {"kind": "lazy", "root": self.root, "digest": digest, "name": diff_id}
+        return {"kind": "lazy", "opener": "imagestore.lazylayer:open_layer", "root": self.root,
+                "digest": digest, "name": diff_id}
 
     def layer_for(self, digest: str, diff_id: str) -> LazyInfo | None:
         """The lazy layer holding blob ``digest`` with ``diff_id``, if there is one."""

@@ -10,10 +10,10 @@ ways, all through the same three steps (``_Daemon``: spawn, wait for ``ready``, 
   lifeline pipe to this process, and the mount is taken down when the block ends;
 * ``open_mounted`` — the same for trio code: the steps run in worker threads;
 * ``start`` — a mount that outlives this process (``strata mount``): returns once ready.  The
-  CLI sets ``fork_daemons``: its daemon is then a fork of the command's own process (it is
-  single-threaded and about to exit), which skips a second interpreter start and the imports
-  the command has made (40-50 ms of the 0.23 s to a usable mount); the fork imports pyfuse3
-  and trio itself, the command never does, and the fork never uses the store;
+  CLI sets ``daemonfork.enabled``: its daemon is then a fork of the command's own process,
+  made (``daemonfork.preload``) before the command plans, so that it imports pyfuse3 and trio
+  on the other core meanwhile; the command never imports them, and the fork never uses the
+  store;
 * ``exec_foreground`` — this process becomes the daemon (``strata mount -f``).
 
 The daemon writes ``ready`` (or its one-line error) to a pipe once the mount answers; only then
@@ -42,13 +42,9 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +60,7 @@ from unionfs.control import is_mounted
 from unionfs.control import unmount as _unmount
 from unionfs.errors import MountError
 
+from . import daemonfork
 from .errors import MountFailed
 from .mountplan import (
     DEFAULT_ENGINES,
@@ -180,7 +177,7 @@ class _Daemon:
     p: Plan
     timeout: float
     lifeline: bool = True
-    proc: subprocess.Popen[bytes] | _Forked | None = None
+    proc: subprocess.Popen[bytes] | daemonfork.Forked | None = None
     ready: bool = False
     fds: dict[str, int] = field(default_factory=dict)  # our ends of the pipes, still open
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -203,8 +200,9 @@ class _Daemon:
             spec_fd = self.p.spec_fd(**child)
             child["spec"] = spec_fd
             passed = [*child.values(), *([self.p.lock] if self.p.lock is not None else [])]
-            if fork_daemons and not self.lifeline and threading.active_count() == 1:
-                self.proc = _fork_daemon(self.p.command(spec_fd)[-2:], passed, self.p.log)
+            if daemonfork.enabled and not self.lifeline and threading.active_count() == 1:
+                self.proc = daemonfork.fork_daemon(self.p.command(spec_fd)[-2:], passed,
+                                                   self.p.log)
                 return
             with open(self.p.log, "ab") as log:
                 self.proc = subprocess.Popen(
@@ -346,174 +344,6 @@ async def open_mounted(p: Plan, timeout: float = READY_TIMEOUT) -> AsyncIterator
         yield Path(p.mountpoint)
     finally:
         await stop()
-
-
-fork_daemons = False  # the CLI sets it: its daemons are forks of it (start-up time)
-
-
-class _Forked:
-    """A daemon forked from this process, with the few ``Popen`` methods ``_Daemon`` uses."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
-            time.sleep(0.005)
-        assert self.returncode is not None
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-
-_log = logging.getLogger(__name__)
-_preloaded: tuple[int, socket.socket] | None = None  # (pid, our end) of ``preload``'s fork
-
-
-def preload(store_root: str) -> None:
-    """Fork the daemon of the mount this command is about to make now, before it plans it
-    (``strata mount``): the fork imports the FUSE and union modules (the lazy layer's and the
-    network client's too when the store holds lazy layers) while this process plans, on the
-    other core, then waits for ``_fork_daemon`` to send it its argv and descriptors.  If this
-    process exits first, the fork reads end-of-file and exits.  Call it while this process
-    is single-threaded, as ``fork_daemons`` requires."""
-    global _preloaded
-    if _preloaded is not None or threading.active_count() != 1:
-        return
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        theirs.close()
-        _preloaded = (pid, ours)
-        return
-    status = 70
-    lazy = False
-    try:
-        ours.close()
-        os.setsid()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        from unionfs import mount
-
-        mount.preload()
-
-        with contextlib.suppress(OSError):
-            lazy = bool(os.listdir(os.path.join(store_root, "lazy", "sha256")))
-        if lazy:
-            import imagestore.lazylayer  # noqa: F401
-            import imagestore.registry.rangefetch  # noqa: F401
-        msg, fds, _, _ = socket.recv_fds(theirs, 1 << 16, 64)
-        if not msg:
-            status = 0
-            return
-        request = json.loads(msg)
-        keep = [int(fd) for fd in request["keep"]]
-        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1024) for fd in fds]
-        for fd in fds:
-            os.close(fd)
-        theirs.close()
-        for src, dst in zip(moved, keep, strict=True):  # where the argv and spec name them
-            os.dup2(src, dst, inheritable=False)
-            os.close(src)
-        status = _serve_as_daemon(request["argv"], keep, request["log"])
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.flush()
-    finally:
-        os._exit(status)
-
-
-def _from_preloaded(argv: list[str], keep: list[int], log: str) -> _Forked | None:
-    """Hand the daemon's argv and descriptors to ``preload``'s fork (None: there is none, or
-    it is gone; the caller forks instead)."""
-    global _preloaded
-    if _preloaded is None:
-        return None
-    pid, sock = _preloaded
-    _preloaded = None
-    try:
-        request = json.dumps({"argv": argv, "keep": keep, "log": log}).encode()
-        socket.send_fds(sock, [request], keep)
-        return _Forked(pid)
-    except OSError as exc:
-        _log.debug("the preloaded daemon is gone (%s): forking another", exc)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        return None
-    finally:
-        sock.close()
-
-
-def _fork_daemon(argv: list[str], keep: list[int], log: str) -> _Forked:
-    """The daemon as a fork of this process (``python -m unionfs.mount`` ``argv`` without the
-    interpreter's start and the imports this process has made already): in a session of its
-    own, logging to ``log``, with only ``keep`` of our descriptors, its signals at their
-    defaults; it runs ``unionfs.mount.main`` and exits without this process's teardown.  The
-    fork ``preload`` made, if any, is used."""
-    preloaded = _from_preloaded(argv, keep, log)
-    if preloaded is not None:
-        return preloaded
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return _Forked(pid)
-    status = 70
-    try:
-        os.setsid()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        status = _serve_as_daemon(argv, keep, log)
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.flush()
-    finally:
-        os._exit(status)
-
-
-def _serve_as_daemon(argv: list[str], keep: list[int], log: str) -> int:
-    """In a daemon's fork: standard streams to ``log``, every descriptor but ``keep``
-    closed, then ``unionfs.mount.main(argv)``; returns its exit status."""
-    null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) > 2 and int(name) not in keep:
-            with contextlib.suppress(OSError):
-                os.close(int(name))
-    from unionfs import mount
-
-    status = mount.main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return status
 
 
 def start(p: Plan, timeout: float = READY_TIMEOUT) -> None:

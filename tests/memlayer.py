@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from unionfs.layers import IMPLICIT, OPAQUE, WHITEOUT, WHITEOUT_ENTRY, Entry, join, split
 
@@ -83,3 +84,8 @@ class MemLayer:
 
 
 __all__ = ["DIR", "OPQ", "WH", "Link", "MemLayer", "WHITEOUT"]
+
+
+def from_description(desc: Mapping[str, Any]) -> MemLayer:
+    """A layer opener (``unionfs.layerkinds``): ``{"files": {path: text}}``."""
+    return MemLayer({path: text.encode() for path, text in desc["files"].items()})

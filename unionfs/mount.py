@@ -57,6 +57,7 @@ Caveats:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -406,6 +407,7 @@ def run(spec: MountSpec) -> int:
     try:
         with contextlib.ExitStack() as stack:
             union = build(spec, stack)
+            gc.freeze()  # what start-up made lives as long as the mount: out of every collection
             stack.callback(_drop_record, spec.record)
             writable = union.writable or spec.overlay is not None
             control = spec.control if writable else None

@@ -2,7 +2,7 @@
 
 Modules: ``config`` (mirrors, insecure registries), ``credentials`` (docker config.json,
 containers auth.json, credential helpers), ``auth`` (challenges, Basic, Bearer tokens),
-``client`` (HTTP: retries, redirects, errors), ``pull``, ``push``, ``sources`` (where blobs
+``client`` (HTTP: retries, redirects, errors), ``pulling``, ``pushing``, ``sources`` (where blobs
 came from, for cross-repository mounts).  Progress is reported as ``imagestore.ProgressEvent``
 values.  The store's policy stays in ``Store``; this package speaks the protocol.
 """
@@ -10,14 +10,32 @@ values.  The store's policy stays in ``Store``; this package speaks the protocol
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 from . import credentials
 from .client import Registry, RetryPolicy, Transport, open_transport
 from .config import RegistriesConfig, load_config
 from .credentials import Credentials
 from .errors import AuthError, NotFound, RegistryError
-from .pull import PullResult, pull
-from .push import PushResult, push
+
+if TYPE_CHECKING:
+    from .pulling import PullResult, pull
+    from .pushing import PushResult, push
+
+_LAZY = {"pull": "pulling", "PullResult": "pulling", "push": "pushing", "PushResult": "pushing"}
+
+
+def __getattr__(name: str) -> Any:
+    """``pull`` and ``push`` (and their results) on first use: a lazy layer's range reads need
+    the client alone (``rangefetch``), not the whole pull and push (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = ["AuthError", "Credentials", "NotFound", "PullResult",
            "PushResult", "RegistriesConfig", "Registry", "RegistryError", "RetryPolicy",

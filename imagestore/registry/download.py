@@ -27,7 +27,7 @@ from ..progress import ProgressEvent, ProgressFn, short
 from .client import Registry, RetryPolicy
 from .errors import RegistryError
 
-log = logging.getLogger("imagestore.registry.pull")
+log = logging.getLogger("imagestore.registry.pulling")
 
 BATCH = 1 << 20
 PROGRESS_INTERVAL = 0.1

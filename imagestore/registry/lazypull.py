@@ -1,7 +1,7 @@
 """``pull --lazy``: a seekable layer recorded by its table of contents alone; completing and
 promoting lazy layers for the commands that need their bytes (pull, push, save).
 
-``fetch_tocs`` (called by ``pull.py`` for a lazy pull, while the config comes) fetches every
+``fetch_tocs`` (called by ``pulling.py`` for a lazy pull, while the config comes) fetches every
 seekable layer's TOC at once — the tail of an eStargz blob, the announced frames of a
 zstd:chunked one — and verifies it against the layer's annotation; ``take_seekable`` records
 the lazy states (``lazystate``); layers in no seekable format stay in the pull's list and are

@@ -45,4 +45,7 @@ def test_umount_and_mounts_load_no_image_code(tmp_path: Path, argv: list[str]) -
 
 def test_other_commands_load_their_groups(tmp_path: Path) -> None:
     status, loaded = modules_of("--root", str(tmp_path / "store"), "images", "-q")
-    assert status == 0 and {"cli.images", "cli.mount", "imagestore.api"} <= loaded
+    assert status == 0 and {"cli.images", "imagestore.api"} <= loaded
+    assert not loaded & {"cli.mount", "cli.registry", "cli.build"}  # their own group only
+    status, loaded = modules_of("--root", str(tmp_path / "store"), "image", "ls", "-q")
+    assert status == 0 and {"cli.images", "cli.mount", "cli.build"} <= loaded

@@ -67,14 +67,14 @@ def test_only_fuse_ops_and_mount_import_pyfuse3() -> None:
 
 
 def test_imagestore_uses_only_the_unionfs_core() -> None:
-    """...and the daemon's module once: ``mounting`` runs it in a daemon forked from the
-    CLI's process (``_fork_daemon``), which imports it after the fork; the store's process
-    itself never does (``test_cli_startup`` checks a mount command's modules)."""
+    """...and the daemon's module once: ``daemonfork`` runs it in a daemon forked from the
+    CLI's process (``fork_daemon``, ``preload``), which imports it after the fork; the store's
+    process itself never does (``test_cli_startup`` checks a mount command's modules)."""
     for path in modules("imagestore"):
         for m in imports(path):
             parts = m.split(".")
             if parts[0] == "unionfs" and len(parts) > 1 and parts[1][:1].islower():
-                if path.name == "mounting.py" and parts[1] == "mount":
+                if path.name == "daemonfork.py" and parts[1] == "mount":
                     continue
                 assert parts[1] in CORE, f"{path.name} imports unionfs.{parts[1]}"
             assert parts[0] != "cli", f"{path.name} imports cli"

@@ -67,3 +67,16 @@ def test_other_kinds_go_to_their_entry_point() -> None:
 def test_bad_descriptions_are_layer_errors(desc: dict[str, object], message: str) -> None:
     with pytest.raises(LayerError, match=message):
         layerkinds.open_layer(desc, {"mem": lambda: layerkinds.open_dir})
+
+
+def test_a_description_may_name_its_opener() -> None:
+    """The store's own kinds name their opener (the entry point's value): no entry-point
+    lookup; the same opener the entry point gives."""
+    layer = layerkinds.open_layer({"kind": "mem", "opener": "tests.memlayer:from_description",
+                                   "files": {"hello": "hi"}})
+    view = UnionView([layer])
+    assert view.read(view.resolve("hello"), 0, 10) == b"hi"
+    assert layerkinds.installed()["lazy"]() is layerkinds._named(
+        "imagestore.lazylayer:open_layer")
+    with pytest.raises(LayerError, match="layer opener 'tests.memlayer:nothing'"):
+        layerkinds.open_layer({"kind": "mem", "opener": "tests.memlayer:nothing"})
