@@ -9,22 +9,28 @@ against the TOC's chunk digest, written and logged in the lazy state (``lazystat
 decompressed; a second read is local.  A fetch takes the missing chunks after the wanted one
 too, up to ``MIN_SPAN`` bytes (neighbouring files in one request), and readers wanting bytes of
 a fetch under way wait for it instead of fetching again.  Bytes that cannot be had or do not
-match their digest make that read fail with EIO; nothing unverified is stored.
+match their digest make that read fail with EIO; what a read fetches is stored only verified.
 
 ``complete`` fetches every byte still missing (the files before an eStargz prefetch landmark
-first), checks the whole blob against its digest and marks the state complete.  The mount
-daemon does that in a background thread for the layers of its spec (``"complete": true``,
-``LayerStore.for_mount``); it never touches the store's locks, so the promotion to an ordinary
-layer happens in the next command that holds the ingesting hold (``lazystate.promote_complete``).
-``lazypull`` holds what ``pull``, ``push`` and ``save`` do with lazy layers.
+first) and stores it unchecked (``RAW``: a read checks each chunk when it first decompresses
+it, fetching wrong ones again), checks the whole blob against its digest (fetching again once
+what was not checked if that fails) and marks the state complete.  The mount daemon does that
+in a background thread for the layers of its spec (``"complete": true``,
+``LayerStore.for_mount``), then decompresses the blob once into a tar and serves the rest of
+the mount from it (``lazyunpack``); it never touches the store's locks, so the promotion to an
+ordinary layer happens in the next command that holds the ingesting hold
+(``lazystate.promote_complete``).  ``lazypull`` holds what ``pull``, ``push`` and ``save`` do
+with lazy layers.
 
 Threading: ``blocking = True`` tells the FUSE adapter to call ``read``/``copy_data`` from worker
-threads; every method is thread-safe.  ``open_layer`` is the ``strata.layers`` entry point for
-layer descriptions ``{"kind": "lazy", "root": STORE, "digest": BLOB, "complete": bool}``.
+threads, unless ``read_would_block`` says the bytes are here (cached, in the tar, or in a small
+stored chunk); every method is thread-safe.  ``open_layer`` is the ``strata.layers`` entry point
+for layer descriptions ``{"kind": "lazy", "root": STORE, "digest": BLOB, "complete": bool}``.
 
 Caveats:
 * Decompressed chunks are cached in memory (``CACHE_BYTES``) so sequential reads of a large file
-  decompress each chunk once; every decompression is verified against the chunk digest.
+  decompress each chunk once; every decompression is verified against the chunk digest.  Reads
+  from the completed layer's tar are not (the tar matched the diff_id when it was made).
 * The in-flight table is per process: a mount and a ``strata pull`` may fetch the same range
   once each (both write the same verified bytes).
 """

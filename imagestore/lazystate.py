@@ -17,8 +17,9 @@ A range is logged only after its bytes are written, fsynced and (for chunk data)
 against the TOC's chunk digest, so a crash never leaves a partial chunk visible: a range that is
 not logged is fetched again.  Each log record (24 bytes) carries a CRC; a torn last record is
 dropped.  ``VERIFIED`` ranges hold chunk data checked against its digest; ``RAW`` ranges hold
-the bytes between chunks (tar headers, the TOC, the footer), fetched only to complete the blob,
-which is then checked as a whole.
+what the background completion fetched unchecked (and the TOC region the pull fetched): a read
+checks each chunk of them when it first decompresses it, and the complete blob is checked as a
+whole.
 
 The directory is assembled in ``tmp/`` and renamed into place, so a visible state is whole.
 
@@ -454,7 +455,7 @@ def check(store_dir: LazyStore, digest: str) -> list[str]:
         for cs in files:
             for c in cs:
                 if c.zeros or (c.start, c.inner) in seen or \
-                        not blob.verified.covers(c.start, c.end):
+                        not blob.present.covers(c.start, c.end):
                     continue
                 seen.add((c.start, c.inner))
                 try:

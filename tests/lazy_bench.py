@@ -7,6 +7,7 @@ local registry behind a counting proxy, each in a fresh store: the time from ``s
 then to every file read through that mount; beside a full ``strata pull`` + mount + the same
 reads, and ``skopeo copy`` + ``umoci unpack`` of the gzip form, in the same run.  Run it with
 ``PYTHONDONTWRITEBYTECODE`` unset: every strata process otherwise compiles its modules again.
+``LAZY_BENCH_REPS`` rounds (default 1) of every form, interleaved.
 
 What it cannot see: a slow network (loopback answers in microseconds, so round trips cost
 nothing here), and the page cache (the registry's blobs are in it after the first form).
@@ -78,9 +79,11 @@ def _first_read(root: Path, ref: str, proxy: rh.FaultProxy, lazy: bool) -> dict[
 
 
 def measure(work: Path, files: int = int(os.environ.get("LAZY_BENCH_FILES", 6000)),
-            big: int = 48 << 20, rootfs: Path | None = None) -> dict[str, Any]:
-    """The measurements; with ``rootfs`` (a rootfs tar: the Debian test image, tests/debian.py)
-    that one layer instead of the generated image."""
+            big: int = 48 << 20, rootfs: Path | None = None, reps: int = 1) -> dict[str, Any]:
+    """The measurements, ``reps`` rounds of every form (interleaved, each in fresh stores):
+    ``{"image_tar_bytes": N, "reps": [{form: {"blob_bytes", "lazy", "full"}, ...,
+    "skopeo_umoci_s": S}, ...]}``; with ``rootfs`` (a rootfs tar: the Debian test image,
+    tests/debian.py) that one layer instead of the generated image."""
     if rootfs is not None:
         layers = [lh.tight(rootfs.read_bytes())]
     else:
@@ -94,25 +97,33 @@ def measure(work: Path, files: int = int(os.environ.get("LAZY_BENCH_FILES", 6000
         refs["zstdchunked-strata"] = f"{reg.host}/lazy/bench-zc-strata:1"
         _strata(pusher, "push", "--compression", "zstd:chunked", refs["gzip"],
                 refs["zstdchunked-strata"])
-        out: dict[str, Any] = {"image_tar_bytes": sum(len(t) for t in layers)}
-        for form in ("estargz-strata", "zstdchunked-strata", "zstdchunked-skopeo", "gzip"):
-            ref = refs[form].replace(reg.host, proxy.host, 1)
-            raw = json.loads(subprocess.run(
-                ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-                check=True, capture_output=True).stdout)
-            size = sum(x["size"] for x in raw["layers"])
-            row: dict[str, Any] = {"blob_bytes": size}
-            if form != "gzip":
-                row["lazy"] = _first_read(work / f"{form}-lazy", ref, proxy, True)
-                row["lazy"]["fraction"] = round(row["lazy"]["bytes_fetched"] / size, 4)
-            row["full"] = _first_read(work / f"{form}-full", ref, proxy, False)
-            out[form] = row
-        t0 = time.monotonic()
-        layout = work / "skopeo-layout"
-        rh.skopeo_copy(f"docker://{refs['gzip']}", f"oci:{layout}:t")
-        subprocess.run(["umoci", "unpack", "--image", f"{layout}:t", str(work / "bundle")],
-                       check=True, capture_output=True, timeout=600)
-        out["skopeo_umoci_s"] = round(time.monotonic() - t0, 3)
+        out: dict[str, Any] = {"image_tar_bytes": sum(len(t) for t in layers), "reps": []}
+        for rep in range(reps):
+            got: dict[str, Any] = {}
+            for form in ("estargz-strata", "zstdchunked-strata", "zstdchunked-skopeo", "gzip"):
+                ref = refs[form].replace(reg.host, proxy.host, 1)
+                raw = json.loads(subprocess.run(
+                    ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+                    check=True, capture_output=True).stdout)
+                size = sum(x["size"] for x in raw["layers"])
+                row: dict[str, Any] = {"blob_bytes": size}
+                if form != "gzip":
+                    row["lazy"] = _first_read(work / f"{form}-lazy-{rep}", ref, proxy, True)
+                    row["lazy"]["fraction"] = round(row["lazy"]["bytes_fetched"] / size, 4)
+                row["full"] = _first_read(work / f"{form}-full-{rep}", ref, proxy, False)
+                got[form] = row
+                for d in (f"{form}-lazy-{rep}", f"{form}-full-{rep}"):
+                    shutil.rmtree(work / d, ignore_errors=True)
+            t0 = time.monotonic()
+            layout = work / f"skopeo-layout-{rep}"
+            rh.skopeo_copy(f"docker://{refs['gzip']}", f"oci:{layout}:t")
+            subprocess.run(["umoci", "unpack", "--image", f"{layout}:t",
+                            str(work / f"bundle-{rep}")],
+                           check=True, capture_output=True, timeout=600)
+            got["skopeo_umoci_s"] = round(time.monotonic() - t0, 3)
+            shutil.rmtree(layout, ignore_errors=True)
+            shutil.rmtree(work / f"bundle-{rep}", ignore_errors=True)
+            out["reps"].append(got)
         return out
     finally:
         proxy.close()
@@ -123,6 +134,7 @@ if __name__ == "__main__":
     d = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="lazy-bench-"))
     rootfs = os.environ.get("LAZY_BENCH_ROOTFS")
     try:
-        print(json.dumps(measure(d, rootfs=Path(rootfs) if rootfs else None), indent=1))
+        print(json.dumps(measure(d, rootfs=Path(rootfs) if rootfs else None,
+                                 reps=int(os.environ.get("LAZY_BENCH_REPS", 1))), indent=1))
     finally:
         shutil.rmtree(d, ignore_errors=True)
