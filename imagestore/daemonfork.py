@@ -73,8 +73,9 @@ def preload(store_root: str) -> None:
     (``strata mount``): the fork imports the FUSE and union modules (the lazy layer's and the
     network client's too when the store holds lazy layers) while this process plans, on the
     other core, then waits for ``fork_daemon`` to send it its argv and descriptors.  If this
-    process exits first, the fork reads end-of-file and exits.  Call it while this process
-    is single-threaded, as ``fork_daemons`` requires."""
+    process exits first, the fork reads end-of-file and exits.  The fork holds none of this
+    process's standard streams (a caller waiting for their end is not held up by it).  Call it
+    while this process is single-threaded, as ``enabled`` requires."""
     global _preloaded
     if _preloaded is not None or threading.active_count() != 1:
         return
@@ -93,6 +94,10 @@ def preload(store_root: str) -> None:
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
         from unionfs import mount
 
         mount.preload()
