@@ -113,11 +113,18 @@ def preload(store_root: str) -> None:
             return
         request = json.loads(msg)
         keep = [int(fd) for fd in request["keep"]]
-        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1024) for fd in fds]
+        out = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(out, 1)  # from here on, what goes wrong is in the mount's log
+        os.dup2(out, 2)
+        os.close(out)
+        # out of the way of the numbers the argv names (above all of them: still within the
+        # open-file limit, which the command that chose them shares), then onto them
+        above = max([*keep, *fds, theirs.fileno()]) + 1
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in fds]
         for fd in fds:
             os.close(fd)
         theirs.close()
-        for src, dst in zip(moved, keep, strict=True):  # where the argv and spec name them
+        for src, dst in zip(moved, keep, strict=True):
             os.dup2(src, dst, inheritable=False)
             os.close(src)
         status = _serve_as_daemon(request["argv"], keep, request["log"])

@@ -75,7 +75,8 @@ MAX_SPAN = 8 << 20
 WINDOW = 4 << 20  # completion fetches this much at a time,
 MERGE_GAP = 1 << 20  # over what reads fetched already when less than this lies between gaps
 CACHE_BYTES = 64 << 20
-INLINE_CHUNK = 128 << 10  # a stored chunk up to this size is read on the request loop
+INLINE_CHUNK = 128 << 10  # a stored chunk up to this size (and decompressing to at most
+INLINE_DATA = 512 << 10  # this much) is read on the request loop
 COMPLETE_DELAY = 3.0  # seconds a mount lets its first reads have the network alone
 COMPLETERS = 3  # windows fetched at once while completing
 BUSY_FETCHES = 16  # ... unless reads need this many fetches first: then it completes at once,
@@ -135,6 +136,7 @@ class LazyLayer(TarLayer):
         self._last_end = -1 << 62  # where the last fetch ended, and the span it grew to
         self._span = MIN_SPAN
         self._stop = threading.Event()
+        self._complete = False  # the whole blob matched its digest (in this process)
         self._busy = threading.Event()  # set after BUSY_FETCHES fetches: complete now
         self._fetches = 0
         self._fetched = 0  # bytes the reads fetched
@@ -190,9 +192,10 @@ class LazyLayer(TarLayer):
         return b"".join(out)
 
     def read_would_block(self, entry: Entry, offset: int, size: int) -> bool:
-        """False when the bytes of this read are here (decompressed in the cache, or stored
-        in chunks small enough to decompress on the request loop): the FUSE adapter then
-        reads without a worker thread."""
+        """False when the bytes of this read are here and checked (in the cache, in the tar,
+        or in stored chunks checked against their digests, or the whole blob against its, and
+        small enough to decompress on the request loop): the FUSE adapter then reads without
+        a worker thread, and nothing sends it to the network."""
         file_no = self._data(entry)[0]
         tar = self._tar
         if file_no == self.toc_file or (tar is not None and file_no in tar[1]):
@@ -204,7 +207,12 @@ class LazyLayer(TarLayer):
                 break
             if (c.start, c.inner, c.size) in self._cache:
                 continue
-            if c.end - c.start > INLINE_CHUNK or not self.present(c):
+            if c.end - c.start > INLINE_CHUNK or c.inner + c.size > INLINE_DATA:
+                return True
+            with self.blob.lock:  # checked bytes cannot send the read to the network
+                here = self.blob.verified.covers(c.start, c.end) or (
+                    self._complete and self.blob.present.covers(c.start, c.end))
+            if not here:
                 return True
         return False
 
@@ -236,7 +244,7 @@ class LazyLayer(TarLayer):
         except SeekableError as exc:
             with self.blob.lock:
                 verified = self.blob.verified.covers(c.start, c.end)
-            if verified:
+            if verified or self._complete:  # the blob matched its digest: a TOC that lies
                 log.warning("layer %s: stored chunk is damaged (%s)", self.name, exc)
                 raise OSError(errno.EIO, str(exc)) from None
             # bytes the completion fetched unchecked, and wrong: fetch the chunk again
@@ -394,28 +402,32 @@ class LazyLayer(TarLayer):
                     pass
             if self._stop.is_set():
                 return False
+        if os.path.exists(os.path.join(self.blob.dir, "complete")):
+            self._complete = True  # checked as a whole already
+            return True
         for attempt in range(2):
             if self.blob.mark_complete(self.info.digest):
                 log.info("layer %s is complete", self.name)
+                self._complete = True
                 return True
             if self.blob.missing():
                 return False
-            if attempt == 0:  # bytes the completion took unchecked were wrong
+            if attempt == 0 and not self._stop.is_set():  # bytes taken unchecked were wrong
                 log.warning("layer %s: the completed blob does not match its digest; "
-                            "fetching again what was not checked", self.name)
+                            "fetching it again", self.name)
                 self._repair()
         raise DigestMismatch(f"lazy layer {self.info.digest}: the completed blob does not "
                              "match its digest")
 
     def _repair(self) -> None:
-        """Fetch again every byte the completion stored unchecked (a member's bytes past the
-        data its chunk digest covers are checked by nothing but the blob's digest)."""
-        with self.blob.lock:
-            unchecked = list(self.blob.verified.gaps(0, self.blob.size))
-        for pos, end in unchecked:
-            for s, e in self._windows(pos, end):
-                data = self.fetcher.fetch(self.info.source, self.info.digest, s, e)
-                self.blob.store([(s, data)], RAW)
+        """Fetch the whole blob again, once (what the completion stored unchecked, but also a
+        member's bytes past the data its chunk digest covers, which only the blob's digest
+        checks, even in verified ranges)."""
+        for s, e in self._windows(0, self.blob.size):
+            if self._stop.is_set():
+                return
+            data = self.fetcher.fetch(self.info.source, self.info.digest, s, e)
+            self.blob.store([(s, data)], RAW)
 
     def _windows(self, pos: int, end: int) -> list[tuple[int, int]]:
         """The gap [pos, end) cut into windows of about ``WINDOW`` bytes, never inside a
@@ -481,6 +493,9 @@ class LazyLayer(TarLayer):
                     if self.complete():
                         self._unpack()
                         return
+                except DigestMismatch as exc:  # fetched again once already: no use trying
+                    log.error("layer %s: %s; reads go on from checked chunks", self.name, exc)
+                    return
                 except (OSError, StoreError) as exc:
                     log.info("layer %s: background completion paused: %s", self.name, exc)
                 self._stop.wait(retry_delay)
@@ -490,8 +505,11 @@ class LazyLayer(TarLayer):
 
     def _unpack(self) -> None:
         """Serve the rest of this mount's reads from the layer's tar (``lazyunpack``)."""
-        tar = lazyunpack.unpack(self)
+        tar = lazyunpack.unpack(self, self._stop)
         if tar is None:
+            return
+        if self._stop.is_set():  # closed meanwhile (close waited for this thread, or gave up)
+            os.close(tar[0])
             return
         self._tar = tar
         with self._cache_lock:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from zlib_ng import gzip_ng
 from unionfs.tarlayer import LayerError, normalize_name
 from unionfs.tarscan import BadHeader, Fallback, scan
 
+from .compress import fast_zlib
 from .digest import Hasher
 from .errors import StoreError
 from .seekable import GZIP
@@ -42,11 +44,12 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 
 
-def unpack(layer: LazyLayer) -> tuple[int, dict[int, int]] | None:
+def unpack(layer: LazyLayer, stop: threading.Event | None = None
+           ) -> tuple[int, dict[int, int]] | None:
     """The complete ``layer``'s tar, as an open descriptor of an unnamed file in its lazy
     state (gone with the descriptor), and its offsets table (see the module docstring); None
-    when the tar does not match the diff_id (logged: the promotion will drop the layer) or
-    cannot be written."""
+    when the tar does not match the diff_id (logged: the promotion will drop the layer),
+    cannot be written, or ``stop`` is set meanwhile."""
     info = layer.info
     # a bound on the tar a sound layer makes: its data, and headers far larger than usual
     limit = info.content + (info.entries + 16) * 65536
@@ -55,6 +58,8 @@ def unpack(layer: LazyLayer) -> tuple[int, dict[int, int]] | None:
         fd = os.open(layer.blob.dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         diff = Hasher()
         for chunk in _decompressed(layer.blob.blob_path, layer.compression):
+            if stop is not None and stop.is_set():
+                return None
             diff.update(chunk)
             if diff.size > limit:
                 raise LayerError(f"the tar runs past {limit} bytes")
@@ -64,14 +69,16 @@ def unpack(layer: LazyLayer) -> tuple[int, dict[int, int]] | None:
         if diff.digest != info.diff_id:
             log.warning("lazy layer %s: its tar hashes to %s, not its diff_id %s", info.digest,
                         diff.digest, info.diff_id)
-            os.close(fd)
             return None
-        return fd, _offsets(layer, fd)
+        offsets = _offsets(layer, fd)
+        fd, done = -1, fd
+        return done, offsets
     except (OSError, StoreError, LayerError) as exc:
         log.warning("lazy layer %s: cannot write its tar: %s", info.digest, exc)
+        return None
+    finally:
         if fd >= 0:
             os.close(fd)
-        return None
 
 
 def _decompressed(path: str, compression: str) -> Iterator[bytes]:
@@ -88,23 +95,33 @@ def _decompressed(path: str, compression: str) -> Iterator[bytes]:
                 src, read_across_frames=True) as reader:
             while chunk := reader.read(CHUNK):
                 yield chunk
-    except (EOFError, zlib.error, gzip_ng.BadGzipFile, zstandard.ZstdError) as exc:
+    except (EOFError, zlib.error, fast_zlib.error, gzip_ng.BadGzipFile,
+            zstandard.ZstdError) as exc:
         raise LayerError(f"the blob does not decompress: {exc}") from None
 
 
 def _offsets(layer: LazyLayer, fd: int) -> dict[int, int]:
-    """File number -> data offset in the tar, for each regular file the tar stores whole and
-    the layer's index names with the same size."""
-    out: dict[int, int] = {}
+    """File number -> data offset in the tar, for each name whose last tar member is a regular
+    file the tar stores whole and the layer's index names with the same size (a later member
+    of the same name replaces an earlier one, as the indexer has it)."""
+    last: dict[str, tuple[int, int] | None] = {}  # name -> (data offset, size) or None
     try:
         with open(os.dup(fd), "rb", buffering=1 << 16) as f:
             f.seek(0)
             for m in scan(f):
-                if not m.isreg() or m.sparse is not None:
+                try:
+                    name = normalize_name(m.name)
+                except LayerError:
                     continue
-                found = layer.locate(normalize_name(m.name))
-                if found is not None and found[1] == m.size and found[0] >= 0:
-                    out[found[0]] = m.offset_data
+                whole = m.isreg() and m.sparse is None
+                last[name] = (m.offset_data, m.size) if whole else None
     except (BadHeader, Fallback):
-        pass  # what was found so far is right; the rest stays served from chunks
+        return {}  # a tar the fast scanner leaves: served from chunks, as before
+    out: dict[int, int] = {}
+    for name, found in last.items():
+        if found is None:
+            continue
+        known = layer.locate(name)
+        if known is not None and known[0] >= 0 and known[1] == found[1]:
+            out[known[0]] = found[0]
     return out

@@ -370,10 +370,11 @@ def decompress_member(compression: str, raw: bytes, want: int) -> bytes:
                 out += d.decompress(d.unconsumed_tail, want - len(out))
             return out
         dctx = _zstd_context()
-        with contextlib.suppress(zstandard.ZstdError):  # the frame holds more than wanted
-            whole: bytes = dctx.decompress(raw, max_output_size=want, read_across_frames=False,
-                                           allow_extra_data=True)
-            return whole[:want]
+        if 0 <= zstandard.frame_content_size(raw) <= want:  # one call, sized by the header
+            with contextlib.suppress(zstandard.ZstdError):
+                whole: bytes = dctx.decompress(raw, max_output_size=want,
+                                               read_across_frames=False, allow_extra_data=True)
+                return whole
         reader = dctx.stream_reader(io.BytesIO(raw), read_across_frames=False)
         parts = []
         got = 0

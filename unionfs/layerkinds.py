@@ -103,6 +103,6 @@ def _named(ref: str) -> Opener:
     module, _, attr = ref.partition(":")
     try:
         found: Opener = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError) as exc:
         raise LayerError(f"layer opener {ref!r}: {exc}") from None
     return found

@@ -101,7 +101,7 @@ def _mtime_ns(ti: Any) -> int:
     if raw is not None and raw.isascii():  # the common "SECONDS[.FRACTION]", without Decimal
         secs, _, frac = raw.partition(".")
         if secs.isdigit() and (frac.isdigit() or not frac) and len(secs) < 12:
-            return int(secs) * 10**9 + int(frac[:9].ljust(9, "0"))
+            return min(_INT64, int(secs) * 10**9 + int(frac[:9].ljust(9, "0")))
     try:
         ns = int(Decimal(raw) * 1_000_000_000) if raw is not None else int(ti.mtime) * 10**9
     except (ArithmeticError, ValueError):  # decimal's Overflow and InvalidOperation included

@@ -124,7 +124,8 @@ async def fetch_tocs(puller: Any, reg: Registry, layers: Sequence[oci.Descriptor
 
     async def one(desc: oci.Descriptor) -> None:
         try:
-            out[desc.digest] = await fetch_toc(reg, puller.ref.path, desc)
+            async with puller.limiter:  # as many at once as layer downloads
+                out[desc.digest] = await fetch_toc(reg, puller.ref.path, desc)
         except SeekableError as exc:
             out[desc.digest] = exc
 

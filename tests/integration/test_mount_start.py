@@ -167,3 +167,31 @@ def test_requests_before_the_mount_is_ready(tmp_path: Path, mounter: Mounter) ->
     # the watcher acted before `strata mount` returned (before ready) in some tries at least,
     # or this test would not test what it says
     assert early > 0, f"the watcher never acted before the mount was ready in {TRIES} tries"
+
+
+def test_a_mount_under_the_usual_open_file_limit(tmp_path: Path) -> None:
+    """``strata mount`` forks its daemon before planning and hands it the plan's descriptors
+    (``imagestore.daemonfork``); under a soft limit of 1024 open files, as most shells set it,
+    that hand-over must still work (it once moved them above 1024: status 70, no log)."""
+    import resource
+
+    require_root()
+    lower, mp = tmp_path / "lower", tmp_path / "mp"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "a").write_text("A")
+    mp.mkdir()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+    strata = [sys.executable, "-m", "cli.main", "--root", str(tmp_path / "store")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        proc = subprocess.run([*strata, "mount", "--lower", str(lower), str(mp)], env=env,
+                              preexec_fn=limited, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert (mp / "etc" / "a").read_text() == "A"
+    finally:
+        subprocess.run([*strata, "umount", str(mp)], env=env, capture_output=True, timeout=60)
+        force_unmount(mp)

@@ -132,6 +132,21 @@ def test_times_parse_as_pax_values() -> None:
     assert seekable.parse_time("") is None
 
 
+def test_times_past_the_int64_range_are_clamped_not_an_error(tmp_path: Path) -> None:
+    """The fast paths of the indexer's time conversion clamp as the slow one does."""
+    raw = _toc({"name": "late", "type": "reg", "modtime": "2300-01-01T00:00:00Z"})
+    idx = parse_toc(raw, seekable.ESTARGZ, 1000).index()
+    assert idx.cols["mtime"][idx.paths.index("late")] == (1 << 63) - 1
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("late")
+        ti.pax_headers = {"mtime": "9999999999.5"}
+        tf.addfile(ti, io.BytesIO(b""))
+    (tmp_path / "t.tar").write_bytes(tar.getvalue())
+    idx = build_index(str(tmp_path / "t.tar"))
+    assert idx.cols["mtime"][idx.paths.index("late")] == (1 << 63) - 1
+
+
 # -- chunk data ----
 
 
@@ -151,6 +166,21 @@ def test_chunk_bytes_verify_their_digest() -> None:
     z = zstandard.ZstdCompressor().compress(data)
     assert seekable.chunk_bytes("zstd", seekable.Chunk(0, len(z), 0, 0, len(data), digest),
                                 z) == data
+
+
+def test_a_zstd_frame_is_read_only_as_far_as_wanted() -> None:
+    """A frame that declares more than the chunk wants (or nothing) is streamed up to what
+    is wanted, never inflated whole; one that declares no more is read in one call."""
+    big = zstandard.ZstdCompressor().compress(bytes(64 << 20))  # declares 64 MiB
+    assert zstandard.frame_content_size(big) == 64 << 20
+    assert seekable.decompress_member("zstd", big, 4096) == bytes(4096)
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compress(b"abc" * 1000)
+    assert zstandard.frame_content_size(streamed) == -1
+    assert seekable.decompress_member("zstd", streamed, 30) == b"abc" * 10
+    sized = zstandard.ZstdCompressor().compress(b"xyz" * 10)
+    assert seekable.decompress_member("zstd", sized + b"trailing", 30) == b"xyz" * 10
+    with pytest.raises(SeekableError, match="does not decompress"):
+        seekable.decompress_member("zstd", b"not a frame at all", 10)
 
 
 # -- eStargz and zstd:chunked framing ----
