@@ -80,6 +80,7 @@ def parse_size(text: str) -> int:
 
 OUT = 1 << 20  # decompressed bytes per step for gzip, bzip2 and xz (their max_length)
 ZSTD_SLICE = 2 << 10  # compressed bytes per zstd call: at most 64 MiB out (RLE blocks)
+GZIP_SLICE = 256 << 10  # compressed bytes per gzip call
 _ERRORS = (zlib.error, fast_zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError,
            ValueError)
 
@@ -161,7 +162,8 @@ class DecompressReader(io.RawIOBase):
                 self._eof = True
                 return b""
         if self._between:  # multi-member gzip/bzip2/xz, multi-frame zstd: a new decoder
-            if self.kind == GZIP and not bytes(self._pending).strip(b"\0"):
+            if self.kind == GZIP and bytes(self._pending[:1]) == b"\0" and \
+                    not bytes(self._pending).strip(b"\0"):
                 self._pending = b""  # zero padding after the last gzip member
                 return b""
             self._dec, self._between = _decoder(self.kind), False
@@ -169,29 +171,38 @@ class DecompressReader(io.RawIOBase):
             out = self._decompress(self._dec)
         except _ERRORS as exc:
             raise InvalidImage(f"corrupt {self.kind} stream: {exc}") from None
-        if self._dec.eof:  # (zlib repeats its unused_data in unconsumed_tail)
-            rest = b"" if self.kind == GZIP else bytes(self._pending)
-            self._pending = self._dec.unused_data + rest
+        if self._dec.eof:  # (gzip and zstd: ``_decompress`` has left the rest in _pending)
+            if self.kind not in (GZIP, ZSTD):
+                self._pending = self._dec.unused_data + bytes(self._pending)
             self._between, self._more = True, False
         return out
 
     def _decompress(self, dec: _Decoder) -> bytes:
-        data = self._pending
+        """One step; the input not used is left in ``_pending`` as a view of the same buffer
+        (an eStargz or zstd:chunked blob ends a member or frame every few KiB: copying the
+        rest of the buffer at each end cost more than decompressing)."""
+        view = memoryview(self._pending)
         if self.kind == ZSTD:  # small slices until OUT bytes came out or the frame ended
-            view, outs, got = memoryview(data), [], 0
-            while view and got < OUT and not dec.eof:
-                outs.append(dec.decompress(view[:ZSTD_SLICE]))
-                view = view[ZSTD_SLICE:]
+            outs, got, pos = [], 0, 0
+            while pos < len(view) and got < OUT and not dec.eof:
+                piece = view[pos:pos + ZSTD_SLICE]
+                outs.append(dec.decompress(piece))
+                pos += len(piece)
                 got += len(outs[-1])
-            self._pending = view
+            if dec.eof:
+                pos -= len(dec.unused_data)
+            self._pending = view[pos:]
             return b"".join(outs)
-        out = dec.decompress(data, OUT)
-        if self.kind == GZIP:
-            self._pending = dec.unconsumed_tail  # type: ignore[attr-defined]
+        if self.kind == GZIP:  # slices, so that a member's end leaves little to copy
+            piece = view[:GZIP_SLICE]
+            out = dec.decompress(piece, OUT)
+            left = dec.unused_data if dec.eof else dec.unconsumed_tail  # type: ignore[attr-defined]
+            self._pending = view[len(piece) - len(left):]
             self._more = len(out) == OUT
-        else:  # bzip2 and xz keep the input they could not use yet
-            self._pending = b""
-            self._more = not dec.needs_input  # type: ignore[attr-defined]
+            return out
+        out = dec.decompress(bytes(view), OUT)  # bzip2 and xz keep what they cannot use yet
+        self._pending = b""
+        self._more = not dec.needs_input  # type: ignore[attr-defined]
         return out
 
     def _take(self, n: int) -> bytes:

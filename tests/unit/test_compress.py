@@ -39,6 +39,28 @@ def test_multi_member_gzip_and_multi_frame_zstd() -> None:
     assert DecompressReader(io.BytesIO(z.compress(b"a") + z.compress(b"b"))).read() == b"ab"
 
 
+def _skippable(payload: bytes) -> bytes:
+    return (0x184D2A50).to_bytes(4, "little") + len(payload).to_bytes(4, "little") + payload
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_thousands_of_members_across_buffer_and_slice_ends(kind: str) -> None:
+    """An eStargz blob is a gzip member a file, a zstd:chunked one a frame a file with
+    skippable frames between: members of every size end anywhere in the 1 MiB input buffers
+    and the decoder's slices, and the stream reads back whole (and a truncated one fails)."""
+    rnd = __import__("random").Random(5)
+    parts = [rnd.randbytes(rnd.choice([0, 1, 100, 5000, 70_000, 300_000])) for _ in range(600)]
+    z = zstandard.ZstdCompressor()
+    packed = b"".join(gzip.compress(p, 1) if kind == "gzip" else
+                      z.compress(p) + (_skippable(b"meta") if i % 7 == 0 else b"")
+                      for i, p in enumerate(parts))
+    if kind == "gzip":
+        packed += b"\0" * 1024  # tar-style zero padding after the last member
+    assert DecompressReader(io.BytesIO(packed)).read() == b"".join(parts)
+    with pytest.raises(InvalidImage, match="truncated|corrupt"):
+        DecompressReader(io.BytesIO(packed[:len(packed) * 2 // 3])).read()
+
+
 def test_truncated_stream_is_an_error() -> None:
     packed = gzip.compress(DATA)
     with pytest.raises(InvalidImage, match="truncated|corrupt"):
