@@ -148,9 +148,10 @@ def groups_for(argv: Sequence[str]) -> Sequence[str]:
 
 
 def _preload_mount(argv: Sequence[str]) -> None:
-    """``strata mount``: fork its daemon now, before anything is parsed or opened, so that it
-    imports what serving takes while this process plans (``imagestore.daemonfork``)."""
-    if command_of(argv) != "mount" or any(
+    """``strata mount`` and ``strata run``: fork the daemon of their mount now, before anything
+    is parsed or opened, so that it imports what serving takes while this process plans
+    (``imagestore.daemonfork``)."""
+    if command_of(argv) not in ("mount", "run") or any(
             a in ("-f", "--foreground", "-h", "--help") for a in argv):
         return
     from imagestore import daemonfork

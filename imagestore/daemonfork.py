@@ -1,14 +1,17 @@
-"""Mount daemons forked from the command's own process (``strata mount``): ``fork_daemon``,
-and ``preload``, which forks the daemon before the command has planned its mount.
+"""Mount daemons forked from the command's own process (``strata mount``, ``strata run``):
+``fork_daemon``, and ``preload``, which forks the daemon before the command has planned its
+mount (``from_preloaded`` hands it the plan).
 
 The CLI sets ``enabled`` for ``strata mount``: its daemon is then a fork of the command's
 process (single-threaded, about to exit), which skips a second interpreter start and the
-imports the command has made.  ``preload`` goes further: it forks as soon as the command is
-known, before the store is opened, so the fork imports pyfuse3, trio and the union (and the
-lazy layer's modules when the store holds lazy layers) on one core while the command plans
-the mount on the other; the plan's argv and descriptors then go to the fork over a socket
-(``SCM_RIGHTS``), at the numbers the argv names.  ``mounting`` decides when to fork; this
-module imports nothing heavy, so that the fork starts early.
+imports the command has made.  ``preload`` goes further (``strata mount``, and ``strata
+run``, whose daemon holds a lifeline and so could not be a late fork of a process that lives
+on): it forks as soon as the command is known, before the store is opened, so the fork
+imports pyfuse3, trio and the union (and the lazy layer's modules when the store holds lazy
+layers) on one core while the command plans the mount on the other; the plan's argv and
+descriptors then go to the fork over a socket (``SCM_RIGHTS``), at the numbers the argv
+names.  ``mounting`` decides when to fork; this module imports nothing heavy, so that the fork
+starts early.
 
 Caveats:
 * A preloaded fork whose command exits without mounting (an error, ``--help``) reads
@@ -138,7 +141,7 @@ def preload(store_root: str) -> None:
         os._exit(status)
 
 
-def _from_preloaded(argv: list[str], keep: list[int], log: str) -> Forked | None:
+def from_preloaded(argv: list[str], keep: list[int], log: str) -> Forked | None:
     """Hand the daemon's argv and descriptors to ``preload``'s fork (None: there is none, or
     it is gone; ``fork_daemon`` forks instead)."""
     global _preloaded
@@ -166,7 +169,7 @@ def fork_daemon(argv: list[str], keep: list[int], log: str) -> Forked:
     own, logging to ``log``, with only ``keep`` of our descriptors, its signals at their
     defaults; it runs ``unionfs.mount.main`` and exits without this process's teardown.  The
     fork ``preload`` made, if any, is used."""
-    preloaded = _from_preloaded(argv, keep, log)
+    preloaded = from_preloaded(argv, keep, log)
     if preloaded is not None:
         return preloaded
     sys.stdout.flush()

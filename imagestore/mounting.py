@@ -200,9 +200,15 @@ class _Daemon:
             spec_fd = self.p.spec_fd(**child)
             child["spec"] = spec_fd
             passed = [*child.values(), *([self.p.lock] if self.p.lock is not None else [])]
+            argv = self.p.command(spec_fd)[-2:]
+            # the daemon forked when the command began (strata mount, strata run), if any; a
+            # fork of this process now only where nothing of it is to outlive it (no lifeline:
+            # the fork would hold the lifeline's write end)
+            self.proc = daemonfork.from_preloaded(argv, passed, self.p.log)
+            if self.proc is not None:
+                return
             if daemonfork.enabled and not self.lifeline and threading.active_count() == 1:
-                self.proc = daemonfork.fork_daemon(self.p.command(spec_fd)[-2:], passed,
-                                                   self.p.log)
+                self.proc = daemonfork.fork_daemon(argv, passed, self.p.log)
                 return
             with open(self.p.log, "ab") as log:
                 self.proc = subprocess.Popen(
