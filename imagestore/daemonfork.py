@@ -32,6 +32,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 enabled = False  # the CLI sets it: its daemons are forks of it (start-up time)
 
@@ -73,12 +75,12 @@ _preloaded: tuple[int, socket.socket] | None = None  # (pid, our end) of ``prelo
 
 def preload(store_root: str) -> None:
     """Fork the daemon of the mount this command is about to make now, before it plans it
-    (``strata mount``): the fork imports the FUSE and union modules (the lazy layer's and the
-    network client's too when the store holds lazy layers) while this process plans, on the
-    other core, then waits for ``fork_daemon`` to send it its argv and descriptors.  If this
-    process exits first, the fork reads end-of-file and exits.  The fork holds none of this
-    process's standard streams (a caller waiting for their end is not held up by it).  Call it
-    while this process is single-threaded, as ``enabled`` requires."""
+    (``strata mount``, ``strata run``): the fork imports the FUSE and union modules (the lazy
+    layer's and the network client's too when the store holds lazy layers) while this process
+    plans, on the other core, then waits for ``from_preloaded`` to send it its argv and
+    descriptors.  If this process exits first, the fork reads end-of-file and exits.  The fork
+    holds none of this process's standard streams (a caller waiting for their end is not held
+    up by it).  Call it while this process is single-threaded."""
     global _preloaded
     if _preloaded is not None or threading.active_count() != 1:
         return
@@ -90,55 +92,45 @@ def preload(store_root: str) -> None:
         theirs.close()
         _preloaded = (pid, ours)
         return
-    status = 70
+    ours.close()
+    _as_child(lambda: _preloaded_daemon(theirs, store_root))
+
+
+def _preloaded_daemon(sock: socket.socket, store_root: str) -> int:
+    """``preload``'s fork: import, wait for the request, take its descriptors, serve."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    from unionfs import mount
+
+    mount.preload()
     lazy = False
-    try:
-        ours.close()
-        os.setsid()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        from unionfs import mount
-
-        mount.preload()
-
-        with contextlib.suppress(OSError):
-            lazy = bool(os.listdir(os.path.join(store_root, "lazy", "sha256")))
-        if lazy:
-            import imagestore.lazylayer  # noqa: F401
-            import imagestore.registry.rangefetch  # noqa: F401
-        msg, fds, _, _ = socket.recv_fds(theirs, 1 << 16, 64)
-        if not msg:
-            status = 0
-            return
-        request = json.loads(msg)
-        keep = [int(fd) for fd in request["keep"]]
-        out = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(out, 1)  # from here on, what goes wrong is in the mount's log
-        os.dup2(out, 2)
-        os.close(out)
-        # out of the way of the numbers the argv names (above all of them: still within the
-        # open-file limit, which the command that chose them shares), then onto them
-        above = max([*keep, *fds, theirs.fileno()]) + 1
-        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in fds]
-        for fd in fds:
-            os.close(fd)
-        theirs.close()
-        for src, dst in zip(moved, keep, strict=True):
-            os.dup2(src, dst, inheritable=False)
-            os.close(src)
-        status = _serve_as_daemon(request["argv"], keep, request["log"])
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.flush()
-    finally:
-        os._exit(status)
+    with contextlib.suppress(OSError):
+        lazy = bool(os.listdir(os.path.join(store_root, "lazy", "sha256")))
+    if lazy:
+        import imagestore.lazylayer  # noqa: F401
+        import imagestore.registry.rangefetch  # noqa: F401
+    msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 64)
+    if not msg:
+        return 0  # the command ended without a mount
+    request = json.loads(msg)
+    keep = [int(fd) for fd in request["keep"]]
+    out = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(out, 1)  # from here on, what goes wrong is in the mount's log
+    os.dup2(out, 2)
+    os.close(out)
+    # out of the way of the numbers the argv names (above all of them: still within the
+    # open-file limit, which the command that chose them shares), then onto them
+    above = max([*keep, *fds, sock.fileno()]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    sock.close()
+    for src, dst in zip(moved, keep, strict=True):
+        os.dup2(src, dst, inheritable=False)
+        os.close(src)
+    return _serve_as_daemon(request["argv"], keep, request["log"])
 
 
 def from_preloaded(argv: list[str], keep: list[int], log: str) -> Forked | None:
@@ -167,22 +159,24 @@ def fork_daemon(argv: list[str], keep: list[int], log: str) -> Forked:
     """The daemon as a fork of this process (``python -m unionfs.mount`` ``argv`` without the
     interpreter's start and the imports this process has made already): in a session of its
     own, logging to ``log``, with only ``keep`` of our descriptors, its signals at their
-    defaults; it runs ``unionfs.mount.main`` and exits without this process's teardown.  The
-    fork ``preload`` made, if any, is used."""
-    preloaded = from_preloaded(argv, keep, log)
-    if preloaded is not None:
-        return preloaded
+    defaults; it runs ``unionfs.mount.main`` and exits without this process's teardown."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
         return Forked(pid)
+    _as_child(lambda: _serve_as_daemon(argv, keep, log))
+
+
+def _as_child(body: Callable[[], int]) -> NoReturn:
+    """In a fork: a session of its own, default signals, then ``body``; exit with its status
+    (70 and the traceback on stderr if it raised), without this process's teardown."""
     status = 70
     try:
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        status = _serve_as_daemon(argv, keep, log)
+        status = body()
     except BaseException:
         with contextlib.suppress(BaseException):
             import traceback
