@@ -13,8 +13,8 @@ match their digest make that read fail with EIO; what a read fetches is stored o
 
 ``complete`` fetches every byte still missing (the files before an eStargz prefetch landmark
 first) and stores it unchecked (``RAW``: a read checks each chunk when it first decompresses
-it, fetching wrong ones again), checks the whole blob against its digest (fetching again once
-what was not checked if that fails) and marks the state complete.  The mount daemon does that
+it, fetching wrong ones again), checks the whole blob against its digest (fetching it all
+again once if that fails, then giving up) and marks the state complete.  The mount daemon does that
 in a background thread for the layers of its spec (``"complete": true``,
 ``LayerStore.for_mount``), then decompresses the blob once into a tar and serves the rest of
 the mount from it (``lazyunpack``); it never touches the store's locks, so the promotion to an
@@ -23,9 +23,10 @@ ordinary layer happens in the next command that holds the ingesting hold
 with lazy layers.
 
 Threading: ``blocking = True`` tells the FUSE adapter to call ``read``/``copy_data`` from worker
-threads, unless ``read_would_block`` says the bytes are here (cached, in the tar, or in a small
-stored chunk); every method is thread-safe.  ``open_layer`` is the ``strata.layers`` entry point
-for layer descriptions ``{"kind": "lazy", "root": STORE, "digest": BLOB, "complete": bool}``.
+threads, unless ``read_would_block`` says the bytes are here and checked (cached, in the tar,
+or in a small checked chunk); every method is thread-safe.  ``open_layer`` is the
+``strata.layers`` entry point for layer descriptions ``{"kind": "lazy", "root": STORE,
+"digest": BLOB, "complete": bool}``.
 
 Caveats:
 * Decompressed chunks are cached in memory (``CACHE_BYTES``) so sequential reads of a large file
