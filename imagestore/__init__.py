@@ -80,13 +80,20 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
+def lazy_attribute(package: str, where: dict[str, str], namespace: dict[str, Any],
+                   name: str) -> Any:
+    """A package's PEP 562 ``__getattr__``: ``name`` from the submodule ``where`` names for it,
+    imported on first use and kept in the package's ``namespace``."""
+    module = where.get(name)
     if module is None:
-        raise AttributeError(f"module 'imagestore' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", package), name)
+    namespace[name] = value
     return value
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attribute(__name__, _WHERE, globals(), name)
 
 
 def __dir__() -> list[str]:

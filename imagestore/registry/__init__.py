@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from .. import lazy_attribute
 from . import credentials
 from .client import Registry, RetryPolicy, Transport, open_transport
 from .config import RegistriesConfig, load_config
@@ -28,14 +29,7 @@ _LAZY = {"pull": "pulling", "PullResult": "pulling", "push": "pushing", "PushRes
 def __getattr__(name: str) -> Any:
     """``pull`` and ``push`` (and their results) on first use: a lazy layer's range reads need
     the client alone (``rangefetch``), not the whole pull and push (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    return lazy_attribute(__name__, _LAZY, globals(), name)
 
 __all__ = ["AuthError", "Credentials", "NotFound", "PullResult",
            "PushResult", "RegistriesConfig", "Registry", "RegistryError", "RetryPolicy",
