@@ -39,6 +39,11 @@ class InvalidImage(StoreError):
     diff_ids, unknown media type, missing blob, unsafe path)."""
 
 
+class SeekableError(InvalidImage):
+    """A TOC or chunk of a seekable layer that is malformed, inconsistent or does not match
+    its digest (``seekable``)."""
+
+
 class InvalidLayer(InvalidImage):
     """A layer tar that cannot be indexed safely (see ``unionfs.tarlayer.LayerError``)."""
 

@@ -7,8 +7,9 @@ says ``%016xSTARGZ`` with the TOC's offset) ends the blob.  The layer descriptor
 TOC's digest in ``containerd.io/snapshot/stargz/toc.digest``; that is what makes the TOC, and
 through its chunk digests every file, verifiable before the whole blob is there.
 
-``toc_offset`` reads the footer, ``read_toc`` checks and parses the TOC member.  The writer
-(``EstargzWriter``) is in ``estargz_write``.
+``toc_offset`` reads the footer, ``check_toc`` checks the TOC member (a lazy pull stores what
+it returns) and ``toc_from`` parses it (where the layer is first used); ``read_toc`` does
+both.  The writer (``EstargzWriter``) is in ``estargz_write``.
 
 Caveats:
 * The legacy stargz footer (47 bytes, no Extra subfield header) and external TOCs are not read:
@@ -61,9 +62,10 @@ def toc_offset(tail: bytes, blob_size: int) -> int:
     return offset
 
 
-def read_toc(member: bytes, digest: str, offset: int) -> tuple[bytes, Toc]:
-    """Check the TOC member (the blob's bytes from ``offset`` to the footer) against ``digest``
-    (the layer's TOC annotation) and parse it.  Returns the TOC JSON and the parsed TOC."""
+def check_toc(member: bytes, digest: str) -> tuple[bytes, bytes]:
+    """Check the TOC member (the blob's bytes from the TOC's offset to the footer) against
+    ``digest`` (the layer's TOC annotation).  Returns the TOC JSON and the tar header before
+    it (the TOC's own tar entry, which ``toc_from`` lists as a file)."""
     tar = decompress_member(GZIP, member, MAX_TOC + 64 * 512)
     try:
         members = scan(io.BytesIO(tar))
@@ -79,10 +81,26 @@ def read_toc(member: bytes, digest: str, offset: int) -> tuple[bytes, Toc]:
     if got != digest:
         raise SeekableError(f"eStargz TOC digest mismatch: the layer says {digest}, the TOC "
                             f"hashes to {got}")
+    return raw, tar[:m.offset_data]
+
+
+def toc_from(raw: bytes, head: bytes, offset: int, digest: str) -> Toc:
+    """The TOC JSON ``raw`` (checked by ``check_toc``, with its tar header ``head``; at
+    ``offset`` in the blob, whose TOC annotation is ``digest``) parsed."""
     toc = parse_toc(raw, ESTARGZ, offset)
+    try:
+        m = next(scan(io.BytesIO(head + raw)))
+    except (BadHeader, Fallback, StopIteration) as exc:
+        raise SeekableError(f"eStargz TOC member is not a tar entry ({exc})") from None
     # the TOC is a tar entry too: a full pull shows it, so the lazy layer does (from the TOC)
     m.offset_data = toc.toc_file = len(toc.files)
     toc.files.append([])
     toc.digests.append(digest)
     toc.members.append(m)
-    return raw, toc
+    return toc
+
+
+def read_toc(member: bytes, digest: str, offset: int) -> tuple[bytes, Toc]:
+    """``check_toc``, then ``toc_from``: the TOC JSON and the parsed TOC."""
+    raw, head = check_toc(member, digest)
+    return raw, toc_from(raw, head, offset, digest)

@@ -39,7 +39,7 @@ from unionfs.tarlayer import LayerError, LayerIndex, build_index
 from .cas import BlobStore, BlobWriter
 from .compress import NONE, Compressor, DecompressReader
 from .digest import Digest, Hasher, sha256_hex
-from .errors import DigestMismatch, ImageNotFound, InvalidLayer
+from .errors import DigestMismatch, ImageNotFound, InvalidLayer, SeekableError, StoreError
 from .fsutil import disk_full_guard, fsync_dir
 from .lazystate import LazyStore
 
@@ -113,9 +113,24 @@ class LayerStore:
     def describe(self, diff_id: Digest) -> dict[str, Any]:
         """The stored layer as a layer description (``unionfs.layerkinds``): what a mount spec
         lists and ``open`` opens.  A layer pulled lazily and not yet complete is described as
-        ``{"kind": "lazy", ...}`` (``lazystate.LazyStore.describe``)."""
-        if not self.has(diff_id) and (lazy := self.lazy.describe(diff_id)) is not None:
-            return lazy
+        ``{"kind": "lazy", ...}`` (``lazystate.LazyStore.describe``); one whose table of
+        contents cannot serve is fetched whole first (``lazypull.fetch_whole``)."""
+        if not self.has(diff_id):
+            try:
+                lazy = self.lazy.describe(diff_id)
+            except SeekableError as exc:
+                from .registry.lazypull import fetch_whole
+
+                digest = self.lazy.for_diff_id(diff_id)
+                assert digest is not None
+                try:
+                    fetch_whole(self, digest, exc)
+                except OSError as err:
+                    raise StoreError(f"layer {diff_id}: cannot download it whole: "
+                                     f"{err.strerror or err}") from None
+                lazy = None
+            if lazy is not None:
+                return lazy
         d = self.path(diff_id)
         return {"kind": "tar", "tar": os.path.join(d, "layer.tar"),
                 "index": os.path.join(d, "index"), "name": diff_id}

@@ -99,16 +99,13 @@ class LazyLayer(TarLayer):
 
     def __init__(self, root: str, digest: str, fetcher: Fetcher | None = None) -> None:
         lazy = LazyStore(root)
-        self.info: LazyInfo = lazy.info(digest)
+        self.info: LazyInfo = lazy.ready(digest)
         self.blob: LazyBlob = lazy.open(digest)
         try:
             super().__init__(self.blob.blob_path, self.blob.index_path, name=self.info.diff_id)
             with open(os.path.join(self.blob.dir, "files"), "rb") as f:
                 self.files = load_files(f.read())
-            import json
-
-            with open(os.path.join(self.blob.dir, "meta.json"), "rb") as f:
-                self.toc_file = int(json.loads(f.read()).get("toc_file", -1))
+            self.toc_file = self.info.toc_file
             self.toc_raw = b""
             if self.toc_file >= 0:
                 with open(os.path.join(self.blob.dir, "toc"), "rb") as f:
@@ -389,7 +386,7 @@ class LazyLayer(TarLayer):
                 gaps[-1] = (gaps[-1][0], e)
             else:
                 gaps.append((s, e))
-        prefetch = _prefetch_end(self)
+        prefetch = self.info.prefetch_end
         gaps.sort(key=lambda g: (g[0] >= prefetch, g[0]))
         windows = [w for s, e in gaps for w in self._windows(s, e)]
         with self._flight_lock:
@@ -539,17 +536,6 @@ def complete_delay() -> float:
                               or COMPLETE_DELAY))
     except ValueError:
         return COMPLETE_DELAY
-
-
-def _prefetch_end(layer: LazyLayer) -> int:
-    """Where the prioritised files of an eStargz layer end (0: none)."""
-    import json
-
-    try:
-        with open(os.path.join(layer.blob.dir, "meta.json"), "rb") as f:
-            return int(json.loads(f.read()).get("prefetch_end", 0))
-    except (OSError, ValueError):
-        return 0
 
 
 def _write_all(fd: int, data: bytes) -> None:

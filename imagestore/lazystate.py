@@ -2,8 +2,9 @@
 
 A layer pulled with ``--lazy`` is kept, until it is complete, as::
 
-    meta.json   the layer descriptor, diff_id, format, TOC digest, where to fetch it from
-    toc         the TOC JSON as verified at pull time
+    meta.json   the layer descriptor, diff_id, format, where to fetch it from; once built,
+                the entry count and content size
+    toc         the TOC JSON as verified at pull time (``toc.head``: eStargz's tar header)
     index       the entry index built from the TOC (unionfs.layerindex format)
     files       the chunk table: per regular file, where its chunks lie (seekable.dump_files)
     blob        a sparse file the size of the compressed blob; fetched bytes at their offsets
@@ -22,6 +23,11 @@ checks each chunk of them when it first decompresses it, and the complete blob i
 whole.
 
 The directory is assembled in ``tmp/`` and renamed into place, so a visible state is whole.
+A pull stores the TOC checked but not parsed: ``ready`` — called where the layer is first used,
+most often by the planning process of its first mount, which otherwise waits for its daemon's
+imports — parses it and writes ``index`` and ``files``, then ``meta.json`` saying so.  A TOC
+that the parser or the tar indexer's rules refuse is found there too (``SeekableError``): the
+layer is then fetched whole (``lazypull.fetch_whole``).
 
 Caveats:
 * Several processes may fetch into the same state (a mount and a pull): writes of the same
@@ -56,7 +62,6 @@ from .fsutil import disk_full_guard, fsync_dir
 
 if TYPE_CHECKING:
     from .layerstore import LayerStore
-    from .seekable import Toc
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +76,33 @@ class LazyInfo:
     size: int  # the blob's
     media_type: str
     format: str
-    content: int  # bytes of file data (as LayerInfo.content)
-    entries: int
+    content: int  # bytes of file data (as LayerInfo.content); the TOC's count until built
+    entries: int  # -1 until built (``LazyStore.ready``)
     source: dict[str, str]  # domain, api_host, path: where the blob is fetched from
     annotations: dict[str, str]
+    toc_file: int = -1  # the file number of the TOC's own tar entry (eStargz), served locally
+    prefetch_end: int = 0  # files whose data starts before this are fetched first
+
+    @property
+    def built(self) -> bool:
+        return self.entries >= 0
 
     @property
     def descriptor(self) -> oci.Descriptor:
         return oci.Descriptor(self.media_type, self.digest, self.size,
                               annotations=self.annotations)
+
+
+@dataclass(frozen=True)
+class CheckedToc:
+    """A TOC as ``pull --lazy`` stores it: checked against the layer's annotation, not parsed
+    (``estargz.check_toc``, ``zstdchunked.check_toc``)."""
+
+    format: str
+    raw: bytes  # the TOC JSON
+    offset: int  # where the TOC region starts in the blob (what ``parse_toc`` takes)
+    head: bytes = b""  # eStargz: the tar header of the TOC's own entry
+    content: int = 0  # the file data it lists (``seekable.content_size``), for the record
 
 
 class Ranges:
@@ -152,8 +175,49 @@ class LazyStore:
         except ValueError as exc:
             raise InvalidLayer(f"lazy layer {digest}: bad meta.json ({exc})") from None
         return LazyInfo(Digest(d["digest"]), Digest(d["diff_id"]), int(d["size"]),
-                        str(d["media_type"]), str(d["format"]), int(d["content"]),
-                        int(d["entries"]), dict(d["source"]), dict(d.get("annotations", {})))
+                        str(d["media_type"]), str(d["format"]), int(d.get("content", 0)),
+                        int(d.get("entries", -1)), dict(d["source"]),
+                        dict(d.get("annotations", {})), int(d.get("toc_file", -1)),
+                        int(d.get("prefetch_end", 0)))
+
+    def ready(self, digest: str) -> LazyInfo:
+        """The layer's info once its index and chunk table are built (built now from the
+        stored TOC if they are not yet; raises SeekableError for a TOC that cannot serve).
+        Several processes may build at once: each writes the same files, renamed into place,
+        ``meta.json`` last."""
+        info = self.info(digest)
+        if info.built:
+            return info
+        from .seekable import ESTARGZ, dump_files, parse_toc
+
+        path = self.path(digest)
+        with open(os.path.join(path, "meta.json"), "rb") as f:
+            meta = json.loads(f.read())
+        with open(os.path.join(path, "toc"), "rb") as f:
+            raw = f.read()
+        if info.format == ESTARGZ:
+            from .estargz import TOC_ANNOTATION, toc_from
+
+            with open(os.path.join(path, "toc.head"), "rb") as f:
+                toc = toc_from(raw, f.read(), int(meta["toc_offset"]),
+                               info.annotations[TOC_ANNOTATION])
+        else:
+            toc = parse_toc(raw, info.format, int(meta["toc_offset"]))
+        index = toc.index()
+        meta.update(content=index.content_size(), entries=len(index), toc_file=toc.toc_file,
+                    prefetch_end=toc.prefetch_end)
+        tag = f".{os.getpid()}.{threading.get_ident()}"
+        with disk_full_guard("a lazy layer"):
+            index.dump(os.path.join(path, "index" + tag), sync=False)
+            _write(os.path.join(path, "files" + tag), dump_files(toc.files), sync=False)
+            _write(os.path.join(path, "meta.json" + tag), json.dumps(meta, indent=1).encode(),
+                   sync=False)
+            for name in ("index", "files", "meta.json"):  # synced together, then renamed:
+                _fsync(os.path.join(path, name + tag))  # one journal commit
+            for name in ("index", "files", "meta.json"):
+                os.rename(os.path.join(path, name + tag), os.path.join(path, name))
+            fsync_dir(path)
+        return self.info(digest)
 
     def _link(self, diff_id: str) -> str:
         return os.path.join(self.by_diff_id, sha256_hex(Digest(diff_id)))
@@ -169,10 +233,12 @@ class LazyStore:
 
     def describe(self, diff_id: str) -> dict[str, Any] | None:
         """The lazy layer of ``diff_id`` as a layer description (``unionfs.layerkinds``,
-        opened by ``lazylayer.open_layer``), or None."""
+        opened by ``lazylayer.open_layer``), or None; built first (``ready``: SeekableError
+        for a TOC that cannot serve)."""
         digest = self.for_diff_id(diff_id)
         if digest is None:
             return None
+        self.ready(digest)
         return {"kind": "lazy", "opener": "imagestore.lazylayer:open_layer", "root": self.root,
                 "digest": digest, "name": diff_id}
 
@@ -186,30 +252,25 @@ class LazyStore:
     def is_complete(self, digest: str) -> bool:
         return os.path.exists(os.path.join(self.path(digest), "complete"))
 
-    def create(self, desc: oci.Descriptor, diff_id: Digest, toc_raw: bytes, toc: Toc,
+    def create(self, desc: oci.Descriptor, diff_id: Digest, toc: CheckedToc,
                source: dict[str, str], extra: Sequence[tuple[int, bytes]] = ()) -> LazyInfo:
-        """Record a lazily pulled layer (idempotent).  ``extra``: bytes of the blob already
-        fetched (the TOC region), logged as RAW."""
+        """Record a lazily pulled layer by its checked TOC (idempotent; parsed by ``ready``).
+        ``extra``: bytes of the blob already fetched (the TOC region), logged as RAW."""
         if self.has(desc.digest):
             return self.info(desc.digest)
-        from .seekable import dump_files
-
-        index = toc.index()
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.by_diff_id, exist_ok=True)
         work = tempfile.mkdtemp(dir=self.tmp_dir, prefix="lazy-")
         try:
             with disk_full_guard("a lazy layer"):
                 # written unsynced, then synced together: one journal commit, not one a file
-                index.dump(os.path.join(work, "index"), sync=False)
                 meta = {"digest": desc.digest, "diff_id": diff_id, "size": desc.size,
                         "media_type": desc.media_type, "format": toc.format,
-                        "content": index.content_size(), "entries": len(index),
                         "source": source, "annotations": dict(desc.annotations or {}),
-                        "toc_file": toc.toc_file, "prefetch_end": toc.prefetch_end}
-                if toc.toc_file >= 0:  # served as the TOC's own file (eStargz)
-                    _write(os.path.join(work, "toc"), toc_raw, sync=False)
-                _write(os.path.join(work, "files"), dump_files(toc.files), sync=False)
+                        "toc_offset": toc.offset, "content": toc.content}
+                _write(os.path.join(work, "toc"), toc.raw, sync=False)
+                if toc.head:
+                    _write(os.path.join(work, "toc.head"), toc.head, sync=False)
                 with open(os.path.join(work, "blob"), "wb") as f:
                     f.truncate(desc.size)
                 _write(os.path.join(work, "ranges"), b"", sync=False)
@@ -217,11 +278,7 @@ class LazyStore:
                        sync=False)
                 os.chmod(work, 0o755)
                 for name in sorted(os.listdir(work)):
-                    fd = os.open(os.path.join(work, name), os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    _fsync(os.path.join(work, name))
                 blob = LazyBlob(work, desc.size)
                 try:
                     blob.store([(off, data) for off, data in extra], RAW)
@@ -262,6 +319,14 @@ class LazyStore:
     def open(self, digest: str) -> LazyBlob:
         info = self.info(digest)
         return LazyBlob(self.path(digest), info.size)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write(path: str, data: bytes, sync: bool = True) -> None:
@@ -378,6 +443,9 @@ def promote(layers: LayerStore, digest: str) -> None:
     except (DigestMismatch, InvalidImage):
         lazy.delete(digest)
         raise
+    if not info.built:  # never served (a TOC that could not serve, fetched whole)
+        lazy.delete(digest)
+        return
     try:
         served = LayerIndex.load(os.path.join(lazy.path(digest), "index"))
         stored = LayerIndex.load(os.path.join(layers.path(info.diff_id), "index"))
@@ -440,7 +508,7 @@ def check(store_dir: LazyStore, digest: str) -> list[str]:
 
     what = f"lazy layer {digest}"
     try:
-        info = store_dir.info(digest)
+        info = store_dir.ready(digest)
         path = store_dir.path(digest)
         IndexFile(os.path.join(path, "index")).close()
         with open(os.path.join(path, "files"), "rb") as f:

@@ -50,7 +50,7 @@ from unionfs.tarscan import Member
 
 from . import oci
 from .compress import fast_zlib
-from .errors import InvalidImage
+from .errors import SeekableError as SeekableError
 
 ESTARGZ = "estargz"
 ZSTD_CHUNKED = "zstd:chunked"
@@ -65,10 +65,6 @@ _TYPES = {"reg": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "block":
 _TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?"
                    r"(Z|z|[+-]\d\d:\d\d)$")
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}$")
-
-
-class SeekableError(InvalidImage):
-    """A TOC or chunk that is malformed, inconsistent or does not match its digest."""
 
 
 class Chunk(NamedTuple):
@@ -235,6 +231,18 @@ def _member(e: dict[str, Any], typeflag: bytes, file_no: int) -> Member:
     return Member(name, typeflag, mode, uid, gid, size,
                   float(mtime.partition(".")[0]) if mtime else 0.0, link, major, minor,
                   file_no, pax)
+
+
+def content_size(raw: bytes) -> int:
+    """The bytes of regular-file data a TOC JSON lists (what its layer's index will count,
+    short of hardlinked or repeated names), without parsing it: for the image record of a
+    lazy pull, before ``parse_toc`` runs where the layer is first used.  0 when malformed."""
+    try:
+        entries = json.loads(raw).get("entries")
+        return sum(s for e in entries if type(e) is dict and e.get("type") == "reg"
+                   and type(s := e.get("size", 0)) is int and s > 0)
+    except (ValueError, RecursionError, AttributeError, TypeError):
+        return 0
 
 
 def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:

@@ -55,9 +55,10 @@ def toc_checksum(ann: Mapping[str, str]) -> str:
     return _get(ann, CHECKSUM) or ""
 
 
-def read_toc(compressed: bytes, ann: Mapping[str, str], blob_size: int) -> tuple[bytes, Toc]:
+def check_toc(compressed: bytes, ann: Mapping[str, str], blob_size: int) -> tuple[bytes, int]:
     """Check the compressed TOC (the blob's bytes at the announced position) against the
-    checksum annotation, decompress and parse it.  Returns the TOC JSON and the parsed TOC."""
+    checksum annotation and decompress it.  Returns the TOC JSON and the offset ``parse_toc``
+    takes (where the TOC region starts)."""
     where = toc_position(ann)
     if where is None:
         raise SeekableError("zstd:chunked layer without a TOC position annotation")
@@ -71,4 +72,10 @@ def read_toc(compressed: bytes, ann: Mapping[str, str], blob_size: int) -> tuple
     raw = decompress_member(ZSTD, compressed, ulength + 1)
     if len(raw) != ulength:
         raise SeekableError(f"zstd:chunked TOC is {len(raw)} bytes, the layer says {ulength}")
-    return raw, parse_toc(raw, ZSTD_CHUNKED, offset - 8)
+    return raw, offset - 8
+
+
+def read_toc(compressed: bytes, ann: Mapping[str, str], blob_size: int) -> tuple[bytes, Toc]:
+    """``check_toc``, then ``parse_toc``: the TOC JSON and the parsed TOC."""
+    raw, offset = check_toc(compressed, ann, blob_size)
+    return raw, parse_toc(raw, ZSTD_CHUNKED, offset)

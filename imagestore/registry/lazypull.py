@@ -25,14 +25,15 @@ from typing import TYPE_CHECKING, Any
 from .. import estargz, oci, zstdchunked
 from ..digest import Digest
 from ..errors import DigestMismatch, StoreError
-from ..lazystate import LazyInfo, LazyStore, promote
+from ..lazystate import RAW, CheckedToc, LazyInfo, LazyStore, promote
 from ..progress import ProgressEvent, short
-from ..seekable import ESTARGZ, SeekableError, Toc, detect
+from ..seekable import ESTARGZ, SeekableError, content_size, detect
 from .client import Registry
 from .rangefetch import Source, get_range
 
 if TYPE_CHECKING:
     from ..api import Store
+    from ..layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,10 @@ TAIL_MAX = 4 << 20  # is enough), at most this much
 
 
 async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
-                    ) -> tuple[bytes, Toc, list[tuple[int, bytes]]]:
-    """The verified TOC of a seekable layer, and the blob bytes fetched for it (offset, bytes):
-    the TOC region, kept so completion need not fetch it again."""
+                    ) -> tuple[CheckedToc, list[tuple[int, bytes]]]:
+    """The TOC of a seekable layer, checked against the layer's annotation (not parsed: that
+    waits for the layer's first use, ``LazyStore.ready``), and the blob bytes fetched for it
+    (offset, bytes): the TOC region, kept so completion need not fetch it again."""
     fmt = detect(desc)
     size = desc.size
     ann = desc.annotations or {}
@@ -56,9 +58,9 @@ async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
             tail = await get_range(reg, path, desc.digest, off, size - n) + tail
             n = size - off
         region = tail[len(tail) - (size - off):]
-        raw, toc = estargz.read_toc(region[:-estargz.FOOTER_SIZE], ann[estargz.TOC_ANNOTATION],
-                                    off)
-        return raw, toc, [(off, region)]
+        raw, head = estargz.check_toc(region[:-estargz.FOOTER_SIZE],
+                                      ann[estargz.TOC_ANNOTATION])
+        return CheckedToc(fmt, raw, off, head, content_size(raw)), [(off, region)]
     if fmt is None:
         raise SeekableError(f"layer {desc.digest} is in no seekable format")
     where = zstdchunked.toc_position(ann)
@@ -67,13 +69,13 @@ async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
     if not 8 <= offset <= size - length:
         raise SeekableError("zstd:chunked TOC position lies outside the blob")
     region = await get_range(reg, path, desc.digest, offset - 8, size)
-    raw, toc = zstdchunked.read_toc(region[8:8 + length], ann, size)
-    return raw, toc, [(offset - 8, region)]
+    raw, start = zstdchunked.check_toc(region[8:8 + length], ann, size)
+    return CheckedToc(fmt, raw, start, content=content_size(raw)), [(offset - 8, region)]
 
 
-def create_state(store_root: str, desc: oci.Descriptor, diff_id: Digest, raw: bytes, toc: Toc,
+def create_state(store_root: str, desc: oci.Descriptor, diff_id: Digest, toc: CheckedToc,
                  extra: list[tuple[int, bytes]], source: Source) -> LazyInfo:
-    return LazyStore(store_root).create(desc, diff_id, raw, toc, source.to_json(), extra)
+    return LazyStore(store_root).create(desc, diff_id, toc, source.to_json(), extra)
 
 
 def complete_and_promote(store: Store, digest: str) -> None:
@@ -87,7 +89,11 @@ def complete_and_promote(store: Store, digest: str) -> None:
     if not lazy.is_complete(digest):
         from ..lazylayer import LazyLayer
 
-        layer = LazyLayer(store.root, digest)
+        try:
+            layer = LazyLayer(store.root, digest)
+        except SeekableError as exc:
+            fetch_whole(store.layers, digest, exc)
+            return
         try:
             done = layer.complete()
         except DigestMismatch:
@@ -111,7 +117,7 @@ def complete_or_fail(store: Any, digest: str) -> None:
                          f"{exc.strerror or exc}") from None
 
 
-FetchedToc = tuple[bytes, Toc, list[tuple[int, bytes]]] | SeekableError
+FetchedToc = tuple[CheckedToc, list[tuple[int, bytes]]] | SeekableError
 
 
 async def fetch_tocs(puller: Any, reg: Registry, layers: Sequence[oci.Descriptor],
@@ -160,9 +166,9 @@ async def take_seekable(puller: Any, tocs: dict[Digest, FetchedToc],
         try:
             if isinstance(fetched, SeekableError):
                 raise fetched
-            raw, toc, extra = fetched
-            await trio.to_thread.run_sync(create_state, store.root, desc, diff_id, raw, toc,
-                                          extra, source)
+            toc, extra = fetched
+            await trio.to_thread.run_sync(create_state, store.root, desc, diff_id, toc, extra,
+                                          source)
         except SeekableError as exc:
             log.warning("layer %s: %s; pulling it whole", sid, exc)
             puller.emit(ProgressEvent("pull", sid,
@@ -193,3 +199,36 @@ async def completed(puller: Any, desc: oci.Descriptor) -> bool:
     puller.downloaded += 1
     puller.emit(ProgressEvent("pull", sid, "Pull complete"))
     return True
+
+
+WHOLE_WINDOW = 8 << 20  # bytes a request while fetching a layer whole
+
+
+def fetch_whole(layers: LayerStore, digest: str, why: Exception) -> None:
+    """A lazy layer whose TOC cannot serve (``LazyStore.ready`` refused it where the layer was
+    first used): fetch the rest of its blob, check it against its digest and promote it to an
+    ordinary layer (``promote``: diff_id, the tar indexer's rules), with a note.  Raises
+    DigestMismatch (the state is dropped) or OSError (EIO: the bytes cannot be had)."""
+    from ..state import StateFile
+    from .rangefetch import shared
+
+    log.warning("layer %s: unusable table of contents (%s); downloading the whole layer",
+                short(digest), why)
+    lazy = layers.lazy
+    with StateFile(lazy.root).ingesting():
+        if not lazy.has(digest):
+            return  # promoted meanwhile, by another command
+        info = lazy.info(digest)
+        blob = lazy.open(digest)
+        try:
+            for start, end in blob.missing():
+                for pos in range(start, end, WHOLE_WINDOW):
+                    stop = min(end, pos + WHOLE_WINDOW)
+                    blob.store([(pos, shared().fetch(info.source, digest, pos, stop))], RAW)
+            if not blob.mark_complete(digest):
+                lazy.delete(digest)
+                raise DigestMismatch(f"layer {digest}: the downloaded blob does not match its "
+                                     "digest")
+        finally:
+            blob.close()
+        promote(layers, digest)
