@@ -7,11 +7,11 @@ process (single-threaded, about to exit), which skips a second interpreter start
 imports the command has made.  ``preload`` goes further (``strata mount``, and ``strata
 run``, whose daemon holds a lifeline and so could not be a late fork of a process that lives
 on): it forks as soon as the command is known, before the store is opened, so the fork
-imports pyfuse3, trio and the union (and the lazy layer's modules when the store holds lazy
-layers) on one core while the command plans the mount on the other; the plan's argv and
-descriptors then go to the fork over a socket (``SCM_RIGHTS``), at the numbers the argv
-names.  ``mounting`` decides when to fork; this module imports nothing heavy, so that the fork
-starts early.
+imports pyfuse3, trio and the union (and the lazy layer's modules and what its first request
+needs when the store holds lazy layers) on one core while the command plans the mount on the
+other; the plan's argv and descriptors then go to the fork over a socket (``SCM_RIGHTS``), at
+the numbers the argv names.  ``mounting`` decides when to fork; this module imports nothing
+heavy, so that the fork starts early.
 
 Caveats:
 * A preloaded fork whose command exits without mounting (an error, ``--help``) reads
@@ -110,7 +110,9 @@ def _preloaded_daemon(sock: socket.socket, store_root: str) -> int:
         lazy = bool(os.listdir(os.path.join(store_root, "lazy", "sha256")))
     if lazy:
         import imagestore.lazylayer  # noqa: F401
-        import imagestore.registry.rangefetch  # noqa: F401
+        from imagestore.registry import rangefetch
+
+        rangefetch.preload()
     msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 64)
     if not msg:
         return 0  # the command ended without a mount

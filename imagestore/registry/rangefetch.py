@@ -233,6 +233,19 @@ async def _body(resp: httpx.Response, skip: int, want: int) -> bytes:
     return b"".join(parts)
 
 
+def preload() -> None:
+    """Import now what the first request would import (httpcore, h11, its trio backend, the
+    IDNA codec) and build a client without certificate checks (what a plain-HTTP registry
+    uses): no socket is opened.  The preloaded mount daemon calls it while its command plans,
+    so that the first read waits for the network alone."""
+    import importlib
+
+    Transport().client(False)
+    for name in ("httpcore._backends.trio", "httpcore._async.http11", "h11", "encodings.idna"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
 _shared: Fetcher | None = None
 _shared_lock = threading.Lock()
 
