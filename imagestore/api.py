@@ -244,22 +244,27 @@ class Store(MountMethods):
         ``DigestMismatch``, ``Unsupported`` (no such platform), ``StoreFull``.  ``lazy``:
         layers in a seekable format (eStargz, zstd:chunked) are recorded by their table of
         contents only and fetched as they are read; a pull without it completes them."""
+        ref = _pull_ref(name, progress)
+        if lazy:  # most often a few small requests: without an event loop when it can
+            from .registry.quickpull import pull_quickly
+
+            result = pull_quickly(self, ref, _platform(platform), progress)
+            if result is not None:
+                return result
         import trio
 
-        return trio.run(lambda: self.pull_async(name, platform=platform, progress=progress,
-                                                lazy=lazy))
+        from . import registry
+
+        return trio.run(lambda: registry.pull(self, ref, platform=_platform(platform),
+                                              events=progress, lazy=lazy))
 
     async def pull_async(self, name: str, *, platform: str | None = None,
                          progress: ProgressFn | None = None, lazy: bool = False) -> PullResult:
         """``pull`` for trio code (the layers' work runs in worker threads)."""
         from . import registry
 
-        ref = reference.parse(name)
-        if progress is not None and ref.digest is None and \
-                reference.parse(name, default_tag=False).tag is None:
-            progress(ProgressEvent("pull", "", f"Using default tag: {ref.tag}"))
-        return await registry.pull(self, ref, platform=_platform(platform), events=progress,
-                                   lazy=lazy)
+        return await registry.pull(self, _pull_ref(name, progress),
+                                   platform=_platform(platform), events=progress, lazy=lazy)
 
     def push(self, image: ImageLike, dest: str | None = None, *,
              progress: ProgressFn | None = None, compression: str | None = None) -> PushResult:
@@ -566,6 +571,15 @@ class Store(MountMethods):
         from . import check
 
         return check.check(self, repair)
+
+
+def _pull_ref(name: str, progress: ProgressFn | None) -> Reference:
+    """The reference to pull, saying so when it takes the default tag."""
+    ref = reference.parse(name)
+    if progress is not None and ref.digest is None and \
+            reference.parse(name, default_tag=False).tag is None:
+        progress(ProgressEvent("pull", "", f"Using default tag: {ref.tag}"))
+    return ref
 
 
 def _platform(text: str | None) -> oci.Platform | None:

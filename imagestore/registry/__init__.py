@@ -20,10 +20,11 @@ from .credentials import Credentials
 from .errors import AuthError, NotFound, RegistryError
 
 if TYPE_CHECKING:
-    from .pulling import PullResult, pull
+    from .pulling import pull
+    from .pullsteps import PullResult
     from .pushing import PushResult, push
 
-_LAZY = {"pull": "pulling", "PullResult": "pulling", "push": "pushing", "PushResult": "pushing"}
+_LAZY = {"pull": "pulling", "PullResult": "pullsteps", "push": "pushing", "PushResult": "pushing"}
 
 
 def __getattr__(name: str) -> Any:

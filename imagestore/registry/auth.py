@@ -20,16 +20,17 @@ Caveats:
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
-import trio
 
 from . import credentials
 from .credentials import Credentials
 from .errors import AuthError, RegistryError
+from .runtime import TRIO, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +130,17 @@ class Authorizer:
     """Authentication state for one registry host."""
 
     def __init__(self, host: str, send: SendFn,
-                 creds: Credentials | None | Callable[[], Credentials | None] = None) -> None:
+                 creds: Credentials | None | Callable[[], Credentials | None] = None,
+                 runtime: Runtime = TRIO) -> None:
         self.host = host
         self._send = send
+        self._runtime = runtime
         self.challenge: Challenge | None = None
         self._creds_source = creds
         self._creds: Credentials | None = None
         self._creds_loaded = False
         self._tokens: dict[_Key, tuple[str, float]] = {}
-        self._locks: dict[_Key, trio.Lock] = {}
+        self._locks: dict[_Key, contextlib.AbstractAsyncContextManager[None]] = {}
         self.token_requests = 0
 
     def set_challenges(self, challenges: Sequence[Challenge]) -> bool:
@@ -153,10 +156,10 @@ class Authorizer:
         if not self._creds_loaded:
             src = self._creds_source
             if callable(src):
-                self._creds = await trio.to_thread.run_sync(src)
+                self._creds = await self._runtime.to_thread(src)
             elif src is None:
                 host = self.host
-                self._creds = await trio.to_thread.run_sync(lambda: credentials.lookup(host))
+                self._creds = await self._runtime.to_thread(lambda: credentials.lookup(host))
             else:
                 self._creds = src
             self._creds_loaded = True
@@ -200,13 +203,15 @@ class Authorizer:
 
     async def token(self, scopes: Sequence[str]) -> str:
         key = self._key(scopes)
-        lock = self._locks.setdefault(key, trio.Lock())
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = self._runtime.lock()
         async with lock:
             cached = self._tokens.get(key)
-            if cached is not None and cached[1] > trio.current_time():
+            if cached is not None and cached[1] > self._runtime.now():
                 return cached[0]
             token, expires_in = await self._fetch_token(*key)
-            self._tokens[key] = (token, trio.current_time() + max(1.0, expires_in - 5))
+            self._tokens[key] = (token, self._runtime.now() + max(1.0, expires_in - 5))
             return token
 
     async def _fetch_token(self, realm: str, service: str,

@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-import trio
 
 from .. import __version__
 from .auth import Authorizer, merge_scopes, parse_challenges
 from .config import Endpoint, RegistriesConfig, load_config
 from .credentials import Credentials
 from .errors import AuthError, NotFound, RegistryError, error_detail
+from .runtime import BLOCKING, TRIO
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +96,32 @@ class Transport:
     def __init__(self, config: RegistriesConfig | None = None,
                  retry: RetryPolicy | None = None,
                  timeout: httpx.Timeout | None = None,
-                 http: httpx.AsyncBaseTransport | None = None) -> None:
+                 http: httpx.AsyncBaseTransport | None = None, *,
+                 blocking: bool = False) -> None:
         self.config = config if config is not None else load_config()
         self.retry = retry or RetryPolicy()
         self.timeout = timeout or httpx.Timeout(30.0, read=60.0, pool=None)
         self._http = http  # tests only: an httpx transport instead of the network
         self._clients: dict[bool, httpx.AsyncClient] = {}
+        # blocking: requests block the calling thread (``blocking.BlockingHTTP``), as does
+        # every other await (``runtime.BLOCKING``): for ``runtime.run_sync``, without trio
+        self.blocking = blocking
+        self.runtime = BLOCKING if blocking else TRIO
 
     def client(self, verify: bool) -> httpx.AsyncClient:
         c = self._clients.get(verify)
         if c is None:
-            tls: ssl.SSLContext | bool = ssl.create_default_context() if verify else False
+            http = self._http
+            if http is None and self.blocking:
+                from .blocking import BlockingHTTP
+
+                http = BlockingHTTP(verify, self.timeout)
+            # a transport of our own makes its TLS context itself (httpx's is for its own)
+            tls: ssl.SSLContext | bool = ssl.create_default_context() \
+                if verify and http is None else False
             c = httpx.AsyncClient(verify=tls, timeout=self.timeout, follow_redirects=False,
-                                  trust_env=True, headers={"User-Agent": USER_AGENT},
-                                  transport=self._http,
+                                  trust_env=not self.blocking, headers={"User-Agent": USER_AGENT},
+                                  transport=http,
                                   limits=httpx.Limits(max_connections=32,
                                                       max_keepalive_connections=16))
             self._clients[verify] = c
@@ -156,7 +168,7 @@ class Transport:
                          request.method, request.url, resp.status_code, attempt + 1,
                          self.retry.attempts, delay)
             attempt += 1
-            await trio.sleep(delay)
+            await self.runtime.sleep(delay)
             if request.stream is not None and not isinstance(request.stream,
                                                              httpx.ByteStream):
                 raise RegistryError(f"{request.method} {request.url}: cannot resend a stream")
@@ -173,6 +185,8 @@ async def open_transport(config: RegistriesConfig | None = None,
                          timeout: httpx.Timeout | None = None,
                          http: httpx.AsyncBaseTransport | None = None
                          ) -> AsyncIterator[Transport]:
+    import trio
+
     t = Transport(config, retry, timeout, http)
     try:
         yield t
@@ -232,7 +246,8 @@ class Registry:
         self.endpoint = endpoint
         self.host = endpoint.host
         self.base: str | None = None
-        self.auth = Authorizer(endpoint.host, self._send_token_request, creds)
+        self.auth = Authorizer(endpoint.host, self._send_token_request, creds,
+                               transport.runtime)
 
     async def _send_token_request(self, request: httpx.Request) -> httpx.Response:
         url = str(request.url)

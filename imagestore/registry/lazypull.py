@@ -29,7 +29,7 @@ from ..lazystate import RAW, CheckedToc, LazyInfo, LazyStore, promote
 from ..progress import ProgressEvent, short
 from ..seekable import ESTARGZ, SeekableError, content_size, detect
 from .client import Registry
-from .rangefetch import Source, get_range
+from .pullsteps import Source, get_range
 
 if TYPE_CHECKING:
     from ..api import Store

@@ -35,113 +35,36 @@ import contextlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
-from .. import gc, images, oci
+from .. import gc, oci
 from ..compress import NONE
-from ..digest import Digest, Hasher, new_hasher, parse_digest, sha256_hex
-from ..errors import DigestMismatch, InvalidImage, InvalidReference, StoreError, Unsupported
-from ..images import Image
+from ..digest import Digest, sha256_hex
+from ..errors import DigestMismatch, InvalidImage, StoreError
 from ..layerstore import Ingested
 from ..progress import ProgressEvent, ProgressFn, ignore, short
 from ..reference import Reference
 from . import lazypull
-from .client import Registry, Transport, open_transport, read_limited
+from .client import Registry, Transport, open_transport
 from .download import BlobStream, PartialReader, open_partial
 from .errors import RegistryError, first_error
-from .sources import BlobSources
+from .pullsteps import (
+    PullResult,
+    check_image,
+    choose,
+    config_bytes,
+    image_before,
+    pull_scope,
+    record_pull,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from ..api import Store
 
 log = logging.getLogger(__name__)
-
-MAX_CONFIG = 8 << 20
-
-
-@dataclass(frozen=True)
-class PullResult:
-    image: Image
-    ref: Reference
-    digest: Digest  # of the manifest or index the reference named (the RepoDigest)
-    up_to_date: bool
-    downloaded: int  # layers fetched from the registry
-
-
-def pull_scope(path: str) -> str:
-    return f"repository:{path}:pull"
-
-
-def _content_type(resp: httpx.Response) -> str:
-    return str(resp.headers.get("content-type", "")).split(";")[0].strip().lower()
-
-
-async def fetch_manifest(reg: Registry, path: str, reference: str, *, scopes: tuple[str, ...],
-                         expect: Digest | None = None,
-                         what: str = "manifest") -> tuple[oci.Manifest | oci.Index, Digest]:
-    """One manifest or index by tag or digest, checked (type, digests) and parsed."""
-    resp = await reg.request("GET", f"/v2/{path}/manifests/{reference}", scopes=scopes,
-                             headers={"Accept": ", ".join(oci.ACCEPT)}, stream=True)
-    if resp.status_code != 200:
-        err = await reg.fail(resp, what)
-        if err.status == 404:
-            err.args = (f"{what} not found: {str(err).partition(': ')[2] or 'manifest unknown'}",)
-        raise err
-    body = await read_limited(resp, oci.MAX_DOCUMENT)
-    ctype: str | None = _content_type(resp)
-    if ctype in oci.SCHEMA1:
-        raise Unsupported(f"{what} is a schema 1 manifest ({ctype}), which is deprecated and "
-                          "not supported; push it again with a current tool")
-    if ctype not in oci.ACCEPT:
-        if ctype not in ("", "application/json", "text/plain", "application/octet-stream"):
-            raise InvalidImage(f"{what} was served as {ctype}, which is not a manifest type")
-        ctype = None
-    header = resp.headers.get("docker-content-digest")
-    claimed: Digest | None = None
-    if header:
-        try:
-            claimed = parse_digest(header.strip())
-        except InvalidReference:
-            raise InvalidImage(f"{what}: registry sent an invalid Docker-Content-Digest "
-                               f"{header!r}") from None
-    h = new_hasher(expect or claimed)
-    h.update(body)
-    digest = h.digest
-    if expect is not None and digest != expect:
-        raise DigestMismatch(f"{what}: manifest digest mismatch: asked for {expect}, the "
-                             f"content hashes to {digest}")
-    if claimed is not None and digest != claimed:
-        raise DigestMismatch(f"{what}: the registry says its digest is {claimed} but the "
-                             f"content hashes to {digest}")
-    if not digest.startswith("sha256:"):
-        h = Hasher()
-        h.update(body)
-        digest = h.digest
-    return oci.parse_document(body, ctype, what), digest
-
-
-async def fetch_blob_bytes(reg: Registry, path: str, desc: oci.Descriptor,
-                           scopes: tuple[str, ...], limit: int = MAX_CONFIG) -> bytes:
-    """A small blob (a config) into memory, verified against ``desc``."""
-    if desc.size > limit:
-        raise InvalidImage(f"blob {desc.digest} is {desc.size} bytes; at most {limit} allowed")
-    resp = await reg.request("GET", f"/v2/{path}/blobs/{desc.digest}", scopes=scopes,
-                             headers={"Accept-Encoding": "identity"}, stream=True)
-    if resp.status_code != 200:
-        raise await reg.fail(resp, f"blob {desc.digest}")
-    try:
-        body = await read_limited(resp, desc.size)
-    except RegistryError:
-        raise DigestMismatch(f"blob {desc.digest} is larger than the {desc.size} bytes "
-                             "expected") from None
-    h = new_hasher(desc.digest)
-    h.update(body)
-    h.verify(desc.digest, desc.size)
-    return body
 
 
 class _Puller:
@@ -156,77 +79,24 @@ class _Puller:
         self.scopes = (pull_scope(ref.path),)
         self.downloaded = 0
 
-    async def _resolve(self) -> tuple[Registry, oci.Manifest | oci.Index, Digest]:
-        ref = self.ref
-        target = ref.digest or ref.tag or "latest"
-        endpoints = self.transport.config.pull_endpoints(ref.domain, ref.api_host)
-        for ep in endpoints:
-            reg = Registry(self.transport, ep)
-            try:
-                doc, digest = await fetch_manifest(reg, ref.path, target, scopes=self.scopes,
-                                                   expect=ref.digest,
-                                                   what=f"manifest for {ref.familiar}")
-            except StoreError as exc:
-                if not ep.mirror:
-                    raise
-                log.info("mirror %s failed (%s); trying the next endpoint", ep.host, exc)
-                continue
-            return reg, doc, digest
-        raise AssertionError("pull_endpoints always ends with the registry itself")
-
-    async def _choose(self, reg: Registry, doc: oci.Manifest | oci.Index) -> oci.Manifest:
-        want = self.platform or oci.host_platform()
-        for _ in range(4):
-            if isinstance(doc, oci.Manifest):
-                return doc
-            chosen = oci.select_platform(doc.manifests, want)
-            if chosen is None:
-                have = [str(m.platform) for m in doc.manifests if m.platform is not None
-                        and (m.platform.os, m.platform.architecture) != ("unknown", "unknown")]
-                raise Unsupported(f"no matching manifest for {want} in the manifest list "
-                                  f"entries (available: {', '.join(have) or 'none'})")
-            doc, _ = await fetch_manifest(reg, self.ref.path, chosen.digest, scopes=self.scopes,
-                                          expect=chosen.digest,
-                                          what=f"manifest {chosen.digest} ({want})")
-        raise InvalidImage(f"{self.ref.familiar}: indexes nested too deeply")
-
-    def _check_platform(self, config: oci.ImageConfig) -> None:
-        if self.platform is None:
-            return
-        have = config.platform
-        if not have.os or not have.architecture:
-            return
-        probe = oci.Descriptor(oci.OCI_MANIFEST, config.digest, 0, platform=have)
-        if oci.select_platform([probe], self.platform) is None:
-            raise Unsupported(f"image with reference {self.ref.familiar} was found but does not "
-                              f"match the specified platform: wanted {self.platform}, actual: "
-                              f"{have}")
-
     async def run(self) -> PullResult:
         ref = self.ref
         named = ref.tag if ref.digest is None and ref.tag else str(ref.digest)
         self.emit(ProgressEvent("pull", "", f"{named}: Pulling from {ref.path}"))
-        reg, top, top_digest = await self._resolve()
-        manifest = await self._choose(reg, top)
+        reg, top, top_digest = await resolve(self.transport, ref, self.scopes)
+        manifest = await choose(reg, ref, top, self.platform, self.scopes)
         tocs: dict[Digest, lazypull.FetchedToc] = {}
         if self.lazy:  # the tables of contents come while the config does
             with first_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(lazypull.fetch_tocs, self, reg, manifest.layers, tocs)
-                    config_raw = await self._config(reg, manifest)
+                    config_raw = await config_bytes(self.store, reg, ref, manifest,
+                                                    self.scopes)
         else:
-            config_raw = await self._config(reg, manifest)
+            config_raw = await config_bytes(self.store, reg, ref, manifest, self.scopes)
         config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
-        if isinstance(top, oci.Manifest):
-            self._check_platform(config)
-        if len(config.diff_ids) != len(manifest.layers):
-            raise InvalidImage(f"manifest has {len(manifest.layers)} layers but the config "
-                               f"lists {len(config.diff_ids)} diff_ids")
-        for desc in manifest.layers:
-            if desc.media_type not in oci.LAYER_TYPES:
-                raise Unsupported(f"layer {desc.digest} has media type {desc.media_type}, "
-                                  "which is not an image layer")
-        before = self._before(top_digest)
+        check_image(ref, self.platform, top, manifest, config)
+        before = image_before(self.store, ref, top_digest)
         todo: dict[Digest, tuple[oci.Descriptor, Digest]] = {}
         for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
             if self.store.blobs.has(desc.digest) and self.store.layers.has(diff_id):
@@ -241,31 +111,8 @@ class _Puller:
             async with trio.open_nursery() as nursery:
                 for desc, diff_id in todo.values():
                     nursery.start_soon(self._layer, reg, desc, diff_id)
-        self.store.blobs.put(config_raw, manifest.config.digest)
-        tags = [ref] if ref.digest is None else []
-        repo_digest = f"{ref.name}@{top_digest}"
-        image = images.record(self.store, manifest.raw, manifest.media_type, tags=tags,
-                                     repo_digest=repo_digest)
-        BlobSources(self.store.root).add(
-            ref.name, [manifest.config.digest, *(d.digest for d in manifest.layers)],
-            exists=lambda d: self.store.blobs.has(parse_digest(d)))
-        up_to_date = before == image.id and self.downloaded == 0
-        return PullResult(image, ref, top_digest, up_to_date, self.downloaded)
-
-    async def _config(self, reg: Registry, manifest: oci.Manifest) -> bytes:
-        if self.store.blobs.has(manifest.config.digest):
-            return self.store.blobs.read(manifest.config.digest)
-        return await fetch_blob_bytes(reg, self.ref.path, manifest.config, self.scopes)
-
-    def _before(self, top_digest: Digest) -> str | None:
-        st = self.store.state.read()
-        if self.ref.digest is None:
-            return st.tags.get(str(self.ref))
-        rd = f"{self.ref.name}@{top_digest}"
-        for image_id, rec in st.images.items():
-            if rd in rec.get("repoDigests", []):
-                return image_id
-        return None
+        return record_pull(self.store, ref, manifest, config_raw, top_digest, before,
+                           self.downloaded)
 
     async def _layer(self, reg: Registry, desc: oci.Descriptor, diff_id: Digest) -> None:
         sid = short(desc.digest)

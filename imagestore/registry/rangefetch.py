@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -34,6 +33,7 @@ import trio
 
 from .client import Registry, Transport
 from .errors import RegistryError
+from .pullsteps import Source, get_range
 
 log = logging.getLogger(__name__)
 # httpx logs every request at INFO: in a mount daemon's log (INFO) that is a line a range read
@@ -48,22 +48,6 @@ def default_timeout() -> float:
         return float(os.environ.get("STRATA_LAZY_TIMEOUT", "") or DEFAULT_TIMEOUT)
     except ValueError:
         return DEFAULT_TIMEOUT
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a blob is fetched from: the reference's domain, API host and repository path."""
-
-    domain: str
-    api_host: str
-    path: str
-
-    @classmethod
-    def from_json(cls, d: dict[str, str]) -> Source:
-        return cls(d["domain"], d["api_host"], d["path"])
-
-    def to_json(self) -> dict[str, str]:
-        return {"domain": self.domain, "api_host": self.api_host, "path": self.path}
 
 
 class Fetcher:
@@ -182,56 +166,6 @@ class Fetcher:
                 last = exc
                 log.info("range %d-%d of %s from %s: %s", start, end, digest, ep.host, exc)
         raise RegistryError(f"blob {digest} bytes {start}-{end}: {last}")
-
-async def get_range(reg: Registry, path: str, digest: str, start: int, end: int) -> bytes:
-    """Bytes ``start:end`` of blob ``digest`` in repository ``path`` of ``reg``, with a
-    ``Range`` request (retried when cut short); raises RegistryError."""
-    attempts = reg.transport.retry.attempts
-    for attempt in range(attempts + 1):
-        resp = await reg.request(
-            "GET", f"/v2/{path}/blobs/{digest}", scopes=(f"repository:{path}:pull",),
-            headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
-            stream=True)
-        try:
-            if resp.status_code == 206:
-                got = resp.headers.get("content-range", "").removeprefix("bytes ")
-                if got.split("-")[0] != str(start):
-                    raise RegistryError(f"asked for bytes {start}-{end - 1}, got "
-                                        f"Content-Range {got!r}")
-                skip = 0
-            elif resp.status_code == 200:
-                skip = start
-            else:
-                raise await reg.fail(resp, f"blob {digest}")
-            data = await _body(resp, skip, end - start)
-        except httpx.TransportError as exc:
-            if attempt >= attempts:
-                raise RegistryError(f"blob {digest}: {exc}") from None
-            log.info("range of %s cut (%s); again", digest, exc)
-            await trio.sleep(reg.transport.retry.delay(attempt))
-            continue
-        finally:
-            await resp.aclose()
-        if len(data) == end - start:
-            return data
-    raise RegistryError(f"blob {digest}: the registry sent a short range")
-
-
-async def _body(resp: httpx.Response, skip: int, want: int) -> bytes:
-    parts: list[bytes] = []
-    got = 0
-    async with contextlib.aclosing(resp.aiter_raw()) as it:  # type: ignore[type-var]
-        async for chunk in it:
-            if skip:
-                drop = min(skip, len(chunk))
-                chunk = chunk[drop:]
-                skip -= drop
-            if chunk and got < want:
-                parts.append(chunk[:want - got])
-                got += len(parts[-1])
-            # read on to the end: a stream left half-read leaves httpx's generators behind
-    return b"".join(parts)
-
 
 def preload() -> None:
     """Import now what the first request would import (httpcore, h11, its trio backend, the
