@@ -50,23 +50,20 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
-from unionfs.resolve import UnionView
-
-from . import images, oci, reference, unmounting
-from .compress import LAYER_COMPRESSIONS, parse_size
+from . import images, oci, reference
 from .containers import Container, Containers
 from .errors import ImageNotFound, InvalidImage, InvalidReference, Unsupported
 from .fsutil import output_sink
 from .images import Image, Removed
 from .layerstore import LayerStore
 from .lazystate import promote_complete
-from .mounting import Directories
 from .mounts import MountRecord, Mounts
 from .paths import default_root
 from .progress import ByteCounter, ProgressEvent, ProgressFn, short
 from .reference import Reference
 from .state import StateFile
 from .storemounts import ImageLike, MountMethods, PathLike
+from .targets import Directories
 
 if TYPE_CHECKING:
     from . import archive
@@ -90,6 +87,8 @@ def default_max_layer_size() -> int:
     env = os.environ.get("STRATA_MAX_LAYER_SIZE")
     if not env:
         return DEFAULT_MAX_LAYER_SIZE
+    from .compress import parse_size
+
     try:
         return parse_size(env)
     except ValueError as exc:
@@ -403,6 +402,8 @@ class Store(MountMethods):
             else:
                 stack.enter_context(cs.mounts.paused(c.id))
                 layers = stack.enter_context(cs.layers(c, upper=True))
+            from unionfs.resolve import UnionView
+
             with output_sink(dest, "the export") as sink:
                 changeset.export_rootfs(UnionView(layers), sink)
 
@@ -439,6 +440,8 @@ class Store(MountMethods):
             stop(self, c)  # as docker rm -f
             c = self._container_of(c)
         if c.mount is not None and force:
+            from . import unmounting
+
             unmounting.release(self.root, c.mount)
         Containers(self).remove(c)
 
@@ -449,6 +452,8 @@ class Store(MountMethods):
         from . import changeset
 
         c = self._container_of(container)
+        from unionfs.resolve import UnionView
+
         with Containers(self).layers(c, upper=False) as layers:
             return changeset.changes(c.upper, UnionView(layers))
 
@@ -464,6 +469,7 @@ class Store(MountMethods):
         ``InvalidReference``, ``Unsupported`` (compression, format), ``MountFailed`` (the
         mount did not pause), ``StoreFull``."""
         from . import commit as _commit
+        from .compress import LAYER_COMPRESSIONS
 
         if compression not in (*LAYER_COMPRESSIONS, "estargz"):
             raise Unsupported(f"unknown compression {compression!r} "

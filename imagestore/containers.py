@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from unionfs.layers import LowerLayer
-from unionfs.resolve import UnionView
 from unionfs.upper import remove_tree
 
 from . import timefmt
@@ -211,6 +210,8 @@ class Containers:
 
     def _copy_root_attrs(self, image: Image, upper: str) -> None:
         with self.store.layers.opened(self.store.layers.stack(image.diff_ids)) as layers:
+            from unionfs.resolve import UnionView
+
             root = UnionView(layers).root().entry
         if os.geteuid() == 0:
             os.chown(upper, root.uid, root.gid)

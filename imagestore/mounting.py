@@ -62,23 +62,14 @@ from unionfs.errors import MountError
 
 from . import daemonfork
 from .errors import MountFailed
-from .mountplan import (
-    DEFAULT_ENGINES,
-    ENGINES,
-    Directories,
-    Layers,
-    Plan,
-    engine_for,
-    fuse_missing,
-    plan,
-)
+from .mountplan import DEFAULT_ENGINES, ENGINES, Plan, engine_for, fuse_missing, plan
 from .mounts import clear_mount_dir
+from .targets import READY_TIMEOUT, Directories, Layers
 from .unmounting import EXIT_TIMEOUT, release, unmount, wait_gone
 
 if TYPE_CHECKING:
     from .api import Store
 
-READY_TIMEOUT = 60.0
 BUSY_RETRIES = 10
 BUSY_DELAY = 0.1
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

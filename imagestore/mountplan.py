@@ -32,6 +32,7 @@ from unionfs.control import is_mounted
 from . import timefmt
 from .errors import FuseUnavailable, ImageNotFound, MountFailed, StoreError, Unsupported
 from .mounts import Mounts
+from .targets import Directories, Layers
 
 if TYPE_CHECKING:
     from .api import Store
@@ -47,28 +48,6 @@ ENGINES = ("fuse", "kernel", "auto")
 # the engine a writable container gets when none is asked for (and $STRATA_ENGINE is unset),
 # by what the mount is for: README "Engines" gives the measurements behind these
 DEFAULT_ENGINES = {"mount": "fuse", "run": "auto", "build": "auto"}
-
-
-@dataclass(frozen=True)
-class Directories:
-    """A union of plain directories in overlayfs format (``strata mount --lower``): ``lower``
-    top first; with ``upper`` and ``work`` a writable one, as ``mount -t overlay``."""
-
-    lower: tuple[str, ...]
-    upper: str | None = None
-    work: str | None = None
-
-
-@dataclass(frozen=True)
-class Layers:
-    """Stored layers (their descriptions, top first) under a writable ``upper``: the mount of a
-    build's stage.  ``cleanup``: a directory the daemon removes once the mount has ended (the
-    stage's uppers), even when whoever started it was killed."""
-
-    layers: tuple[dict[str, Any], ...]
-    upper: str
-    work: str
-    cleanup: str | None = None
 
 
 if TYPE_CHECKING:

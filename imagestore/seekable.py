@@ -416,13 +416,14 @@ def chunk_bytes(compression: str, chunk: Chunk, raw: bytes) -> bytes:
 
 
 def dump_files(files: list[list[Chunk]]) -> bytes:
-    return marshal.dumps([[(c.start, c.end, c.inner, c.offset, c.size, c.digest) for c in cs]
-                          for cs in files], 4)
+    # (start, end, inner, offset, size, digest): a Chunk's fields, as plain tuples (marshal)
+    return marshal.dumps([list(map(tuple, cs)) for cs in files], 4)
 
 
 def load_files(raw: bytes) -> list[list[Chunk]]:
     try:
         rows = marshal.loads(raw)
-        return [[Chunk._make(row) for row in cs] for cs in rows]
+        make = Chunk._make
+        return [list(map(make, cs)) for cs in rows]
     except (ValueError, EOFError, TypeError) as exc:
         raise SeekableError(f"corrupt chunk table: {exc}") from None

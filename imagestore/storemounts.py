@@ -1,7 +1,8 @@
 """``Store``'s mount methods (``imagestore.api``): a mount for a ``with`` block (sync or trio),
 one that outlives the process (``strata mount``), one served in this process (``strata mount
 -f``), unmounting and the live mounts.  ``mounting`` plans and spawns, ``unmounting`` ends,
-``mounts`` keeps the records; this class only turns arguments into a plan."""
+``mounts`` keeps the records; this class only turns arguments into a plan.  Those modules are
+imported by the methods that use them: a ``Store`` that pulls or lists never loads them."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, cast
 
-from . import mounting, unmounting
-from .containers import Container
 from .errors import MountFailed
-from .images import Image
-from .mounting import Directories
 from .mounts import MountRecord, Mounts
+from .targets import READY_TIMEOUT
 
 if TYPE_CHECKING:
-    from .api import Store
+    from typing import TypeAlias
 
-ImageLike = str | Image
-MountTarget = ImageLike | Container | Directories
+    from .api import Store
+    from .containers import Container
+    from .images import Image
+    from .targets import Directories
+
+ImageLike: TypeAlias = "str | Image"
+MountTarget: TypeAlias = "str | Image | Container | Directories"
 PathLike = str | os.PathLike[str]
 
 __all__ = ["ImageLike", "MountMethods", "MountTarget", "PathLike"]
@@ -40,7 +43,7 @@ class MountMethods:
     def mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
               read_only: bool = False, allow_other: bool = False, suid: bool = False,
               dev: bool = False, engine: str | None = None,
-              timeout: float = mounting.READY_TIMEOUT) -> Iterator[Path]:
+              timeout: float = READY_TIMEOUT) -> Iterator[Path]:
         """Mount an image (always read-only), a container (writable unless ``read_only``) or
         ``Directories`` for the ``with`` block and yield the mountpoint: ``mountpoint``
         (created if missing) or a new temporary directory, removed afterwards.  A string
@@ -53,6 +56,8 @@ class MountMethods:
         raises or is interrupted.  Raises ``FuseUnavailable``, ``MountFailed``,
         ``ImageNotFound``, ``ContainerNotFound``, ``Conflict`` (the container is mounted),
         ``Unsupported`` (the engine)."""
+        from . import mounting
+
         p = mounting.plan(self._store(), target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev, engine=engine)
         with mounting.mounted(p, timeout) as path:
@@ -62,10 +67,12 @@ class MountMethods:
     async def open_mount(self, target: MountTarget, mountpoint: PathLike | None = None, *,
                          read_only: bool = False, allow_other: bool = False,
                          suid: bool = False, dev: bool = False, engine: str | None = None,
-                         timeout: float = mounting.READY_TIMEOUT) -> AsyncIterator[Path]:
+                         timeout: float = READY_TIMEOUT) -> AsyncIterator[Path]:
         """``mount`` for trio code: ``async with store.open_mount("busybox") as root:``.
         The event loop never blocks on the daemon; the teardown runs shielded from
         cancellation."""
+        from . import mounting
+
         p = mounting.plan(self._store(), target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev, engine=engine)
         async with mounting.open_mounted(p, timeout) as path:
@@ -74,12 +81,14 @@ class MountMethods:
     def start_mount(self, target: MountTarget, mountpoint: PathLike, *,
                     read_only: bool = False, allow_other: bool = False, suid: bool = False,
                     dev: bool = False, debug: bool = False, engine: str | None = None,
-                    timeout: float = mounting.READY_TIMEOUT) -> MountRecord:
+                    timeout: float = READY_TIMEOUT) -> MountRecord:
         """Mount as ``mount`` does, but for good (``strata mount``): returns once the mount
         answers, and the daemon serves on after this process exits, logging to
         ``<root>/mounts/<key>.log`` (every request with ``debug``), until ``unmount``,
         ``umount`` (``fusermount3 -u`` for the FUSE engine) or SIGTERM.  The mountpoint must
         be an existing directory."""
+        from . import mounting
+
         p = mounting.plan(self._store(), target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev, debug=debug,
                           make_mountpoint=False, engine=engine)
@@ -97,6 +106,8 @@ class MountMethods:
         (``strata mount -f``): the process becomes the mount daemon (``exec``), logging to
         its stderr.  Checks and errors are those of ``start_mount`` (``auto`` does not fall
         back to FUSE here once the kernel refuses the overlay: the process is the daemon)."""
+        from . import mounting
+
         p = mounting.plan(self._store(), target, mountpoint, read_only=read_only,
                           allow_other=allow_other, suid=suid, dev=dev, debug=debug,
                           make_mountpoint=False, engine=engine)
@@ -107,6 +118,8 @@ class MountMethods:
         mount; a mount whose daemon died (``ENOTCONN``) is detached and forgotten.  A mount
         another mount namespace still holds is served on there (``mounts()`` shows it as
         ``elsewhere``); unmounting it again stops its daemon.  Raises ``MountFailed``."""
+        from . import unmounting
+
         unmounting.unmount(self.root, os.fspath(mountpoint), lazy)
 
     def mounts(self) -> list[MountRecord]:
@@ -117,4 +130,6 @@ class MountMethods:
         """Mount and unmount an empty directory: raises ``FuseUnavailable`` with the reason
         (no ``/dev/fuse``, no ``fusermount3``, the kernel refused the mount) when mounts
         cannot work here, ``MountFailed`` for another failure."""
+        from . import mounting
+
         mounting.probe(self._store())

@@ -26,6 +26,7 @@ Caveats:
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import stat
 import tarfile
@@ -98,12 +99,23 @@ def _implicit_dir() -> _Rec:
 
 def _mtime_ns(ti: Any) -> int:
     raw = ti.pax_headers.get("mtime")
-    if raw is not None and raw.isascii():  # the common "SECONDS[.FRACTION]", without Decimal
+    if raw is not None:
+        return _pax_mtime_ns(raw)
+    try:
+        ns = int(ti.mtime) * 10**9
+    except (ArithmeticError, ValueError):
+        ns = 0
+    return max(-_INT64, min(_INT64, ns))
+
+
+@functools.lru_cache(maxsize=4096)  # the files of a layer share a few times
+def _pax_mtime_ns(raw: str) -> int:
+    if raw.isascii():  # the common "SECONDS[.FRACTION]", without Decimal
         secs, _, frac = raw.partition(".")
         if secs.isdigit() and (frac.isdigit() or not frac) and len(secs) < 12:
             return min(_INT64, int(secs) * 10**9 + int(frac[:9].ljust(9, "0")))
     try:
-        ns = int(Decimal(raw) * 1_000_000_000) if raw is not None else int(ti.mtime) * 10**9
+        ns = int(Decimal(raw) * 1_000_000_000)
     except (ArithmeticError, ValueError):  # decimal's Overflow and InvalidOperation included
         ns = 0
     return max(-_INT64, min(_INT64, ns))
