@@ -233,16 +233,17 @@ def _member(e: dict[str, Any], typeflag: bytes, file_no: int) -> Member:
                   file_no, pax)
 
 
+_SIZE_FIELD = re.compile(rb'"size":\s*(\d+)')
+
+
 def content_size(raw: bytes) -> int:
-    """The bytes of regular-file data a TOC JSON lists (what its layer's index will count,
-    short of hardlinked or repeated names), without parsing it: for the image record of a
-    lazy pull, before ``parse_toc`` runs where the layer is first used.  0 when malformed."""
-    try:
-        entries = json.loads(raw).get("entries")
-        return sum(s for e in entries if type(e) is dict and e.get("type") == "reg"
-                   and type(s := e.get("size", 0)) is int and s > 0)
-    except (ValueError, RecursionError, AttributeError, TypeError):
-        return 0
+    """The bytes of regular-file data a TOC JSON lists — the sum of its ``"size"`` fields,
+    which only regular files carry (strata's, stargz-snapshotter's and containers/storage's
+    writers; a JSON string cannot hold the pattern unescaped) — found without parsing the
+    JSON (a TOC of 10^4 entries takes 20-40 ms to parse, 5 to scan): for the image record of
+    a lazy pull, before ``parse_toc`` runs where the layer is first used, which counts it
+    exactly (hardlinked and repeated names once)."""
+    return sum(map(int, _SIZE_FIELD.findall(raw)))
 
 
 def parse_toc(raw: bytes, fmt: str, data_end: int) -> Toc:
@@ -305,13 +306,16 @@ _CHUNK_INTS = ("offset", "innerOffset", "chunkOffset", "chunkSize", "endOffset")
 def _chunk(e: dict[str, Any], file_size: int) -> _Raw:
     get = e.get
     digest, kind = get("chunkDigest", ""), get("chunkType", "")
-    ints = [get(k, 0) for k in _CHUNK_INTS]
-    if not (type(digest) is str and type(kind) is str
-            and all(type(v) is int and 0 <= v <= _MAX for v in ints)):
+    start, inner, offset = get("offset", 0), get("innerOffset", 0), get("chunkOffset", 0)
+    size, end = get("chunkSize", 0), get("endOffset", 0)
+    # the common case, unrolled (a TOC has 10^4 chunks): every field of its type, in range
+    if not (type(digest) is str and type(kind) is str and type(start) is int
+            and type(inner) is int and type(offset) is int and type(size) is int
+            and type(end) is int and 0 <= start <= _MAX and 0 <= inner <= _MAX
+            and 0 <= offset <= _MAX and 0 <= size <= _MAX and 0 <= end <= _MAX):
         # the uncommon case (null, out of range, a wrong type): checked field by field
         digest, kind = _str(e, "chunkDigest"), _str(e, "chunkType")
-        ints = [_int(e, k) for k in _CHUNK_INTS]
-    start, inner, offset, size, end = ints
+        start, inner, offset, size, end = (_int(e, k) for k in _CHUNK_INTS)
     return _Raw(start, inner, offset, size, digest, end, kind == "zeros")
 
 

@@ -341,6 +341,8 @@ def test_zstd_chunked_writer_reads_back_as_the_tar_does(i: int) -> None:
     # the index a lazy mount serves equals the tar's, times to the nanosecond included
     with_tar = build_index(_write(tar))
     assert _comparable(toc.index()) == _comparable(with_tar)
+    # and the pull's count of its data, without parsing, is the index's
+    assert seekable.content_size(raw) == with_tar.content_size()
 
 
 def test_zstd_chunked_tar_split_rebuilds_the_tar() -> None:
@@ -413,9 +415,13 @@ def test_estargz_writer_reads_back_and_tells_its_whole_second_times() -> None:
     written = estargz_write.convert(io.BytesIO(tar), blob.extend, out.extend, chunk_size=4096)
     assert gzip.decompress(bytes(blob)) == bytes(out)  # one gzip stream of the new tar
     off = estargz.toc_offset(bytes(blob[-estargz.FOOTER_SIZE:]), len(blob))
-    _, toc = estargz.read_toc(bytes(blob[off:-estargz.FOOTER_SIZE]), written.toc_digest, off)
+    raw, toc = estargz.read_toc(bytes(blob[off:-estargz.FOOTER_SIZE]), written.toc_digest,
+                                off)
     lazy = _comparable(toc.index())
-    full = _comparable(build_index(_write(bytes(out))))
+    full_index = build_index(_write(bytes(out)))
+    full = _comparable(full_index)
+    # the pull's count of the data, without parsing (the TOC's own file is not in its JSON)
+    assert seekable.content_size(raw) == full_index.content_size() - len(raw)
     mtime = 4  # layerindex._ROW.index("mtime")
     assert set(lazy) == set(full)
     for path, row in full.items():
