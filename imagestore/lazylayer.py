@@ -113,7 +113,10 @@ class LazyLayer(TarLayer):
         except BaseException:
             self.blob.close()
             raise
-        self._fetcher = fetcher  # the network client is imported on first use (or warm-up)
+        # the network client is imported on first use (or warm-up): the process's shared one,
+        # unless the caller gave one, which is then the layer's own (closed with it)
+        self._fetcher = fetcher
+        self._owns_fetcher = fetcher is not None
         # once complete: the layer's tar and where each file's data lies in it (lazyunpack)
         self._tar: tuple[int, dict[int, int]] | None = None
         self.compression = GZIP if self.info.format == ESTARGZ else ZSTD
@@ -526,6 +529,8 @@ class LazyLayer(TarLayer):
             os.close(self._tar[0])
             self._tar = None
         self.blob.close()
+        if self._owns_fetcher and self._fetcher is not None:
+            self._fetcher.close()
 
 
 def complete_delay() -> float:

@@ -14,7 +14,8 @@ client retries and describes them as it does httpcore's.
 Caveats:
 * No proxies: ``usable()`` is False when the environment names one, and callers take the
   event-loop path then.
-* Timeouts are per socket operation (connect, then each read or write), as httpcore's are.
+* Timeouts are per socket operation (connect, then each read or write), as httpcore's are,
+  and within this thread's ``runtime.deadline``: past it, TimeoutError.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import threading
 from collections.abc import AsyncIterator
 
 import httpx
+
+from .runtime import remaining
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 
@@ -82,9 +85,10 @@ class BlockingHTTP(httpx.AsyncBaseTransport):
             reused = conn.sock is not None
             try:
                 if not reused:
+                    conn.timeout = _bounded(self.timeout.connect)
                     conn.connect()
-                    assert conn.sock is not None
-                    conn.sock.settimeout(self.timeout.read)
+                assert conn.sock is not None
+                conn.sock.settimeout(_bounded(self.timeout.read))
                 conn.putrequest(request.method, target, skip_host=True,
                                 skip_accept_encoding=True)
                 for name, value in request.headers.raw:
@@ -101,6 +105,7 @@ class BlockingHTTP(httpx.AsyncBaseTransport):
             except TimeoutError as exc:
                 timeout = httpx.ReadTimeout if conn.sock is not None else httpx.ConnectTimeout
                 conn.close()
+                _check_deadline()
                 raise timeout(str(exc) or "timed out") from exc
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
@@ -128,11 +133,13 @@ class _Body(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
             try:
+                _check_deadline()
                 # read(), not read1(): it closes the response at its end, which lets the
                 # connection serve the next request
                 chunk = self._resp.read(1 << 16) if not self._resp.isclosed() else b""
             except TimeoutError as exc:
                 self._conn.close()
+                _check_deadline()
                 raise httpx.ReadTimeout(str(exc) or "timed out") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._conn.close()
@@ -145,3 +152,19 @@ class _Body(httpx.AsyncByteStream):
         if not self._resp.isclosed():
             self._conn.close()  # not read to its end: the connection cannot be reused
         self._resp.close()
+
+
+def _bounded(seconds: float | None) -> float | None:
+    """A socket timeout of ``seconds``, shortened to this thread's deadline (``runtime``)."""
+    left = remaining()
+    if left is None:
+        return seconds
+    _check_deadline()
+    return left if seconds is None else min(seconds, left)
+
+
+def _check_deadline() -> None:
+    """TimeoutError (not httpx's: the client does not retry it) once the deadline passed."""
+    left = remaining()
+    if left is not None and left <= 0:
+        raise TimeoutError("the deadline passed")

@@ -9,6 +9,10 @@ end in the calling thread, with no event loop: the one-request-at-a-time command
 --lazy``) skip importing trio and httpcore (~60 ms), and still go through the one client with
 its rules (mirrors, auth, redirects, retries).
 
+``deadline`` bounds what runs under it in this thread, as ``trio.fail_after`` does under trio:
+``BLOCKING.sleep`` and ``blocking.BlockingHTTP`` raise TimeoutError once it has passed (or
+would pass while they wait), retries included.
+
 Caveats:
 * ``run_sync`` raises RuntimeError for a coroutine that does suspend (an await of a real
   event loop): a bug, never a fallback.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -63,6 +67,9 @@ class _Blocking:
     """Every await completes at once, in the calling thread."""
 
     async def sleep(self, seconds: float) -> None:
+        left = remaining()
+        if left is not None and seconds >= left:
+            raise TimeoutError("the deadline passes before the retry")
         time.sleep(seconds)
 
     async def to_thread(self, fn: Callable[[], T]) -> T:
@@ -86,6 +93,28 @@ class _ThreadLock(contextlib.AbstractAsyncContextManager[None]):
 
     async def __aexit__(self, *exc: object) -> None:
         self._lock.release()
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """What runs in this thread under the block must be done within ``seconds`` (a deadline
+    already set and nearer stays)."""
+    before: float | None = getattr(_local, "deadline", None)
+    at = time.monotonic() + seconds
+    _local.deadline = at if before is None else min(before, at)
+    try:
+        yield
+    finally:
+        _local.deadline = before
+
+
+def remaining() -> float | None:
+    """Seconds left to this thread's deadline (None: there is none; it may be negative)."""
+    at: float | None = getattr(_local, "deadline", None)
+    return None if at is None else at - time.monotonic()
 
 
 TRIO: Runtime = _Trio()
