@@ -10,8 +10,10 @@ on): it forks as soon as the command is known, before the store is opened, so th
 imports pyfuse3, trio and the union (and the lazy layer's modules and what its first request
 needs when the store holds lazy layers) on one core while the command plans the mount on the
 other; the plan's argv and descriptors then go to the fork over a socket (``SCM_RIGHTS``), at
-the numbers the argv names.  ``mounting`` decides when to fork; this module imports nothing
-heavy, so that the fork starts early.
+the numbers the argv names.  Before the plan, the command may send ``hint``: the registries
+the mount's lazy layers come from, which the fork prepares (scheme, token) while the command
+plans (and builds the lazy layers' indexes, ``LazyStore.ready``).  ``mounting`` decides when
+to fork; this module imports nothing heavy, so that the fork starts early.
 
 Caveats:
 * A preloaded fork whose command exits without mounting (an error, ``--help``) reads
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 enabled = False  # the CLI sets it: its daemons are forks of it (start-up time)
+PREPARE_TIMEOUT = 1.0  # seconds the preloaded daemon may spend on a hint before the plan
 
 
 class Forked:
@@ -113,10 +116,14 @@ def _preloaded_daemon(sock: socket.socket, store_root: str) -> int:
         from imagestore.registry import rangefetch
 
         rangefetch.preload()
-    msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 64)
-    if not msg:
-        return 0  # the command ended without a mount
-    request = json.loads(msg)
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 64)
+        if not msg:
+            return 0  # the command ended without a mount
+        request = json.loads(msg)
+        if "prepare" not in request:
+            break
+        _prepare(request["prepare"])
     keep = [int(fd) for fd in request["keep"]]
     out = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(out, 1)  # from here on, what goes wrong is in the mount's log
@@ -133,6 +140,30 @@ def _preloaded_daemon(sock: socket.socket, store_root: str) -> int:
         os.dup2(src, dst, inheritable=False)
         os.close(src)
     return _serve_as_daemon(request["argv"], keep, request["log"])
+
+
+def hint(sources: list[dict[str, str]]) -> None:
+    """Tell ``preload``'s fork, before the plan, where the mount's lazy layers are fetched
+    from (``rangefetch.Source`` in JSON form): it finds each registry's scheme and gets its
+    token while this process plans (``_prepare``), so that the first read is one request."""
+    if _preloaded is None or not sources:
+        return
+    with contextlib.suppress(OSError):  # gone: from_preloaded finds out
+        _preloaded[1].send(json.dumps({"prepare": sources}).encode())
+
+
+def _prepare(sources: list[dict[str, str]]) -> None:
+    """In the preloaded fork, before the plan: ``Fetcher.prepare`` each source with the
+    process's fetcher, then close its connections — the descriptors the plan brings may take
+    their numbers — keeping what it learnt (scheme, challenge, token)."""
+    from imagestore.registry.rangefetch import shared
+
+    fetcher = shared()
+    try:
+        for source in sources:  # while the command plans; a registry slower than that
+            fetcher.prepare(source, timeout=PREPARE_TIMEOUT)  # is left to the first read
+    finally:
+        fetcher.close()
 
 
 def from_preloaded(argv: list[str], keep: list[int], log: str) -> Forked | None:

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from .targets import Directories, Layers
 if TYPE_CHECKING:
     from .api import Store
     from .containers import Container
+    from .digest import Digest
     from .images import Image
 
 # in a line of the daemon's error or log that mentions fuse, words saying FUSE itself is
@@ -164,6 +166,21 @@ class Plan:
                            f"(daemon log: {self.log})")
 
 
+def _hint_lazy_sources(store: Store, diff_ids: Sequence[Digest]) -> None:
+    """Before the layers are described (the first description of a lazy layer builds its
+    index): tell the preloaded daemon where the lazy ones are fetched from, so that it gets
+    the registries' scheme and token meanwhile (``daemonfork.hint``)."""
+    from . import daemonfork
+
+    lazy = store.layers.lazy
+    sources: list[dict[str, str]] = []
+    for diff_id in diff_ids:
+        digest = None if store.layers.has(diff_id) else lazy.for_diff_id(diff_id)
+        if digest is not None and (source := lazy.info(digest).source) not in sources:
+            sources.append(source)
+    daemonfork.hint(sources)
+
+
 def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None, *,
          read_only: bool = False, allow_other: bool = False, suid: bool = False,
          dev: bool = False, debug: bool = False, make_mountpoint: bool = True,
@@ -212,6 +229,7 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
         if container is not None:
             kind, ident, name = "container", container.id, container.name
             what = f"container {container.name}"
+            _hint_lazy_sources(store, store.image(container.image).diff_ids)
             # read-only: the upper on top; either way with its init layer (strata run's stubs)
             layers = cs.describe(container, upper=read_only, init=True)
             if not read_only:
@@ -228,6 +246,7 @@ def plan(store: Store, target: Target, mountpoint: str | os.PathLike[str] | None
             name = image.tags[0].familiar if image.tags else image.short_id
             what = f"image {target if isinstance(target, str) else image.short_id}"
             read_only = True
+            _hint_lazy_sources(store, image.diff_ids)
             layers = store.layers.stack(image.diff_ids)
     chosen, may_fall_back = engine_for(engine, container is not None and not read_only, purpose)
     if container is not None:
