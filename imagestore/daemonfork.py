@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 enabled = False  # the CLI sets it: its daemons are forks of it (start-up time)
-PREPARE_TIMEOUT = 1.0  # seconds the preloaded daemon may spend on a hint before the plan
+PREPARE_TIMEOUT = 1.0  # seconds the preloaded daemon may spend on a hint, all sources together
 
 
 class Forked:
@@ -157,11 +157,14 @@ def _prepare(sources: list[dict[str, str]]) -> None:
     process's fetcher, then close its connections — the descriptors the plan brings may take
     their numbers — keeping what it learnt (scheme, challenge, token)."""
     from imagestore.registry.rangefetch import shared
+    from imagestore.registry.runtime import deadline
 
     fetcher = shared()
     try:
-        for source in sources:  # while the command plans; a registry slower than that
-            fetcher.prepare(source, timeout=PREPARE_TIMEOUT)  # is left to the first read
+        # while the command plans: what takes longer is left to the first read
+        with deadline(PREPARE_TIMEOUT):
+            for source in sources:
+                fetcher.prepare(source)
     finally:
         fetcher.close()
 

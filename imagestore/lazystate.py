@@ -58,7 +58,7 @@ from unionfs.tarheaders import LayerError
 from . import oci
 from .digest import Digest, sha256_hex
 from .errors import DigestMismatch, ImageNotFound, InvalidImage, InvalidLayer, StoreError
-from .fsutil import disk_full_guard, fsync_dir
+from .fsutil import disk_full_guard, fsync_dir, fsync_path
 
 if TYPE_CHECKING:
     from .layerstore import LayerStore
@@ -213,7 +213,7 @@ class LazyStore:
             _write(os.path.join(path, "meta.json" + tag), json.dumps(meta, indent=1).encode(),
                    sync=False)
             for name in ("index", "files", "meta.json"):  # synced together, then renamed:
-                _fsync(os.path.join(path, name + tag))  # one journal commit
+                fsync_path(os.path.join(path, name + tag))  # one journal commit
             for name in ("index", "files", "meta.json"):
                 os.rename(os.path.join(path, name + tag), os.path.join(path, name))
             fsync_dir(path)
@@ -278,7 +278,7 @@ class LazyStore:
                        sync=False)
                 os.chmod(work, 0o755)
                 for name in sorted(os.listdir(work)):
-                    _fsync(os.path.join(work, name))
+                    fsync_path(os.path.join(work, name))
                 blob = LazyBlob(work, desc.size)
                 try:
                     blob.store([(off, data) for off, data in extra], RAW)
@@ -319,14 +319,6 @@ class LazyStore:
     def open(self, digest: str) -> LazyBlob:
         info = self.info(digest)
         return LazyBlob(self.path(digest), info.size)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: str, data: bytes, sync: bool = True) -> None:

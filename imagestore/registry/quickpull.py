@@ -135,11 +135,9 @@ def _concurrently(jobs: list[Callable[[], Any]], here: Callable[[], Any]) -> lis
                for _ in range(min(CONCURRENCY, len(jobs)))]
     for t in threads:
         t.start()
-    try:
-        last = here()
-    finally:
-        for t in threads:
-            t.join()
+    last = here()  # if it raises (^C included), the workers end with the process
+    for t in threads:
+        t.join()
     for exc in errors:
         if exc is not None:
             raise exc

@@ -84,15 +84,15 @@ class Fetcher:
             raise OSError(errno.EIO, str(exc)) from None
         return data
 
-    def prepare(self, source: Source | dict[str, str], timeout: float = 10.0) -> None:
+    def prepare(self, source: Source | dict[str, str]) -> None:
         """Do now what the first fetch from ``source`` would do first: find the registry's
         scheme and challenge and get its token (the mount daemon calls this while it mounts,
-        so a first read costs one request), for at most ``timeout`` seconds.  Failures are
-        left for the fetch to meet."""
+        so a first read costs one request), for at most 10 seconds (or this thread's
+        ``runtime.deadline``).  Failures are left for the fetch to meet."""
         if isinstance(source, dict):
             source = Source.from_json(source)
         with contextlib.suppress(OSError, RegistryError, httpx.HTTPError):
-            self.call(self._prepare, source, timeout=min(self.timeout, timeout))
+            self.call(self._prepare, source, timeout=min(self.timeout, 10.0))
 
     async def _prepare(self, source: Source) -> None:
         ep = self._t.config.pull_endpoints(source.domain, source.api_host)[0]
