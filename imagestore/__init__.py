@@ -45,17 +45,17 @@ if TYPE_CHECKING:
         Unsupported,
     )
     from .images import Image, Removed
-    from .mounting import Directories
     from .mounts import MountRecord
     from .progress import ProgressEvent, ProgressFn
     from .reference import Reference
     from .registry import AuthError, NotFound, PullResult, PushResult, RegistryError
     from .runner import RunResult
     from .runtime import RunError
+    from .targets import Directories
 
 _WHERE = {
     "Store": "api", "Loaded": "archive", "Container": "containers", "RunState": "containers",
-    "MountRecord": "mounts", "Directories": "mounting", "ProgressEvent": "progress",
+    "MountRecord": "mounts", "Directories": "targets", "ProgressEvent": "progress",
     "ProgressFn": "progress", "Reference": "reference", "Image": "images", "Removed": "images",
     "RunError": "runtime", "RunResult": "runner",
     "BuildEvent": "build.builder", "BuildProgress": "build.builder",

@@ -11,7 +11,7 @@ imports pyfuse3, trio and the union (and the lazy layer's modules and what its f
 needs when the store holds lazy layers) on one core while the command plans the mount on the
 other; the plan's argv and descriptors then go to the fork over a socket (``SCM_RIGHTS``), at
 the numbers the argv names.  Before the plan, the command may send ``hint``: the registries
-the mount's lazy layers come from, which the fork prepares (scheme, token) while the command
+the mount's lazy layers come from, which the fork prepares (scheme, challenge) while the command
 plans (and builds the lazy layers' indexes, ``LazyStore.ready``).  ``mounting`` decides when
 to fork; this module imports nothing heavy, so that the fork starts early.
 
@@ -144,8 +144,8 @@ def _preloaded_daemon(sock: socket.socket, store_root: str) -> int:
 
 def hint(sources: list[dict[str, str]]) -> None:
     """Tell ``preload``'s fork, before the plan, where the mount's lazy layers are fetched
-    from (``rangefetch.Source`` in JSON form): it finds each registry's scheme and gets its
-    token while this process plans (``_prepare``), so that the first read is one request."""
+    from (``rangefetch.Source`` in JSON form): it finds each registry's scheme and challenge
+    while this process plans (``_prepare``), so that the first read is one request."""
     if _preloaded is None or not sources:
         return
     with contextlib.suppress(OSError):  # gone: from_preloaded finds out
@@ -154,8 +154,10 @@ def hint(sources: list[dict[str, str]]) -> None:
 
 def _prepare(sources: list[dict[str, str]]) -> None:
     """In the preloaded fork, before the plan: ``Fetcher.prepare`` each source with the
-    process's fetcher, then close its connections — the descriptors the plan brings may take
-    their numbers — keeping what it learnt (scheme, challenge, token)."""
+    process's fetcher — the scheme and challenge only: a token may need a credential helper,
+    which no deadline bounds, and is left to the daemon's warm-up thread — then close its
+    connections (the descriptors the plan brings may take their numbers), keeping what it
+    learnt."""
     from imagestore.registry.rangefetch import shared
     from imagestore.registry.runtime import deadline
 
@@ -164,7 +166,7 @@ def _prepare(sources: list[dict[str, str]]) -> None:
         # while the command plans: what takes longer is left to the first read
         with deadline(PREPARE_TIMEOUT):
             for source in sources:
-                fetcher.prepare(source)
+                fetcher.prepare(source, token=False)
     finally:
         fetcher.close()
 

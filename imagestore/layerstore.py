@@ -122,12 +122,14 @@ class LayerStore:
                 from .registry.lazypull import fetch_whole
 
                 digest = self.lazy.for_diff_id(diff_id)
-                assert digest is not None
-                try:
-                    fetch_whole(self, digest, exc)
-                except OSError as err:
-                    raise StoreError(f"layer {diff_id}: cannot download it whole: "
-                                     f"{err.strerror or err}") from None
+                if digest is not None:  # (None: promoted meanwhile, by another command)
+                    try:
+                        fetch_whole(self, digest, exc)
+                    except OSError as err:
+                        raise StoreError(f"layer {diff_id}: cannot download it whole: "
+                                         f"{err.strerror or err}") from None
+                if not self.has(diff_id):
+                    raise ImageNotFound(f"layer {diff_id} is missing from the store") from None
                 lazy = None
             if lazy is not None:
                 return lazy

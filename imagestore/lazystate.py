@@ -182,41 +182,55 @@ class LazyStore:
 
     def ready(self, digest: str) -> LazyInfo:
         """The layer's info once its index and chunk table are built (built now from the
-        stored TOC if they are not yet; raises SeekableError for a TOC that cannot serve).
-        Several processes may build at once: each writes the same files, renamed into place,
-        ``meta.json`` last."""
+        stored TOC if they are not yet; raises SeekableError for a TOC that cannot serve,
+        InvalidLayer for a damaged state).  Several processes may build at once: each writes
+        the same files and renames them into place, ``meta.json`` (which says "built") only
+        once the others are there for good."""
         info = self.info(digest)
         if info.built:
             return info
         from .seekable import ESTARGZ, dump_files, parse_toc
 
         path = self.path(digest)
-        with open(os.path.join(path, "meta.json"), "rb") as f:
-            meta = json.loads(f.read())
-        with open(os.path.join(path, "toc"), "rb") as f:
-            raw = f.read()
-        if info.format == ESTARGZ:
-            from .estargz import TOC_ANNOTATION, toc_from
+        try:
+            with open(os.path.join(path, "meta.json"), "rb") as f:
+                meta = json.loads(f.read())
+            with open(os.path.join(path, "toc"), "rb") as f:
+                raw = f.read()
+            if info.format == ESTARGZ:
+                from .estargz import TOC_ANNOTATION, toc_from
 
-            with open(os.path.join(path, "toc.head"), "rb") as f:
-                toc = toc_from(raw, f.read(), int(meta["toc_offset"]),
-                               info.annotations[TOC_ANNOTATION])
-        else:
-            toc = parse_toc(raw, info.format, int(meta["toc_offset"]))
+                with open(os.path.join(path, "toc.head"), "rb") as f:
+                    toc = toc_from(raw, f.read(), int(meta["toc_offset"]),
+                                   info.annotations[TOC_ANNOTATION])
+            else:
+                toc = parse_toc(raw, info.format, int(meta["toc_offset"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidLayer(f"lazy layer {digest}: its state is damaged ({exc}); pull "
+                               "the image again") from None
         index = toc.index()
         meta.update(content=index.content_size(), entries=len(index), toc_file=toc.toc_file,
                     prefetch_end=toc.prefetch_end)
-        tag = f".{os.getpid()}.{threading.get_ident()}"
-        with disk_full_guard("a lazy layer"):
-            index.dump(os.path.join(path, "index" + tag), sync=False)
-            _write(os.path.join(path, "files" + tag), dump_files(toc.files), sync=False)
-            _write(os.path.join(path, "meta.json" + tag), json.dumps(meta, indent=1).encode(),
-                   sync=False)
-            for name in ("index", "files", "meta.json"):  # synced together, then renamed:
-                fsync_path(os.path.join(path, name + tag))  # one journal commit
-            for name in ("index", "files", "meta.json"):
-                os.rename(os.path.join(path, name + tag), os.path.join(path, name))
-            fsync_dir(path)
+        tag = f".{os.getpid()}.{threading.get_ident()}.tmp"
+        names = ("index", "files", "meta.json")
+        try:
+            with disk_full_guard("a lazy layer"):
+                index.dump(os.path.join(path, "index" + tag), sync=False)
+                _write(os.path.join(path, "files" + tag), dump_files(toc.files), sync=False)
+                _write(os.path.join(path, "meta.json" + tag),
+                       json.dumps(meta, indent=1).encode(), sync=False)
+                for name in names:  # synced together: one journal commit
+                    fsync_path(os.path.join(path, name + tag))
+                for name in names[:2]:
+                    os.rename(os.path.join(path, name + tag), os.path.join(path, name))
+                fsync_dir(path)  # the index and the chunk table in place, for good: then
+                os.rename(os.path.join(path, "meta.json" + tag), os.path.join(path,
+                                                                              "meta.json"))
+                fsync_dir(path)
+        finally:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(path, name + tag))
         return self.info(digest)
 
     def _link(self, diff_id: str) -> str:
@@ -491,9 +505,10 @@ def promote_complete(layers: LayerStore) -> list[Digest]:
 
 
 def check(store_dir: LazyStore, digest: str) -> list[str]:
-    """Problems of one lazy layer (empty when sound): its meta, index and chunk table read,
-    every chunk it holds matches its digest, and a complete blob matches its digest.  No
-    network."""
+    """Problems of one lazy layer (empty when sound): its meta, index and chunk table read
+    (built first for a layer never used, ``LazyStore.ready``: a TOC that cannot serve is a
+    problem), every chunk it holds matches its digest, and a complete blob matches its
+    digest.  No network."""
     from unionfs.layerindex import IndexFile
 
     from .seekable import GZIP, ZSTD, SeekableError, chunk_bytes, load_files

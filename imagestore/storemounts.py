@@ -12,20 +12,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, cast
 
+from .containers import Container
 from .errors import MountFailed
+from .images import Image
 from .mounts import MountRecord, Mounts
-from .targets import READY_TIMEOUT
+from .targets import READY_TIMEOUT, Directories
 
 if TYPE_CHECKING:
-    from typing import TypeAlias
-
     from .api import Store
-    from .containers import Container
-    from .images import Image
-    from .targets import Directories
 
-ImageLike: TypeAlias = "str | Image"
-MountTarget: TypeAlias = "str | Image | Container | Directories"
+ImageLike = str | Image
+MountTarget = ImageLike | Container | Directories
 PathLike = str | os.PathLike[str]
 
 __all__ = ["ImageLike", "MountMethods", "MountTarget", "PathLike"]

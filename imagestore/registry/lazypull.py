@@ -18,13 +18,15 @@ Caveats:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import estargz, oci, zstdchunked
 from ..digest import Digest
-from ..errors import DigestMismatch, StoreError
+from ..errors import DigestMismatch, InvalidImage, StoreError
 from ..lazystate import RAW, CheckedToc, LazyInfo, LazyStore, promote
 from ..progress import ProgressEvent, short
 from ..seekable import ESTARGZ, SeekableError, content_size, detect
@@ -60,7 +62,8 @@ async def fetch_toc(reg: Registry, path: str, desc: oci.Descriptor
         region = tail[len(tail) - (size - off):]
         raw, head = estargz.check_toc(region[:-estargz.FOOTER_SIZE],
                                       ann[estargz.TOC_ANNOTATION])
-        return CheckedToc(fmt, raw, off, head, content_size(raw)), [(off, region)]
+        # the TOC is a file of the layer too (its tar's last entry): counted as a full pull does
+        return CheckedToc(fmt, raw, off, head, content_size(raw) + len(raw)), [(off, region)]
     if fmt is None:
         raise SeekableError(f"layer {desc.digest} is in no seekable format")
     where = zstdchunked.toc_position(ann)
@@ -207,28 +210,43 @@ WHOLE_WINDOW = 8 << 20  # bytes a request while fetching a layer whole
 def fetch_whole(layers: LayerStore, digest: str, why: Exception) -> None:
     """A lazy layer whose TOC cannot serve (``LazyStore.ready`` refused it where the layer was
     first used): fetch the rest of its blob, check it against its digest and promote it to an
-    ordinary layer (``promote``: diff_id, the tar indexer's rules), with a note.  Raises
-    DigestMismatch (the state is dropped) or OSError (EIO: the bytes cannot be had)."""
+    ordinary layer (``promote``: diff_id, the tar indexer's rules), with a note.  One process
+    downloads (an exclusive lock on the state); the others wait and find it promoted.  Raises
+    DigestMismatch (the state is dropped), InvalidImage (the blob is no layer strata can
+    serve; dropped too) or OSError (EIO: the bytes cannot be had)."""
     from ..state import StateFile
     from .rangefetch import shared
 
-    log.warning("layer %s: unusable table of contents (%s); downloading the whole layer",
-                short(digest), why)
     lazy = layers.lazy
     with StateFile(lazy.root).ingesting():
-        if not lazy.has(digest):
-            return  # promoted meanwhile, by another command
-        info = lazy.info(digest)
-        blob = lazy.open(digest)
         try:
-            for start, end in blob.missing():
-                for pos in range(start, end, WHOLE_WINDOW):
-                    stop = min(end, pos + WHOLE_WINDOW)
-                    blob.store([(pos, shared().fetch(info.source, digest, pos, stop))], RAW)
-            if not blob.mark_complete(digest):
-                lazy.delete(digest)
-                raise DigestMismatch(f"layer {digest}: the downloaded blob does not match its "
-                                     "digest")
+            fd = os.open(lazy.path(digest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # promoted meanwhile, by another command
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not lazy.has(digest):
+                return  # promoted while this one waited
+            log.warning("layer %s: unusable table of contents (%s); downloading the whole "
+                        "layer", short(digest), why)
+            info = lazy.info(digest)
+            blob = lazy.open(digest)
+            try:
+                for start, end in blob.missing():
+                    for pos in range(start, end, WHOLE_WINDOW):
+                        stop = min(end, pos + WHOLE_WINDOW)
+                        data = shared().fetch(info.source, digest, pos, stop)
+                        blob.store([(pos, data)], RAW)
+                if not blob.mark_complete(digest):
+                    lazy.delete(digest)
+                    raise DigestMismatch(f"layer {digest}: the downloaded blob does not match "
+                                         "its digest")
+            finally:
+                blob.close()
+            try:
+                promote(layers, digest)
+            except InvalidImage as exc:
+                raise InvalidImage(f"layer {digest} cannot be served: {exc}; remove the image "
+                                   "(strata rmi)") from None
         finally:
-            blob.close()
-        promote(layers, digest)
+            os.close(fd)

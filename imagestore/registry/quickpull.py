@@ -82,18 +82,20 @@ def _pull(store: Store, transport: Transport, ref: Reference, platform: oci.Plat
     config = oci.ImageConfig.parse(config_raw, manifest.config.digest)
     check_image(ref, platform, top, manifest, config)
     before = image_before(store, ref, top_digest)
-    pending: list[tuple[oci.Descriptor, Digest]] = []
+    pending: dict[Digest, tuple[oci.Descriptor, Digest]] = {}  # a layer repeated: once
     for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+        if desc.digest in pending:
+            continue
         if store.blobs.has(desc.digest):
             if not store.layers.has(diff_id):
                 return None  # its layer is made from the blob: the event-loop pull does
         elif desc.digest not in tocs and lazy.layer_for(desc.digest, diff_id) is None:
             return None  # a lazy layer of another diff_id: refused by the event-loop pull
-        pending.append((desc, diff_id))
+        pending[desc.digest] = (desc, diff_id)
     named = ref.tag if ref.digest is None and ref.tag else str(ref.digest)
     emit(ProgressEvent("pull", "", f"{named}: Pulling from {ref.path}"))
     source = Source(ref.domain, ref.api_host, ref.path)
-    for desc, diff_id in pending:
+    for desc, diff_id in pending.values():
         sid = short(desc.digest)
         if desc.digest not in tocs:
             emit(ProgressEvent("pull", sid, "Already exists" if store.blobs.has(desc.digest)

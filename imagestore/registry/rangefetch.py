@@ -84,21 +84,23 @@ class Fetcher:
             raise OSError(errno.EIO, str(exc)) from None
         return data
 
-    def prepare(self, source: Source | dict[str, str]) -> None:
+    def prepare(self, source: Source | dict[str, str], token: bool = True) -> None:
         """Do now what the first fetch from ``source`` would do first: find the registry's
-        scheme and challenge and get its token (the mount daemon calls this while it mounts,
-        so a first read costs one request), for at most 10 seconds (or this thread's
-        ``runtime.deadline``).  Failures are left for the fetch to meet."""
+        scheme and challenge and (``token``) get its token, which may run a credential helper
+        (the mount daemon calls this while it mounts, so a first read costs one request), for
+        at most 10 seconds (or this thread's ``runtime.deadline``).  Failures are left for the
+        fetch to meet."""
         if isinstance(source, dict):
             source = Source.from_json(source)
         with contextlib.suppress(OSError, RegistryError, httpx.HTTPError):
-            self.call(self._prepare, source, timeout=min(self.timeout, 10.0))
+            self.call(self._prepare, source, token, timeout=min(self.timeout, 10.0))
 
-    async def _prepare(self, source: Source) -> None:
+    async def _prepare(self, source: Source, token: bool) -> None:
         ep = self._t.config.pull_endpoints(source.domain, source.api_host)[0]
         reg = self._registry(ep)
         await reg.ping()
-        await reg.auth.header((f"repository:{source.path}:pull",))
+        if token:
+            await reg.auth.header((f"repository:{source.path}:pull",))
 
     def _registry(self, endpoint: Any) -> Registry:
         with self._lock:

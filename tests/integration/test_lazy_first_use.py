@@ -109,3 +109,45 @@ def test_a_toc_that_cannot_serve_is_found_at_the_first_mount_and_the_layer_fetch
     assert store.lazy_layers(img) == [] and store.layers.lazy.digests() == []
     assert all(store.layers.has(d) for d in img.diff_ids)  # an ordinary layer now
     assert "not fully local" not in strata("images").stderr.decode()
+
+
+def test_a_state_written_by_the_previous_version_is_served_as_it_is(
+        refs: dict[str, str], tmp_path: Path) -> None:
+    """A lazy state of the version that built the index at pull time (its meta counts the
+    entries, has no TOC offset, no toc.head) is taken as built: opened and read, not rebuilt."""
+    from imagestore.lazylayer import LazyLayer
+    from imagestore.registry.rangefetch import Fetcher
+
+    store = Store(str(tmp_path / "s"))
+    img = store.pull(refs["estargz-strata"], lazy=True).image
+    lazy = store.layers.lazy
+    digest = store.lazy_layers(img)[0]
+    lazy.ready(digest)
+    path = Path(lazy.path(digest))
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["toc_offset"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    (path / "toc.head").unlink()
+    before = (path / "index").stat().st_mtime_ns
+    layer = LazyLayer(store.root, digest, Fetcher(timeout=10))
+    try:
+        entry = layer.entry("etc/os-release")
+        assert entry is not None and layer.read(entry, 0, 100).startswith(b"PRETTY_NAME")
+        toc = layer.entry("stargz.index.json")  # the TOC's own file, served from the state
+        assert toc is not None and json.loads(layer.read(toc, 0, toc.size))["version"] == 1
+    finally:
+        layer.close()
+    assert (path / "index").stat().st_mtime_ns == before
+
+
+def test_the_loop_free_pull_leaves_what_it_cannot_do_to_the_pull_having_written_nothing(
+        refs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagestore import reference
+    from imagestore.registry.quickpull import pull_quickly
+
+    store = Store(str(tmp_path / "s"))
+    assert pull_quickly(store, reference.parse(refs["gzip"])) is None  # not seekable
+    monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1")  # a proxy it cannot use
+    assert pull_quickly(store, reference.parse(refs["estargz-strata"])) is None
+    assert store.images() == [] and list(store.blobs.digests()) == []
+    assert store.layers.lazy.digests() == [] and store.layers.diff_ids() == []

@@ -1,18 +1,21 @@
 """The registry client without an event loop (``Transport(blocking=True)``, ``run_sync``), as
 ``pull --lazy`` uses it: against the real registries, the same rules as under trio — Bearer
 tokens (anonymous, with credentials, refreshed on 401), Basic auth, TLS verification, 5xx
-retries, redirects to another host without credentials, ranges; and its HTTP transport
-(``BlockingHTTP``) against a local server: keep-alive, a connection the server closed, a body
-left unread, a read timeout."""
+retries, redirects to another host without credentials, ranges, an HTTP proxy; and its HTTP
+transport (``BlockingHTTP``) against a local server: keep-alive, a connection the server
+closed, a body left unread or cut short, a read timeout."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import socket
+import socketserver
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,16 @@ import httpx
 import pytest
 
 from imagestore import oci, reference
+from imagestore.api import Store
+from imagestore.lazylayer import LazyLayer
 from imagestore.registry import AuthError, Registry, RegistryError, RetryPolicy
-from imagestore.registry.blocking import BlockingHTTP
+from imagestore.registry.blocking import BlockingHTTP, usable
 from imagestore.registry.client import Transport
 from imagestore.registry.config import Endpoint
 from imagestore.registry.pullsteps import choose, fetch_blob_bytes, get_range, pull_scope, resolve
+from imagestore.registry.rangefetch import Fetcher
 from imagestore.registry.runtime import run_sync
+from tests import lazy_helpers as lh
 from tests import registry_helpers as rh
 from tests.conftest import REGISTRY_USERS
 
@@ -131,6 +138,114 @@ def test_retries_and_redirects_without_credentials(
         proxy.close()
 
 
+# -- through an HTTP proxy --------------------------------------------------------------------
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+class _ForwardProxy:
+    """A forward HTTP proxy: ``CONNECT`` tunnels, absolute-URI requests relayed (one a
+    connection); it records (method, target, Proxy-Authorization) of each."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                method, target, _ = self.rfile.readline().decode().split(" ", 2)
+                headers = []
+                while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                    headers.append(line.decode())
+                auth = [h.split(":", 1)[1].strip() for h in headers
+                        if h.lower().startswith("proxy-authorization:")]
+                outer.seen.append((method, target, auth[0] if auth else None))
+                if method == "CONNECT":
+                    host, port = target.rsplit(":", 1)
+                    with socket.create_connection((host, int(port))) as up:
+                        self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        self.wfile.flush()
+                        back = threading.Thread(target=_copy, args=(up, self.connection))
+                        back.start()
+                        _copy(self.connection, up)
+                        back.join()
+                    return
+                u = urllib.parse.urlsplit(target)
+                keep = [h for h in headers if not h.lower().startswith(("proxy-", "connection"))]
+                path = u.path + (f"?{u.query}" if u.query else "")
+                with socket.create_connection((u.hostname, u.port or 80)) as up:
+                    up.sendall(f"{method} {path} HTTP/1.1\r\n{''.join(keep)}"
+                               "Connection: close\r\n\r\n".encode())
+                    _copy(up, self.connection)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://user:p%40ss@127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def forward_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_ForwardProxy]:
+    p = _ForwardProxy()
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", p.url)
+    monkeypatch.setenv("https_proxy", p.url)
+    yield p
+    p.close()
+
+
+def test_a_lazy_pull_and_its_reads_go_through_the_environments_proxy(
+        registry: rh.RegistryProcess, forward_proxy: _ForwardProxy,
+        tls_registry: tuple[rh.RegistryProcess, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    refs = lh.push_images(registry.host, tmp_path, [lh.generated_layers(files=30)[0]],
+                          "proxied", None)
+    store = Store(str(tmp_path / "s"))
+    img = store.pull(refs["estargz-strata"], lazy=True).image  # without an event loop
+    auth = "Basic " + base64.b64encode(b"user:p@ss").decode()
+    seen = [(m, t) for m, t, a in forward_proxy.seen if a == auth]
+    assert ("GET", f"http://{registry.host}/v2/") in seen  # plain HTTP: by absolute URI
+    assert any(t.startswith(f"http://{registry.host}/v2/lazy/proxied-esgz-strata/blobs/")
+               for _, t in seen)
+    digest = store.lazy_layers(img)[0]
+    before = len(forward_proxy.seen)
+    layer = LazyLayer(store.root, digest, Fetcher(timeout=10))
+    try:
+        entry = layer.entry("etc/os-release")
+        assert entry is not None and layer.read(entry, 0, 100).startswith(b"PRETTY_NAME")
+    finally:
+        layer.close()
+    assert any("/blobs/" in t for _, t, _ in forward_proxy.seen[before:])  # the range too
+    tls, _ = tls_registry  # HTTPS: a CONNECT tunnel, credentials said to the proxy alone
+    _image(f"{tls.host}/private/img:1")
+    assert (f"{tls.host}", auth) in [(t, a) for m, t, a in forward_proxy.seen
+                                     if m == "CONNECT"]
+    before = len(forward_proxy.seen)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    _image(f"{tls.host}/private/img:1")
+    assert len(forward_proxy.seen) == before  # NO_PROXY names it: straight there
+    monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1")
+    assert not usable()
+
+
 # -- the transport against a local HTTP server ------------------------------------------------
 
 
@@ -151,6 +266,13 @@ class _Server:
             def do_GET(self) -> None:
                 if self.path == "/slow":
                     time.sleep(1.0)
+                if self.path == "/short":  # a body cut short: 10 of the 100 bytes promised
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"0123456789")
+                    self.close_connection = True
+                    return
                 body = (self.path * 20000).encode()
                 self.send_response(200)
                 if self.path == "/chunked":
@@ -230,8 +352,8 @@ def test_connections_are_kept_alive_and_reopened_when_the_server_closed_them(
     assert server.connections == 2
     for conn in c._transport._opened:  # type: ignore[attr-defined]
         if conn.sock is not None:
-            conn.sock.shutdown(socket.SHUT_RDWR)  # gone under the client, as a server's idle
-    assert _get(c, server.url + "/c") == b"/c" * 20000  # timeout drops it: opened again
+            conn.sock.shutdown(socket.SHUT_RDWR)  # broken under the client (as by a reset)
+    assert _get(c, server.url + "/c") == b"/c" * 20000  # a broken pipe: opened again
     assert server.connections == 3
 
 
@@ -243,8 +365,10 @@ def test_a_body_left_unread_closes_its_connection(server: _Server,
     assert server.connections == 2
 
 
-def test_timeouts_and_refusals_are_httpx_transport_errors(
+def test_timeouts_refusals_and_short_bodies_are_httpx_transport_errors(
         server: _Server, clients: list[httpx.AsyncClient]) -> None:
+    with pytest.raises(httpx.RemoteProtocolError, match="90 bytes before the end"):
+        _get(_client(clients), server.url + "/short")  # retried by the client, as httpcore's
     with pytest.raises(httpx.ReadTimeout):
         _get(_client(clients, timeout=0.2), server.url + "/slow")
     with socket.socket() as s:
