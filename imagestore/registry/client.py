@@ -27,6 +27,7 @@ import email.utils
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class Transport:
         self.timeout = timeout or httpx.Timeout(30.0, read=60.0, pool=None)
         self._http = http  # tests only: an httpx transport instead of the network
         self._clients: dict[bool, httpx.AsyncClient] = {}
+        self._lock = threading.Lock()  # blocking: the threads of a Fetcher share the clients
         # blocking: requests block the calling thread (``blocking.BlockingHTTP``), as does
         # every other await (``runtime.BLOCKING``): for ``runtime.run_sync``, without trio
         self.blocking = blocking
@@ -110,21 +112,26 @@ class Transport:
 
     def client(self, verify: bool) -> httpx.AsyncClient:
         c = self._clients.get(verify)
-        if c is None:
-            http = self._http
-            if http is None and self.blocking:
-                from .blocking import BlockingHTTP
+        if c is not None:
+            return c
+        with self._lock:
+            return self._clients.get(verify) or self._new_client(verify)
 
-                http = BlockingHTTP(verify, self.timeout)
-            # a transport of our own makes its TLS context itself (httpx's is for its own)
-            tls: ssl.SSLContext | bool = ssl.create_default_context() \
-                if verify and http is None else False
-            c = httpx.AsyncClient(verify=tls, timeout=self.timeout, follow_redirects=False,
-                                  trust_env=not self.blocking, headers={"User-Agent": USER_AGENT},
-                                  transport=http,
-                                  limits=httpx.Limits(max_connections=32,
-                                                      max_keepalive_connections=16))
-            self._clients[verify] = c
+    def _new_client(self, verify: bool) -> httpx.AsyncClient:
+        http = self._http
+        if http is None and self.blocking:
+            from .blocking import BlockingHTTP
+
+            http = BlockingHTTP(verify, self.timeout)
+        # a transport of our own makes its TLS context itself (httpx's is for its own)
+        tls: ssl.SSLContext | bool = ssl.create_default_context() \
+            if verify and http is None else False
+        c = httpx.AsyncClient(verify=tls, timeout=self.timeout, follow_redirects=False,
+                              trust_env=not self.blocking, headers={"User-Agent": USER_AGENT},
+                              transport=http,
+                              limits=httpx.Limits(max_connections=32,
+                                                  max_keepalive_connections=16))
+        self._clients[verify] = c
         return c
 
     def client_for(self, url: str) -> httpx.AsyncClient:
