@@ -165,7 +165,7 @@ class BlockingHTTP(httpx.AsyncBaseTransport):
                 conn.close()
                 if reused and again:
                     continue  # the server closed the kept-alive connection: a fresh one
-                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+                raise httpx.ReadError(_text(exc)) from exc
             except TimeoutError as exc:
                 timeout = httpx.ReadTimeout if conn.sock is not None else httpx.ConnectTimeout
                 conn.close()
@@ -174,7 +174,7 @@ class BlockingHTTP(httpx.AsyncBaseTransport):
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 error = httpx.ReadError if reused else httpx.ConnectError
-                raise error(str(exc) or type(exc).__name__) from exc
+                raise error(_text(exc)) from exc
         return httpx.Response(resp.status, headers=resp.getheaders(),
                               stream=_Body(resp, conn), request=request)
 
@@ -206,7 +206,7 @@ class _Body(httpx.AsyncByteStream):
                 raise httpx.ReadTimeout(str(exc) or "timed out") from exc
             except (OSError, http.client.HTTPException) as exc:
                 self._conn.close()
-                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+                raise httpx.ReadError(_text(exc)) from exc
             if not chunk:
                 if self._resp.length:  # closed before its Content-Length: as httpcore says
                     self._conn.close()
@@ -236,3 +236,10 @@ def _check_deadline() -> None:
     left = remaining()
     if left is not None and left <= 0:
         raise TimeoutError("the deadline passed")
+
+
+def _text(exc: BaseException) -> str:
+    """A socket error in words ("Connection refused", not "[Errno 111] Connection refused")."""
+    strerror = getattr(exc, "strerror", None)
+    return strerror if isinstance(strerror, str) and strerror else str(exc) or \
+        type(exc).__name__
