@@ -100,7 +100,7 @@ class LazyLayer(TarLayer):
     def __init__(self, root: str, digest: str, fetcher: Fetcher | None = None) -> None:
         lazy = LazyStore(root)
         self.info: LazyInfo = lazy.ready(digest)
-        self.blob: LazyBlob = lazy.open(digest)
+        self.blob: LazyBlob = lazy.open(self.info)
         try:
             super().__init__(self.blob.blob_path, self.blob.index_path, name=self.info.diff_id)
             with open(os.path.join(self.blob.dir, "files"), "rb") as f:

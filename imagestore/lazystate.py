@@ -105,6 +105,15 @@ class CheckedToc:
     content: int = 0  # the file data it lists (``seekable.content_size``), for the record
 
 
+def _info_of(d: dict[str, Any]) -> LazyInfo:
+    """A state's ``meta.json``, read."""
+    return LazyInfo(Digest(d["digest"]), Digest(d["diff_id"]), int(d["size"]),
+                    str(d["media_type"]), str(d["format"]), int(d.get("content", 0)),
+                    int(d.get("entries", -1)), dict(d["source"]),
+                    dict(d.get("annotations", {})), int(d.get("toc_file", -1)),
+                    int(d.get("prefetch_end", 0)))
+
+
 class Ranges:
     """Sorted, merged, disjoint half-open byte ranges."""
 
@@ -167,6 +176,9 @@ class LazyStore:
         return [Digest("sha256:" + n) for n in names if len(n) == 64]
 
     def info(self, digest: str) -> LazyInfo:
+        return _info_of(self._meta(digest))
+
+    def _meta(self, digest: str) -> dict[str, Any]:
         try:
             with open(os.path.join(self.path(digest), "meta.json"), "rb") as f:
                 d: dict[str, Any] = json.loads(f.read())
@@ -174,11 +186,7 @@ class LazyStore:
             raise ImageNotFound(f"lazy layer {digest} is missing from the store") from None
         except ValueError as exc:
             raise InvalidLayer(f"lazy layer {digest}: bad meta.json ({exc})") from None
-        return LazyInfo(Digest(d["digest"]), Digest(d["diff_id"]), int(d["size"]),
-                        str(d["media_type"]), str(d["format"]), int(d.get("content", 0)),
-                        int(d.get("entries", -1)), dict(d["source"]),
-                        dict(d.get("annotations", {})), int(d.get("toc_file", -1)),
-                        int(d.get("prefetch_end", 0)))
+        return d
 
     def ready(self, digest: str) -> LazyInfo:
         """The layer's info once its index and chunk table are built (built now from the
@@ -186,15 +194,14 @@ class LazyStore:
         InvalidLayer for a damaged state).  Several processes may build at once: each writes
         the same files and renames them into place, ``meta.json`` (which says "built") only
         once the others are there for good."""
-        info = self.info(digest)
+        meta = self._meta(digest)
+        info = _info_of(meta)
         if info.built:
             return info
         from .seekable import ESTARGZ, dump_files, parse_toc
 
         path = self.path(digest)
         try:
-            with open(os.path.join(path, "meta.json"), "rb") as f:
-                meta = json.loads(f.read())
             with open(os.path.join(path, "toc"), "rb") as f:
                 raw = f.read()
             if info.format == ESTARGZ:
@@ -231,7 +238,7 @@ class LazyStore:
             for name in names:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(path, name + tag))
-        return self.info(digest)
+        return _info_of(meta)
 
     def _link(self, diff_id: str) -> str:
         return os.path.join(self.by_diff_id, sha256_hex(Digest(diff_id)))
@@ -330,9 +337,9 @@ class LazyStore:
         finally:
             shutil.rmtree(trash, ignore_errors=True)
 
-    def open(self, digest: str) -> LazyBlob:
-        info = self.info(digest)
-        return LazyBlob(self.path(digest), info.size)
+    def open(self, info: LazyInfo) -> LazyBlob:
+        """The sparse blob and range log of the layer ``info`` describes."""
+        return LazyBlob(self.path(info.digest), info.size)
 
 
 def _write(path: str, data: bytes, sync: bool = True) -> None:
@@ -520,7 +527,7 @@ def check(store_dir: LazyStore, digest: str) -> list[str]:
         IndexFile(os.path.join(path, "index")).close()
         with open(os.path.join(path, "files"), "rb") as f:
             files = load_files(f.read())
-        blob = store_dir.open(digest)
+        blob = store_dir.open(info)
     except (OSError, ValueError, KeyError, SeekableError, InvalidLayer, ImageNotFound) as exc:
         return [f"{what}: {exc}"]
     problems = []

@@ -230,7 +230,7 @@ def fetch_whole(layers: LayerStore, digest: str, why: Exception) -> None:
             log.warning("layer %s: unusable table of contents (%s); downloading the whole "
                         "layer", short(digest), why)
             info = lazy.info(digest)
-            blob = lazy.open(digest)
+            blob = lazy.open(info)
             try:
                 for start, end in blob.missing():
                     for pos in range(start, end, WHOLE_WINDOW):
