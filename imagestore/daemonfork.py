@@ -11,7 +11,7 @@ imports pyfuse3, trio and the union (and the lazy layer's modules and what its f
 needs when the store holds lazy layers) on one core while the command plans the mount on the
 other; the plan's argv and descriptors then go to the fork over a socket (``SCM_RIGHTS``), at
 the numbers the argv names.  Before the plan, the command may send ``hint``: the registries
-the mount's lazy layers come from, which the fork prepares (scheme, challenge) while the command
+the mount's lazy layers come from, whose scheme and challenge the fork finds while the command
 plans (and builds the lazy layers' indexes, ``LazyStore.ready``).  ``mounting`` decides when
 to fork; this module imports nothing heavy, so that the fork starts early.
 

@@ -168,8 +168,8 @@ class Plan:
 
 def _hint_lazy_sources(store: Store, diff_ids: Sequence[Digest]) -> None:
     """Before the layers are described (the first description of a lazy layer builds its
-    index): tell the preloaded daemon where the lazy ones are fetched from, so that it gets
-    the registries' scheme and token meanwhile (``daemonfork.hint``)."""
+    index): tell the preloaded daemon where the lazy ones are fetched from, so that it finds
+    the registries' scheme meanwhile (``daemonfork.hint``)."""
     from . import daemonfork
 
     lazy = store.layers.lazy

@@ -10,6 +10,7 @@ from typing import Any
 
 READY_TIMEOUT = 60.0  # seconds a mount may take to answer
 
+
 @dataclass(frozen=True)
 class Directories:
     """A union of plain directories in overlayfs format (``strata mount --lower``): ``lower``
