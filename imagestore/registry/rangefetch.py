@@ -127,12 +127,10 @@ class Fetcher:
 
 
 def preload() -> None:
-    """Import now what the first request would import (the HTTP client's modules, the IDNA
-    codec) and build a client without certificate checks (what a plain-HTTP registry uses):
-    no socket is opened.  The preloaded mount daemon calls it while its command plans, so
-    that the first read waits for the network alone."""
-    import encodings.idna  # noqa: F401
-
+    """Import now what the first request would import (the blocking transport) and build a
+    client without certificate checks (what a plain-HTTP registry uses): no socket is opened.
+    The preloaded mount daemon calls it while its command plans, so that the first read waits
+    for the network alone."""
     Transport(blocking=True).client(False)
 
 
